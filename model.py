@@ -1,0 +1,417 @@
+"""
+model.py: a minimal decoder-only transformer for the Qwen2 / Qwen2.5 architecture (also
+DeepSeek-R1-Distill-Qwen, which is Qwen2) and Qwen3, loading and saving Hugging Face checkpoints.
+
+One block, applied num_hidden_layers times (pre-norm residual):
+    h = x + o_proj(Attn(RoPE(q), RoPE(k), v))      q, k, v = {q,k,v}_proj(RMSNorm(x))
+    x = h + down_proj(silu(gate_proj(y)) * up_proj(y))   y = RMSNorm(h)
+    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)   (computed in fp32, as the reference does)
+    RoPE, rotate-half layout: x * cos(p * f) + rotate_half(x) * sin(p * f),  f_i = theta^(-2i/d)
+Attention is grouped-query (num_key_value_heads <= num_attention_heads) through
+F.scaled_dot_product_attention. Qwen2 has a bias on q/k/v only; Qwen3 has none, but RMSNorms q and k per
+head *before* RoPE, and a head_dim decoupled from hidden_size / heads.
+
+Module names mirror the Hugging Face ones, so a state-dict key here is the key in the safetensors file.
+
+The forward has four modes, sharing one copy of the layer code:
+    logits [B, T, V]            model(ids)
+    last-position logits        model(ids, last_only=True)            (sampling)
+    KV-cached step              model(ids, positions, kv_cache=c, cache_index=i, key_valid=m)
+    token log-probs + entropy   model(ids, targets=t)                 (SFT / GRPO losses)
+The last one runs the output head in chunks of tokens with recomputation in backward, so the full
+[tokens, vocab] fp32 logits (152k vocab) never exist; it lives inside forward so that FSDP has the
+head's weight gathered while it runs.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0 = hidden_size // num_attention_heads (Qwen2); Qwen3 sets it explicitly
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    tie_word_embeddings: bool = True
+    attention_bias: bool = True  # Qwen2: bias on q/k/v; Qwen3: none
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    torch_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config"):
+        """Read a Hugging Face config.json dict; refuse what this model does not implement."""
+        mt = d.get("model_type")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{source}: model_type {mt!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
+        if d.get("use_sliding_window"):
+            raise ValueError(f"{source}: sliding-window attention (use_sliding_window=true) is not implemented")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{source}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+        # RoPE base: `rope_theta` at top level, or inside `rope_parameters` (newer files); scaling refused.
+        rope = d.get("rope_parameters") or {}
+        for r in (rope, d.get("rope_scaling") or {}):
+            rope_type = r.get("rope_type", r.get("type", "default"))
+            if rope_type != "default":
+                raise ValueError(f"{source}: RoPE scaling type {rope_type!r} is not implemented (only 'default')")
+        theta = d.get("rope_theta", rope.get("rope_theta"))
+        if theta is None:
+            raise ValueError(f"{source}: no RoPE base (rope_theta) found")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["rope_theta"] = float(theta)
+        kw["attention_bias"] = d.get("attention_bias", mt == "qwen2")
+        kw["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
+        kw["head_dim"] = d.get("head_dim") or 0
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["architectures"] = ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "Qwen3ForCausalLM"]
+        d.update(hidden_act="silu", use_sliding_window=False, sliding_window=None, use_cache=True,
+                 attention_dropout=0.0, max_window_layers=self.num_hidden_layers)
+        return d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """positions [B, T] -> cos, sin [B, 1, T, head_dim], computed in fp32 then cast (as the reference)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions[..., None].float() * inv_freq  # [B, T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Static per-layer K/V buffers [B, kv_heads, max_len, head_dim], written at a shared slot index.
+    Ragged prompts are left-padded so every row writes the same slot; `key_valid` [B, max_len] marks
+    which slots hold real tokens (pads stay False), and RoPE uses per-row positions."""
+
+    def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+
+    def select(self, rows):
+        """Keep (and reorder/repeat) batch rows: used to share a prefill across n samples and to drop
+        finished rows so they stop costing compute."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        if cfg.model_type == "qwen3":
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache, layer, cache_index, kv_len):
+        B, T, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, hd)
+        k = self.k_proj(x).view(B, T, -1, hd)
+        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        if self.cfg.model_type == "qwen3":  # per-head q/k norm, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, hd]
+        if cache is not None:
+            cache.k[layer][:, :, cache_index:cache_index + T] = k
+            cache.v[layer][:, :, cache_index:cache_index + T] = v
+            k, v = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_index=0, kv_len=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, cache_index, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _ChunkedTokenLogProb(torch.autograd.Function):
+    """log softmax(h W^T / temperature)[target] for N tokens, `chunk` tokens at a time.
+    Forward keeps only [N] results; backward recomputes each chunk's logits:
+        d logp / d logits = onehot(target) - softmax(logits)   (scaled by 1/temperature)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, temperature):
+        logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float)
+        entropy = torch.empty_like(logp)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s:s + chunk] @ weight.t()).float() / temperature  # [chunk, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            logp[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse
+            probs = torch.softmax(logits, dim=-1)
+            entropy[s:s + chunk] = lse - (probs * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.temperature = chunk, temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s:s + ctx.chunk]
+            logits = (h @ weight.t()).float() / ctx.temperature
+            g = -torch.softmax(logits, dim=-1)
+            g.scatter_add_(1, targets[s:s + ctx.chunk, None], torch.ones_like(g[:, :1]))
+            g *= grad_logp[s:s + ctx.chunk, None] / ctx.temperature  # d loss / d logits, [chunk, V]
+            if grad_hidden is not None:
+                grad_hidden[s:s + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += g.t() @ h.float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
+
+
+def token_logprobs(hidden, weight, targets, chunk=4096, temperature=1.0):
+    """hidden [N, H], weight [V, H], targets [N] -> (log-probs [N], entropies [N]) in fp32."""
+    return _ChunkedTokenLogProb.apply(hidden, weight, targets, chunk, temperature)
+
+
+class Decoder(nn.Module):  # the Hugging Face "model." prefix
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.checkpoint_activations = False  # recompute each block in backward (sft/grpo --grad-ckpt)
+        self.logprob_chunk = 4096
+
+    def forward(self, input_ids, positions=None, key_valid=None, kv_cache=None, cache_index=0, kv_len=None,
+                last_only=False, targets=None, temperature=1.0):
+        """input_ids [B, T]; positions [B, T] (default 0..T-1); key_valid [B, S] bool marks real tokens
+        among the keys (S = T without cache, the cache length with one; None = all real);
+        kv_cache + cache_index: write this step's K/V at slots cache_index.. and attend to slots < kv_len.
+        Returns logits [B, T, V] (or [B, 1, V] with last_only), or with targets [B, T] the pair
+        (log p(targets) [B, T], entropy [B, T]) in fp32."""
+        cfg = self.config
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        if kv_cache is None and key_valid is None:
+            mask = None  # plain causal (right padding never leaks into real tokens): flash path
+        else:
+            kv_len = kv_len or (cache_index + T if kv_cache is not None else T)
+            q_slot = cache_index + torch.arange(T, device=x.device)
+            k_slot = torch.arange(kv_len, device=x.device)
+            causal = k_slot[None, :] <= q_slot[:, None]  # [T, kv_len]
+            valid = key_valid[:, :kv_len] if key_valid is not None else torch.ones(B, kv_len, dtype=torch.bool, device=x.device)
+            # A pad query sees itself, so no row is fully masked (SDPA would give NaN); its output is unused.
+            mask = (causal[None] & valid[:, None]) | (k_slot[None, :] == q_slot[:, None])[None]
+            mask = mask[:, None]  # [B, 1, T, kv_len]
+        for i, layer in enumerate(self.model.layers):
+            if self.checkpoint_activations and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, i, cache_index, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if targets is None:
+            return self.lm_head(x)
+        logp, entropy = token_logprobs(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                       self.logprob_chunk, temperature)
+        return logp.view(B, T), entropy.view(B, T)
+
+
+# ----------------------------------------------------------------------------- checkpoints (HF layout)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _weight_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                                "(only safetensors checkpoints are loaded, never pickles)")
+    return [single]
+
+
+def load_config(path) -> ModelConfig:
+    cfg_file = os.path.join(path, "config.json")
+    with open(cfg_file) as f:
+        return ModelConfig.from_hf(json.load(f), source=cfg_file)
+
+
+def load_model(path, device="cpu", dtype=None) -> Transformer:
+    """Build on the meta device, allocate once in the destination dtype/device, then copy tensors in
+    one at a time from the safetensors files: peak memory is one model plus one tensor."""
+    cfg = load_config(path)
+    dtype = dtype or _DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
+    with torch.device("meta"):
+        model = Transformer(cfg).to(dtype)  # free on meta: the one real allocation is in `dtype`
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty breaks the tie; restore it
+        model.lm_head.weight = model.model.embed_tokens.weight
+    expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
+    seen = set()
+    for file in _weight_files(path):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue  # some tied checkpoints still carry an (equal) copy of the head
+                if name not in expected:
+                    raise ValueError(f"{file}: unexpected tensor {name!r} for a {cfg.model_type} model with this config")
+                t = f.get_tensor(name)
+                if t.shape != expected[name].shape:
+                    raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
+                                     f"config implies {tuple(expected[name].shape)}")
+                with torch.no_grad():
+                    expected[name].copy_(t)
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ValueError(f"{path}: checkpoint is missing tensors: {', '.join(missing[:10])}"
+                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    return model
+
+
+def full_state_dict_items(model):
+    """Yield (name, full CPU tensor) one at a time; FSDP2 DTensor shards are all-gathered per tensor
+    (every rank must iterate), so a rank never holds more than one gathered tensor."""
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # Hugging Face expects tied models to carry only embed_tokens
+        if hasattr(p, "full_tensor"):
+            p = p.full_tensor()
+        yield name, p.detach().to("cpu")
+
+
+def save_model(model, path, max_shard_bytes=5 * 2**30, rank=0):
+    """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the Hugging
+    Face layout. Under FSDP every rank calls this; only rank 0 writes."""
+    shards, current, size, total, dtype = [], {}, 0, 0, None
+    for name, t in full_state_dict_items(model):
+        dtype = t.dtype
+        nbytes = t.numel() * t.element_size()
+        if rank != 0:
+            continue
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t.contiguous()
+        size += nbytes
+        total += nbytes
+    if rank != 0:
+        return
+    shards.append(current)
+    os.makedirs(path, exist_ok=True)
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(dtype).replace("torch.", "")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_weights(model, std=0.02, seed=0):
+    """Random init for models trained from scratch (the toy task): normal(0, std), scaled down for the
+    residual projections (GPT-2 style) so deep stacks start near identity."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.config.num_hidden_layers
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if p.dim() == 1:
+                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.zeros_like(p))
+            else:
+                s = std / math.sqrt(2 * n) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+    return model

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random-weight Hugging Face checkpoints written by transformers, and the path to
+the real data in ../shared (tests that need it skip with a clear reason when it is absent)."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED = os.environ.get("RMR1_SHARED", os.path.join(ROOT, "..", "shared"))
+DATA = os.path.join(SHARED, "data")
+TOKENIZER_DIR = os.path.join(DATA, "qwen2.5-tokenizer")
+
+
+def need_shared(path=DATA):
+    if not os.path.exists(path):
+        pytest.skip(f"real data not found at {path} (a fresh clone has no ../shared; CI provides it)")
+    return path
+
+
+def make_hf_checkpoint(path, kind="qwen2-tied", dtype=torch.float32, seed=0, vocab_size=128, **over):
+    """Write a tiny random checkpoint with transformers' own classes and save_pretrained."""
+    import transformers
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, rope_theta=10000.0)
+    common.update(over)
+    if kind.startswith("qwen3"):
+        cfg = transformers.Qwen3Config(head_dim=24, tie_word_embeddings=False, **common)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(tie_word_embeddings=(kind == "qwen2-tied"), **common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # HF init leaves biases/norms at 0/1; randomise them so they are tested too
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model = model.to(dtype)
+    shard = "20KB" if kind.endswith("sharded") else "5GB"
+    model.save_pretrained(path, max_shard_size=shard)
+    return model.eval()

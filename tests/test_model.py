@@ -1,0 +1,289 @@
+"""model.py and sampler.py against transformers (the reference implementation) on tiny random checkpoints."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import model as M
+from conftest import make_hf_checkpoint
+from sampler import generate
+
+KINDS = ["qwen2-tied", "qwen2-untied-sharded", "qwen3"]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def ckpt(request, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp(request.param))
+    hf = make_hf_checkpoint(path, request.param)
+    return path, hf, request.param
+
+
+def ragged_batch(lengths, vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def left_pad(prompts, pad=0):
+    P = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_sharded_fixture_really_is_sharded(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied-sharded")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+
+
+def test_logits_match_transformers_fp32(ckpt):
+    path, hf, kind = ckpt
+    m = M.load_model(path)
+    assert m.config.tie_word_embeddings == (kind == "qwen2-tied")
+    ids = torch.randint(0, 128, (3, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_ragged_padded_batch_matches_transformers(ckpt):
+    path, hf, _ = ckpt
+    m = M.load_model(path)
+    prompts = ragged_batch([5, 13, 9])
+    ids, mask = left_pad(prompts)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = m(ids, positions, key_valid=mask.bool())
+        ref = hf(ids, attention_mask=mask, position_ids=positions).logits
+    for i, p in enumerate(prompts):  # compare real tokens only
+        torch.testing.assert_close(ours[i, -len(p):], ref[i, -len(p):], atol=1e-4, rtol=0)
+        alone = hf(torch.tensor([p])).logits[0]
+        torch.testing.assert_close(ours[i, -len(p):], alone, atol=1e-4, rtol=0)
+
+
+def test_logits_match_transformers_bf16(tmp_path):
+    hf = make_hf_checkpoint(str(tmp_path), "qwen2-untied", dtype=torch.bfloat16)
+    m = M.load_model(str(tmp_path))
+    assert m.lm_head.weight.dtype == torch.bfloat16  # dtype=None keeps the checkpoint's dtype
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        a, b = m(ids).float(), hf(ids).logits.float()
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_load_into_other_dtype(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-tied")
+    m = M.load_model(str(tmp_path), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def test_rope_parameters_spelling(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-tied")
+    cfg = json.load(open(tmp_path / "config.json"))
+    theta = cfg.pop("rope_theta", None) or cfg["rope_parameters"]["rope_theta"]
+    cfg["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    assert M.ModelConfig.from_hf(cfg).rope_theta == theta
+    cfg2 = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    cfg2["rope_theta"] = 12345.0
+    assert M.ModelConfig.from_hf(cfg2).rope_theta == 12345.0
+
+
+def test_real_configs_parse():
+    from conftest import DATA, need_shared
+    need_shared()
+    for name in ["Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct", "Qwen2.5-7B", "DeepSeek-R1-Distill-Qwen-7B"]:
+        cfg = M.ModelConfig.from_hf(json.load(open(os.path.join(DATA, "configs", f"{name}.config.json"))))
+        assert cfg.rope_theta > 0 and cfg.head_dim == 128 if "7B" in name else True
+    assert M.ModelConfig.from_hf(json.load(open(os.path.join(DATA, "configs", "Qwen2.5-1.5B-Instruct.config.json")))).rope_theta == 1e6
+
+
+@pytest.mark.parametrize("kind", ["qwen2-tied", "qwen2-untied", "qwen3"])
+def test_save_model_loads_in_transformers_and_round_trips(tmp_path, kind):
+    import transformers
+    make_hf_checkpoint(str(tmp_path / "src"), kind)
+    m = M.load_model(str(tmp_path / "src"))
+    M.save_model(m, str(tmp_path / "out"))
+    if kind == "qwen2-tied":
+        assert "lm_head.weight" not in load_file(str(tmp_path / "out" / "model.safetensors"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-4, rtol=0)
+    m2 = M.load_model(str(tmp_path / "out"))
+    for (n1, p1), (n2, p2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_save_model_shards_with_index(tmp_path):
+    import transformers
+    make_hf_checkpoint(str(tmp_path / "src"), "qwen2-untied")
+    m = M.load_model(str(tmp_path / "src"))
+    M.save_model(m, str(tmp_path / "out"), max_shard_bytes=40_000)
+    index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 1
+    assert set(index["weight_map"]) == set(m.state_dict())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-4, rtol=0)
+    m2 = M.load_model(str(tmp_path / "out"))
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
+def _rewrite(path, fn):
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f)
+
+
+def test_bad_checkpoints_raise_clear_errors(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    _rewrite(str(tmp_path), lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="missing tensors: model.layers.1.mlp.up_proj.weight"):
+        M.load_model(str(tmp_path))
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    _rewrite(str(tmp_path), lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.weight", torch.zeros(3, 3)))
+    with pytest.raises(ValueError, match=r"q_proj.weight.*shape \(3, 3\)"):
+        M.load_model(str(tmp_path))
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    _rewrite(str(tmp_path), lambda sd: sd.__setitem__("model.extra.weight", torch.zeros(3)))
+    with pytest.raises(ValueError, match="unexpected tensor 'model.extra.weight'"):
+        M.load_model(str(tmp_path))
+    cfg = json.load(open(tmp_path / "config.json"))
+    for patch, msg in [({"model_type": "llama"}, "model_type 'llama' is not supported"),
+                       ({"use_sliding_window": True}, "sliding-window"),
+                       ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented")]:
+        json.dump({**cfg, **patch}, open(tmp_path / "config.json", "w"))
+        with pytest.raises(ValueError, match=msg):
+            M.load_model(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        M.load_model(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def test_greedy_generate_matches_transformers(ckpt):
+    path, hf, _ = ckpt
+    m = M.load_model(path)
+    for p in ragged_batch([4, 11, 7], seed=3):
+        ours = generate(m, [p], max_new_tokens=12, temperature=0)[0]
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+        assert len(ref) == 12
+        assert ours == ref
+
+
+def test_cached_decoding_equals_recompute(ckpt):
+    path, _, _ = ckpt
+    m = M.load_model(path)
+    p = ragged_batch([6], seed=4)[0]
+    out = generate(m, [p], max_new_tokens=10, temperature=0)[0]
+    seq = list(p)
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(p):]
+
+
+def test_ragged_batch_equals_one_by_one(ckpt):
+    path, _, _ = ckpt
+    m = M.load_model(path)
+    prompts = ragged_batch([3, 15, 8, 1], seed=5)
+    batched = generate(m, prompts, max_new_tokens=9, temperature=0)
+    assert batched == [generate(m, [p], max_new_tokens=9, temperature=0)[0] for p in prompts]
+
+
+def test_stop_ids_and_compaction_keep_rows_right(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    m = M.load_model(str(tmp_path))
+    prompts = ragged_batch([3, 9, 5, 7, 2, 6], seed=6)
+    free = [generate(m, [p], max_new_tokens=12, temperature=0)[0] for p in prompts]
+    stop = {free[0][2], free[3][4]}  # make some rows stop early so the batch compacts mid-run
+    outs = generate(m, prompts, max_new_tokens=12, temperature=0, stop_ids=stop)
+    for f, o in zip(free, outs):
+        cut = next((i + 1 for i, t in enumerate(f) if t in stop), len(f))
+        assert o == f[:cut]
+    assert any(len(o) < 12 for o in outs)
+
+
+def test_n_samples_share_prefill_and_follow_seed(tmp_path, monkeypatch):
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    m = M.load_model(str(tmp_path))
+    prompts = ragged_batch([5, 8], seed=7)
+    calls = []
+    orig = M.Transformer.forward
+    monkeypatch.setattr(M.Transformer, "forward", lambda self, ids, *a, **k: calls.append(ids.shape) or orig(self, ids, *a, **k))
+    a = generate(m, prompts, max_new_tokens=6, n=4, seed=11)
+    assert calls[0] == (2, 8)  # one prefill of the 2 prompts, not 8
+    assert all(s[1] == 1 for s in calls[1:])  # then one token per step
+    assert len(a) == 8
+    assert a == generate(m, prompts, max_new_tokens=6, n=4, seed=11)
+    assert a != generate(m, prompts, max_new_tokens=6, n=4, seed=12)
+    assert len({tuple(x) for x in a[:4]}) > 1  # samples of one prompt differ
+
+
+def test_sampling_distribution_and_vocab_limit(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    m = M.load_model(str(tmp_path))
+    outs, lps = generate(m, [[1, 2, 3]], max_new_tokens=1, n=400, seed=0, vocab_size=100, return_logprobs=True)
+    toks = [o[0] for o in outs]
+    assert max(toks) < 100
+    with torch.no_grad():
+        logits = m(torch.tensor([[1, 2, 3]]))[0, -1]
+    logits[100:] = float("-inf")
+    probs = logits.softmax(-1)
+    top = int(probs.argmax())
+    assert abs(toks.count(top) / 400 - probs[top].item()) < 0.08
+    assert abs(lps[0][0] - probs[toks[0]].log().item()) < 1e-5
+    greedy_top_k1 = generate(m, [[1, 2, 3]], max_new_tokens=5, top_k=1, seed=0)
+    assert greedy_top_k1 == generate(m, [[1, 2, 3]], max_new_tokens=5, temperature=0)
+    tiny_p = generate(m, [[1, 2, 3]], max_new_tokens=5, top_p=1e-6, seed=0)
+    assert tiny_p == greedy_top_k1
+
+
+# ----------------------------------------------------------------------------- chunked log-probs
+
+def test_chunked_logprobs_equal_cross_entropy_values_and_grads():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    g = torch.randn(37, dtype=torch.float64)
+    for temp in (1.0, 0.7):
+        logp, ent = M.token_logprobs(h, w, t, chunk=8, temperature=temp)
+        ref = -F.cross_entropy((h @ w.t()) / temp, t, reduction="none")
+        torch.testing.assert_close(logp.double(), ref.double(), atol=1e-5, rtol=0)
+        full = torch.log_softmax((h @ w.t()) / temp, -1)
+        torch.testing.assert_close(ent.double(), -(full.exp() * full).sum(-1), atol=1e-5, rtol=0)
+        gh, gw = torch.autograd.grad((logp * g).sum(), (h, w))
+        rh, rw = torch.autograd.grad((ref * g).sum(), (h, w))
+        torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
+def test_model_logprob_mode_matches_logits(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-tied")
+    m = M.load_model(str(tmp_path))
+    m.logprob_chunk = 5
+    ids = torch.randint(0, 128, (2, 9))
+    tgt = torch.randint(0, 128, (2, 9))
+    logp, _ = m(ids, targets=tgt)
+    ref = torch.log_softmax(m(ids).float(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=0)
+    logp.sum().backward()
+    g1 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.checkpoint_activations = True
+    m(ids, targets=tgt)[0].sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g1[n], atol=1e-5, rtol=1e-4)
+    m.zero_grad()
+    torch.log_softmax(m(ids).float(), -1).gather(-1, tgt[..., None]).sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g1[n], atol=1e-5, rtol=1e-4)
