@@ -1,0 +1,215 @@
+"""data.py: tokenizer and chat templates vs transformers, judge prompts vs the reference files, readers."""
+import gzip
+import json
+import os
+import shutil
+
+import pytest
+
+import data as D
+from conftest import DATA, SHARED, TOKENIZER_DIR, need_shared
+
+# The DeepSeek-R1-Distill-Qwen chat template as published (tool-call branches elided: judges never use tools).
+DEEPSEEK_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}{% set ns.system_prompt = message['content'] %}"
+    "{%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    "{%- if message['role'] == 'assistant' and message['content'] is not none %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endfor -%}"
+    "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}")
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2+2?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>hmm</think>Hello!"},
+     {"role": "user", "content": "Tell me a joke\n\nplease"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+]
+
+
+def real_texts(limit=300):
+    need_shared()
+    texts = []
+    for f in sorted(os.listdir(os.path.join(DATA, "rm-bench"))):
+        for row in json.load(open(os.path.join(DATA, "rm-bench", f)))[:20]:
+            texts += [row["prompt"]] + row["chosen"][:1] + row["rejected"][-1:]
+    for line in list(open(os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl")))[:40]:
+        row = json.loads(line)
+        texts += [row["question"], row["response_A"]]
+    rmb = json.load(gzip.open(os.path.join(DATA, "rmb/RMB_dataset/Pairwise_set/Helpfulness/Translation/GeneralExcerpt Language Translation.json.gz")))
+    texts += [r["conversation_input"][0]["content"] for r in rmb[:40]]  # non-English text too
+    return texts[:limit]
+
+
+def test_tokenizer_encodes_real_texts_like_transformers():
+    import transformers
+    need_shared(TOKENIZER_DIR)
+    ours = D.load_tokenizer(TOKENIZER_DIR)
+    # the reference is built from vocab.json + merges.txt, independently of the generated tokenizer.json
+    vocab = json.load(open(os.path.join(TOKENIZER_DIR, "vocab.json")))
+    merges = [tuple(l.split()) for l in open(os.path.join(TOKENIZER_DIR, "merges.txt")).read().split("\n")[1:] if l]
+    ref = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges)
+    auto = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    for text in real_texts():
+        ids = ours.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == text
+    special = "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"
+    assert ours.encode(special) == auto.encode(special, add_special_tokens=False)
+    assert (ours.eos_id, ours.pad_id, ours.im_start_id, ours.im_end_id) == (151645, 151643, 151644, 151645)
+    assert ours.vocab_size == 151665
+
+
+def test_qwen_chat_template_matches_transformers():
+    import transformers
+    need_shared(TOKENIZER_DIR)
+    ours = D.load_tokenizer(TOKENIZER_DIR)
+    auto = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    for conv in CONVERSATIONS:
+        for gen in (True, False):
+            assert ours.apply_chat_template(conv, gen) == auto.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+
+
+def _tokenizer_dir(tmp_path, template, **cfg):
+    need_shared(TOKENIZER_DIR)
+    shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
+    json.dump({"chat_template": template, **cfg}, open(tmp_path / "tokenizer_config.json", "w"))
+    return str(tmp_path)
+
+
+def test_deepseek_chat_template_matches_transformers(tmp_path):
+    import transformers
+    path = _tokenizer_dir(tmp_path, DEEPSEEK_TEMPLATE, bos_token="<｜begin▁of▁sentence｜>", eos_token="<｜end▁of▁sentence｜>")
+    ours = D.load_tokenizer(path)
+    assert ours.family == "deepseek-r1" and D.default_judge_family(ours) == "reasoning"
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=path + "/tokenizer.json", bos_token="<｜begin▁of▁sentence｜>")
+    ref.chat_template = DEEPSEEK_TEMPLATE
+    for conv in CONVERSATIONS:
+        for gen in (True, False):
+            assert ours.apply_chat_template(conv, gen) == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+
+
+def test_toy_chatml_template_matches_transformers(tmp_path):
+    import transformers
+    path = _tokenizer_dir(tmp_path, D.CHATML_JINJA, eos_token="<|im_end|>")
+    ours = D.load_tokenizer(path)
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=path + "/tokenizer.json")
+    ref.chat_template = D.CHATML_JINJA
+    for conv in CONVERSATIONS:
+        assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+
+
+def test_unknown_chat_template_is_refused(tmp_path):
+    path = _tokenizer_dir(tmp_path, "{% for m in messages %}[INST]{{ m.content }}{% endfor %}")
+    with pytest.raises(ValueError, match="unknown chat template"):
+        D.load_tokenizer(path)
+
+
+# ----------------------------------------------------------------------------- judge prompts
+
+def prompt_file(name):
+    path = os.path.join(SHARED, "rm-r1", "prompts", name)
+    need_shared(path)
+    return open(path, encoding="utf-8").read()
+
+
+def test_prompt_constants_are_byte_identical_to_reference():
+    for name, const in [("instruct_system.txt", D.INSTRUCT_SYSTEM), ("instruct_user_single.txt", D.INSTRUCT_USER_SINGLE),
+                        ("instruct_user_multi.txt", D.INSTRUCT_USER_MULTI), ("reasoning_user_single.txt", D.REASONING_USER_SINGLE),
+                        ("reasoning_user_multi.txt", D.REASONING_USER_MULTI)]:
+        assert const.encode() == prompt_file(name).encode(), name
+
+
+def test_single_turn_judge_messages_both_families():
+    ctx = [{"role": "user", "content": "Sum {x}?"}]
+    inst = D.judge_messages(ctx, "ans {answer_b}", "other", "instruct")
+    assert inst[0] == {"role": "system", "content": prompt_file("instruct_system.txt")}
+    expected = prompt_file("instruct_user_single.txt").replace("{question}", "Sum {x}?").replace(
+        "{answer_a}", "ans {answer_b}").replace("[The End of Chatbot A's Response]\n\n[The Start of Chatbot B's Response]\n{answer_b}",
+                                                "[The End of Chatbot A's Response]\n\n[The Start of Chatbot B's Response]\nother")
+    assert inst[1]["content"] == expected
+    reas = D.judge_messages(ctx, "x", "y", "reasoning")
+    assert len(reas) == 1 and reas[0]["content"].startswith("Please act as an impartial judge")
+    assert "[Client Question]\nSum {x}?\n\n[The Start of Chatbot A's Response]\nx\n" in reas[0]["content"]
+
+
+def test_multi_turn_judge_messages_flatten_each_side():
+    ctx = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"}]
+    msgs = D.judge_messages(ctx, "4", "5", "reasoning")
+    conv_a = "User: Hi\nChatbot A: Hello\nUser: 2+2?\nChatbot A: 4"
+    conv_b = "User: Hi\nChatbot B: Hello\nUser: 2+2?\nChatbot B: 5"
+    assert msgs[0]["content"] == prompt_file("reasoning_user_multi.txt").replace("{conversation_1}", conv_a).replace("{conversation_2}", conv_b)
+    assert "Chabot" not in msgs[0]["content"]  # the reference's typo is not copied
+
+
+def test_seeded_placement_is_balanced_and_stable():
+    pair = lambda i: D.Pair(str(i), [{"role": "user", "content": "q"}], "good", "bad")
+    labels = [D.make_judge_example(pair(i), seed=3).label for i in range(400)]
+    assert 160 < labels.count("A") < 240
+    assert labels == [D.make_judge_example(pair(i), seed=3).label for i in range(400)]
+    assert labels != [D.make_judge_example(pair(i), seed=4).label for i in range(400)]
+    for i in range(20):
+        ex = D.make_judge_example(pair(i), seed=3)
+        a_part = ex.messages[1]["content"].split("[The Start of Chatbot B")[0]
+        assert ("good" in a_part) == (ex.label == "A")
+
+
+def test_overlong_prompts_are_dropped_and_counted():
+    need_shared(TOKENIZER_DIR)
+    tok = D.load_tokenizer(TOKENIZER_DIR)
+    exs = [D.make_judge_example(D.Pair(str(i), [{"role": "user", "content": "word " * (i * 300)}], "a", "b")) for i in range(4)]
+    kept, ids, dropped = D.tokenize_prompts(exs, tok, max_prompt_len=1200)
+    assert dropped == 2 and [e.id for e in kept] == ["0", "1"] and all(len(t) <= 1200 for t in ids)
+
+
+# ----------------------------------------------------------------------------- readers
+
+def test_readers_on_real_files():
+    need_shared()
+    rb = D.read_rm_bench(os.path.join(DATA, "rm-bench"))
+    assert len(rb) == 9 * (129 + 228 + 284 + 157)
+    assert {p.subset for p in rb} == {"chat", "code", "safety"}
+    jb = D.read_judgebench(os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl"))
+    assert len(jb) == 350
+    assert {p.subset: sum(q.subset == p.subset for q in jb) for p in jb} == {"knowledge": 154, "reasoning": 98, "math": 56, "coding": 42}
+    rmb = D.read_rmb(os.path.join(DATA, "rmb"))
+    assert len(rmb) == 14543
+    assert sum(p.subset == "harmlessness" for p in rmb) == 6087
+    assert any(len(p.context) > 1 for p in rmb)  # multi-turn conversations exist and are kept
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_pairs_reader_and_errors(tmp_path):
+    good = write(tmp_path, "ok.jsonl", json.dumps({"id": "x", "prompt": "q", "chosen": "c", "rejected": "r", "subset": "s"}) + "\n\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "a"}], "chosen": "c", "rejected": "r"}) + "\n")
+    pairs = D.read_pairs(good)
+    assert [p.id for p in pairs] == ["x", "3"] and pairs[0].subset == "s"
+    cases = [("{not json\n", r"bad.jsonl:1: malformed JSON"),
+             (json.dumps({"prompt": "q", "chosen": "c"}) + "\n", r"bad.jsonl:1: missing field 'rejected'"),
+             ("\n" + json.dumps({"prompt": "q", "chosen": "  ", "rejected": "r"}) + "\n", r"bad.jsonl:2: field 'chosen' is empty"),
+             (json.dumps({"messages": [{"role": "bot", "content": "x"}], "chosen": "c", "rejected": "r"}) + "\n", r"bad.jsonl:1: field 'messages\[0\]'")]
+    for text, msg in cases:
+        with pytest.raises(D.DataError, match=msg):
+            D.read_pairs(write(tmp_path, "bad.jsonl", text))
+
+
+def test_judgebench_and_rm_r1_readers_errors(tmp_path):
+    row = {"pair_id": "p", "source": "livecodebench", "question": "q", "response_A": "a", "response_B": "b", "label": "A=B"}
+    with pytest.raises(D.DataError, match=r"jb.jsonl:1: field 'label' must be 'A>B' or 'B>A'"):
+        D.read_judgebench(write(tmp_path, "jb.jsonl", json.dumps(row) + "\n"))
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    path = write(tmp_path, "rl.jsonl", json.dumps({"context_messages": msgs, "winner": "model_b"}) + "\n"
+                 + json.dumps({"context_messages": msgs, "winner": "<type>Chat</type> ... <answer>[[A]]</answer>"}) + "\n")
+    rl, sft = D.read_rm_r1(path)
+    assert rl[0].label == "B" and rl[0].messages == msgs
+    assert sft[0][-1]["role"] == "assistant"
+    with pytest.raises(D.DataError, match=r"rl2.jsonl:1: missing field 'winner'"):
+        D.read_rm_r1(write(tmp_path, "rl2.jsonl", json.dumps({"context_messages": msgs}) + "\n"))
