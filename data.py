@@ -267,7 +267,8 @@ def placement(pair_id, seed) -> str:
 def make_judge_example(pair: Pair, family="instruct", seed=0, label=None) -> JudgeExample:
     label = label or placement(pair.id, seed)
     a, b = (pair.chosen, pair.rejected) if label == "A" else (pair.rejected, pair.chosen)
-    return JudgeExample(pair.id, judge_messages(pair.context, a, b, family), label, pair.subset, dict(pair.meta))
+    meta = dict(pair.meta, len_a=len(a), len_b=len(b))  # answer lengths: for the no-model baseline judges
+    return JudgeExample(pair.id, judge_messages(pair.context, a, b, family), label, pair.subset, meta)
 
 
 def tokenize_prompts(examples, tokenizer, max_prompt_len):

@@ -1,0 +1,273 @@
+"""
+eval.py: run a judge on a pairwise benchmark and score it the way the published numbers are computed.
+
+    python eval.py --judge MODEL_DIR --bench rm-bench|judgebench|rmb|pairs --data PATH --out DIR
+
+Each pair becomes an RM-R1 judge prompt (data.py; seeded A/B placement, or both placements with
+--both-orders), the judge generates (greedy by default, batched KV-cached sampler) and the verdict is read
+with rewards.parse_verdict, the rule GRPO trains with. An unparseable verdict counts as wrong and is also
+counted (`unparsed`). Baseline judges that need no model: `longer`, `shorter` (by the answers' character
+counts; a tie gives no verdict) and `random` (seeded).
+
+Scoring (percentages):
+  rm-bench   per domain a 3x3 matrix acc[i][j] over (chosen style i, rejected style j); domain = mean of the
+             9 cells; hard = strict upper triangle (j > i), normal = diagonal, easy = strict lower triangle,
+             each averaged over domains; total = mean of domains
+  judgebench knowledge (mmlu-pro), reasoning, math, coding, overall
+  rmb        helpfulness, harmlessness (pairwise), total = their mean
+  pairs      overall and one key per subset; if subsets carry RewardBench names, the four RewardBench
+             sections (count-weighted, math-prm weighted equal to the HumanEvalPack subsets together)
+             and their mean `rewardbench`
+Outputs: DIR/outputs.jsonl (one row per judged prompt; a rerun resumes from it), DIR/scores.json, a table.
+Under torchrun the prompts are split across ranks and rank 0 merges the results.
+"""
+import argparse
+import json
+import os
+import random
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+from data import default_judge_family, load_judge_examples, load_tokenizer, make_judge_example, READERS, tokenize_prompts
+from rewards import parse_verdict
+
+BASELINES = ("longer", "shorter", "random")
+REWARDBENCH_SECTIONS = {
+    "chat": ["alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"],
+    "chat_hard": ["mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
+                  "llmbar-adver-GPTOut", "llmbar-adver-manual"],
+    "safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond", "donotanswer"],
+    "reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
+}
+
+
+def build_examples(bench, path, family, seed, both_orders=False):
+    if bench not in READERS:
+        raise ValueError(f"unknown bench {bench!r} (one of {', '.join(READERS)})")
+    if not both_orders:
+        return load_judge_examples(path, bench, family, seed)
+    out = []
+    for p in READERS[bench](path):
+        for label in "AB":
+            ex = make_judge_example(p, family, seed, label=label)
+            ex.meta["pair"] = ex.id
+            ex.id = f"{ex.id}#{label}"
+            out.append(ex)
+    return out
+
+
+def baseline_verdict(judge, ex, rng):
+    if judge == "random":
+        return rng.choice("AB")
+    la, lb = ex.meta["len_a"], ex.meta["len_b"]
+    if la == lb:
+        return None
+    return ("A" if la > lb else "B") if judge == "longer" else ("A" if la < lb else "B")
+
+
+@torch.no_grad()
+def judge_examples(model, tokenizer, examples, prompt_ids, max_new_tokens, batch_size, temperature=0.0, seed=0,
+                   progress=None):
+    """Generate one judgement per example (batches of similar length); yield result rows in batch order."""
+    from sampler import generate
+    order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        outs = generate(model, [prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
+                        stop_ids=tokenizer.stop_ids, seed=seed + s, vocab_size=tokenizer.vocab_size,
+                        pad_id=tokenizer.pad_id or 0)
+        rows = []
+        for i, out in zip(idx, outs):
+            text = tokenizer.decode(out)
+            truncated = not out or out[-1] not in tokenizer.stop_ids
+            rows.append(result_row(examples[i], len(prompt_ids[i]), text, None if truncated else parse_verdict(text), truncated))
+        if progress:
+            progress.update(len(rows))
+        yield rows
+
+
+def result_row(ex, prompt_len, output, verdict, truncated=False):
+    return {"id": ex.id, "label": ex.label, "subset": ex.subset, "meta": {k: v for k, v in ex.meta.items() if not k.startswith("len_")},
+            "prompt_len": prompt_len, "output": output, "verdict": verdict, "correct": verdict == ex.label,
+            "truncated": truncated}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def pct(xs):
+    xs = list(xs)
+    return 100.0 * sum(xs) / len(xs) if xs else float("nan")
+
+
+def pair_results(rows):
+    """-> {pair id: (correct, subset, meta)}; with both orders a pair is correct only if both are."""
+    pairs = {}
+    for r in rows:
+        key = r["meta"].get("pair", r["id"])
+        ok = pairs.get(key, (True,))[0] and r["correct"]
+        pairs[key] = (ok, r["subset"], r["meta"])
+    return pairs
+
+
+def score(bench, rows):
+    pairs = pair_results(rows)
+    s = {}
+    if bench == "rm-bench":
+        domains = {}
+        for d in sorted({sub for _, sub, _ in pairs.values()}):
+            cells = [[pct(ok for ok, sub, m in pairs.values() if sub == d and m["i"] == i and m["j"] == j)
+                      for j in range(3)] for i in range(3)]
+            domains[d] = cells
+            s[d] = sum(map(sum, cells)) / 9
+        mean = lambda vals: sum(vals) / len(vals)
+        s["easy"] = mean([mean([c[i][j] for i in range(3) for j in range(3) if i > j]) for c in domains.values()])
+        s["normal"] = mean([mean([c[i][i] for i in range(3)]) for c in domains.values()])
+        s["hard"] = mean([mean([c[i][j] for i in range(3) for j in range(3) if i < j]) for c in domains.values()])
+        s["total"] = mean([s[d] for d in domains])
+    elif bench == "judgebench":
+        for cat in ("knowledge", "reasoning", "math", "coding"):
+            if any(sub == cat for _, sub, _ in pairs.values()):
+                s[cat] = pct(ok for ok, sub, _ in pairs.values() if sub == cat)
+        s["overall"] = pct(ok for ok, _, _ in pairs.values())
+    elif bench == "rmb":
+        for cat in ("helpfulness", "harmlessness"):
+            s[cat] = pct(ok for ok, sub, _ in pairs.values() if sub == cat)
+        s["total"] = (s["helpfulness"] + s["harmlessness"]) / 2
+    else:
+        s["overall"] = pct(ok for ok, _, _ in pairs.values())
+        for sub in sorted({sub for _, sub, _ in pairs.values() if sub}):
+            s[sub] = pct(ok for ok, sb, _ in pairs.values() if sb == sub)
+        s.update(rewardbench_sections(pairs))
+    s["unparsed"] = sum(r["verdict"] is None for r in rows)
+    s["judged"] = len(rows)
+    if any("pair" in r["meta"] for r in rows):  # --both-orders: placement bias and consistency
+        for label in "AB":
+            s[f"accuracy_label_{label}"] = pct(r["correct"] for r in rows if r["label"] == label)
+        by_pair = defaultdict(dict)
+        for r in rows:
+            by_pair[r["meta"]["pair"]][r["label"]] = r["verdict"]
+        # consistent = the judge picked the same *answer* in both placements (verdicts differ)
+        s["position_consistency"] = pct(v.get("A") is not None and v.get("B") is not None and v["A"] != v["B"]
+                                        for v in by_pair.values() if len(v) == 2)
+    return s
+
+
+def rewardbench_sections(pairs):
+    counts, correct = defaultdict(int), defaultdict(int)
+    for ok, sub, _ in pairs.values():
+        counts[sub] += 1
+        correct[sub] += ok
+    out = {}
+    for section, subsets in REWARDBENCH_SECTIONS.items():
+        present = [x for x in subsets if counts[x]]
+        if not present:
+            continue
+        weight = {x: counts[x] for x in present}
+        if section == "reasoning" and "math-prm" in weight and len(present) > 1:
+            weight["math-prm"] = sum(counts[x] for x in present if x != "math-prm")  # PRM = all code together
+        out[f"rewardbench_{section}"] = sum(100.0 * correct[x] / counts[x] * weight[x] for x in present) / sum(weight.values())
+    if len(out) == 4:
+        out["rewardbench"] = sum(out.values()) / 4
+    return out
+
+
+def print_table(scores, title):
+    print(f"\n{title}")
+    for k, v in scores.items():
+        print(f"  {k:<24} {v:>8.2f}" if isinstance(v, float) else f"  {k:<24} {v:>8}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def read_rows(path):
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut off by an interruption: that row is judged again
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--judge", required=True, help="model directory (HF layout) or one of: " + ", ".join(BASELINES))
+    ap.add_argument("--bench", required=True, choices=sorted(READERS))
+    ap.add_argument("--data", required=True, help="benchmark file or directory")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the judge directory)")
+    ap.add_argument("--family", choices=["instruct", "reasoning"], default=None, help="default: from the chat template")
+    ap.add_argument("--limit", type=int, default=0, help="judge only the first N prompts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=8192)
+    ap.add_argument("--max-prompt-len", type=int, default=16384)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--both-orders", action="store_true", help="judge each pair in both placements")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    args = ap.parse_args(argv)
+
+    import torch.distributed as dist
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    model = tokenizer = None
+    if args.judge not in BASELINES:
+        from model import load_model
+        tokenizer = load_tokenizer(args.tokenizer or args.judge)
+        model = load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
+    examples = build_examples(args.bench, args.data, family, args.seed, args.both_orders)
+    if args.limit:
+        examples = examples[:args.limit]
+    os.makedirs(args.out, exist_ok=True)
+    part = os.path.join(args.out, "outputs.jsonl" if world == 1 else f"outputs.rank{rank}.jsonl")
+    done = {r["id"] for r in read_rows(part)} | {r["id"] for r in read_rows(os.path.join(args.out, "outputs.jsonl"))}
+    mine = [ex for i, ex in enumerate(examples) if i % world == rank and ex.id not in done]
+    if rank == 0:
+        print(f"{len(examples)} prompts ({family} judge prompts, seed {args.seed}); {len(done)} already judged")
+    progress = tqdm(total=len(mine), disable=rank != 0, desc="judging")
+    rows = [r for r in read_rows(part)]
+    with open(part, "w") as f:  # rewrite the valid rows (drops a truncated last line), then append
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        if model is None:
+            rng = random.Random(args.seed)
+            for ex in mine:
+                f.write(json.dumps(result_row(ex, 0, "", baseline_verdict(args.judge, ex, rng))) + "\n")
+            progress.update(len(mine))
+        else:
+            kept, ids, dropped = tokenize_prompts(mine, tokenizer, args.max_prompt_len)
+            kept_ids = {ex.id for ex in kept}
+            for ex in mine:
+                if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped
+                    f.write(json.dumps(result_row(ex, -1, "", None)) + "\n")
+            for batch in judge_examples(model, tokenizer, kept, ids, args.max_new_tokens, args.batch_size,
+                                        args.temperature, args.seed, progress):
+                for r in batch:
+                    f.write(json.dumps(r) + "\n")
+                f.flush()
+    progress.close()
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+    rows = read_rows(os.path.join(args.out, "outputs.jsonl")) if world == 1 else \
+        [r for k in range(world) for r in read_rows(os.path.join(args.out, f"outputs.rank{k}.jsonl"))]
+    wanted = {ex.id for ex in examples}
+    rows = list({r["id"]: r for r in rows if r["id"] in wanted}.values())
+    scores = score(args.bench, rows)
+    with open(os.path.join(args.out, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)")
+    return scores
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""
+grpo.py: stage 2 of RM-R1, GRPO with the verdict reward. The project's main job.
+
+    python grpo.py                  # the toy judge task end to end on a laptop CPU (SFT first if needed)
+    torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b/model --data rl.jsonl --out runs/grpo-7b
+
+The algorithm, per step:
+1. Rollout. Take R = --rollout-prompts judge prompts q (a seeded permutation of the data, one epoch after
+   another). With the policy's weights gathered once, sample a group of G = --n traces o_1..o_G per prompt
+   (temperature 1, top-p 1, KV-cached batched sampler; the prefill is shared by the group).
+2. Reward. r_i = +1 if o_i ends with the verdict matching the label, -1 otherwise (rewards.judge_reward;
+   a trace cut at --max-new-tokens gets -1). With --format-reward: format (0/1) + correct (0/1).
+3. Advantage, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-6) (unbiased std; --no-std-norm drops the
+   division), the same for every token of o_i. A group whose rewards are all equal has A = 0: it gives no
+   gradient, and is counted (zero_std_frac).
+4. Old log-probs log pi_old(o_i,t) are computed once with the training forward (not the sampler's), and
+   reference log-probs log pi_ref with the frozen starting policy when --kl > 0.
+5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
+   the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
+       rho = exp(log pi - log pi_old)
+       L_pg  = -min(rho A, clip(rho, 1 - clip, 1 + clip_high) A)
+       L_kl  = k3 = exp(d) - d - 1,  d = clamp(log pi_ref - log pi, -20, 20), then clamp(k3, -10, 10)
+       L_tok = L_pg + kl * L_kl
+   aggregated over the mini-batch (all micro-batches, all ranks) as
+       token-mean            sum L_tok / (number of response tokens)                    [reference]
+       seq-mean-token-mean   mean over sequences of (mean over the sequence's tokens)
+       dr-grpo               sum L_tok / (number of sequences * max_new_tokens)
+   then grad-norm clipping and a constant-LR AdamW step.
+
+Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the
+progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. Checkpoints:
+Hugging Face layout model + resumable state (sft.py helpers); --resume continues exactly.
+"""
+import argparse
+import contextlib
+import json
+import os
+import random
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model as M
+from data import default_judge_family, load_judge_examples, load_tokenizer, tokenize_prompts
+from rewards import format_reward, judge_reward, parse_verdict
+from sampler import generate
+from sft import (_local, all_reduce_sum, copy_tokenizer, full_weights, heldout_accuracy, load_state,
+                 make_optimizer, save_state, setup_distributed, shard_model)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="GRPO with the verdict reward (RM-R1 stage 2)")
+    ap.add_argument("--model", default=None, help="starting policy, HF dir (default: the toy SFT checkpoint)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
+    ap.add_argument("--data", default=None, help="RM-R1 RL JSONL, or preference pairs with --format")
+    ap.add_argument("--format", default="rm-r1", choices=["rm-r1", "pairs", "rm-bench", "judgebench", "rmb"])
+    ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--n", type=int, default=7, help="samples per prompt (the group)")
+    ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 16]")
+    ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 8]")
+    ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward [8; toy 64]")
+    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 40]")
+    ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 2e-4]")
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--clip", type=float, default=0.2)
+    ap.add_argument("--clip-high", type=float, default=None, help="upper clip (default: --clip)")
+    ap.add_argument("--kl", type=float, default=0.001, help="k3 KL coefficient; 0 loads no reference model")
+    ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "dr-grpo"])
+    ap.add_argument("--no-std-norm", action="store_true", help="advantage r - mean(r), without / std")
+    ap.add_argument("--format-reward", action="store_true", help="cold-start reward: format + correct")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--max-prompt-len", type=int, default=None, help="[4096; toy 512]")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="[8192; toy 48]")
+    ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out accuracy")
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--save-every", type=int, default=20)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    toy = args.model is None
+    defaults = dict(rollout_prompts=(16, 1024), minibatch_prompts=(8, 128), micro_seqs=(64, 8), lr=(2e-4, 1e-6),
+                    max_prompt_len=(512, 4096), max_new_tokens=(48, 8192))
+    for k, (toy_v, real_v) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, toy_v if toy else real_v)
+    if toy:
+        import toy as T
+        paths = T.prepare("runs/toy", seed=args.seed)
+        args.model = "runs/toy/sft/model"
+        args.data, args.format = args.data or paths["rl"], "rm-r1"
+        args.eval_data = args.eval_data or paths["heldout"]
+        args.out = args.out or "runs/toy/grpo"
+        args.steps = args.steps or 40
+    if args.data is None or args.out is None:
+        ap.error("--data and --out are required with --model")
+    if args.n < 2:
+        ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
+    if args.rollout_prompts % args.minibatch_prompts:
+        ap.error("--rollout-prompts must be a multiple of --minibatch-prompts")
+    args.tokenizer = args.tokenizer or args.model
+    args.clip_high = args.clip if args.clip_high is None else args.clip_high
+    return args, toy
+
+
+# ----------------------------------------------------------------------------- the math (tested by hand)
+
+def group_advantages(rewards, n, std_norm=True, eps=1e-6):
+    """rewards [P * n] (prompt-major) -> advantages [P * n], and the fraction of all-equal groups."""
+    r = rewards.view(-1, n)
+    a = r - r.mean(1, keepdim=True)
+    if std_norm:
+        a = a / (r.std(1, keepdim=True) + eps)  # unbiased std, as the reference
+    zero_std = (r.max(1).values == r.min(1).values).float().mean()
+    return a.reshape(-1), zero_std.item()
+
+
+def k3_kl(logp, ref_logp):
+    """Low-variance KL estimate of KL(pi || pi_ref) per token, clamped as the reference."""
+    d = (ref_logp - logp).clamp(-20, 20)
+    return (d.exp() - d - 1).clamp(-10, 10)
+
+
+def policy_loss_terms(logp, old_logp, adv, clip_low, clip_high):
+    """-> per-token clipped surrogate loss and clip indicator."""
+    ratio = (logp - old_logp).clamp(-20, 20).exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def aggregate(loss_tok, mask, agg, n_tokens, n_seqs, max_new_tokens):
+    """Sum of this micro-batch's share of the mini-batch loss. n_tokens / n_seqs are the mini-batch's
+    global counts (all micro-batches, all ranks), so summing the shares gives the exact aggregate."""
+    if agg == "token-mean":
+        return (loss_tok * mask).sum() / n_tokens
+    if agg == "seq-mean-token-mean":
+        return ((loss_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+    if agg == "dr-grpo":
+        return (loss_tok * mask).sum() / (n_seqs * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {agg!r}")
+
+
+# ----------------------------------------------------------------------------- training
+
+def sequences_to_batch(prompts, responses, pad_id, device):
+    """prompt + response -> input ids [B, T-1], targets [B, T-1], response mask [B, T-1]."""
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, len(p):len(p) + len(r)] = 1
+    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask[:, 1:].to(device)
+
+
+@torch.no_grad()
+def batched_logprobs(model, prompts, responses, pad_id, device, micro, temperature):
+    out = []
+    for s in range(0, len(prompts), micro):
+        ids, tgt, mask = sequences_to_batch(prompts[s:s + micro], responses[s:s + micro], pad_id, device)
+        out.append(model(ids, targets=tgt, temperature=temperature)[0] * mask)
+    return out
+
+
+def main(argv=None):
+    args, toy = parse_args(argv)
+    rank, world, device = setup_distributed()
+    if toy and not os.path.exists(os.path.join(args.model, "model.safetensors")):
+        import sft
+        if rank == 0:
+            print("toy: no SFT checkpoint yet, running `python sft.py` first")
+        sft.main(["--seed", str(args.seed)], teardown=False)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = load_tokenizer(args.tokenizer)
+    family = args.family or default_judge_family(tokenizer)
+    examples = load_judge_examples(args.data, args.format, family, args.seed)
+    examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len)
+    if len(examples) < args.rollout_prompts:
+        raise ValueError(f"{args.data}: {len(examples)} usable prompts, fewer than --rollout-prompts {args.rollout_prompts}")
+    per_epoch = len(examples) // args.rollout_prompts
+    total = args.steps or per_epoch
+
+    policy = M.load_model(args.model, dtype=torch.float32)
+    policy.checkpoint_activations = args.grad_ckpt
+    policy = shard_model(policy, world, device)
+    ref = None
+    if args.kl > 0:
+        ref = shard_model(M.load_model(args.model, dtype=torch.float32).requires_grad_(False).eval(), world, device)
+    optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
+    state_dir, step, history = os.path.join(args.out, "state"), 0, {}
+    if args.resume and os.path.exists(state_dir):
+        step, history = load_state(state_dir, policy, optimizer, rank)
+    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        print(f"grpo: {len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}), "
+              f"{total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
+              f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type}, start at step {step}")
+    if args.eval_data and "heldout_start" not in history:
+        history["heldout_start"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)[0]
+        if rank == 0:
+            print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a" if step else "w") if rank == 0 else None
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
+    pad = tokenizer.pad_id or 0
+    rec = {}
+    while step < total:
+        rec = rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, prompt_ids, per_epoch, rank, world, device, pad)
+        step += 1
+        if args.eval_data and args.eval_every and step % args.eval_every == 0 and step < total:
+            rec["heldout_accuracy"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)[0]
+        if rank == 0:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.set_postfix(reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
+            bar.update(1)
+        if step % args.save_every == 0 or step == total:
+            save_state(state_dir, policy, optimizer, step, rank, extra=history)
+    bar.close()
+    M.save_model(policy, os.path.join(args.out, "model"), rank=rank)
+    if rank == 0:
+        copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
+    summary = {"steps": step, **history}
+    if args.eval_data:
+        summary["heldout_end"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)[0]
+    if rank == 0:
+        json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
+        curve = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+        print("reward curve (mean reward per step): " + " ".join(f"{r['reward_mean']:+.2f}" for r in curve[::max(1, len(curve) // 10)]))
+        if args.eval_data:
+            print(f"held-out judge accuracy: {summary['heldout_start']:.1f}% before GRPO -> {summary['heldout_end']:.1f}% after")
+        print(f"checkpoint: {os.path.join(args.out, 'model')}")
+        metrics.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, prompt_ids, per_epoch, rank, world, device, pad):
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+    batch = perm[k * args.rollout_prompts:(k + 1) * args.rollout_prompts]
+    mine = list(range(rank, len(batch), world))  # positions in the rollout batch that this rank owns
+    n = args.n
+
+    # 1-2. rollout and rewards (weights gathered once for the whole generation)
+    t0 = time.time()
+    ctx = full_weights(policy) if world > 1 else contextlib.nullcontext()
+    with ctx:
+        responses = generate(policy, [prompt_ids[batch[j]] for j in mine], args.max_new_tokens, args.temperature,
+                             args.top_p, args.top_k, n, tokenizer.stop_ids, seed=args.seed * 100003 + step * world + rank,
+                             vocab_size=tokenizer.vocab_size, pad_id=pad)
+    t_rollout = time.time() - t0
+    prompts = [prompt_ids[batch[j]] for j in mine for _ in range(n)]
+    owner = [j for j in mine for _ in range(n)]  # rollout-batch position of each sequence: its group
+    truncated = [not r or r[-1] not in tokenizer.stop_ids for r in responses]
+    texts = [tokenizer.decode(r) for r in responses]
+    labels = [examples[batch[j]].label for j in owner]
+    reward_fn = format_reward if args.format_reward else judge_reward
+    rewards = torch.tensor([reward_fn(t, l, tr) for t, l, tr in zip(texts, labels, truncated)])
+    correct = torch.tensor([judge_reward(t, l, tr) > 0 for t, l, tr in zip(texts, labels, truncated)], dtype=torch.float)
+    adv, zero_std = group_advantages(rewards, n, std_norm=not args.no_std_norm)
+
+    # 4. old and reference log-probs with the training forward
+    t0 = time.time()
+    old = batched_logprobs(policy, prompts, responses, pad, device, args.micro_seqs, args.temperature)
+    refs = batched_logprobs(ref, prompts, responses, pad, device, args.micro_seqs, args.temperature) if ref is not None else None
+
+    # 5. one optimizer step per mini-batch of prompts; global counts first so aggregation is exact
+    n_mb = args.rollout_prompts // args.minibatch_prompts
+    mb_of = [o // args.minibatch_prompts for o in owner]
+    counts = [0.0] * (2 * n_mb)
+    for i, r in enumerate(responses):
+        counts[mb_of[i]] += len(r)
+        counts[n_mb + mb_of[i]] += 1
+    counts = all_reduce_sum(counts, device)
+    stats = {"kl": 0.0, "clip": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+    train_tokens = 0
+    for m in range(n_mb):
+        seqs = [i for i in range(len(responses)) if mb_of[i] == m]
+        n_tok, n_seq = max(counts[m], 1.0), max(counts[n_mb + m], 1.0)
+        for s in range(0, max(len(seqs), 1), args.micro_seqs):
+            part = seqs[s:s + args.micro_seqs]
+            if not part:  # this rank holds nothing of this mini-batch: still join the gradient reduction
+                policy(torch.zeros(1, 2, dtype=torch.long, device=device), targets=torch.zeros(1, 2, dtype=torch.long, device=device))[0].sum().mul(0).backward()
+                continue
+            ids, tgt, mask = sequences_to_batch([prompts[i] for i in part], [responses[i] for i in part], pad, device)
+            logp, entropy = policy(ids, targets=tgt, temperature=args.temperature)
+            old_lp = torch.cat([_row(old, i, args.micro_seqs, mask.shape[1]) for i in part])
+            a = adv[part].to(device)[:, None]
+            loss_tok, clipped = policy_loss_terms(logp, old_lp, a, args.clip, args.clip_high)
+            if refs is not None:
+                kl = k3_kl(logp, torch.cat([_row(refs, i, args.micro_seqs, mask.shape[1]) for i in part]))
+                loss_tok = loss_tok + args.kl * kl
+                stats["kl"] += (kl.detach() * mask).sum().item() / counts[m] / n_mb if counts[m] else 0.0
+            loss = aggregate(loss_tok, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
+            (loss * world).backward()  # FSDP averages over ranks; the aggregate is already global
+            stats["clip"] += (clipped * mask).sum().item() / n_tok / n_mb
+            stats["entropy"] += (entropy.detach() * mask).sum().item() / n_tok / n_mb
+            train_tokens += int(mask.numel())
+        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+        stats["grad_norm"] += float(_local(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)) / n_mb
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    t_train = time.time() - t0
+
+    lengths = [len(r) for r in responses]
+    unparsed = [tr or parse_verdict(t) is None for t, tr in zip(texts, truncated)]
+    sums = all_reduce_sum([rewards.sum().item(), correct.sum().item(), sum(unparsed), sum(lengths), sum(truncated),
+                           zero_std * len(mine), len(responses), len(mine), sum(lengths), train_tokens,
+                           stats["kl"], stats["clip"], stats["entropy"]], device)
+    maxlen = torch.tensor(float(max(lengths, default=0)), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(maxlen, op=dist.ReduceOp.MAX)
+    n_seq_all, n_prompt_all = sums[6], sums[7]
+    return {"step": step + 1, "reward_mean": sums[0] / n_seq_all, "accuracy": sums[1] / n_seq_all,
+            "unparsed_rate": sums[2] / n_seq_all, "response_len_mean": sums[3] / n_seq_all, "response_len_max": maxlen.item(),
+            "truncated_frac": sums[4] / n_seq_all, "zero_std_frac": sums[5] / n_prompt_all,
+            "kl": sums[10], "clip_frac": sums[11], "entropy": sums[12], "grad_norm": stats["grad_norm"],
+            "rollout_tokens_per_s": sums[8] / max(t_rollout, 1e-9), "train_tokens_per_s": sums[9] / max(t_train, 1e-9)}
+
+
+def _row(chunks, i, micro, width):
+    """Row i of log-probs stored in micro-batch chunks, padded/cut to `width` columns."""
+    t = chunks[i // micro][i % micro: i % micro + 1]
+    return torch.nn.functional.pad(t, (0, max(0, width - t.shape[1])))[:, :width]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""
+sft.py: stage 1 of RM-R1, distillation SFT of reasoning traces, in one process or under torchrun + FSDP2.
+
+    python sft.py                                  # the toy judge task (toy.py), a few minutes on a laptop CPU
+    torchrun --nproc_per_node 8 sft.py --model Qwen2.5-7B-Instruct --data distill.jsonl --out runs/sft-7b
+
+The loss is token cross-entropy on the assistant span only (the tokens after the generation prompt,
+through the end-of-turn token), normalised over the whole optimizer step:
+
+    L = - (1 / N_step) * sum_{sequences s in the global batch} sum_{t in assistant(s)} log p(x_t | x_<t)
+
+where N_step counts the supervised tokens of the global batch across all micro-batches and all ranks (a
+mean of per-micro-batch means would weight short sequences more). log p comes from model.py's chunked
+output head, so the [tokens, vocab] fp32 logits never exist. Each optimizer step takes --global-batch
+sequences from a seeded per-epoch permutation; each rank takes every world-th of them and groups them by
+length into micro-batches of about --tokens-per-micro tokens (right-padded; causal attention keeps pads
+out of real tokens). AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 1.0.
+
+Data: JSONL rows in the RM-R1 distillation format (context_messages = [system, user], winner = the
+trace) or a plain chat format (messages ending with the assistant turn to learn). Rows longer than
+--max-len are dropped and counted (or cut to --max-len with the end token kept, by --truncate).
+
+Distributed: torchrun sets RANK/WORLD_SIZE; each block is fully_shard-ed, then the root; gloo on CPU,
+NCCL on CUDA; on CUDA bf16 compute with fp32 master weights and fp32 gradient reduction. Checkpoints:
+a Hugging Face layout model (gathered one tensor at a time, written by rank 0) and a resumable training
+state per rank (local shards of weights and AdamW moments, step, RNG), loaded weights-only; --resume
+continues exactly where the last saved step left off (with the same number of ranks).
+
+The helpers for distributed setup, sharding, full-weight gathering for generation, training state and
+the LR schedule live here and are reused by grpo.py.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import model as M
+from data import DataError, check_messages, load_judge_examples, load_tokenizer, need, read_jsonl
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Distillation SFT (RM-R1 stage 1)")
+    ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the toy task's tiny model)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
+    ap.add_argument("--data", default=None, help="JSONL: RM-R1 distillation rows or chat rows (default: toy)")
+    ap.add_argument("--out", default=None, help="output dir (default runs/toy/sft for the toy task)")
+    ap.add_argument("--max-len", type=int, default=None, help="drop (or --truncate) longer rows [12288; toy 512]")
+    ap.add_argument("--truncate", action="store_true", help="cut long rows instead of dropping them")
+    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 4]")
+    ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step [128; toy 32]")
+    ap.add_argument("--tokens-per-micro", type=int, default=None, help="padded tokens per micro-batch [16384; toy 4096]")
+    ap.add_argument("--lr", type=float, default=None, help="[5e-6; toy 3e-3]")
+    ap.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps")
+    ap.add_argument("--min-lr-ratio", type=float, default=0.1)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
+    ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out judge accuracy at the end (toy: its held-out set)")
+    ap.add_argument("--eval-limit", type=int, default=200)
+    args = ap.parse_args(argv)
+    toy = args.model is None
+    defaults = dict(max_len=(512, 12288), epochs=(4.0, 1.0), global_batch=(32, 128), tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6))
+    for k, (toy_v, real_v) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, toy_v if toy else real_v)
+    if toy:
+        import toy as T
+        paths = T.prepare("runs/toy", seed=args.seed)
+        args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
+        args.eval_data = args.eval_data or paths["heldout"]
+        args.out = args.out or "runs/toy/sft"
+    if args.data is None or args.out is None:
+        ap.error("--data and --out are required with --model")
+    args.tokenizer = args.tokenizer or args.model
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed helpers (also grpo.py)
+
+def setup_distributed():
+    """-> (rank, world, device). Single process without torchrun; NCCL on CUDA, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def shard_model(model, world, device):
+    """FSDP2: fully_shard each block, then the root (embeddings, final norm, head). bf16 compute with fp32
+    reduction on CUDA; fp32 on CPU. A no-op in a single process (besides the device move)."""
+    if world == 1:
+        return model.to(device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """Gather the sharded weights once for a whole generation (instead of all-gathering every layer at
+    every decoded token), then reshard for training."""
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+
+
+def all_reduce_sum(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def lr_at(step, total, lr, warmup_steps, min_ratio):
+    """Linear warm-up, then cosine from lr to min_ratio * lr at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def save_state(path, model, optimizer, step, rank, extra=None):
+    """This rank's shards of weights and AdamW moments + step + RNG, as plain tensors (loadable with
+    weights_only=True). Written to a temp dir and renamed, so a crash mid-save keeps the previous state."""
+    tmp = f"{path}.tmp"
+    os.makedirs(tmp, exist_ok=True)
+    params = dict(model.named_parameters())
+    state = {"step": step, "rng_cpu": torch.get_rng_state(), "extra": extra or {},
+             "model": {n: _local(p.detach()).clone() for n, p in params.items()},
+             "optim": {n: {k: _local(v).clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                       for n, p in params.items() if p in optimizer.state}}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    torch.save(state, os.path.join(tmp, f"rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_state(path, model, optimizer, rank):
+    file = os.path.join(path, f"rank{rank}.pt")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found: resume needs the same number of ranks as the saved run")
+    state = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    params = dict(model.named_parameters())
+    if set(state["model"]) != set(params):
+        raise ValueError(f"{file}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
+    with torch.no_grad():
+        for n, p in params.items():
+            _local(p).copy_(state["model"][n])
+            if n in state["optim"]:
+                optimizer.state[p] = {k: (_local_like(p, v) if k != "step" else v) for k, v in state["optim"][n].items()}
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    return state["step"], state["extra"]
+
+
+def _local_like(param, saved):
+    t = torch.zeros_like(param)
+    _local(t).copy_(saved)
+    return t
+
+
+def copy_tokenizer(src, dst):
+    """Put the tokenizer files beside the weights, so the checkpoint is self-contained for eval/vLLM."""
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "added_tokens.json", "generation_config.json"):
+        if os.path.exists(os.path.join(src, f)) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+
+
+def make_optimizer(model, lr, betas, weight_decay):
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+                             fused=next(model.parameters()).is_cuda)
+
+
+def micro_batches(seqs, tokens_per_micro):
+    """Group (ids, loss_mask) sequences by length into micro-batches of <= tokens_per_micro padded tokens."""
+    seqs = sorted(seqs, key=lambda s: len(s[0]))
+    out, cur = [], []
+    for s in seqs:
+        if cur and len(s[0]) * (len(cur) + 1) > tokens_per_micro:
+            out.append(cur)
+            cur = []
+        cur.append(s)
+    return out + ([cur] if cur else [])
+
+
+def pad_batch(seqs, pad_id, device):
+    """-> input ids [B, T-1], targets [B, T-1], loss mask [B, T-1] (next-token shift, right padding)."""
+    T = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.float)
+    for i, (s, m) in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
+    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask[:, 1:].to(device)
+
+
+# ----------------------------------------------------------------------------- data
+
+def encode_sft_rows(path, tokenizer, max_len, truncate):
+    """-> list of (ids, loss_mask) and the number dropped for length. loss_mask is 1 on the assistant span
+    (the answer's tokens and the end-of-turn token), 0 on the prompt."""
+    out, dropped = [], 0
+    for n, row in read_jsonl(path):
+        where = f"{path}:{n}"
+        if "context_messages" in row:
+            msgs = check_messages(need(row, "context_messages", where, list), where, "context_messages")
+            answer = need(row, "winner", where)
+        elif "messages" in row:
+            msgs = check_messages(need(row, "messages", where, list), where)
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{where}: field 'messages' must end with the assistant turn to learn")
+            answer = msgs.pop()["content"]
+            if not answer.strip():
+                raise DataError(f"{where}: field 'messages[-1].content' (the assistant turn) is empty")
+        else:
+            raise DataError(f"{where}: missing field 'context_messages' (RM-R1 format) or 'messages' (chat format)")
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
+        completion = tokenizer.encode(answer) + [tokenizer.eos_id]
+        ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+        if len(ids) > max_len:
+            if not truncate or len(prompt) >= max_len - 1:
+                dropped += 1
+                continue
+            ids, mask = ids[:max_len - 1] + [tokenizer.eos_id], mask[:max_len]
+        out.append((ids, mask))
+    if not out:
+        raise DataError(f"{path}: no usable rows ({dropped} longer than --max-len {max_len})")
+    return out, dropped
+
+
+def heldout_accuracy(model, tokenizer, path, limit, seed, rank, world, max_new_tokens=64, batch_size=64):
+    """Greedy judge accuracy (%) on a pairs file through eval.py's code path; ranks split the prompts."""
+    from data import default_judge_family, tokenize_prompts
+    from eval import judge_examples
+    examples = load_judge_examples(path, "pairs", default_judge_family(tokenizer), seed)[:limit]
+    mine = examples[rank::world]
+    kept, ids, _ = tokenize_prompts(mine, tokenizer, 10**9)
+    correct = unparsed = 0
+    ctx = full_weights(model) if world > 1 else contextlib.nullcontext()
+    with ctx:
+        for rows in judge_examples(model, tokenizer, kept, ids, max_new_tokens, batch_size, 0.0, seed):
+            correct += sum(r["correct"] for r in rows)
+            unparsed += sum(r["verdict"] is None for r in rows)
+    correct, unparsed, n = all_reduce_sum([correct, unparsed, len(kept)], next(model.parameters()).device)
+    return 100.0 * correct / max(n, 1), int(unparsed)
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None, teardown=True):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = load_tokenizer(args.tokenizer)
+    rows, dropped = encode_sft_rows(args.data, tokenizer, args.max_len, args.truncate)
+    steps_per_epoch = len(rows) // args.global_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{args.data}: {len(rows)} usable rows, fewer than --global-batch {args.global_batch}")
+    total = int(steps_per_epoch * args.epochs)
+    total = min(total, args.max_steps) if args.max_steps else total
+    model = M.load_model(args.model, device="cpu", dtype=torch.float32)  # fp32 master weights
+    model.checkpoint_activations = args.grad_ckpt
+    model = shard_model(model, world, device)
+    optimizer = make_optimizer(model, args.lr, (0.9, 0.95), args.weight_decay)
+    state_dir = os.path.join(args.out, "state")
+    step = 0
+    if args.resume and os.path.exists(state_dir):
+        step, _ = load_state(state_dir, model, optimizer, rank)
+    elif args.resume and rank == 0:
+        print(f"--resume: no saved state in {state_dir}, starting from step 0")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}), {M.num_params(model) / 1e6:.2f}M params, "
+              f"{world} rank(s) on {device.type}, {total} steps of {args.global_batch} sequences, start at step {step}")
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a" if step else "w") if rank == 0 else None
+    warmup = max(1, int(args.warmup * total))
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
+    rec = {}
+    while step < total:
+        t0 = time.time()
+        epoch, k = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        batch = [rows[i] for i in perm[k * args.global_batch:(k + 1) * args.global_batch].tolist()]
+        n_step = sum(sum(m[1:]) for _, m in batch)  # supervised tokens in the whole global batch (all ranks)
+        lr = lr_at(step, total, args.lr, warmup, args.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        micros = micro_batches(batch[rank::world], args.tokens_per_micro)
+        for mb in micros:
+            ids, targets, mask = pad_batch(mb, tokenizer.pad_id or 0, device)
+            logp, _ = model(ids, targets=targets)
+            nll = -(logp * mask).sum()
+            # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
+            (nll / n_step * world).backward()
+            loss_sum += nll.item()
+        # a rank with no micro-batch (tiny batches) must still join the gradient reduction
+        if not micros:
+            model(torch.zeros(1, 2, dtype=torch.long, device=device), targets=torch.zeros(1, 2, dtype=torch.long, device=device))[0].sum().mul(0).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = float(_local(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum, tokens = all_reduce_sum([loss_sum, sum(len(s) for s, _ in batch[rank::world])], device)
+        rec = {"step": step, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm,
+               "tokens_per_s": tokens / (time.time() - t0)}
+        if rank == 0:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.update(1)
+        if step % args.save_every == 0 or step == total:
+            save_state(state_dir, model, optimizer, step, rank)
+    bar.close()
+    M.save_model(model, os.path.join(args.out, "model"), rank=rank)
+    if rank == 0:
+        copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
+    summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
+    if args.eval_data:
+        acc, unparsed = heldout_accuracy(model, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)
+        summary.update(heldout_accuracy=acc, heldout_unparsed=unparsed)
+    if rank == 0:
+        json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
+        print("sft done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
+              + f"\ncheckpoint: {os.path.join(args.out, 'model')}")
+        metrics.close()
+    if teardown and dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
