@@ -59,11 +59,12 @@ def parse_args(argv=None):
     ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data")
     ap.add_argument("--out", default=None)
     ap.add_argument("--n", type=int, default=7, help="samples per prompt (the group)")
-    ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 16]")
-    ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 8]")
+    ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
+    ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 16]")
+    ap.add_argument("--gen-prompts", type=int, default=None, help="prompts per sampler call [32; toy 16]")
     ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward [8; toy 64]")
-    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 40]")
-    ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 2e-4]")
+    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 60]")
+    ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 1e-4]")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--clip", type=float, default=0.2)
@@ -83,10 +84,11 @@ def parse_args(argv=None):
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     toy = args.model is None
-    defaults = dict(rollout_prompts=(16, 1024), minibatch_prompts=(8, 128), micro_seqs=(64, 8), lr=(2e-4, 1e-6),
+    defaults = dict(gen_prompts=(16, 32), rollout_prompts=(64, 1024), minibatch_prompts=(16, 128), micro_seqs=(64, 8), lr=(1e-4, 1e-6),
                     max_prompt_len=(512, 4096), max_new_tokens=(48, 8192))
     for k, (toy_v, real_v) in defaults.items():
         if getattr(args, k) is None:
@@ -98,7 +100,7 @@ def parse_args(argv=None):
         args.data, args.format = args.data or paths["rl"], "rm-r1"
         args.eval_data = args.eval_data or paths["heldout"]
         args.out = args.out or "runs/toy/grpo"
-        args.steps = args.steps or 40
+        args.steps = args.steps or 60
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     if args.n < 2:
@@ -212,7 +214,8 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
     pad = tokenizer.pad_id or 0
     rec = {}
-    while step < total:
+    stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
+    while step < stop_at:
         rec = rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, prompt_ids, per_epoch, rank, world, device, pad)
         step += 1
         if args.eval_data and args.eval_every and step % args.eval_every == 0 and step < total:
@@ -222,9 +225,11 @@ def main(argv=None):
             metrics.flush()
             bar.set_postfix(reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
             bar.update(1)
-        if step % args.save_every == 0 or step == total:
+        if step % args.save_every == 0 or step == stop_at:
             save_state(state_dir, policy, optimizer, step, rank, extra=history)
     bar.close()
+    if step < total:  # stopped early on purpose: the state is saved, --resume continues
+        return {"steps": step, **history}
     M.save_model(policy, os.path.join(args.out, "model"), rank=rank)
     if rank == 0:
         copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
@@ -248,16 +253,22 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
     batch = perm[k * args.rollout_prompts:(k + 1) * args.rollout_prompts]
-    mine = list(range(rank, len(batch), world))  # positions in the rollout batch that this rank owns
     n = args.n
 
-    # 1-2. rollout and rewards (weights gathered once for the whole generation)
+    # 1-2. rollout and rewards (weights gathered once for the whole generation). Prompts go to the sampler in
+    # chunks of --gen-prompts, each seeded by (step, chunk) and dealt round-robin to ranks, so the samples
+    # do not depend on the number of ranks.
     t0 = time.time()
+    g = args.gen_prompts
+    chunks = [list(range(c, min(c + g, len(batch)))) for c in range(0, len(batch), g)]
+    mine, responses = [], []
     ctx = full_weights(policy) if world > 1 else contextlib.nullcontext()
     with ctx:
-        responses = generate(policy, [prompt_ids[batch[j]] for j in mine], args.max_new_tokens, args.temperature,
-                             args.top_p, args.top_k, n, tokenizer.stop_ids, seed=args.seed * 100003 + step * world + rank,
-                             vocab_size=tokenizer.vocab_size, pad_id=pad)
+        for c in range(rank, len(chunks), world):
+            responses += generate(policy, [prompt_ids[batch[j]] for j in chunks[c]], args.max_new_tokens, args.temperature,
+                                  args.top_p, args.top_k, n, tokenizer.stop_ids, seed=(args.seed * 100003 + step) * 1009 + c,
+                                  vocab_size=tokenizer.vocab_size, pad_id=pad)
+            mine += chunks[c]
     t_rollout = time.time() - t0
     prompts = [prompt_ids[batch[j]] for j in mine for _ in range(n)]
     owner = [j for j in mine for _ in range(n)]  # rollout-batch position of each sequence: its group

@@ -162,9 +162,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, hd]
-        if cache is not None:
-            cache.k[layer][:, :, cache_index:cache_index + T] = k
-            cache.v[layer][:, :, cache_index:cache_index + T] = v
+        if cache is not None:  # index_copy_ takes a tensor slot too, so a compiled step does not recompile per slot
+            slots = cache_index + torch.arange(T, device=x.device)
+            cache.k[layer].index_copy_(2, slots, k.to(cache.k[layer].dtype))
+            cache.v[layer].index_copy_(2, slots, v.to(cache.v[layer].dtype))
             k, v = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -292,7 +293,8 @@ class Transformer(nn.Module):
             return self.lm_head(x)
         logp, entropy = token_logprobs(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                        self.logprob_chunk, temperature)
-        return logp.view(B, T), entropy.view(B, T)
+        # fresh tensors, not views: FSDP2 hooks its backward onto the forward's outputs
+        return logp.view(B, T).clone(), entropy.view(B, T).clone()
 
 
 # ----------------------------------------------------------------------------- checkpoints (HF layout)

@@ -42,9 +42,27 @@ def sample_next(logits, temperature, top_p, top_k, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def _decode_step(model, tok, pos, key_valid, cache, slot):
+    return model(tok, pos, key_valid, cache, cache_index=slot, kv_len=key_valid.shape[1], last_only=True)[:, -1].float()
+
+
+_compiled = {}
+
+
+def decode_step(model, *args):
+    """The fixed-shape decode step under torch.compile (CUDA graphs via reduce-overhead on GPUs)."""
+    if "fn" not in _compiled:
+        mode = "reduce-overhead" if torch.cuda.is_available() else None
+        _compiled["fn"] = torch.compile(_decode_step, dynamic=False, mode=mode)
+    return _compiled["fn"](model, *args)
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(),
-             seed=None, vocab_size=None, return_logprobs=False, pad_id=0):
+             seed=None, vocab_size=None, return_logprobs=False, pad_id=0, compile=False):
+    """compile=True runs the decode step under torch.compile with fixed shapes: the cache length is rounded
+    up to a multiple of 256 and attended in full (masked), the slot index is a tensor, and the batch is
+    not compacted, so one compiled graph (a CUDA graph on GPUs) serves every step of a call."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     was_training = model.training
@@ -55,6 +73,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
+    if compile:  # bucket the padded prompt length so the cache shape repeats across calls
+        P = -(-(P + N) // 256) * 256 - N
 
     # 1. left-pad; per-row positions and key validity
     ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -91,13 +111,16 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0
         done |= torch.isin(tok, stop)
         if t == N - 1 or bool(done.all()):
             break
-        if done.sum() * 4 >= done.numel():  # compact: drop finished rows from the batch and the cache
+        if not compile and done.sum() * 4 >= done.numel():  # compact: drop finished rows from the batch and the cache
             keep = (~done).nonzero().squeeze(1)
             cache.select(keep)
             tok, key_valid, lengths, row_ids, done = tok[keep], key_valid[keep], lengths[keep], row_ids[keep], done[keep]
         slot = P + t
         key_valid[:, slot] = True
-        logits = model(tok[:, None], (lengths + t)[:, None], key_valid, cache, cache_index=slot, last_only=True)[:, -1].float()
+        if compile:
+            logits = decode_step(model, tok[:, None], (lengths + t)[:, None], key_valid, cache, torch.tensor(slot, device=device))
+        else:
+            logits = model(tok[:, None], (lengths + t)[:, None], key_valid, cache, cache_index=slot, last_only=True)[:, -1].float()
     counts = (gen >= 0).sum(1).tolist()
     out = [row[:c] for row, c in zip(gen.tolist(), counts)]
     out_lp = [row[:c] for row, c in zip(gen_lp.tolist(), counts)]

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output dir (default runs/toy/sft for the toy task)")
     ap.add_argument("--max-len", type=int, default=None, help="drop (or --truncate) longer rows [12288; toy 512]")
     ap.add_argument("--truncate", action="store_true", help="cut long rows instead of dropping them")
-    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 4]")
+    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 3]")
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step [128; toy 32]")
     ap.add_argument("--tokens-per-micro", type=int, default=None, help="padded tokens per micro-batch [16384; toy 4096]")
     ap.add_argument("--lr", type=float, default=None, help="[5e-6; toy 3e-3]")
@@ -66,12 +66,13 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out judge accuracy at the end (toy: its held-out set)")
     ap.add_argument("--eval-limit", type=int, default=200)
     args = ap.parse_args(argv)
     toy = args.model is None
-    defaults = dict(max_len=(512, 12288), epochs=(4.0, 1.0), global_batch=(32, 128), tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6))
+    defaults = dict(max_len=(512, 12288), epochs=(3.0, 1.0), global_batch=(32, 128), tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6))
     for k, (toy_v, real_v) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, toy_v if toy else real_v)
@@ -318,7 +319,8 @@ def main(argv=None, teardown=True):
     warmup = max(1, int(args.warmup * total))
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
     rec = {}
-    while step < total:
+    stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
+    while step < stop_at:
         t0 = time.time()
         epoch, k = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
@@ -352,9 +354,11 @@ def main(argv=None, teardown=True):
             metrics.flush()
             bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             bar.update(1)
-        if step % args.save_every == 0 or step == total:
+        if step % args.save_every == 0 or step == stop_at:
             save_state(state_dir, model, optimizer, step, rank)
     bar.close()
+    if step < total:  # stopped early on purpose: the state is saved, --resume continues
+        return {"steps": step}
     M.save_model(model, os.path.join(args.out, "model"), rank=rank)
     if rank == 0:
         copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))

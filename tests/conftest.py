@@ -41,3 +41,26 @@ def make_hf_checkpoint(path, kind="qwen2-tied", dtype=torch.float32, seed=0, voc
     shard = "20KB" if kind.endswith("sharded") else "5GB"
     model.save_pretrained(path, max_shard_size=shard)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def toy_paths(tmp_path_factory):
+    """A small copy of the toy task (data, tokenizer, random-init checkpoint) made by toy.prepare."""
+    import toy
+    return toy.prepare(str(tmp_path_factory.mktemp("toy")), seed=0, n_train=96, n_rl=96, n_heldout=16)
+
+
+def run_torchrun(script, args, nproc=2, timeout=600):
+    """Run `torchrun --nproc_per_node nproc script args` on CPU (gloo); fail with its output."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, script)] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    return p
+
+
+def read_metrics(out_dir):
+    import json
+    return [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]

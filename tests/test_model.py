@@ -226,6 +226,10 @@ def test_n_samples_share_prefill_and_follow_seed(tmp_path, monkeypatch):
     assert a == generate(m, prompts, max_new_tokens=6, n=4, seed=11)
     assert a != generate(m, prompts, max_new_tokens=6, n=4, seed=12)
     assert len({tuple(x) for x in a[:4]}) > 1  # samples of one prompt differ
+    # group identity: outputs are prompt-major, sample j of prompt i at i * n + j
+    g = generate(m, prompts, max_new_tokens=6, n=3, temperature=0)
+    assert g[0] == g[1] == g[2] == generate(m, prompts[:1], 6, temperature=0)[0]
+    assert g[3] == g[4] == g[5] == generate(m, prompts[1:], 6, temperature=0)[0]
 
 
 def test_sampling_distribution_and_vocab_limit(tmp_path):
@@ -287,3 +291,16 @@ def test_model_logprob_mode_matches_logits(tmp_path):
     torch.log_softmax(m(ids).float(), -1).gather(-1, tgt[..., None]).sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, g1[n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_decode_agrees_with_eager(tmp_path):
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    m = M.load_model(str(tmp_path))
+    prompts = ragged_batch([4, 9, 6], seed=8)
+    eager = generate(m, prompts, max_new_tokens=8, temperature=0)
+    assert generate(m, prompts, max_new_tokens=8, temperature=0, compile=True) == eager
+    # stop ids: the compiled path keeps finished rows in the batch (fixed shapes) but still cuts their output
+    stop = {eager[0][1]}
+    cut = [o[:next((i + 1 for i, t in enumerate(o) if t in stop), len(o))] for o in eager]
+    assert generate(m, prompts, max_new_tokens=8, temperature=0, stop_ids=stop, compile=True) == cut

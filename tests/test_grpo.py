@@ -1,0 +1,103 @@
+"""grpo.py: the loss math against hand-computed values, distributed equivalence, resume, argument checks."""
+import json
+import math
+
+import pytest
+import torch
+
+import grpo
+import model as M
+from conftest import read_metrics, run_torchrun
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, 1.0])
+    adv, zero_std = grpo.group_advantages(r, 3)
+    std = math.sqrt(((4 / 3) ** 2 + 2 * (2 / 3) ** 2) / 2)  # unbiased
+    expected = [(4 / 3) / (std + 1e-6), (-2 / 3) / (std + 1e-6), (-2 / 3) / (std + 1e-6), 0, 0, 0]
+    torch.testing.assert_close(adv, torch.tensor(expected), atol=1e-6, rtol=0)
+    assert zero_std == 0.5  # the all-equal group contributes nothing and is counted
+    adv, _ = grpo.group_advantages(r, 3, std_norm=False)
+    torch.testing.assert_close(adv, torch.tensor([4 / 3, -2 / 3, -2 / 3, 0, 0, 0]))
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(6)
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5, 1.0, 1.5]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0, 1.0])
+    loss, clipped = grpo.policy_loss_terms(logp, old, adv, 0.2, 0.2)
+    torch.testing.assert_close(loss, torch.tensor([-1.2, 1.5, -0.5, 0.8, -2.0, -1.2]))
+    assert clipped.tolist() == [1, 0, 0, 1, 0, 1]
+    loss, _ = grpo.policy_loss_terms(logp, old, adv, 0.2, 0.28)  # asymmetric clip-high
+    torch.testing.assert_close(loss[[0, 5]], torch.tensor([-1.28, -1.28]))
+
+
+def test_k3_kl_by_hand_with_clamping():
+    kl = grpo.k3_kl(torch.tensor([-1.0, -2.0, -60.0, 0.0, -3.0]), torch.tensor([-2.0, -2.0, -10.0, -50.0, -1.0]))
+    expected = [math.exp(-1) + 1 - 1, 0.0, 10.0, 10.0, math.exp(2) - 2 - 1]
+    # third: d = 50 -> clamped to 20 -> e^20 - 21 -> clamped to 10; fourth: d = -50 -> -20 -> 19 -> 10
+    torch.testing.assert_close(kl, torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(grpo.k3_kl(torch.tensor([-1e4]), torch.tensor([0.0]))).all()
+
+
+def test_three_aggregations_by_hand_and_over_micro_batches():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    for agg, value in [("token-mean", 10 / 4), ("seq-mean-token-mean", (2 + 4) / 2), ("dr-grpo", 10 / (2 * 5))]:
+        whole = grpo.aggregate(loss, mask, agg, n_tokens=4, n_seqs=2, max_new_tokens=5)
+        assert whole.item() == pytest.approx(value)
+        split = sum(grpo.aggregate(loss[i:i + 1], mask[i:i + 1], agg, 4, 2, 5) for i in range(2))
+        assert split.item() == pytest.approx(value)  # micro-batches (or ranks) sum to the mini-batch value
+
+
+def grpo_args(toy_paths, out, *extra):
+    return ["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["rl"],
+            "--out", str(out), "--steps", "3", "--rollout-prompts", "8", "--minibatch-prompts", "4", "--gen-prompts", "2",
+            "--micro-seqs", "9", "--n", "3", "--max-new-tokens", "12", "--lr", "1e-3", "--eval-data", toy_paths["heldout"],
+            "--eval-limit", "4", *extra]
+
+
+def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path):
+    full = grpo.main(grpo_args(toy_paths, tmp_path / "full"))
+    assert full["steps"] == 3 and "heldout_end" in full
+    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "1"))
+    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume"))
+    a, b = M.load_model(str(tmp_path / "full" / "model")), M.load_model(str(tmp_path / "cut" / "model"))
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+    m1, m2 = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m2]
+    keys = {"reward_mean", "accuracy", "unparsed_rate", "response_len_mean", "response_len_max", "truncated_frac",
+            "zero_std_frac", "kl", "clip_frac", "entropy", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s"}
+    assert keys <= set(m1[0])
+    assert m1[1]["clip_frac"] > 0 or m1[1]["kl"] > 0  # after the first mini-batch step the policy moved
+
+
+def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
+    calls = []
+    orig = M.load_model
+    monkeypatch.setattr(M, "load_model", lambda *a, **k: calls.append(a) or orig(*a, **k))
+    grpo.main(grpo_args(toy_paths, tmp_path / "nokl", "--kl", "0", "--steps", "1"))
+    assert len(calls) == 1
+    calls.clear()
+    grpo.main(grpo_args(toy_paths, tmp_path / "kl", "--steps", "1"))
+    assert len(calls) == 2
+    with pytest.raises(SystemExit):
+        grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "--n", "1"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path):
+    grpo.main(grpo_args(toy_paths, tmp_path / "one"))
+    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two"))
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for a, b in zip(m1, m2):
+        for k in ("reward_mean", "accuracy", "response_len_mean", "zero_std_frac"):
+            assert a[k] == pytest.approx(b[k], abs=1e-9), k  # identical rollouts
+        for k in ("kl", "clip_frac", "entropy", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
+    a, b = M.load_model(str(tmp_path / "one" / "model")), M.load_model(str(tmp_path / "two" / "model"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
+    assert s1["heldout_end"] == s2["heldout_end"]

@@ -1,0 +1,117 @@
+"""sft.py: loss masking, normalisation, distributed equivalence, resume, saved checkpoints, bad data."""
+import json
+import os
+
+import pytest
+import torch
+
+import model as M
+import sft
+from conftest import make_hf_checkpoint, read_metrics, run_torchrun
+from data import DataError, load_tokenizer
+
+
+def test_loss_mask_covers_only_the_assistant_span(toy_paths):
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    rows, dropped = sft.encode_sft_rows(toy_paths["sft"], tok, max_len=10**6, truncate=False)
+    assert dropped == 0
+    ids, mask = rows[0]
+    row = json.loads(open(toy_paths["sft"]).readline())
+    prompt_text = tok.apply_chat_template(row["context_messages"], add_generation_prompt=True)
+    n_prompt = len(tok.encode(prompt_text))
+    assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    # token by token: the supervised tokens decode to exactly the trace followed by <|im_end|>
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == row["winner"] + "<|im_end|>"
+    assert tok.decode([t for t, m in zip(ids, mask) if not m]) == prompt_text
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+
+
+def test_long_rows_dropped_or_truncated(toy_paths):
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    full, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
+    limit = sorted(len(i) for i, _ in full)[len(full) // 2]
+    kept, dropped = sft.encode_sft_rows(toy_paths["sft"], tok, limit, False)
+    assert dropped == sum(len(i) > limit for i, _ in full) > 0 and len(kept) + dropped == len(full)
+    cut, dropped = sft.encode_sft_rows(toy_paths["sft"], tok, limit, True)
+    assert dropped == 0 and all(len(i) <= limit and i[-1] == tok.eos_id for i, _ in cut)
+
+
+def test_accumulation_over_unequal_micro_batches_equals_one_batch(toy_paths):
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    rows, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
+    batch = rows[:6]
+    batch[1] = (batch[1][0][:-6], batch[1][1][:-6])  # unequal lengths and supervised counts
+    batch[4] = (batch[4][0][:-3], batch[4][1][:-3])
+    n_total = sum(sum(m[1:]) for _, m in batch)
+    model = M.load_model(toy_paths["init"])
+
+    def grads(micro_batches):
+        model.zero_grad()
+        for mb in micro_batches:
+            ids, tgt, mask = sft.pad_batch(mb, 0, "cpu")
+            (-(model(ids, targets=tgt)[0] * mask).sum() / n_total).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    micros = sft.micro_batches(batch, tokens_per_micro=200)
+    assert len(micros) > 1 and len({sum(sum(m[1:]) for _, m in mb) for mb in micros}) > 1
+    for a, b in zip(grads(micros), grads([batch])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_lr_schedule():
+    lrs = [sft.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def sft_args(toy_paths, out, *extra):
+    return ["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
+            "--out", str(out), "--global-batch", "16", "--tokens-per-micro", "400", "--lr", "3e-3",
+            "--max-steps", "4", "--eval-data", toy_paths["heldout"], "--eval-limit", "4", *extra]
+
+
+def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_paths, tmp_path):
+    import transformers
+    full = sft.main(sft_args(toy_paths, tmp_path / "full"))
+    assert full["steps"] == 4 and "heldout_accuracy" in full
+    sft.main(sft_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "2"))
+    assert len(read_metrics(tmp_path / "cut")) == 2
+    sft.main(sft_args(toy_paths, tmp_path / "cut", "--resume"))
+    a = M.load_model(str(tmp_path / "full" / "model"))
+    b = M.load_model(str(tmp_path / "cut" / "model"))
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert [r["loss"] for r in read_metrics(tmp_path / "full")] == [r["loss"] for r in read_metrics(tmp_path / "cut")]
+    # the saved checkpoint is a Hugging Face one: transformers gives the same logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full" / "model")).eval()
+    ids = torch.randint(0, a.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, a(ids), atol=1e-4, rtol=0)
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "full" / "model")) is not None
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path):
+    one = sft.main(sft_args(toy_paths, tmp_path / "one"))
+    run_torchrun("sft.py", sft_args(toy_paths, tmp_path / "two"))
+    l1, l2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    for a, b in zip(l1, l2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    a, b = M.load_model(str(tmp_path / "one" / "model")), M.load_model(str(tmp_path / "two" / "model"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert json.load(open(tmp_path / "two" / "summary.json"))["heldout_accuracy"] == one["heldout_accuracy"]
+
+
+def test_bad_data_names_file_line_and_field(toy_paths, tmp_path):
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    cases = [('{"messages": [}\n', r"bad.jsonl:1: malformed JSON"),
+             ('{"context_messages": [{"role": "user", "content": "q"}]}\n', r"bad.jsonl:1: missing field 'winner'"),
+             ('\n{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}\n',
+              r"bad.jsonl:2: field 'messages\[-1\].content' \(the assistant turn\) is empty"),
+             ('{"messages": [{"role": "user", "content": "q"}]}\n', r"bad.jsonl:1: field 'messages' must end with the assistant turn"),
+             ('{"prompt": "q"}\n', r"bad.jsonl:1: missing field 'context_messages'")]
+    for text, msg in cases:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(DataError, match=msg):
+            sft.encode_sft_rows(str(tmp_path / "bad.jsonl"), tok, 100, False)
