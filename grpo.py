@@ -58,7 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--format", default="rm-r1", choices=["rm-r1", "pairs", "rm-bench", "judgebench", "rmb"])
     ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--n", type=int, default=7, help="samples per prompt (the group)")
+    # torchrun swallows a bare `--n` (it abbreviates its own --nnodes...), so -n / --group-size also work
+    ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
     ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 16]")
     ap.add_argument("--gen-prompts", type=int, default=None, help="prompts per sampler call [32; toy 16]")

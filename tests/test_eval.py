@@ -45,7 +45,7 @@ def test_judgebench_rmb_pairs_and_rewardbench_scoring():
     assert s["rewardbench_safety"] == 0.0
     assert s["rewardbench_reasoning"] == pytest.approx((50.0 + 50.0) / 2)  # math-prm weighted as all hep together
     assert s["rewardbench"] == pytest.approx((75 + 75 + 0 + 50) / 4)
-    assert s["overall"] == pytest.approx(100 * 18 / 28)
+    assert s["overall"] == pytest.approx(100 * 16 / 28)
 
 
 def test_both_orders_scoring():

@@ -50,18 +50,28 @@ def test_three_aggregations_by_hand_and_over_micro_batches():
         assert split.item() == pytest.approx(value)  # micro-batches (or ranks) sum to the mini-batch value
 
 
-def grpo_args(toy_paths, out, *extra):
-    return ["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["rl"],
+@pytest.fixture(scope="module")
+def policy(toy_paths, tmp_path_factory):
+    """A briefly distilled toy judge: its rollouts get mixed rewards, so the policy gradient is exercised."""
+    import sft
+    out = tmp_path_factory.mktemp("sft")
+    sft.main(["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
+              "--out", str(out), "--global-batch", "16", "--epochs", "10", "--lr", "3e-3", "--warmup", "0.1"])
+    return str(out / "model")
+
+
+def grpo_args(toy_paths, out, *extra, policy=None):
+    return ["--model", policy or toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["rl"],
             "--out", str(out), "--steps", "3", "--rollout-prompts", "8", "--minibatch-prompts", "4", "--gen-prompts", "2",
-            "--micro-seqs", "9", "--n", "3", "--max-new-tokens", "12", "--lr", "1e-3", "--eval-data", toy_paths["heldout"],
+            "--micro-seqs", "9", "--group-size", "3", "--max-new-tokens", "12", "--lr", "1e-3", "--eval-data", toy_paths["heldout"],
             "--eval-limit", "4", *extra]
 
 
-def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path):
-    full = grpo.main(grpo_args(toy_paths, tmp_path / "full"))
+def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
+    full = grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
     assert full["steps"] == 3 and "heldout_end" in full
-    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "1"))
-    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume"))
+    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "1", policy=policy))
+    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
     a, b = M.load_model(str(tmp_path / "full" / "model")), M.load_model(str(tmp_path / "cut" / "model"))
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
@@ -70,7 +80,8 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path):
     keys = {"reward_mean", "accuracy", "unparsed_rate", "response_len_mean", "response_len_max", "truncated_frac",
             "zero_std_frac", "kl", "clip_frac", "entropy", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s"}
     assert keys <= set(m1[0])
-    assert m1[1]["clip_frac"] > 0 or m1[1]["kl"] > 0  # after the first mini-batch step the policy moved
+    assert any(-1 < r["reward_mean"] < 1 and r["zero_std_frac"] < 1 for r in m1)  # mixed groups: real gradients
+    assert all(r["clip_frac"] > 0 and r["kl"] > 0 for r in m1)  # mini-batch steps after the first move the policy
 
 
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
@@ -84,12 +95,13 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
     assert len(calls) == 2
     with pytest.raises(SystemExit):
         grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "--n", "1"))
+    assert grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "-n", "5"))[0].n == 5
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path):
-    grpo.main(grpo_args(toy_paths, tmp_path / "one"))
-    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two"))
+def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path, policy):
+    grpo.main(grpo_args(toy_paths, tmp_path / "one", policy=policy))
+    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", policy=policy))
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     for a, b in zip(m1, m2):
         for k in ("reward_mean", "accuracy", "response_len_mean", "zero_std_frac"):

