@@ -169,7 +169,7 @@ def batched_logprobs(model, prompts, responses, pad_id, device, micro, temperatu
     out = []
     for s in range(0, len(prompts), micro):
         ids, tgt, mask = sequences_to_batch(prompts[s:s + micro], responses[s:s + micro], pad_id, device)
-        out.append(model(ids, targets=tgt, temperature=temperature)[0] * mask)
+        out.append(model(ids, targets=tgt, temperature=temperature, token_mask=mask)[0])
     return out
 
 
@@ -305,7 +305,7 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
                 policy(torch.zeros(1, 2, dtype=torch.long, device=device), targets=torch.zeros(1, 2, dtype=torch.long, device=device))[0].sum().mul(0).backward()
                 continue
             ids, tgt, mask = sequences_to_batch([prompts[i] for i in part], [responses[i] for i in part], pad, device)
-            logp, entropy = policy(ids, targets=tgt, temperature=args.temperature)
+            logp, entropy = policy(ids, targets=tgt, temperature=args.temperature, token_mask=mask)
             old_lp = torch.cat([_row(old, i, args.micro_seqs, mask.shape[1]) for i in part])
             a = adv[part].to(device)[:, None]
             loss_tok, clipped = policy_loss_terms(logp, old_lp, a, args.clip, args.clip_high)

@@ -195,6 +195,14 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _softmax_(logits):
+    """Softmax over the last dim *in place* (no second [chunk, V] buffer, unlike torch.logsumexp/softmax);
+    returns (probs, logsumexp [chunk, 1])."""
+    m = logits.max(dim=-1, keepdim=True).values
+    sumexp = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)
+    return logits.div_(sumexp), m + sumexp.log()
+
+
 class _ChunkedTokenLogProb(torch.autograd.Function):
     """log softmax(h W^T / temperature)[target] for N tokens, `chunk` tokens at a time.
     Forward keeps only [N] results; backward recomputes each chunk's logits:
@@ -205,11 +213,12 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float)
         entropy = torch.empty_like(logp)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).float() / temperature  # [chunk, V]
+            logits = (hidden[s:s + chunk] @ weight.t()).float().div_(temperature)  # [chunk, V]
             lse = torch.logsumexp(logits, dim=-1)
             logp[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse
-            probs = torch.softmax(logits, dim=-1)
-            entropy[s:s + chunk] = lse - (probs * logits).sum(-1)
+            logits.sub_(lse[:, None])  # log-probs, in place
+            entropy[s:s + chunk] = -(logits.exp() * logits).sum(-1)
+            del logits
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk, ctx.temperature = chunk, temperature
         ctx.mark_non_differentiable(entropy)
@@ -222,20 +231,55 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], ctx.chunk):
             h = hidden[s:s + ctx.chunk]
-            logits = (h @ weight.t()).float() / ctx.temperature
-            g = -torch.softmax(logits, dim=-1)
+            g = _softmax_((h @ weight.t()).float().div_(ctx.temperature))[0].neg_()
             g.scatter_add_(1, targets[s:s + ctx.chunk, None], torch.ones_like(g[:, :1]))
-            g *= grad_logp[s:s + ctx.chunk, None] / ctx.temperature  # d loss / d logits, [chunk, V]
+            g.mul_(grad_logp[s:s + ctx.chunk, None] / ctx.temperature)  # d loss / d logits, [chunk, V]
             if grad_hidden is not None:
                 grad_hidden[s:s + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += g.t() @ h.float()
+                grad_weight.addmm_(g.t(), h.float())  # in place: no weight-sized temporary
+            del g  # free this chunk before the next one is allocated
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
 
 
-def token_logprobs(hidden, weight, targets, chunk=4096, temperature=1.0):
+def token_logprobs(hidden, weight, targets, chunk=1024, temperature=1.0):
     """hidden [N, H], weight [V, H], targets [N] -> (log-probs [N], entropies [N]) in fp32."""
     return _ChunkedTokenLogProb.apply(hidden, weight, targets, chunk, temperature)
+
+
+class _ChunkedWeightedLogProbSum(torch.autograd.Function):
+    """sum_t w_t log softmax(h_t W^T / temperature)[target_t] for weights w known up front (SFT: the loss
+    mask over the step's token count). The gradients are computed chunk by chunk in the forward, so backward
+    is a multiply: 3 head-sized matmuls per token, as with full logits, instead of 5 with recomputation."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, chunk, temperature):
+        total = torch.zeros((), device=hidden.device, dtype=torch.float)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t, w = hidden[s:s + chunk], targets[s:s + chunk, None], weights[s:s + chunk, None].float()
+            logits = (h @ weight.t()).float().div_(temperature)  # [chunk, V], the one chunk-sized buffer
+            target_logit = logits.gather(1, t)
+            probs, lse = _softmax_(logits)
+            total += (w * (target_logit - lse)).sum()
+            g = probs.neg_()
+            g.scatter_add_(1, t, torch.ones_like(g[:, :1]))
+            g.mul_(w / temperature)
+            if grad_hidden is not None:
+                grad_hidden[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(g.t(), h.float())  # in place: no weight-sized temporary
+            del logits, probs, g  # free this chunk before the next one is allocated
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors  # in place: no second weight-sized buffer
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_total.to(grad_hidden.dtype)),
+                None if grad_weight is None else grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None, None, None)
 
 
 class Decoder(nn.Module):  # the Hugging Face "model." prefix
@@ -255,15 +299,17 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint_activations = False  # recompute each block in backward (sft/grpo --grad-ckpt)
-        self.logprob_chunk = 4096
+        self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k fp32 logits = 0.6 GB
 
     def forward(self, input_ids, positions=None, key_valid=None, kv_cache=None, cache_index=0, kv_len=None,
-                last_only=False, targets=None, temperature=1.0):
+                last_only=False, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
         """input_ids [B, T]; positions [B, T] (default 0..T-1); key_valid [B, S] bool marks real tokens
         among the keys (S = T without cache, the cache length with one; None = all real);
         kv_cache + cache_index: write this step's K/V at slots cache_index.. and attend to slots < kv_len.
-        Returns logits [B, T, V] (or [B, 1, V] with last_only), or with targets [B, T] the pair
-        (log p(targets) [B, T], entropy [B, T]) in fp32."""
+        Returns logits [B, T, V] (or [B, 1, V] with last_only), or with targets [B, T]:
+          the pair (log p(targets) [B, T], entropy [B, T]) in fp32, computed only where token_mask [B, T] is
+          set (0 elsewhere: prompt tokens never reach the output head), or
+          with loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped)."""
         cfg = self.config
         B, T = input_ids.shape
         if positions is None:
@@ -291,9 +337,18 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if targets is None:
             return self.lm_head(x)
-        logp, entropy = token_logprobs(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                       self.logprob_chunk, temperature)
-        # fresh tensors, not views: FSDP2 hooks its backward onto the forward's outputs
+        hidden, targets = x.reshape(B * T, -1), targets.reshape(-1)
+        if loss_weights is not None:
+            rows = (loss_weights.reshape(-1) != 0).nonzero().squeeze(1)
+            return _ChunkedWeightedLogProbSum.apply(hidden[rows], self.lm_head.weight, targets[rows],
+                                                    loss_weights.reshape(-1)[rows], self.logprob_chunk, temperature)
+        rows = token_mask.reshape(-1).nonzero().squeeze(1) if token_mask is not None else None
+        if rows is not None:
+            hidden, targets = hidden[rows], targets[rows]
+        logp, entropy = token_logprobs(hidden, self.lm_head.weight, targets, self.logprob_chunk, temperature)
+        if rows is not None:  # scatter back (fresh tensors, not views: FSDP2 hooks backward onto outputs)
+            logp = torch.zeros(B * T, device=x.device).index_put((rows,), logp)
+            entropy = torch.zeros(B * T, device=x.device).index_put((rows,), entropy)
         return logp.view(B, T).clone(), entropy.view(B, T).clone()
 
 

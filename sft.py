@@ -333,14 +333,14 @@ def main(argv=None, teardown=True):
         micros = micro_batches(batch[rank::world], args.tokens_per_micro)
         for mb in micros:
             ids, targets, mask = pad_batch(mb, tokenizer.pad_id or 0, device)
-            logp, _ = model(ids, targets=targets)
-            nll = -(logp * mask).sum()
+            nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
             # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
             (nll / n_step * world).backward()
             loss_sum += nll.item()
         # a rank with no micro-batch (tiny batches) must still join the gradient reduction
         if not micros:
-            model(torch.zeros(1, 2, dtype=torch.long, device=device), targets=torch.zeros(1, 2, dtype=torch.long, device=device))[0].sum().mul(0).backward()
+            dummy = torch.zeros(1, 2, dtype=torch.long, device=device)
+            model(dummy, targets=dummy, loss_weights=torch.ones(1, 2, device=device)).mul(0).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         grad_norm = float(_local(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
         optimizer.step()

@@ -271,6 +271,22 @@ def test_chunked_logprobs_equal_cross_entropy_values_and_grads():
         torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
 
 
+def test_weighted_logprob_sum_equals_cross_entropy_values_and_grads():
+    torch.manual_seed(1)
+    h = torch.randn(29, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (29,))
+    weights = torch.rand(29, dtype=torch.float64)
+    for temp in (1.0, 0.7):
+        total = M._ChunkedWeightedLogProbSum.apply(h, w, t, weights, 8, temp)
+        ref = -(F.cross_entropy((h @ w.t()) / temp, t, reduction="none") * weights).sum()
+        torch.testing.assert_close(total.double(), ref, atol=1e-5, rtol=0)
+        gh, gw = torch.autograd.grad(3.0 * total, (h, w))
+        rh, rw = torch.autograd.grad(3.0 * ref, (h, w))
+        torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
 def test_model_logprob_mode_matches_logits(tmp_path):
     make_hf_checkpoint(str(tmp_path), "qwen2-tied")
     m = M.load_model(str(tmp_path))
@@ -291,6 +307,26 @@ def test_model_logprob_mode_matches_logits(tmp_path):
     torch.log_softmax(m(ids).float(), -1).gather(-1, tgt[..., None]).sum().backward()
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.grad, g1[n], atol=1e-5, rtol=1e-4)
+    # token_mask: the head runs on masked positions only, zeros elsewhere, same gradients as masking after
+    mask = torch.rand(2, 9) < 0.5
+    m.zero_grad()
+    lp_masked, ent = m(ids, targets=tgt, token_mask=mask)
+    torch.testing.assert_close(lp_masked, ref * mask, atol=1e-5, rtol=0)
+    assert (ent[~mask] == 0).all() and (ent[mask] > 0).all()
+    lp_masked.sum().backward()
+    g2 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    (m(ids, targets=tgt)[0] * mask).sum().backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(g2[n], p.grad, atol=1e-5, rtol=1e-4)
+    # loss_weights: the SFT path, a scalar with the gradients of sum(w * log p)
+    wts = mask.float() * 0.25
+    m.zero_grad()
+    total = m(ids, targets=tgt, loss_weights=wts)
+    assert total.item() == pytest.approx((ref * wts).sum().item(), abs=1e-4)
+    total.backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, g2[n] * 0.25, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
