@@ -5,6 +5,8 @@ bench.py: performance measured against transformers in the same run (ratios, not
                               # the loss: chunked output head vs full [tokens, vocab] logits
     python bench.py decode    # KV-cached greedy decode tokens/s vs transformers' generate (batch 1 and a
                               # GRPO-shaped batch)
+    python bench.py gpu       # every GPU check in one table: bf16 parity, compiled vs eager, FSDP + NCCL,
+                              # decode vs transformers and % of HBM bandwidth, GRPO rollout, SFT MFU
 
 Shapes come from a real config (default ../shared/data/configs/Qwen2.5-0.5B-Instruct.config.json, or
 --config); --layers cuts the depth so a CPU finishes in a minute; weights are random (only speed and
@@ -142,9 +144,95 @@ def bench_decode(args, device, dtype):
               f"this project {n / t_ours:.0f} tok/s, transformers {n / t_hf:.0f} tok/s, ratio {t_hf / t_ours:.2f}x")
 
 
+# ----------------------------------------------------------------------------- GPU checks (one command)
+
+PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, HBM B/s
+
+
+def bench_gpu(args, device, dtype):
+    """Every GPU check in one table: parity, compiled vs eager, FSDP+NCCL, decode, rollout, SFT MFU."""
+    import transformers
+    from sampler import generate
+    if device.type != "cuda":
+        sys.exit("bench.py gpu needs a CUDA device")
+    name = torch.cuda.get_device_name()
+    flops_peak, bw_peak = next((v for k, v in PEAK.items() if k in name), (None, None))
+    rows = [("device", name), ("torch / transformers", f"{torch.__version__} / {transformers.__version__}")]
+    cfg_dir = os.path.dirname(args.config)
+    small = json.load(open(os.path.join(cfg_dir, "Qwen2.5-0.5B-Instruct.config.json")))
+    ours, hf = build_pair(small, device, torch.bfloat16)
+    ours.eval(), hf.eval()
+    ids = torch.randint(0, 151000, (2, 256), device=device)
+    with torch.no_grad():
+        a, b = ours(ids).float(), hf(ids).logits.float()
+    rows.append(("bf16 logits vs transformers", f"max |diff| {(a - b).abs().max():.3f} of max |logit| {b.abs().max():.1f}, "
+                 f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}"))
+    prompts = torch.randint(0, 151000, (4, 64)).tolist()
+    eager = generate(ours, prompts, 64, temperature=0)
+    compiled = generate(ours, prompts, 64, temperature=0, compile=True)
+    same = sum(x == y for e, c in zip(eager, compiled) for x, y in zip(e, c)) / sum(map(len, eager))
+    rows.append(("compiled vs eager greedy decode", f"{same:.3f} of tokens equal (bf16; ties may flip late tokens)"))
+    rows.append(("FSDP + NCCL", _fsdp_check() if torch.cuda.device_count() > 1 else "skipped: one GPU visible"))
+    # decode at batch 1: tokens/s vs transformers, and the share of HBM bandwidth it reaches
+    prompt = torch.randint(0, 151000, (1, 128), device=device)
+    n_new = 256
+    generate(ours, prompt.tolist(), 16, temperature=0, compile=True)  # compile outside the timing
+    t_ours = timeit(lambda: generate(ours, prompt.tolist(), n_new, temperature=0, compile=True), 1, device)
+    t_hf = timeit(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0), 1, device)
+    bytes_per_token = sum(p.numel() * p.element_size() for p in ours.parameters())
+    frac = f", {bytes_per_token * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
+    rows.append(("decode batch 1 (0.5B, bf16)", f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.2f}x{frac}"))
+    # GRPO-shaped rollout: 8 prompts x n 8, 1k-token prompts, 1k new tokens
+    prompts = torch.randint(0, 151000, (8, 1024), device=device)
+    t_ours = timeit(lambda: generate(ours, prompts.tolist(), 1024, n=8, seed=0), 1, device)
+    t_hf = timeit(lambda: hf.generate(prompts, max_new_tokens=1024, min_new_tokens=1024, do_sample=True,
+                                      num_return_sequences=8, pad_token_id=0), 1, device)
+    rows.append(("GRPO rollout 8x8, 1k+1k (0.5B)", f"{64 * 1024 / t_ours:.0f} vs {64 * 1024 / t_hf:.0f} tok/s: {t_hf / t_ours:.2f}x"))
+    del ours, hf
+    # SFT step MFU at 4k tokens, Qwen2.5-1.5B shape
+    mid = json.load(open(os.path.join(cfg_dir, "Qwen2.5-1.5B-Instruct.config.json")))
+    cfg = M.ModelConfig.from_hf(mid)
+    model = M.compile_blocks(M.init_weights(M.Transformer(cfg)).to(device))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, 151000, (1, 4096), device=device)
+    weights = torch.full((1, 4096), -1 / 4096, device=device)
+
+    def sft_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(ids, targets=ids, loss_weights=weights)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sft_step()
+    torch.cuda.reset_peak_memory_stats()
+    t = timeit(sft_step, 5, device)
+    n = M.num_params(model)
+    flops = 6 * n * 4096 + 12 * cfg.num_hidden_layers * cfg.hidden_size * 4096 ** 2 / 2  # causal attention
+    mfu = f", MFU {flops / t / flops_peak:.1%}" if flops_peak else ""
+    rows.append(("SFT step 1.5B, 4k tokens (bf16 autocast)", f"{4096 / t:.0f} tok/s{mfu}, peak memory "
+                 f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _fsdp_check():
+    """Two ranks over NCCL on the toy task vs one process: the loss curves must agree."""
+    import tempfile
+    root = os.path.dirname(os.path.abspath(__file__))
+    out = tempfile.mkdtemp()
+    common = ["--max-steps", "3", "--no-compile", "--eval-limit", "0"]
+    subprocess.run([sys.executable, "sft.py", "--out", f"{out}/one"] + common, cwd=root, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py",
+                    "--out", f"{out}/two"] + common, cwd=root, check=True, capture_output=True)
+    one, two = ([json.loads(line)["loss"] for line in open(f"{out}/{d}/metrics.jsonl")] for d in ("one", "two"))
+    diff = max(abs(a - b) for a, b in zip(one, two))
+    return f"2 ranks vs 1 process: max loss difference {diff:.2e} over {len(one)} steps"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["train", "decode", "_loss"])
+    ap.add_argument("what", choices=["train", "decode", "gpu", "_loss"])
     ap.add_argument("way", nargs="?", default=None)
     ap.add_argument("--config", default=DEFAULT_CONFIG)
     ap.add_argument("--layers", type=int, default=2)
@@ -163,7 +251,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
-    {"train": bench_train, "decode": bench_decode}[args.what](args, device, dtype)
+    {"train": bench_train, "decode": bench_decode, "gpu": bench_gpu}[args.what](args, device, dtype)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def baseline_verdict(judge, ex, rng):
 
 @torch.no_grad()
 def judge_examples(model, tokenizer, examples, prompt_ids, max_new_tokens, batch_size, temperature=0.0, seed=0,
-                   progress=None):
+                   progress=None, compile=False):
     """Generate one judgement per example (batches of similar length); yield result rows in batch order."""
     from sampler import generate
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
@@ -77,7 +77,7 @@ def judge_examples(model, tokenizer, examples, prompt_ids, max_new_tokens, batch
         idx = order[s:s + batch_size]
         outs = generate(model, [prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
                         stop_ids=tokenizer.stop_ids, seed=seed + s, vocab_size=tokenizer.vocab_size,
-                        pad_id=tokenizer.pad_id or 0)
+                        pad_id=tokenizer.pad_id or 0, compile=compile)
         rows = []
         for i, out in zip(idx, outs):
             text = tokenizer.decode(out)

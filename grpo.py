@@ -46,8 +46,8 @@ import model as M
 from data import default_judge_family, load_judge_examples, load_tokenizer, tokenize_prompts
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import generate
-from sft import (_local, all_reduce_sum, copy_tokenizer, full_weights, heldout_accuracy, load_state,
-                 make_optimizer, save_state, setup_distributed, shard_model)
+from sft import (_local, all_reduce_sum, copy_tokenizer, full_weights, heldout_accuracy, idle_backward, load_state,
+                 log_step, make_optimizer, save_state, setup_distributed, shard_model)
 
 
 def parse_args(argv=None):
@@ -84,6 +84,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=20)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the blocks" + (" and the decode step" if "grpo" in __file__ else "") + " (default: on with CUDA)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
@@ -166,8 +168,12 @@ def sequences_to_batch(prompts, responses, pad_id, device):
 
 @torch.no_grad()
 def batched_logprobs(model, prompts, responses, pad_id, device, micro, temperature):
-    out = []
-    for s in range(0, len(prompts), micro):
+    """Log-probs of the responses in micro-batches (a list of [micro, T] tensors). Under FSDP each forward
+    all-gathers weights, so ranks holding fewer sequences run idle forwards to match the busiest rank."""
+    out, starts = [], range(0, len(prompts), micro)
+    for _ in range(int(all_reduce_sum([len(starts)], device, op="max")[0]) - len(starts)):
+        model(torch.zeros(1, 2, dtype=torch.long, device=device))
+    for s in starts:
         ids, tgt, mask = sequences_to_batch(prompts[s:s + micro], responses[s:s + micro], pad_id, device)
         out.append(model(ids, targets=tgt, temperature=temperature, token_mask=mask)[0])
     return out
@@ -194,6 +200,9 @@ def main(argv=None):
 
     policy = M.load_model(args.model, dtype=torch.float32)
     policy.checkpoint_activations = args.grad_ckpt
+    args.compile = args.compile if args.compile is not None else device.type == "cuda"
+    if args.compile:
+        M.compile_blocks(policy)
     policy = shard_model(policy, world, device)
     ref = None
     if args.kl > 0:
@@ -208,7 +217,8 @@ def main(argv=None):
               f"{total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
               f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type}, start at step {step}")
     if args.eval_data and "heldout_start" not in history:
-        history["heldout_start"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)[0]
+        history["heldout_start"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world,
+                                   compile=args.compile)[0]
         if rank == 0:
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a" if step else "w") if rank == 0 else None
@@ -220,12 +230,10 @@ def main(argv=None):
         rec = rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, prompt_ids, per_epoch, rank, world, device, pad)
         step += 1
         if args.eval_data and args.eval_every and step % args.eval_every == 0 and step < total:
-            rec["heldout_accuracy"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)[0]
+            rec["heldout_accuracy"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world,
+                                   compile=args.compile)[0]
         if rank == 0:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            bar.set_postfix(reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
-            bar.update(1)
+            log_step(metrics, bar, rec, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
         if step % args.save_every == 0 or step == stop_at:
             save_state(state_dir, policy, optimizer, step, rank, extra=history)
     bar.close()
@@ -236,7 +244,8 @@ def main(argv=None):
         copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
     summary = {"steps": step, **history}
     if args.eval_data:
-        summary["heldout_end"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)[0]
+        summary["heldout_end"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world,
+                                   compile=args.compile)[0]
     if rank == 0:
         json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
         curve = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
@@ -268,7 +277,7 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
         for c in range(rank, len(chunks), world):
             responses += generate(policy, [prompt_ids[batch[j]] for j in chunks[c]], args.max_new_tokens, args.temperature,
                                   args.top_p, args.top_k, n, tokenizer.stop_ids, seed=(args.seed * 100003 + step) * 1009 + c,
-                                  vocab_size=tokenizer.vocab_size, pad_id=pad)
+                                  vocab_size=tokenizer.vocab_size, pad_id=pad, compile=args.compile)
             mine += chunks[c]
     t_rollout = time.time() - t0
     prompts = [prompt_ids[batch[j]] for j in mine for _ in range(n)]
@@ -294,16 +303,19 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
         counts[mb_of[i]] += len(r)
         counts[n_mb + mb_of[i]] += 1
     counts = all_reduce_sum(counts, device)
+    parts = [[] for _ in range(n_mb)]  # micro-batches of sequence indices, per mini-batch
+    for i in range(len(responses)):
+        if not parts[mb_of[i]] or len(parts[mb_of[i]][-1]) == args.micro_seqs:
+            parts[mb_of[i]].append([])
+        parts[mb_of[i]][-1].append(i)
+    n_micro = all_reduce_sum([len(p) for p in parts], device, op="max")  # ranks run equal counts (FSDP)
     stats = {"kl": 0.0, "clip": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     train_tokens = 0
     for m in range(n_mb):
-        seqs = [i for i in range(len(responses)) if mb_of[i] == m]
         n_tok, n_seq = max(counts[m], 1.0), max(counts[n_mb + m], 1.0)
-        for s in range(0, max(len(seqs), 1), args.micro_seqs):
-            part = seqs[s:s + args.micro_seqs]
-            if not part:  # this rank holds nothing of this mini-batch: still join the gradient reduction
-                policy(torch.zeros(1, 2, dtype=torch.long, device=device), targets=torch.zeros(1, 2, dtype=torch.long, device=device))[0].sum().mul(0).backward()
-                continue
+        for _ in range(int(n_micro[m]) - len(parts[m])):
+            idle_backward(policy, device)
+        for part in parts[m]:
             ids, tgt, mask = sequences_to_batch([prompts[i] for i in part], [responses[i] for i in part], pad, device)
             logp, entropy = policy(ids, targets=tgt, temperature=args.temperature, token_mask=mask)
             old_lp = torch.cat([_row(old, i, args.micro_seqs, mask.shape[1]) for i in part])

@@ -65,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the blocks" + (" and the decode step" if "grpo" in __file__ else "") + " (default: on with CUDA)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
@@ -133,11 +135,26 @@ def full_weights(model):
             m.set_reshard_after_forward(True, recurse=False)
 
 
-def all_reduce_sum(values, device):
+def all_reduce_sum(values, device, op="sum"):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def idle_backward(model, device):
+    """A zero-loss forward/backward: under FSDP every rank must run as many forwards/backwards (each one
+    all-gathers and reduce-scatters) as the busiest rank, or the collectives would not match."""
+    dummy = torch.zeros(1, 2, dtype=torch.long, device=device)
+    model(dummy, targets=dummy, loss_weights=torch.ones(1, 2, device=device)).mul(0).backward()
+
+
+def log_step(metrics, bar, rec, **postfix):
+    """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar."""
+    metrics.write(json.dumps(rec) + "\n")
+    metrics.flush()
+    bar.set_postfix(**postfix)
+    bar.update(1)
 
 
 def lr_at(step, total, lr, warmup_steps, min_ratio):
@@ -270,7 +287,7 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
     return out, dropped
 
 
-def heldout_accuracy(model, tokenizer, path, limit, seed, rank, world, max_new_tokens=64, batch_size=64):
+def heldout_accuracy(model, tokenizer, path, limit, seed, rank, world, max_new_tokens=64, batch_size=64, compile=False):
     """Greedy judge accuracy (%) on a pairs file through eval.py's code path; ranks split the prompts."""
     from data import default_judge_family, tokenize_prompts
     from eval import judge_examples
@@ -280,7 +297,7 @@ def heldout_accuracy(model, tokenizer, path, limit, seed, rank, world, max_new_t
     correct = unparsed = 0
     ctx = full_weights(model) if world > 1 else contextlib.nullcontext()
     with ctx:
-        for rows in judge_examples(model, tokenizer, kept, ids, max_new_tokens, batch_size, 0.0, seed):
+        for rows in judge_examples(model, tokenizer, kept, ids, max_new_tokens, batch_size, 0.0, seed, compile=compile):
             correct += sum(r["correct"] for r in rows)
             unparsed += sum(r["verdict"] is None for r in rows)
     correct, unparsed, n = all_reduce_sum([correct, unparsed, len(kept)], next(model.parameters()).device)
@@ -303,6 +320,8 @@ def main(argv=None, teardown=True):
     total = min(total, args.max_steps) if args.max_steps else total
     model = M.load_model(args.model, device="cpu", dtype=torch.float32)  # fp32 master weights
     model.checkpoint_activations = args.grad_ckpt
+    if args.compile if args.compile is not None else device.type == "cuda":
+        M.compile_blocks(model)
     model = shard_model(model, world, device)
     optimizer = make_optimizer(model, args.lr, (0.9, 0.95), args.weight_decay)
     state_dir = os.path.join(args.out, "state")
@@ -331,16 +350,15 @@ def main(argv=None, teardown=True):
             g["lr"] = lr
         loss_sum = 0.0
         micros = micro_batches(batch[rank::world], args.tokens_per_micro)
+        n_micro = int(all_reduce_sum([len(micros)], device, op="max")[0])
         for mb in micros:
             ids, targets, mask = pad_batch(mb, tokenizer.pad_id or 0, device)
             nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
             # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
             (nll / n_step * world).backward()
             loss_sum += nll.item()
-        # a rank with no micro-batch (tiny batches) must still join the gradient reduction
-        if not micros:
-            dummy = torch.zeros(1, 2, dtype=torch.long, device=device)
-            model(dummy, targets=dummy, loss_weights=torch.ones(1, 2, device=device)).mul(0).backward()
+        for _ in range(n_micro - len(micros)):
+            idle_backward(model, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         grad_norm = float(_local(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
         optimizer.step()
@@ -350,10 +368,7 @@ def main(argv=None, teardown=True):
         rec = {"step": step, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": tokens / (time.time() - t0)}
         if rank == 0:
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            bar.update(1)
+            log_step(metrics, bar, rec, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if step % args.save_every == 0 or step == stop_at:
             save_state(state_dir, model, optimizer, step, rank)
     bar.close()
