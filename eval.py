@@ -244,6 +244,9 @@ def main(argv=None):
             progress.update(len(mine))
         else:
             kept, ids, dropped = tokenize_prompts(mine, tokenizer, args.max_prompt_len)
+            if dropped:
+                print(f"rank {rank}: {dropped} prompts longer than --max-prompt-len {args.max_prompt_len} are not judged "
+                      "and count as wrong (unparsed), so the benchmark keeps its size")
             kept_ids = {ex.id for ex in kept}
             for ex in mine:
                 if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped

@@ -64,13 +64,13 @@ def parse_args(argv=None):
     ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 16]")
     ap.add_argument("--gen-prompts", type=int, default=None, help="prompts per sampler call [32; toy 16]")
     ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward [8; toy 64]")
-    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 60]")
+    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 90]")
     ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 1e-4]")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--clip", type=float, default=0.2)
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip (default: --clip)")
-    ap.add_argument("--kl", type=float, default=0.001, help="k3 KL coefficient; 0 loads no reference model")
+    ap.add_argument("--kl", type=float, default=None, help="k3 KL coefficient; 0 loads no reference model [0.001; toy 0]")
     ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "dr-grpo"])
     ap.add_argument("--no-std-norm", action="store_true", help="advantage r - mean(r), without / std")
     ap.add_argument("--format-reward", action="store_true", help="cold-start reward: format + correct")
@@ -91,19 +91,21 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     toy = args.model is None
-    defaults = dict(gen_prompts=(16, 32), rollout_prompts=(64, 1024), minibatch_prompts=(16, 128), micro_seqs=(64, 8), lr=(1e-4, 1e-6),
+    defaults = dict(kl=(0.0, 0.001), gen_prompts=(16, 32), rollout_prompts=(64, 1024), minibatch_prompts=(16, 128), micro_seqs=(64, 8), lr=(1e-4, 1e-6),
                     max_prompt_len=(512, 4096), max_new_tokens=(48, 8192))
     for k, (toy_v, real_v) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, toy_v if toy else real_v)
     if toy:
+        # one thread: float reductions then do not depend on the core count, so every machine prints the same numbers
+        torch.set_num_threads(1)
         import toy as T
         paths = T.prepare("runs/toy", seed=args.seed)
         args.model = "runs/toy/sft/model"
         args.data, args.format = args.data or paths["rl"], "rm-r1"
         args.eval_data = args.eval_data or paths["heldout"]
         args.out = args.out or "runs/toy/grpo"
-        args.steps = args.steps or 60
+        args.steps = args.steps or 90
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     if args.n < 2:

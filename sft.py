@@ -54,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output dir (default runs/toy/sft for the toy task)")
     ap.add_argument("--max-len", type=int, default=None, help="drop (or --truncate) longer rows [12288; toy 512]")
     ap.add_argument("--truncate", action="store_true", help="cut long rows instead of dropping them")
-    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 3]")
+    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 2.5]")
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step [128; toy 32]")
     ap.add_argument("--tokens-per-micro", type=int, default=None, help="padded tokens per micro-batch [16384; toy 4096]")
     ap.add_argument("--lr", type=float, default=None, help="[5e-6; toy 3e-3]")
@@ -74,11 +74,13 @@ def parse_args(argv=None):
     ap.add_argument("--eval-limit", type=int, default=200)
     args = ap.parse_args(argv)
     toy = args.model is None
-    defaults = dict(max_len=(512, 12288), epochs=(3.0, 1.0), global_batch=(32, 128), tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6))
+    defaults = dict(max_len=(512, 12288), epochs=(2.5, 1.0), global_batch=(32, 128), tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6))
     for k, (toy_v, real_v) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, toy_v if toy else real_v)
     if toy:
+        # one thread: float reductions then do not depend on the core count, so every machine prints the same numbers
+        torch.set_num_threads(1)
         import toy as T
         paths = T.prepare("runs/toy", seed=args.seed)
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
