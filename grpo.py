@@ -85,22 +85,16 @@ def parse_args(argv=None):
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the blocks" + (" and the decode step" if "grpo" in __file__ else "") + " (default: on with CUDA)")
+                    help="torch.compile the blocks and the decode step (default: on with CUDA)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    toy = args.model is None
-    defaults = dict(kl=(0.0, 0.001), gen_prompts=(16, 32), rollout_prompts=(64, 1024), minibatch_prompts=(16, 128), micro_seqs=(64, 8), lr=(1e-4, 1e-6),
-                    max_prompt_len=(512, 4096), max_new_tokens=(48, 8192))
-    for k, (toy_v, real_v) in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, toy_v if toy else real_v)
-    if toy:
-        # one thread: float reductions then do not depend on the core count, so every machine prints the same numbers
-        torch.set_num_threads(1)
-        import toy as T
-        paths = T.prepare("runs/toy", seed=args.seed)
+    import toy
+    paths = toy.apply_defaults(args, dict(kl=(0.0, 0.001), gen_prompts=(16, 32), rollout_prompts=(64, 1024),
+                                          minibatch_prompts=(16, 128), micro_seqs=(64, 8), lr=(1e-4, 1e-6),
+                                          max_prompt_len=(512, 4096), max_new_tokens=(48, 8192)))
+    if paths:
         args.model = "runs/toy/sft/model"
         args.data, args.format = args.data or paths["rl"], "rm-r1"
         args.eval_data = args.eval_data or paths["heldout"]
@@ -114,7 +108,7 @@ def parse_args(argv=None):
         ap.error("--rollout-prompts must be a multiple of --minibatch-prompts")
     args.tokenizer = args.tokenizer or args.model
     args.clip_high = args.clip if args.clip_high is None else args.clip_high
-    return args, toy
+    return args, paths is not None
 
 
 # ----------------------------------------------------------------------------- the math (tested by hand)

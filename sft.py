@@ -66,23 +66,17 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the blocks" + (" and the decode step" if "grpo" in __file__ else "") + " (default: on with CUDA)")
+                    help="torch.compile the blocks (default: on with CUDA)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out judge accuracy at the end (toy: its held-out set)")
     ap.add_argument("--eval-limit", type=int, default=200)
     args = ap.parse_args(argv)
-    toy = args.model is None
-    defaults = dict(max_len=(512, 12288), epochs=(2.5, 1.0), global_batch=(32, 128), tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6))
-    for k, (toy_v, real_v) in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, toy_v if toy else real_v)
-    if toy:
-        # one thread: float reductions then do not depend on the core count, so every machine prints the same numbers
-        torch.set_num_threads(1)
-        import toy as T
-        paths = T.prepare("runs/toy", seed=args.seed)
+    import toy
+    paths = toy.apply_defaults(args, dict(max_len=(512, 12288), epochs=(2.5, 1.0), global_batch=(32, 128),
+                                          tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6)))
+    if paths:
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
         args.eval_data = args.eval_data or paths["heldout"]
         args.out = args.out or "runs/toy/sft"

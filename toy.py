@@ -18,6 +18,7 @@ import json
 import os
 import random
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import model as M
@@ -100,3 +101,18 @@ def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
     model = M.init_weights(M.Transformer(toy_config(tok.vocab_size)), seed=seed)
     M.save_model(model, paths["init"])
     return paths
+
+
+def apply_defaults(args, defaults):
+    """Fill each unset flag with its toy value when no --model is given, else with the paper's value
+    (defaults: {flag: (toy, real)}). For the toy, also write its files and pin one CPU thread: float
+    reductions then do not depend on the core count, so every machine prints the same numbers.
+    Returns the toy's paths, or None for a real run."""
+    toy = args.model is None
+    for k, (toy_v, real_v) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, toy_v if toy else real_v)
+    if not toy:
+        return None
+    torch.set_num_threads(1)
+    return prepare("runs/toy", seed=args.seed)
