@@ -302,14 +302,15 @@ class Transformer(nn.Module):
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k fp32 logits = 0.6 GB
 
     def forward(self, input_ids, positions=None, key_valid=None, kv_cache=None, cache_index=0, kv_len=None,
-                last_only=False, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
+                last_only=False, targets=None, temperature=1.0, token_mask=None, loss_weights=None, head=True):
         """input_ids [B, T]; positions [B, T] (default 0..T-1); key_valid [B, S] bool marks real tokens
         among the keys (S = T without cache, the cache length with one; None = all real);
         kv_cache + cache_index: write this step's K/V at slots cache_index.. and attend to slots < kv_len.
         Returns logits [B, T, V] (or [B, 1, V] with last_only), or with targets [B, T]:
           the pair (log p(targets) [B, T], entropy [B, T]) in fp32, computed only where token_mask [B, T] is
           set (0 elsewhere: prompt tokens never reach the output head), or
-          with loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped)."""
+          with loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped);
+        head=False returns the final normed hidden states [B, T, H] instead (no output head)."""
         cfg = self.config
         B, T = input_ids.shape
         if positions is None:
@@ -335,6 +336,8 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
+        if not head:
+            return x
         if targets is None:
             return self.lm_head(x)
         hidden, targets = x.reshape(B * T, -1), targets.reshape(-1)
