@@ -228,12 +228,12 @@ def main(argv=None):
         examples = examples[:args.limit]
     os.makedirs(args.out, exist_ok=True)
     part = os.path.join(args.out, "outputs.jsonl" if world == 1 else f"outputs.rank{rank}.jsonl")
-    done = {r["id"] for r in read_rows(part)} | {r["id"] for r in read_rows(os.path.join(args.out, "outputs.jsonl"))}
+    rows = read_rows(part)  # this rank's earlier results: resume from them
+    done = {r["id"] for r in rows}
     mine = [ex for i, ex in enumerate(examples) if i % world == rank and ex.id not in done]
     if rank == 0:
         print(f"{len(examples)} prompts ({family} judge prompts, seed {args.seed}); {len(done)} already judged")
     progress = tqdm(total=len(mine), disable=rank != 0, desc="judging")
-    rows = [r for r in read_rows(part)]
     with open(part, "w") as f:  # rewrite the valid rows (drops a truncated last line), then append
         for r in rows:
             f.write(json.dumps(r) + "\n")
