@@ -1,8 +1,8 @@
 """
 bench.py: performance measured against transformers in the same run (ratios, not absolute claims).
 
-    python bench.py train     # training step tokens/s vs transformers' Qwen2ForCausalLM, and peak memory of
-                              # the loss: chunked output head vs full [tokens, vocab] logits
+    python bench.py train     # training step tokens/s vs transformers' Qwen2ForCausalLM (SFT, and a GRPO group
+                              # with its prompt run once), peak memory of the loss: chunked head vs full logits
     python bench.py decode    # KV-cached greedy decode tokens/s vs transformers' generate (batch 1 and a
                               # GRPO-shaped batch)
     python bench.py gpu       # every GPU check in one table: bf16 parity, compiled vs eager, FSDP + NCCL,
@@ -85,11 +85,38 @@ def bench_train(args, device, dtype):
         t_ours, t_hf = timeit(step_ours, args.reps, device), timeit(step_hf, args.reps, device)
         print(f"  loss on {100 - 100 * prompt_frac:.0f}% of tokens: this project {n / t_ours:8.0f} tokens/s, "
               f"transformers {n / t_hf:8.0f} tokens/s, ratio {t_hf / t_ours:.2f}x")
+    bench_grpo_step(args, ours, hf, device)
     mem = {way: loss_memory(way, args) for way in ("chunked", "full")}
     print(f"peak memory of the loss alone ({args.loss_tokens} tokens x {hf_cfg['vocab_size']} vocab, hidden {hf_cfg['hidden_size']}, fp32):")
     print(f"  chunked head   {mem['chunked'] / 2**20:10.0f} MiB")
     print(f"  full logits    {mem['full'] / 2**20:10.0f} MiB")
     print(f"  ratio          {mem['chunked'] / mem['full']:10.3f}")
+
+
+def bench_grpo_step(args, ours, hf, device):
+    """GRPO's policy-gradient forward+backward for one group: G responses to one prompt. This project runs the
+    prompt once for the group (grpo.response_logprobs); the per-row way (as TRL's GRPOTrainer) runs G rows of
+    [prompt, response] through transformers and takes log-probs of the response tokens from full logits."""
+    import grpo
+    G, P, R = args.group, args.grpo_prompt, args.grpo_response
+    prompt = torch.randint(0, 151000, (P,)).tolist()
+    responses = [torch.randint(0, 151000, (R,)).tolist() for _ in range(G)]
+    rows = torch.tensor([prompt + r for r in responses], device=device)
+    adv = torch.randn(G, 1, device=device)
+
+    def step_ours():
+        logp, _, mask = grpo.response_logprobs(ours, [prompt], responses, G, 0, device, 1.0)
+        (-(adv * logp * mask).sum() / mask.sum()).backward()
+
+    def step_hf():
+        logits = hf(rows[:, :-1]).logits[:, P - 1:].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, rows[:, P:, None]).squeeze(-1)
+        (-(adv * logp).mean()).backward()
+
+    t_ours, t_hf = timeit(step_ours, args.reps, device), timeit(step_hf, args.reps, device)
+    n = G * (P + R)
+    print(f"  GRPO step, a group of {G} responses of {R} tokens to one {P}-token prompt: this project {n / t_ours:8.0f} "
+          f"tokens/s, transformers rows {n / t_hf:8.0f} tokens/s, ratio {t_hf / t_ours:.2f}x")
 
 
 def loss_memory(way, args):
@@ -241,6 +268,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--loss-tokens", type=int, default=4096)
     ap.add_argument("--prompt-frac", type=float, default=0.6, help="share of prompt (no-loss) tokens in the second row")
+    ap.add_argument("--group", type=int, default=7, help="GRPO row: responses per prompt")
+    ap.add_argument("--grpo-prompt", type=int, default=512, help="GRPO row: prompt tokens")
+    ap.add_argument("--grpo-response", type=int, default=128, help="GRPO row: tokens per response")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rollout-batch", type=int, default=16)

@@ -14,7 +14,10 @@ The algorithm, per step:
    division), the same for every token of o_i. A group whose rewards are all equal has A = 0: it gives no
    gradient, and is counted (zero_std_frac).
 4. Old log-probs log pi_old(o_i,t) are computed once with the training forward (not the sampler's), and
-   reference log-probs log pi_ref with the frozen starting policy when --kl > 0.
+   reference log-probs log pi_ref with the frozen starting policy when --kl > 0. Every training forward runs
+   a group's prompt once for its G responses (model.SharedPrefix: each response attends to the prompt and to
+   itself), which gives the same log-probs as G separate [prompt, o_i] rows at a fraction of the cost when
+   prompts are long.
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
        rho = exp(log pi - log pi_old)
@@ -62,15 +65,15 @@ def parse_args(argv=None):
     ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
     ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 16]")
-    ap.add_argument("--gen-prompts", type=int, default=None, help="prompts per sampler call [32; toy 16]")
-    ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward [8; toy 64]")
-    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 90]")
+    ap.add_argument("--gen-prompts", type=int, default=None, help="prompts per sampler call [32; toy 64]")
+    ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward, in whole groups [8; toy 112]")
+    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 180]")
     ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 1e-4]")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--clip", type=float, default=0.2)
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip (default: --clip)")
-    ap.add_argument("--kl", type=float, default=None, help="k3 KL coefficient; 0 loads no reference model [0.001; toy 0]")
+    ap.add_argument("--kl", type=float, default=None, help="k3 KL coefficient; 0 loads no reference model [0.001; toy 0.05]")
     ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "dr-grpo"])
     ap.add_argument("--no-std-norm", action="store_true", help="advantage r - mean(r), without / std")
     ap.add_argument("--format-reward", action="store_true", help="cold-start reward: format + correct")
@@ -91,15 +94,15 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     import toy
-    paths = toy.apply_defaults(args, dict(kl=(0.0, 0.001), gen_prompts=(16, 32), rollout_prompts=(64, 1024),
-                                          minibatch_prompts=(16, 128), micro_seqs=(64, 8), lr=(1e-4, 1e-6),
+    paths = toy.apply_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
+                                          minibatch_prompts=(16, 128), micro_seqs=(112, 8), lr=(1e-4, 1e-6),
                                           max_prompt_len=(512, 4096), max_new_tokens=(48, 8192)))
     if paths:
         args.model = "runs/toy/sft/model"
         args.data, args.format = args.data or paths["rl"], "rm-r1"
         args.eval_data = args.eval_data or paths["heldout"]
         args.out = args.out or "runs/toy/grpo"
-        args.steps = args.steps or 90
+        args.steps = args.steps or 180
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     if args.n < 2:
@@ -151,27 +154,48 @@ def aggregate(loss_tok, mask, agg, n_tokens, n_seqs, max_new_tokens):
 
 # ----------------------------------------------------------------------------- training
 
-def sequences_to_batch(prompts, responses, pad_id, device):
-    """prompt + response -> input ids [B, T-1], targets [B, T-1], response mask [B, T-1]."""
-    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p):len(p) + len(r)] = 1
-    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask[:, 1:].to(device)
+def group_batch(prompts, responses, n, pad_id, device):
+    """G prompts and their G*n responses (prompt-major) -> one row per group, [prompt[:-1] | n segments], where
+    segment j = [last prompt token, o_j[:-1]] with targets o_j: the prompt runs once for its whole group
+    (model.SharedPrefix), and each response is scored exactly as in [prompt, o_j].
+    Returns ids, positions, targets, response mask (all [G, P + n*R]), the SharedPrefix, and `unpack`,
+    which turns a [G, P + n*R] result into per-response rows [G*n, R]."""
+    G, P, R = len(prompts), max(len(p) for p in prompts) - 1, max(len(r) for r in responses)
+    ids = torch.full((G, P + n * R), pad_id, dtype=torch.long)
+    targets, mask = torch.full_like(ids, pad_id), torch.zeros(G, P + n * R)
+    positions = torch.arange(P + n * R).repeat(G, 1)
+    prefix_valid = torch.zeros(G, P, dtype=torch.bool)
+    for g, p in enumerate(prompts):
+        ids[g, :len(p) - 1] = torch.tensor(p[:-1])
+        prefix_valid[g, :len(p) - 1] = True
+        for j in range(n):
+            o, c = responses[g * n + j], P + j * R
+            ids[g, c:c + len(o)] = torch.tensor(p[-1:] + o[:-1])
+            targets[g, c:c + len(o)] = torch.tensor(o)
+            mask[g, c:c + len(o)] = 1
+            positions[g, c:c + R] = torch.arange(len(p) - 1, len(p) - 1 + R)
+    unpack = lambda t: t[:, P:].reshape(G * n, R)
+    return (ids.to(device), positions.to(device), targets.to(device), mask.to(device),
+            M.SharedPrefix(prefix_valid.to(device), n, R), unpack)
+
+
+def response_logprobs(model, prompts, responses, n, pad_id, device, temperature):
+    """-> log-probs, entropies and mask of the G*n responses, each [G*n, R] (one forward, prompts shared)."""
+    ids, positions, targets, mask, shared, unpack = group_batch(prompts, responses, n, pad_id, device)
+    logp, entropy = model(ids, positions, targets=targets, temperature=temperature, token_mask=mask, shared_prefix=shared)
+    return unpack(logp), unpack(entropy), unpack(mask)
 
 
 @torch.no_grad()
-def batched_logprobs(model, prompts, responses, pad_id, device, micro, temperature):
-    """Log-probs of the responses in micro-batches (a list of [micro, T] tensors). Under FSDP each forward
-    all-gathers weights, so ranks holding fewer sequences run idle forwards to match the busiest rank."""
+def batched_logprobs(model, prompts, responses, n, pad_id, device, micro, temperature):
+    """Log-probs of the responses, `micro` groups per forward (a list of [micro * n, R] tensors). Under FSDP each
+    forward all-gathers weights, so ranks holding fewer groups run idle forwards to match the busiest rank."""
     out, starts = [], range(0, len(prompts), micro)
     for _ in range(int(all_reduce_sum([len(starts)], device, op="max")[0]) - len(starts)):
         model(torch.zeros(1, 2, dtype=torch.long, device=device))
     for s in starts:
-        ids, tgt, mask = sequences_to_batch(prompts[s:s + micro], responses[s:s + micro], pad_id, device)
-        out.append(model(ids, targets=tgt, temperature=temperature, token_mask=mask)[0])
+        out.append(response_logprobs(model, prompts[s:s + micro], responses[s * n:(s + micro) * n], n, pad_id, device,
+                                     temperature)[0])
     return out
 
 
@@ -276,7 +300,7 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
                                   vocab_size=tokenizer.vocab_size, pad_id=pad, compile=args.compile)
             mine += chunks[c]
     t_rollout = time.time() - t0
-    prompts = [prompt_ids[batch[j]] for j in mine for _ in range(n)]
+    prompts = [prompt_ids[batch[j]] for j in mine]  # one per group; responses are prompt-major
     owner = [j for j in mine for _ in range(n)]  # rollout-batch position of each sequence: its group
     truncated = [not r or r[-1] not in tokenizer.stop_ids for r in responses]
     texts = [tokenizer.decode(r) for r in responses]
@@ -288,8 +312,9 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
 
     # 4. old and reference log-probs with the training forward
     t0 = time.time()
-    old = batched_logprobs(policy, prompts, responses, pad, device, args.micro_seqs, args.temperature)
-    refs = batched_logprobs(ref, prompts, responses, pad, device, args.micro_seqs, args.temperature) if ref is not None else None
+    micro = max(1, args.micro_seqs // n)  # groups per forward: a group's prompt is run once for its n responses
+    old = batched_logprobs(policy, prompts, responses, n, pad, device, micro, args.temperature)
+    refs = batched_logprobs(ref, prompts, responses, n, pad, device, micro, args.temperature) if ref is not None else None
 
     # 5. one optimizer step per mini-batch of prompts; global counts first so aggregation is exact
     n_mb = args.rollout_prompts // args.minibatch_prompts
@@ -299,11 +324,12 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
         counts[mb_of[i]] += len(r)
         counts[n_mb + mb_of[i]] += 1
     counts = all_reduce_sum(counts, device)
-    parts = [[] for _ in range(n_mb)]  # micro-batches of sequence indices, per mini-batch
-    for i in range(len(responses)):
-        if not parts[mb_of[i]] or len(parts[mb_of[i]][-1]) == args.micro_seqs:
-            parts[mb_of[i]].append([])
-        parts[mb_of[i]][-1].append(i)
+    parts = [[] for _ in range(n_mb)]  # micro-batches of local group indices, per mini-batch
+    for g in range(len(mine)):
+        m = mb_of[g * n]
+        if not parts[m] or len(parts[m][-1]) == micro:
+            parts[m].append([])
+        parts[m][-1].append(g)
     n_micro = all_reduce_sum([len(p) for p in parts], device, op="max")  # ranks run equal counts (FSDP)
     stats = {"kl": 0.0, "clip": 0.0, "entropy": 0.0, "grad_norm": 0.0}
     train_tokens = 0
@@ -312,20 +338,21 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
         for _ in range(int(n_micro[m]) - len(parts[m])):
             idle_backward(policy, device)
         for part in parts[m]:
-            ids, tgt, mask = sequences_to_batch([prompts[i] for i in part], [responses[i] for i in part], pad, device)
-            logp, entropy = policy(ids, targets=tgt, temperature=args.temperature, token_mask=mask)
-            old_lp = torch.cat([_row(old, i, args.micro_seqs, mask.shape[1]) for i in part])
-            a = adv[part].to(device)[:, None]
+            seqs = [g * n + j for g in part for j in range(n)]
+            logp, entropy, mask = response_logprobs(policy, [prompts[g] for g in part], [responses[i] for i in seqs], n,
+                                                    pad, device, args.temperature)
+            old_lp = torch.cat([_row(old, i, micro * n, mask.shape[1]) for i in seqs])
+            a = adv[seqs].to(device)[:, None]
             loss_tok, clipped = policy_loss_terms(logp, old_lp, a, args.clip, args.clip_high)
             if refs is not None:
-                kl = k3_kl(logp, torch.cat([_row(refs, i, args.micro_seqs, mask.shape[1]) for i in part]))
+                kl = k3_kl(logp, torch.cat([_row(refs, i, micro * n, mask.shape[1]) for i in seqs]))
                 loss_tok = loss_tok + args.kl * kl
                 stats["kl"] += (kl.detach() * mask).sum().item() / counts[m] / n_mb if counts[m] else 0.0
             loss = aggregate(loss_tok, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
             (loss * world).backward()  # FSDP averages over ranks; the aggregate is already global
             stats["clip"] += (clipped * mask).sum().item() / n_tok / n_mb
             stats["entropy"] += (entropy.detach() * mask).sum().item() / n_tok / n_mb
-            train_tokens += int(mask.numel())
+            train_tokens += sum(len(prompts[g]) for g in part) + int(mask.sum())  # prompts run once per group
         gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
         stats["grad_norm"] += float(_local(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)) / n_mb
         optimizer.step()

@@ -139,6 +139,39 @@ class KVCache:
         self.v = [t.index_select(0, rows) for t in self.v]
 
 
+class SharedPrefix:
+    """Attention layout that scores n continuations of a prompt with the prompt run once (GRPO's groups).
+    Row g of the input is [prefix | segment 1 | ... | segment n]: a prefix of P columns (right-padded;
+    prefix_valid [G, P] marks real tokens) then n segments of R columns each. Prefix tokens attend causally
+    among themselves; a segment token attends to the real prefix tokens of its row and causally within its
+    own segment, never to another segment. So each segment's outputs equal those of [prefix, segment] run
+    alone (the caller gives positions continuing the prefix's), at 1/n of the prefix's cost."""
+
+    def __init__(self, prefix_valid, n, seg_len):
+        G, P = prefix_valid.shape
+        self.P, self.n, self.R = P, n, seg_len
+        causal = torch.ones(seg_len, seg_len, dtype=torch.bool, device=prefix_valid.device).tril()
+        mask = torch.cat([prefix_valid[:, None].expand(G, seg_len, P), causal.expand(G, seg_len, seg_len)], -1)
+        self.seg_mask = mask.repeat_interleave(n, 0)[:, None]  # [G*n, 1, R, P+R]
+
+    def attend(self, q, k, v):
+        """q [G, heads, P+n*R, hd], k, v [G, kv_heads, P+n*R, hd] -> [G, heads, P+n*R, hd]"""
+        P, n, R = self.P, self.n, self.R
+        segs = lambda t: t[:, :, P:].unflatten(2, (n, R)).transpose(1, 2).flatten(0, 1)  # [G*n, h, R, hd]
+        # keys/values per segment: the prefix's, then its own. On CUDA the KV heads are repeated to the query
+        # heads here: a masked SDPA with enable_gqa may fall back to the math kernel, which materialises scores
+        rep = q.shape[1] // k.shape[1] if q.is_cuda else 1
+        with_prefix = lambda t: torch.cat([t[:, :, :P].repeat_interleave(n, 0), segs(t)], 2).repeat_interleave(rep, 1)
+        y = F.scaled_dot_product_attention(segs(q), with_prefix(k), with_prefix(v), attn_mask=self.seg_mask,
+                                           enable_gqa=rep == 1)  # [G*n, h, R, hd]
+        y = y.unflatten(0, (-1, n)).transpose(1, 2).flatten(2, 3)  # [G, heads, n*R, hd]
+        if P == 0:
+            return y
+        # right padding: a real prefix token never sees a pad, so the plain causal (flash) path is exact
+        y_prefix = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=True)
+        return torch.cat([y_prefix, y], 2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -167,7 +200,10 @@ class Attention(nn.Module):
             cache.k[layer].index_copy_(2, slots, k.to(cache.k[layer].dtype))
             cache.v[layer].index_copy_(2, slots, v.to(cache.v[layer].dtype))
             k, v = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if isinstance(mask, SharedPrefix):
+            y = mask.attend(q, k, v)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -302,7 +338,8 @@ class Transformer(nn.Module):
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k fp32 logits = 0.6 GB
 
     def forward(self, input_ids, positions=None, key_valid=None, kv_cache=None, cache_index=0, kv_len=None,
-                last_only=False, targets=None, temperature=1.0, token_mask=None, loss_weights=None, head=True):
+                last_only=False, targets=None, temperature=1.0, token_mask=None, loss_weights=None, head=True,
+                shared_prefix=None):
         """input_ids [B, T]; positions [B, T] (default 0..T-1); key_valid [B, S] bool marks real tokens
         among the keys (S = T without cache, the cache length with one; None = all real);
         kv_cache + cache_index: write this step's K/V at slots cache_index.. and attend to slots < kv_len.
@@ -310,14 +347,17 @@ class Transformer(nn.Module):
           the pair (log p(targets) [B, T], entropy [B, T]) in fp32, computed only where token_mask [B, T] is
           set (0 elsewhere: prompt tokens never reach the output head), or
           with loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped);
-        head=False returns the final normed hidden states [B, T, H] instead (no output head)."""
+        head=False returns the final normed hidden states [B, T, H] instead (no output head);
+        shared_prefix (a SharedPrefix) replaces the causal mask: rows are [prefix | n segments] (give positions)."""
         cfg = self.config
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        if kv_cache is None and key_valid is None:
+        if shared_prefix is not None:
+            mask = shared_prefix
+        elif kv_cache is None and key_valid is None:
             mask = None  # plain causal (right padding never leaks into real tokens): flash path
         else:
             kv_len = kv_len or (cache_index + T if kv_cache is not None else T)

@@ -50,6 +50,35 @@ def test_three_aggregations_by_hand_and_over_micro_batches():
         assert split.item() == pytest.approx(value)  # micro-batches (or ranks) sum to the mini-batch value
 
 
+@pytest.mark.parametrize("prompt_lens", [(5, 9, 1), (1, 1)])
+def test_shared_prompt_forward_equals_separate_rows(prompt_lens):
+    # each group's prompt runs once for its n responses; log-probs, entropies and gradients must equal
+    # those of every [prompt, response] run alone (ragged prompts and responses, a 1-token prompt, GQA)
+    cfg = M.ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
+                        max_position_embeddings=256, torch_dtype="float32")
+    model = M.init_weights(M.Transformer(cfg), seed=0)
+    g, n = torch.Generator().manual_seed(1), 3
+    prompts = [torch.randint(1, 97, (L,), generator=g).tolist() for L in prompt_lens]
+    responses = [torch.randint(1, 97, (L,), generator=g).tolist() for L in (1, 4, 7, 3, 3, 2, 6, 1, 2)[:n * len(prompts)]]
+    logp, entropy, mask = grpo.response_logprobs(model, prompts, responses, n, 0, "cpu", temperature=0.7)
+    (logp * mask).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    total = 0
+    for i, o in enumerate(responses):
+        p = prompts[i // n]
+        ids = torch.tensor([p + o])
+        lp, ent = model(ids[:, :-1], targets=ids[:, 1:], temperature=0.7)
+        torch.testing.assert_close(logp[i, :len(o)], lp[0, len(p) - 1:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy[i, :len(o)], ent[0, len(p) - 1:], atol=1e-5, rtol=1e-5)
+        assert mask[i].sum() == len(o) and not logp[i, len(o):].any()
+        total = total + lp[0, len(p) - 1:].sum()
+    total.backward()
+    for a, p in zip(shared_grads, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def policy(toy_paths, tmp_path_factory):
     """A briefly distilled toy judge: its rollouts get mixed rewards, so the policy gradient is exercised."""
@@ -100,8 +129,9 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path, policy):
-    # sampler chunks of 3 prompts dealt to 2 ranks and micro-batches of 4 sequences: in the first mini-batch
-    # rank 0 holds 9 sequences (3 micro-batches) and rank 1 holds 3 (1 micro-batch, then idles)
+    # sampler chunks of 3 prompts dealt to 2 ranks and micro-batches of one group (4 sequences round down to
+    # whole groups of 3): in the first mini-batch rank 0 holds 3 groups (3 micro-batches) and rank 1 holds 1
+    # (1 micro-batch, then idles)
     uneven = ("--gen-prompts", "3", "--micro-seqs", "4")
     grpo.main(grpo_args(toy_paths, tmp_path / "one", *uneven, policy=policy))
     run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *uneven, policy=policy))
