@@ -38,8 +38,15 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    # inverse CDF: one uniform draw per row, where torch.multinomial draws one random number per vocabulary
+    # entry (its exponential race), which dominates a small model's decode step on CPU. side="right" never
+    # lands on a zero-probability token (a flat stretch of the CDF); a draw that float rounding pushes to
+    # the total takes the last token with p > 0.
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
+    last = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(torch.searchsorted(cdf, u, side="right").squeeze(1), last)
 
 
 def _decode_step(model, tok, pos, key_valid, cache, slot):

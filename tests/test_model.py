@@ -1,5 +1,6 @@
 """model.py and sampler.py against transformers (the reference implementation) on tiny random checkpoints."""
 import json
+import math
 import os
 
 import pytest
@@ -251,6 +252,20 @@ def test_sampling_distribution_and_vocab_limit(tmp_path):
     assert greedy_top_k1 == generate(m, [[1, 2, 3]], max_new_tokens=5, temperature=0)
     tiny_p = generate(m, [[1, 2, 3]], max_new_tokens=5, top_p=1e-6, seed=0)
     assert tiny_p == greedy_top_k1
+
+
+def test_sampling_never_draws_a_zero_probability_token(monkeypatch):
+    import sampler
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf"), float("-inf")]] * 3)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sampler.sample_next(logits.repeat(4000, 1), 1.0, 1.0, 0, g), minlength=5)
+    assert counts[[1, 3, 4]].sum() == 0
+    assert abs(counts[2].item() / counts.sum().item() - math.e / (1 + math.e)) < 0.02
+    # the extremes of the uniform draw: 0 takes the first token with p > 0, a draw that reaches the total
+    # (float rounding) the last one, never the masked tail
+    for u, expected in ((0.0, 0), (1.0, 2)):
+        monkeypatch.setattr(sampler.torch, "rand", lambda *a, u=u, **k: torch.full((a[0], a[1]), u))
+        assert sampler.sample_next(logits, 1.0, 1.0, 0, g).tolist() == [expected] * 3
 
 
 # ----------------------------------------------------------------------------- chunked log-probs
