@@ -54,7 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output dir (default runs/toy/sft for the toy task)")
     ap.add_argument("--max-len", type=int, default=None, help="drop (or --truncate) longer rows [12288; toy 512]")
     ap.add_argument("--truncate", action="store_true", help="cut long rows instead of dropping them")
-    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 2.5]")
+    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 3]")
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step [128; toy 32]")
     ap.add_argument("--tokens-per-micro", type=int, default=None, help="padded tokens per micro-batch [16384; toy 4096]")
     ap.add_argument("--lr", type=float, default=None, help="[5e-6; toy 3e-3]")
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-limit", type=int, default=200)
     args = ap.parse_args(argv)
     import toy
-    paths = toy.apply_defaults(args, dict(max_len=(512, 12288), epochs=(2.5, 1.0), global_batch=(32, 128),
+    paths = toy.apply_defaults(args, dict(max_len=(512, 12288), epochs=(3.0, 1.0), global_batch=(32, 128),
                                           tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6)))
     if paths:
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
