@@ -5,19 +5,22 @@ bench.py: performance measured against transformers in the same run (ratios, not
                               # with its prompt run once), peak memory of the loss: chunked head vs full logits
     python bench.py decode    # KV-cached greedy decode tokens/s vs transformers' generate (batch 1 and a
                               # GRPO-shaped batch)
-    python bench.py gpu       # every GPU check in one table: bf16 parity, compiled vs eager, FSDP + NCCL,
-                              # decode vs transformers and % of HBM bandwidth, GRPO rollout, SFT MFU
+    python bench.py gpu       # the GPU checks, each printed the moment it is measured and capped in time
+                              # (about 5 minutes on one H100, compile included); --smoke runs the same code
+                              # on CPU with a tiny model, to check the script itself
 
-Shapes come from a real config (default ../shared/data/configs/Qwen2.5-0.5B-Instruct.config.json, or
---config); --layers cuts the depth so a CPU finishes in a minute; weights are random (only speed and
-memory are measured). Memory on CPU is the peak resident-set growth of a fresh subprocess per variant (on
-CUDA, torch.cuda.max_memory_allocated).
+Shapes are those of the released Qwen2.5-0.5B / 1.5B configs (written below, so a GPU machine needs only this
+repository; --config reads another config.json); --layers cuts the depth so a CPU finishes in a minute;
+weights are random (only speed and memory are measured). Memory on CPU is the peak resident-set growth of a
+fresh subprocess per variant (on CUDA, torch.cuda.max_memory_allocated).
 """
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,14 +28,22 @@ import torch.nn.functional as F
 
 import model as M
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "configs",
-                              "Qwen2.5-0.5B-Instruct.config.json")
+_QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
+               max_position_embeddings=32768, torch_dtype="bfloat16")
+SHAPES = {"0.5B": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2),
+          "1.5B": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2),
+          "smoke": dict(_QWEN25, vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)}
 
 
-def load_cfg(args):
-    if not os.path.exists(args.config):
-        sys.exit(f"config not found: {args.config} (pass --config path/to/config.json)")
-    d = json.load(open(args.config))
+def load_cfg(args, shape="0.5B"):
+    d = dict(SHAPES[shape])
+    if args.config:
+        if not os.path.exists(args.config):
+            sys.exit(f"config not found: {args.config}")
+        d = json.load(open(args.config))
     d["num_hidden_layers"] = args.layers or d["num_hidden_layers"]
     return d
 
@@ -43,7 +54,8 @@ def build_pair(hf_cfg, device, dtype):
     cfg = M.ModelConfig.from_hf(hf_cfg)
     torch.manual_seed(0)
     ours = M.init_weights(M.Transformer(cfg)).to(device=device, dtype=dtype)
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{k: v for k, v in hf_cfg.items() if k != "layer_types"}))
+    hf_kw = {k: v for k, v in hf_cfg.items() if k not in ("layer_types", "model_type", "torch_dtype")}
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw))
     hf.load_state_dict(ours.state_dict(), strict=False)
     hf.tie_weights()
     return ours, hf.to(device=device, dtype=dtype)
@@ -68,7 +80,7 @@ def bench_train(args, device, dtype):
     tgt = torch.randint(0, 151000, (args.batch, args.seq), device=device)
 
     n = args.batch * args.seq
-    print(f"training step (forward+backward+loss), {hf_cfg['num_hidden_layers']} layers of {os.path.basename(args.config)}, "
+    print(f"training step (forward+backward+loss), {hf_cfg['num_hidden_layers']} layers of {args.config or 'Qwen2.5-0.5B'}, "
           f"{args.batch}x{args.seq} tokens, {dtype}, {device.type}:")
     for prompt_frac in (0.0, args.prompt_frac):
         supervised = torch.arange(args.seq, device=device)[None].expand(args.batch, -1) >= int(prompt_frac * args.seq)
@@ -121,13 +133,14 @@ def bench_grpo_step(args, ours, hf, device):
 
 def loss_memory(way, args):
     """Peak memory growth of one loss forward+backward, measured in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "_loss", way, "--config", args.config, "--loss-tokens", str(args.loss_tokens)],
+    out = subprocess.run([sys.executable, __file__, "_loss", way, "--loss-tokens", str(args.loss_tokens)] +
+                         (["--config", args.config] if args.config else []),
                          capture_output=True, text=True, check=True)
     return int(out.stdout.strip().split()[-1])
 
 
 def _loss(way, args):
-    d = json.load(open(args.config))
+    d = load_cfg(args)
     V, H, N = d["vocab_size"], d["hidden_size"], args.loss_tokens
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hidden = torch.randn(N, H, device=device).requires_grad_(True)
@@ -169,6 +182,15 @@ def bench_decode(args, device, dtype):
         n = batch * args.new_tokens
         print(f"greedy decode, batch {batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, {device.type}: "
               f"this project {n / t_ours:.0f} tok/s, transformers {n / t_hf:.0f} tok/s, ratio {t_hf / t_ours:.2f}x")
+    # GRPO-shaped: a few prompts, n sampled traces each (the n samples share one prefill here)
+    P, n = args.rollout_batch // 4, 8
+    prompts = torch.randint(0, 151000, (P, args.prompt_len), device=device)
+    t_ours = timeit(lambda: generate(ours, prompts.tolist(), args.new_tokens, n=n, seed=0), 1, device)
+    t_hf = timeit(lambda: hf.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True,
+                                      num_return_sequences=n, pad_token_id=0), 1, device)
+    N = P * n * args.new_tokens
+    print(f"sampled rollout, {P} prompts x n={n}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, {device.type}: "
+          f"this project {N / t_ours:.0f} tok/s, transformers {N / t_hf:.0f} tok/s, ratio {t_hf / t_ours:.2f}x")
 
 
 # ----------------------------------------------------------------------------- GPU checks (one command)
@@ -176,92 +198,190 @@ def bench_decode(args, device, dtype):
 PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, HBM B/s
 
 
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def check(log, name, cap_s, fn):
+    """Run one check under its own time cap; print (and log) its line the moment it is done."""
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(cap_s)
+    t = time.time()
+    try:
+        result = fn()
+    except _Timeout:
+        result = f"not finished within its {cap_s} s cap"
+    except Exception as e:  # report and go on: one broken check must not hide the others
+        result = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    finally:
+        signal.alarm(0)
+    line = f"{name:<40} {result}  [{time.time() - t:.0f} s]"
+    print(line, flush=True)
+    log.write(line + "\n")
+    log.flush()
+
+
 def bench_gpu(args, device, dtype):
-    """Every GPU check in one table: parity, compiled vs eager, FSDP+NCCL, decode, rollout, SFT MFU."""
+    """The GPU checks in order, each under a cap, 5 minutes in all on one H100 (compile included)."""
     import transformers
-    from sampler import generate
-    if device.type != "cuda":
-        sys.exit("bench.py gpu needs a CUDA device")
-    name = torch.cuda.get_device_name()
+    if device.type != "cuda" and not args.smoke:
+        sys.exit("bench.py gpu needs a CUDA device (or --smoke, to run the checks on CPU with a tiny model)")
+    smoke = args.smoke
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke: tiny model, numbers meaningless)"
     flops_peak, bw_peak = next((v for k, v in PEAK.items() if k in name), (None, None))
-    rows = [("device", name), ("torch / transformers", f"{torch.__version__} / {transformers.__version__}")]
-    cfg_dir = os.path.dirname(args.config)
-    small = json.load(open(os.path.join(cfg_dir, "Qwen2.5-0.5B-Instruct.config.json")))
-    ours, hf = build_pair(small, device, torch.bfloat16)
+    out_dir = os.environ.get("OUT", ".")
+    log = open(os.path.join(out_dir, "bench_gpu.log"), "a")
+    head = f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"
+    print(head, flush=True)
+    log.write(head + "\n")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    small = SHAPES["smoke" if smoke else "0.5B"]
+    ours, hf = build_pair(small, device, dtype)
     ours.eval(), hf.eval()
-    ids = torch.randint(0, 151000, (2, 256), device=device)
+    from sampler import Sampler
+    backend = "eager" if smoke else "inductor"
+    check(log, "bf16 logits vs transformers (0.5B)", 30, lambda: _parity(ours, hf, device))
+    check(log, "decode batch 1 vs transformers", 75, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
+    rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
+    check(log, "rollout 8 prompts x n=8 vs transformers", 45, lambda: _rollout_8x8(hf, rollout, device, smoke))
+    check(log, "ragged rollout: continuous vs static", 45, lambda: _ragged(rollout, device, smoke))
+    del hf
+    check(log, "grpo.py, 2 steps (0.5B shape)", 75, lambda: _grpo_two_steps(ours, smoke))
+    del ours, rollout
+    check(log, "SFT step 1.5B, 4k tokens", 20, lambda: _sft_mfu(device, flops_peak, smoke))
+    if torch.cuda.device_count() > 1:
+        check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
+
+
+def _parity(ours, hf, device):
+    ids = torch.randint(0, ours.config.vocab_size, (2, 256), device=device)
     with torch.no_grad():
         a, b = ours(ids).float(), hf(ids).logits.float()
-    rows.append(("bf16 logits vs transformers", f"max |diff| {(a - b).abs().max():.3f} of max |logit| {b.abs().max():.1f}, "
-                 f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}"))
-    prompts = torch.randint(0, 151000, (4, 64)).tolist()
-    eager = generate(ours, prompts, 64, temperature=0)
-    compiled = generate(ours, prompts, 64, temperature=0, compile=True)
-    same = sum(x == y for e, c in zip(eager, compiled) for x, y in zip(e, c)) / sum(map(len, eager))
-    rows.append(("compiled vs eager greedy decode", f"{same:.3f} of tokens equal (bf16; ties may flip late tokens)"))
-    rows.append(("FSDP + NCCL", _fsdp_check() if torch.cuda.device_count() > 1 else "skipped: one GPU visible"))
-    # decode at batch 1: tokens/s vs transformers, and the share of HBM bandwidth it reaches
-    prompt = torch.randint(0, 151000, (1, 128), device=device)
-    n_new = 256
-    generate(ours, prompt.tolist(), 16, temperature=0, compile=True)  # compile outside the timing
-    t_ours = timeit(lambda: generate(ours, prompt.tolist(), n_new, temperature=0, compile=True), 1, device)
+    return (f"max |diff| {(a - b).abs().max():.3f} of max |logit| {b.abs().max():.1f}, "
+            f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}")
+
+
+def _decode_batch1(ours, hf, device, bw_peak, smoke, backend):
+    from sampler import Sampler, generate
+    V, n_new = ours.config.vocab_size, 32 if smoke else 256
+    prompt = torch.randint(0, V, (1, 128), device=device)
+    e = Sampler(ours, 1, 128 + n_new, compile=True, backend=backend)
+    t = time.perf_counter()
+    e.generate(prompt.tolist(), 16, temperature=0)  # the first call compiles
+    compile_s = time.perf_counter() - t
+    t_ours = timeit(lambda: e.generate(prompt.tolist(), n_new, temperature=0), 1, device)
     t_hf = timeit(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0), 1, device)
-    bytes_per_token = sum(p.numel() * p.element_size() for p in ours.parameters())
-    frac = f", {bytes_per_token * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
-    rows.append(("decode batch 1 (0.5B, bf16)", f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.2f}x{frac}"))
-    # GRPO-shaped rollout: 8 prompts x n 8, 1k-token prompts, 1k new tokens
-    prompts = torch.randint(0, 151000, (8, 1024), device=device)
-    t_ours = timeit(lambda: generate(ours, prompts.tolist(), 1024, n=8, seed=0), 1, device)
-    t_hf = timeit(lambda: hf.generate(prompts, max_new_tokens=1024, min_new_tokens=1024, do_sample=True,
-                                      num_return_sequences=8, pad_token_id=0), 1, device)
-    rows.append(("GRPO rollout 8x8, 1k+1k (0.5B)", f"{64 * 1024 / t_ours:.0f} vs {64 * 1024 / t_hf:.0f} tok/s: {t_hf / t_ours:.2f}x"))
-    del ours, hf
-    # SFT step MFU at 4k tokens, Qwen2.5-1.5B shape
-    mid = json.load(open(os.path.join(cfg_dir, "Qwen2.5-1.5B-Instruct.config.json")))
-    cfg = M.ModelConfig.from_hf(mid)
-    model = M.compile_blocks(M.init_weights(M.Transformer(cfg)).to(device))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    ids = torch.randint(0, 151000, (1, 4096), device=device)
-    weights = torch.full((1, 4096), -1 / 4096, device=device)
+    compiled = e.generate(prompt.tolist(), n_new, temperature=0)[0]
+    eager = generate(ours, prompt.tolist(), n_new, temperature=0)[0]
+    agree = next((i for i, (x, y) in enumerate(zip(compiled, eager)) if x != y), len(eager))
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
+    return (f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x{frac}; first call {compile_s:.0f} s "
+            f"(compile); compiled = eager greedy for the first {agree} of {n_new} tokens")
+
+
+def _rollout_8x8(hf, e, device, smoke):
+    V, P, N = hf.config.vocab_size, 512, 32 if smoke else 256
+    prompts = torch.randint(0, V, (8, P), device=device)
+    e.generate(prompts.tolist(), 8, n=8, seed=0)  # compile outside the timing
+    t_ours = timeit(lambda: e.generate(prompts.tolist(), N, n=8, seed=0), 1, device)
+    t_hf = timeit(lambda: hf.generate(prompts, max_new_tokens=N, min_new_tokens=N, do_sample=True, num_return_sequences=8,
+                                      pad_token_id=0), 1, device)
+    return f"{64 * N / t_ours:.0f} vs {64 * N / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x (512-token prompts, {N} new, sampled)"
+
+
+def _ragged(e, device, smoke):
+    """64 prompts x n=8 through 64 slots, prompt lengths and trace lengths from long tails: a static batch waits for
+    its longest trace, continuous batching refills finished slots. Random weights sample near-uniformly, so making
+    400 ids stop ids gives geometric lengths (mean ~380 tokens, capped at 1024)."""
+    V = SHAPES["smoke" if smoke else "0.5B"]["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    lengths = (32 * torch.exp(torch.randn(64, generator=g) * 0.8)).clamp(8, 1024).long().tolist()
+    prompts = [torch.randint(1000, V, (n,), generator=g).tolist() for n in lengths]
+    stop, N = (list(range(V // 16)), 64) if smoke else (list(range(V // 380)), 1024)
+    res = {}
+    for continuous in (True, False):
+        t = time.perf_counter()
+        outs = e.generate(prompts, N, n=8, stop_ids=stop, seed=1, continuous=continuous)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res[continuous] = (sum(map(len, outs)), time.perf_counter() - t)
+    (tok, tc), (_, ts) = res[True], res[False]
+    return (f"continuous {tok / tc:.0f} tok/s, static {tok / ts:.0f} tok/s: {ts / tc:.2f}x ({tok} tokens, "
+            f"mean trace {tok / 512:.0f}, slots 64)")
+
+
+def _grpo_two_steps(ours, smoke):
+    """A real-shape (random 0.5B) grpo.py run on the toy's prompts and tokenizer: 2 steps of 16 prompts x n=7,
+    up to 512 new tokens (the toy tokenizer's 3 stop ids among 2048 sampled ids: long, ragged traces)."""
+    import toy
+    root = os.path.dirname(os.path.abspath(__file__))
+    tmp = tempfile.mkdtemp()
+    paths = toy.prepare(os.path.join(tmp, "toy"), n_train=64, n_rl=64, n_heldout=8)
+    M.save_model(ours, os.path.join(tmp, "model"))
+    cmd = [sys.executable, "grpo.py", "--model", os.path.join(tmp, "model"), "--tokenizer", paths["tokenizer"], "--data",
+           paths["rl"], "--out", os.path.join(tmp, "out"), "--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8",
+           "--gen-prompts", "16", "--group-size", "7", "--max-new-tokens", "64" if smoke else "512"] + (["--no-compile"] if smoke else [])
+    t = time.time()
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=70)  # killed before the cap
+    if p.returncode:
+        return "failed: " + p.stderr.strip().splitlines()[-1][:300]
+    recs = [json.loads(line) for line in open(os.path.join(tmp, "out", "metrics.jsonl"))]
+    parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s), old/ref "
+                      f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s" for r in recs)
+    return f"{parts}; whole run {time.time() - t:.0f} s"
+
+
+def _sft_mfu(device, flops_peak, smoke):
+    cfg = M.ModelConfig(**SHAPES["smoke" if smoke else "1.5B"])
+    model = M.init_weights(M.Transformer(cfg)).to(device)
+    if not smoke:
+        M.compile_blocks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    T = 512 if smoke else 4096
+    ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
+    weights = torch.full((1, T), -1 / T, device=device)
 
     def sft_step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not smoke):
             loss = model(ids, targets=ids, loss_weights=weights)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     sft_step()
-    torch.cuda.reset_peak_memory_stats()
-    t = timeit(sft_step, 5, device)
-    n = M.num_params(model)
-    flops = 6 * n * 4096 + 12 * cfg.num_hidden_layers * cfg.hidden_size * 4096 ** 2 / 2  # causal attention
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(sft_step, 3, device)
+    flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2  # causal attention
     mfu = f", MFU {flops / t / flops_peak:.1%}" if flops_peak else ""
-    rows.append(("SFT step 1.5B, 4k tokens (bf16 autocast)", f"{4096 / t:.0f} tok/s{mfu}, peak memory "
-                 f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"))
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    return f"{T / t:.0f} tok/s{mfu}{mem} (bf16 autocast, fp32 weights, compiled blocks)"
 
 
 def _fsdp_check():
     """Two ranks over NCCL on the toy task vs one process: the loss curves must agree."""
-    import tempfile
     root = os.path.dirname(os.path.abspath(__file__))
     out = tempfile.mkdtemp()
-    common = ["--max-steps", "3", "--no-compile", "--eval-limit", "0"]
+    common = ["--max-steps", "3", "--no-compile", "--eval-limit", "0", "--stop-at-accuracy", "0"]
     subprocess.run([sys.executable, "sft.py", "--out", f"{out}/one"] + common, cwd=root, check=True, capture_output=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py",
                     "--out", f"{out}/two"] + common, cwd=root, check=True, capture_output=True)
     one, two = ([json.loads(line)["loss"] for line in open(f"{out}/{d}/metrics.jsonl")] for d in ("one", "two"))
     diff = max(abs(a - b) for a, b in zip(one, two))
-    return f"2 ranks vs 1 process: max loss difference {diff:.2e} over {len(one)} steps"
+    return f"max loss difference {diff:.2e} over {len(one)} steps"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["train", "decode", "gpu", "_loss"])
     ap.add_argument("way", nargs="?", default=None)
-    ap.add_argument("--config", default=DEFAULT_CONFIG)
+    ap.add_argument("--config", default=None, help="a config.json to take the shapes from (default: Qwen2.5-0.5B's, built in)")
+    ap.add_argument("--smoke", action="store_true", help="gpu: run the checks on CPU with a tiny model (tests the script)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=1024)
@@ -278,7 +398,7 @@ def main():
     args = ap.parse_args()
     if args.what == "_loss":
         return _loss(args.way, args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     {"train": bench_train, "decode": bench_decode, "gpu": bench_gpu}[args.what](args, device, dtype)

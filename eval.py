@@ -67,17 +67,16 @@ def baseline_verdict(judge, ex, rng):
     return ("A" if la > lb else "B") if judge == "longer" else ("A" if la < lb else "B")
 
 
-@torch.no_grad()
-def judge_examples(model, tokenizer, examples, prompt_ids, max_new_tokens, batch_size, temperature=0.0, seed=0,
-                   progress=None, compile=False):
-    """Generate one judgement per example (batches of similar length); yield result rows in batch order."""
-    from sampler import generate
+def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temperature=0.0, seed=0, progress=None):
+    """Generate one judgement per example with a sampler.Sampler (continuous batching); prompts go in by
+    length, 4 x the engine's slots per call, and each call's result rows are yielded (so outputs are written
+    as they come). The random draws are keyed by the example's index, whatever the batching."""
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        outs = generate(model, [prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
-                        stop_ids=tokenizer.stop_ids, seed=seed + s, vocab_size=tokenizer.vocab_size,
-                        pad_id=tokenizer.pad_id or 0, compile=compile)
+    per_call = 4 * engine.slots
+    for s in range(0, len(order), per_call):
+        idx = order[s:s + per_call]
+        outs = engine.generate([prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
+                               stop_ids=tokenizer.stop_ids, seed=seed, vocab_size=tokenizer.vocab_size, prompt_ids=idx)
         rows = []
         for i, out in zip(idx, outs):
             text = tokenizer.decode(out)
@@ -86,6 +85,28 @@ def judge_examples(model, tokenizer, examples, prompt_ids, max_new_tokens, batch
         if progress:
             progress.update(len(rows))
         yield rows
+
+
+def load_heldout(path, tokenizer, limit, seed):
+    """The first `limit` pairs of a pairs JSONL as judge prompts -> (examples, prompt ids)."""
+    examples = load_judge_examples(path, "pairs", default_judge_family(tokenizer), seed)[:limit]
+    examples, ids, _ = tokenize_prompts(examples, tokenizer, 10**9)
+    return examples, ids
+
+
+def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, rank=0, world=1, seed=0):
+    """Greedy judge accuracy (%) and unparsed count on held-out pairs (the trainers' progress check, through
+    the evaluation code path); ranks judge every world-th pair and the counts are summed."""
+    mine = range(rank, len(examples), world)
+    correct = unparsed = 0
+    for rows in judge_examples(engine, tokenizer, [examples[i] for i in mine], [prompt_ids[i] for i in mine],
+                               max_new_tokens, 0.0, seed):
+        correct += sum(r["correct"] for r in rows)
+        unparsed += sum(r["verdict"] is None for r in rows)
+    counts = torch.tensor([correct, unparsed], dtype=torch.float64, device=engine.tok.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    return 100.0 * counts[0].item() / max(len(examples), 1), int(counts[1].item())
 
 
 def result_row(ex, prompt_len, output, verdict, truncated=False):
@@ -206,7 +227,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=8192)
     ap.add_argument("--max-prompt-len", type=int, default=16384)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences decoded at once (the sampler's slots)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the sampler's decode step (default: on with CUDA)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--both-orders", action="store_true", help="judge each pair in both placements")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
@@ -251,8 +274,11 @@ def main(argv=None):
             for ex in mine:
                 if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped
                     f.write(json.dumps(result_row(ex, -1, "", None)) + "\n")
-            for batch in judge_examples(model, tokenizer, kept, ids, args.max_new_tokens, args.batch_size,
-                                        args.temperature, args.seed, progress):
+            from sampler import Sampler
+            compile = args.compile if args.compile is not None else torch.cuda.is_available()
+            engine = Sampler(model, args.batch_size, max(map(len, ids), default=0) + args.max_new_tokens, compile=compile)
+            for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed,
+                                        progress):
                 for r in batch:
                     f.write(json.dumps(r) + "\n")
                 f.flush()

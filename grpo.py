@@ -6,8 +6,11 @@ grpo.py: stage 2 of RM-R1, GRPO with the verdict reward. The project's main job.
 
 The algorithm, per step:
 1. Rollout. Take R = --rollout-prompts judge prompts q (a seeded permutation of the data, one epoch after
-   another). With the policy's weights gathered once, sample a group of G = --n traces o_1..o_G per prompt
-   (temperature 1, top-p 1, KV-cached batched sampler; the prefill is shared by the group).
+   another); rank r takes rollout positions r, r + world, ... (so every mini-batch is split evenly). The
+   policy's weights are copied into a plain (unsharded) rollout model, in bf16 on GPUs, and the sampler
+   (sampler.py: static KV cache, continuous batching, compiled decode step) draws a group of G = --n traces
+   o_1..o_G per prompt (temperature 1, top-p 1; the prefill is shared by the group). The draws are keyed
+   by (step, prompt, sample), so they do not depend on the number of ranks.
 2. Reward. r_i = +1 if o_i ends with the verdict matching the label, -1 otherwise (rewards.judge_reward;
    a trace cut at --max-new-tokens gets -1). With --format-reward: format (0/1) + correct (0/1).
 3. Advantage, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-6) (unbiased std; --no-std-norm drops the
@@ -28,14 +31,13 @@ The algorithm, per step:
        token-mean            sum L_tok / (number of response tokens)                    [reference]
        seq-mean-token-mean   mean over sequences of (mean over the sequence's tokens)
        dr-grpo               sum L_tok / (number of sequences * max_new_tokens)
-   then grad-norm clipping and a constant-LR AdamW step.
+   then grad-norm clipping and an AdamW step (constant LR as the paper; --lr-schedule cosine decays it to 0).
 
 Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the
 progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. Checkpoints:
 Hugging Face layout model + resumable state (sft.py helpers); --resume continues exactly.
 """
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -48,9 +50,10 @@ from tqdm import tqdm
 import model as M
 from data import default_judge_family, load_judge_examples, load_tokenizer, tokenize_prompts
 from rewards import format_reward, judge_reward, parse_verdict
-from sampler import generate
-from sft import (_local, all_reduce_sum, copy_tokenizer, full_weights, heldout_accuracy, idle_backward, load_state,
-                 log_step, make_optimizer, save_state, setup_distributed, shard_model)
+from sampler import Sampler
+from eval import heldout_accuracy, load_heldout
+from sft import (_local, all_reduce_sum, copy_tokenizer, idle_backward, load_state, log_step, lr_at, make_optimizer, save_state,
+                 setup_distributed, shard_model)
 
 
 def parse_args(argv=None):
@@ -65,10 +68,12 @@ def parse_args(argv=None):
     ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
     ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 16]")
-    ap.add_argument("--gen-prompts", type=int, default=None, help="prompts per sampler call [32; toy 64]")
+    ap.add_argument("--gen-prompts", type=int, default=None, help="prompts decoded at once: the sampler has gen-prompts x n slots [32; toy 64]")
     ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward, in whole groups [8; toy 112]")
     ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 180]")
     ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 1e-4]")
+    ap.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
+                    help="constant, or cosine decay to 0 over the run's steps [constant; toy cosine]")
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--clip", type=float, default=0.2)
@@ -88,7 +93,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=20)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the blocks and the decode step (default: on with CUDA)")
+                    help="torch.compile the training blocks and the sampler's decode step (default: on with CUDA)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
@@ -96,7 +101,8 @@ def parse_args(argv=None):
     import toy
     paths = toy.apply_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
                                           minibatch_prompts=(16, 128), micro_seqs=(112, 8), lr=(1e-4, 1e-6),
-                                          max_prompt_len=(512, 4096), max_new_tokens=(48, 8192)))
+                                          max_prompt_len=(512, 4096), max_new_tokens=(48, 8192),
+                                          lr_schedule=("cosine", "constant")))
     if paths:
         args.model = "runs/toy/sft/model"
         args.data, args.format = args.data or paths["rl"], "rm-r1"
@@ -228,6 +234,14 @@ def main(argv=None):
     if args.kl > 0:
         ref = shard_model(M.load_model(args.model, dtype=torch.float32).requires_grad_(False).eval(), world, device)
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
+    heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data else ([], [])
+    longest = max(map(len, prompt_ids + heldout[1]))
+    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, longest + args.max_new_tokens, compile=args.compile)
+
+    def judge_heldout():  # greedy held-out accuracy of the current policy, with the run's token budget
+        engine.load_weights(policy)
+        return heldout_accuracy(engine, tokenizer, *heldout, args.max_new_tokens, rank, world, args.seed)[0]
+
     state_dir, step, history = os.path.join(args.out, "state"), 0, {}
     if args.resume and os.path.exists(state_dir):
         step, history = load_state(state_dir, policy, optimizer, rank)
@@ -237,8 +251,7 @@ def main(argv=None):
               f"{total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
               f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type}, start at step {step}")
     if args.eval_data and "heldout_start" not in history:
-        history["heldout_start"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world,
-                                   compile=args.compile)[0]
+        history["heldout_start"] = judge_heldout()
         if rank == 0:
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a" if step else "w") if rank == 0 else None
@@ -247,11 +260,13 @@ def main(argv=None):
     rec = {}
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
     while step < stop_at:
-        rec = rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, prompt_ids, per_epoch, rank, world, device, pad)
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr if args.lr_schedule == "constant" else lr_at(step, total, args.lr, 0, 0.0)
+        rec = rollout_and_update(args, step, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, per_epoch, rank,
+                                 world, device, pad)
         step += 1
         if args.eval_data and args.eval_every and step % args.eval_every == 0 and step < total:
-            rec["heldout_accuracy"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world,
-                                   compile=args.compile)[0]
+            rec["heldout_accuracy"] = judge_heldout()
         if rank == 0:
             log_step(metrics, bar, rec, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
         if step % args.save_every == 0 or step == stop_at:
@@ -264,8 +279,7 @@ def main(argv=None):
         copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
     summary = {"steps": step, **history}
     if args.eval_data:
-        summary["heldout_end"] = heldout_accuracy(policy, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world,
-                                   compile=args.compile)[0]
+        summary["heldout_end"] = judge_heldout()
     if rank == 0:
         json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
         curve = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
@@ -279,26 +293,21 @@ def main(argv=None):
     return summary
 
 
-def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, prompt_ids, per_epoch, rank, world, device, pad):
+def rollout_and_update(args, step, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, per_epoch, rank, world,
+                       device, pad):
     epoch, k = divmod(step, per_epoch)
     perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
     batch = perm[k * args.rollout_prompts:(k + 1) * args.rollout_prompts]
     n = args.n
 
-    # 1-2. rollout and rewards (weights gathered once for the whole generation). Prompts go to the sampler in
-    # chunks of --gen-prompts, each seeded by (step, chunk) and dealt round-robin to ranks, so the samples
-    # do not depend on the number of ranks.
+    # 1-2. rollout and rewards: this rank's rollout positions, every world-th, sampled by the engine from a copy of
+    # the current weights; the draws are keyed by (step, position, sample), so they do not depend on the ranks
     t0 = time.time()
-    g = args.gen_prompts
-    chunks = [list(range(c, min(c + g, len(batch)))) for c in range(0, len(batch), g)]
-    mine, responses = [], []
-    ctx = full_weights(policy) if world > 1 else contextlib.nullcontext()
-    with ctx:
-        for c in range(rank, len(chunks), world):
-            responses += generate(policy, [prompt_ids[batch[j]] for j in chunks[c]], args.max_new_tokens, args.temperature,
-                                  args.top_p, args.top_k, n, tokenizer.stop_ids, seed=(args.seed * 100003 + step) * 1009 + c,
-                                  vocab_size=tokenizer.vocab_size, pad_id=pad, compile=args.compile)
-            mine += chunks[c]
+    mine = list(range(rank, len(batch), world))
+    engine.load_weights(policy)
+    responses = engine.generate([prompt_ids[batch[j]] for j in mine], args.max_new_tokens, args.temperature, args.top_p,
+                                args.top_k, n, tokenizer.stop_ids, seed=args.seed * 100003 + step,
+                                vocab_size=tokenizer.vocab_size, prompt_ids=mine)
     t_rollout = time.time() - t0
     prompts = [prompt_ids[batch[j]] for j in mine]  # one per group; responses are prompt-major
     owner = [j for j in mine for _ in range(n)]  # rollout-batch position of each sequence: its group
@@ -315,6 +324,8 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
     micro = max(1, args.micro_seqs // n)  # groups per forward: a group's prompt is run once for its n responses
     old = batched_logprobs(policy, prompts, responses, n, pad, device, micro, args.temperature)
     refs = batched_logprobs(ref, prompts, responses, n, pad, device, micro, args.temperature) if ref is not None else None
+    t_logprobs = time.time() - t0
+    t0 = time.time()
 
     # 5. one optimizer step per mini-batch of prompts; global counts first so aggregation is exact
     n_mb = args.rollout_prompts // args.minibatch_prompts
@@ -372,7 +383,8 @@ def rollout_and_update(args, step, policy, ref, optimizer, tokenizer, examples, 
             "unparsed_rate": sums[2] / n_seq_all, "response_len_mean": sums[3] / n_seq_all, "response_len_max": maxlen.item(),
             "truncated_frac": sums[4] / n_seq_all, "zero_std_frac": sums[5] / n_prompt_all,
             "kl": sums[10], "clip_frac": sums[11], "entropy": sums[12], "grad_norm": stats["grad_norm"],
-            "rollout_tokens_per_s": sums[8] / max(t_rollout, 1e-9), "train_tokens_per_s": sums[9] / max(t_train, 1e-9)}
+            "rollout_tokens_per_s": sums[8] / max(t_rollout, 1e-9), "train_tokens_per_s": sums[9] / max(t_train, 1e-9),
+            "rollout_s": t_rollout, "logprobs_s": t_logprobs, "train_s": t_train}
 
 
 def _row(chunks, i, micro, width):

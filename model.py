@@ -13,14 +13,20 @@ head *before* RoPE, and a head_dim decoupled from hidden_size / heads.
 
 Module names mirror the Hugging Face ones, so a state-dict key here is the key in the safetensors file.
 
-The forward has four modes, sharing one copy of the layer code:
-    logits [B, T, V]            model(ids)
-    last-position logits        model(ids, last_only=True)            (sampling)
-    KV-cached step              model(ids, positions, kv_cache=c, cache_index=i, key_valid=m)
-    token log-probs + entropy   model(ids, targets=t)                 (SFT / GRPO losses)
-The last one runs the output head in chunks of tokens with recomputation in backward, so the full
-[tokens, vocab] fp32 logits (152k vocab) never exist; it lives inside forward so that FSDP has the
-head's weight gathered while it runs.
+The forward runs the blocks one way and then one of four heads:
+    logits [B, T, V]            model(ids)                             (last_only=True: [B, 1, V])
+    hidden states [B, T, H]     model(ids, head=False)
+    token log-probs + entropy   model(ids, targets=t)                  (GRPO; SFT's loss_weights: a sum)
+The log-prob heads run the output head in chunks of tokens, so the full [tokens, vocab] fp32 logits (152k
+vocab) never exist; they live inside forward so that FSDP has the head's weight gathered while they run.
+
+The KV cache belongs to the model (as in gpt-fast): setup_cache(slots, max_len) gives every attention
+module static buffers [slots, kv_heads, max_len, head_dim], allocated once, so a compiled decode step sees
+the same addresses on every call (CUDA graphs replay only then). Two cached modes (sampler.py drives them):
+    prefill   model(ids, cache_rows=r)       causal attention over ids (right-padded rows, positions 0..T-1);
+                                             row b's K/V also go to cache rows r[b*k:(b+1)*k], k = len(r) / B
+    decode    model(tok, pos, decode=True)   one token per cache row 0..B-1, written at position pos[b],
+                                             attending to that row's positions <= pos[b]
 """
 import json
 import math
@@ -122,23 +128,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache:
-    """Static per-layer K/V buffers [B, kv_heads, max_len, head_dim], written at a shared slot index.
-    Ragged prompts are left-padded so every row writes the same slot; `key_valid` [B, max_len] marks
-    which slots hold real tokens (pads stay False), and RoPE uses per-row positions."""
-
-    def __init__(self, cfg: ModelConfig, batch, max_len, device, dtype):
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-
-    def select(self, rows):
-        """Keep (and reorder/repeat) batch rows: used to share a prefill across n samples and to drop
-        finished rows so they stop costing compute."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-
-
 class SharedPrefix:
     """Attention layout that scores n continuations of a prompt with the prompt run once (GRPO's groups).
     Row g of the input is [prefix | segment 1 | ... | segment n]: a prefix of P columns (right-padded;
@@ -185,7 +174,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache, layer, cache_index, kv_len):
+    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(B, T, -1, hd)
@@ -195,16 +184,32 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, hd]
-        if cache is not None:  # index_copy_ takes a tensor slot too, so a compiled step does not recompile per slot
-            slots = cache_index + torch.arange(T, device=x.device)
-            cache.k[layer].index_copy_(2, slots, k.to(cache.k[layer].dtype))
-            cache.v[layer].index_copy_(2, slots, v.to(cache.v[layer].dtype))
-            k, v = cache.k[layer][:, :, :kv_len], cache.v[layer][:, :, :kv_len]
-        if isinstance(mask, SharedPrefix):
-            y = mask.attend(q, k, v)
+        if decode_pos is not None:  # decode: row b of the cache takes this token at position decode_pos[b]
+            at = decode_pos.view(B, 1, 1, 1).expand(B, k.shape[1], 1, hd)
+            self.k_cache[:B].scatter_(2, at, k.to(self.k_cache.dtype))
+            self.v_cache[:B].scatter_(2, at, v.to(self.v_cache.dtype))
+            y = decode_attention(q, self.k_cache[:B, :, :kv_len], self.v_cache[:B, :, :kv_len], decode_pos)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            if cache_rows is not None:  # prefill: each row's K/V to its cache rows (the n samples of a prompt)
+                copies = cache_rows.numel() // B
+                self.k_cache[:, :, :T].index_copy_(0, cache_rows, k.to(self.k_cache.dtype).repeat_interleave(copies, 0))
+                self.v_cache[:, :, :T].index_copy_(0, cache_rows, v.to(self.v_cache.dtype).repeat_interleave(copies, 0))
+            if shared_prefix is not None:
+                y = shared_prefix.attend(q, k, v)
+            else:  # causal; right padding never leaks into real tokens, so no mask: the flash kernel applies
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def decode_attention(q, k, v, pos):
+    """q [B, heads, 1, hd], k, v [B, kv_heads, L, hd], pos [B] -> [B, heads, 1, hd]: row b attends to its
+    keys at positions <= pos[b]. The query heads that share a KV head are folded into the query-length
+    dimension ([B, kv_heads, heads/kv_heads, hd]), so SDPA needs no enable_gqa: with a mask, enable_gqa
+    would rule out the flash and memory-efficient kernels and leave the math kernel."""
+    B, H, _, hd = q.shape
+    keep = (torch.arange(k.shape[2], device=q.device) <= pos[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], hd), k, v, attn_mask=keep)
+    return y.reshape(B, H, 1, hd)
 
 
 class MLP(nn.Module):
@@ -226,8 +231,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, cache_index=0, kv_len=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, cache_index, kv_len)
+    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -337,49 +342,36 @@ class Transformer(nn.Module):
         self.checkpoint_activations = False  # recompute each block in backward (sft/grpo --grad-ckpt)
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k fp32 logits = 0.6 GB
 
-    def forward(self, input_ids, positions=None, key_valid=None, kv_cache=None, cache_index=0, kv_len=None,
-                last_only=False, targets=None, temperature=1.0, token_mask=None, loss_weights=None, head=True,
-                shared_prefix=None):
-        """input_ids [B, T]; positions [B, T] (default 0..T-1); key_valid [B, S] bool marks real tokens
-        among the keys (S = T without cache, the cache length with one; None = all real);
-        kv_cache + cache_index: write this step's K/V at slots cache_index.. and attend to slots < kv_len.
-        Returns logits [B, T, V] (or [B, 1, V] with last_only), or with targets [B, T]:
-          the pair (log p(targets) [B, T], entropy [B, T]) in fp32, computed only where token_mask [B, T] is
-          set (0 elsewhere: prompt tokens never reach the output head), or
-          with loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped);
-        head=False returns the final normed hidden states [B, T, H] instead (no output head);
-        shared_prefix (a SharedPrefix) replaces the causal mask: rows are [prefix | n segments] (give positions)."""
-        cfg = self.config
+    def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, shared_prefix=None,
+                last_only=False, head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
+        """input_ids [B, T]; positions [B, T] (default 0..T-1).
+        Cache (setup_cache first): cache_rows [B * k] prefills, decode=True decodes (see the module docstring);
+        kv_len (decode, eager only) attends to the first kv_len cache positions instead of all of them.
+        shared_prefix (a SharedPrefix) replaces the causal mask: rows are [prefix | n segments] (give positions).
+        Returns logits [B, T, V] ([B, 1, V] with last_only), or with head=False the final normed hidden states
+        [B, T, H], or with targets [B, T]: (log p(targets) [B, T], entropy [B, T]) in fp32, computed only where
+        token_mask [B, T] is set (0 elsewhere: prompt tokens never reach the output head), or with
+        loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        if shared_prefix is not None:
-            mask = shared_prefix
-        elif kv_cache is None and key_valid is None:
-            mask = None  # plain causal (right padding never leaks into real tokens): flash path
-        else:
-            kv_len = kv_len or (cache_index + T if kv_cache is not None else T)
-            q_slot = cache_index + torch.arange(T, device=x.device)
-            k_slot = torch.arange(kv_len, device=x.device)
-            causal = k_slot[None, :] <= q_slot[:, None]  # [T, kv_len]
-            valid = key_valid[:, :kv_len] if key_valid is not None else torch.ones(B, kv_len, dtype=torch.bool, device=x.device)
-            # A pad query sees itself, so no row is fully masked (SDPA would give NaN); its output is unused.
-            mask = (causal[None] & valid[:, None]) | (k_slot[None, :] == q_slot[:, None])[None]
-            mask = mask[:, None]  # [B, 1, T, kv_len]
-        for i, layer in enumerate(self.model.layers):
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        decode_pos = positions[:, 0] if decode else None
+        for layer in self.model.layers:
             if self.checkpoint_activations and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, shared_prefix, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, kv_cache, i, cache_index, kv_len)
-        if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)
+                x = layer(x, cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
+        x = self.model.norm(x[:, -1:] if last_only else x)
         if not head:
             return x
         if targets is None:
             return self.lm_head(x)
+        return self._token_logprobs(x, targets, temperature, token_mask, loss_weights)
+
+    def _token_logprobs(self, x, targets, temperature, token_mask, loss_weights):
+        B, T, _ = x.shape
         hidden, targets = x.reshape(B * T, -1), targets.reshape(-1)
         if loss_weights is not None:
             rows = (loss_weights.reshape(-1) != 0).nonzero().squeeze(1)
@@ -393,6 +385,26 @@ class Transformer(nn.Module):
             logp = torch.zeros(B * T, device=x.device).index_put((rows,), logp)
             entropy = torch.zeros(B * T, device=x.device).index_put((rows,), entropy)
         return logp.view(B, T).clone(), entropy.view(B, T).clone()
+
+    def setup_cache(self, slots, max_len, dtype=None):
+        """Give every attention module a static KV cache [slots, kv_heads, max_len, head_dim] (reused when
+        the shape is unchanged). Marked as static addresses: a compiled decode step writes into them in
+        place, and CUDA graphs are recorded only over tensors that never move."""
+        cfg, p = self.config, self.lm_head.weight
+        shape, dtype = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim), dtype or p.dtype
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            if getattr(attn, "k_cache", None) is None or attn.k_cache.shape != shape or attn.k_cache.dtype != dtype:
+                attn.register_buffer("k_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
+                attn.register_buffer("v_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
+                torch._dynamo.mark_static_address(attn.k_cache)
+                torch._dynamo.mark_static_address(attn.v_cache)
+
+    def move_cache_rows(self, src, dst):
+        """Copy cache rows src -> dst (LongTensors) in every layer: the sampler packs running rows to the front."""
+        for layer in self.model.layers:
+            for c in (layer.self_attn.k_cache, layer.self_attn.v_cache):
+                c.index_copy_(0, dst, c.index_select(0, src))
 
 
 # ----------------------------------------------------------------------------- checkpoints (HF layout)
@@ -419,16 +431,22 @@ def load_config(path) -> ModelConfig:
         return ModelConfig.from_hf(json.load(f), source=cfg_file)
 
 
-def load_model(path, device="cpu", dtype=None) -> Transformer:
-    """Build on the meta device, allocate once in the destination dtype/device, then copy tensors in
-    one at a time from the safetensors files: peak memory is one model plus one tensor."""
-    cfg = load_config(path)
-    dtype = dtype or _DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
+def empty_model(cfg: ModelConfig, device="cpu", dtype=torch.float32) -> Transformer:
+    """A Transformer with uninitialised weights: built on the meta device, allocated once in dtype on device."""
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)  # free on meta: the one real allocation is in `dtype`
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty breaks the tie; restore it
         model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def load_model(path, device="cpu", dtype=None) -> Transformer:
+    """Allocate an empty model, then copy tensors in one at a time from the safetensors files: peak memory
+    is one model plus one tensor."""
+    cfg = load_config(path)
+    dtype = dtype or _DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
+    model = empty_model(cfg, device, dtype)
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
     seen = set()
     for file in _weight_files(path):
@@ -498,11 +516,22 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, rank=0):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def compile_blocks(model):
-    """torch.compile each block (CUDA): RMSNorm + residual add, RoPE and SwiGLU fuse into a few kernels;
-    the eager code above stays the readable reference. Call before FSDP sharding."""
+@torch.no_grad()
+def copy_weights(src, dst):
+    """dst's parameters <- src's (dtype cast on the way). src may be FSDP-sharded: each tensor is
+    all-gathered on its own (every rank must call), so no rank holds more than dst plus one full tensor."""
+    dst_params = dict(dst.named_parameters())
+    for name, p in src.named_parameters():
+        dst_params[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each block for training (CUDA): RMSNorm + residual add, RoPE and SwiGLU fuse into a
+    few kernels; the eager code above stays the readable reference. Every block has the same code and takes
+    only tensors (no layer index), so one compiled graph serves all layers; sequence lengths become
+    dynamic after the first change. Call before FSDP sharding."""
     for layer in model.model.layers:
-        layer.compile()
+        layer.compile(backend=backend)
     return model
 
 

@@ -1,34 +1,65 @@
 """
-sampler.py: batched, KV-cached autoregressive sampling for model.Transformer.
+sampler.py: the KV-cached sampling engine with continuous batching (GRPO rollouts and evaluation).
 
-    generate(model, prompts, max_new_tokens, temperature, top_p, top_k, n, stop_ids, seed)
+    engine = Sampler(model, slots=S, max_len=L, compile=True)     # once per run
+    outs = engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, n, stop_ids, seed)
 
-How it works (shapes for B prompts, n samples each, P = longest prompt, N = max_new_tokens):
-1. Left-pad the prompts to [B, P] so every row writes its next token to the same cache slot. RoPE positions
-   are per row (a pad count of p_i shifts row i's positions by -p_i) and `key_valid` [B, P+N] masks pads,
-   so a short prompt in a ragged batch sees exactly what it would see alone.
-2. Prefill the B prompts once into a static cache sized P+N (not the model's context length), then repeat
-   each row n times: GRPO's n samples per judge prompt share one prefill.
-3. Decode one token per step for the B*n rows. Sampling: logits / temperature, optional top-k and top-p
-   (nucleus) truncation, a draw from a seeded generator; temperature 0 is greedy. Ids at or beyond the
-   tokenizer's vocabulary (Qwen pads the embedding to 151936 rows) are never sampled.
-4. A row that emits a stop id is finished (the stop id is kept in its output). Once a quarter of the
-   running rows are finished, the batch is compacted (cache rows dropped), so finished rows stop costing.
+How it works (S slots, each holding one sequence in a static KV cache of L positions owned by the model):
+1. Admission. Whenever n slots are free, the next waiting prompt is prefilled once (all prompts that fit
+   go in one right-padded causal forward) and its K/V is written to n slots: the n samples of a prompt
+   share one prefill. A slot is left-aligned: position p holds token p, which is also its RoPE position.
+   Each sample's first token is drawn from the prefill's logits at the prompt's last token.
+2. Decode. One step feeds every slot of the current bucket one token: write K/V at the slot's position,
+   attend to positions <= it, sample, store the token in the slot's output row, test for a stop id or the
+   token budget. All of it is on the device in one fixed-shape function (decode_step), so compiled it is
+   one graph, replayed as a CUDA graph on GPUs (the cache and the slot state are static buffers).
+3. Bookkeeping. Every `sync_every` steps the host reads which slots finished, collects their outputs and
+   admits waiting prompts into the freed slots (continuous batching: a long trace holds up one slot, not a
+   batch). When nothing waits and the running slots fit a smaller bucket, they are moved to the front and
+   the step runs on that bucket: S, S/4, S/16, ... (>= 8) when compiled, so a run makes a few graphs, never
+   one per batch size; the exact running count when eager (no graphs to keep).
 
-Returns the generated ids of every sample in prompt-major order (prompt i, sample j at index i*n + j),
-optionally with the log-probability of each sampled token under log_softmax(logits / temperature)
-(before truncation; trainers recompute their own log-probs, this is for inspection and eval).
+Sampling: logits / temperature, optional top-k and top-p (nucleus), then the inverse CDF at one uniform
+number per token. The uniform is a counter-based hash of (seed, sequence index, token index), drawn inside
+the step, so a sequence's sample does not depend on its slot, its batch or the number of ranks.
+Temperature 0 is greedy. Ids at or beyond the tokenizer's vocabulary (Qwen pads the embedding to 151936
+rows) are never sampled.
+
+Returns the generated ids of every sample, the stop id kept, in prompt-major order (prompt i, sample j at
+index i*n + j); for greedy decoding they are the same whatever S, the order of admission or the buckets.
 """
+from collections import deque
+
 import torch
 
-from model import KVCache
+import model as M
 
 
-def sample_next(logits, temperature, top_p, top_k, generator):
-    """logits [R, V] fp32 -> token ids [R]."""
+def _signed(x):
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_M1, _M2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+
+
+def _mix(x):
+    """splitmix64's finaliser on int64 tensors (multiplication wraps; logical shifts by masking)."""
+    x = (x ^ ((x >> 30) & ((1 << 34) - 1))) * _M1
+    x = (x ^ ((x >> 27) & ((1 << 37) - 1))) * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def uniforms(seed, seq, t):
+    """seed [] / seq [R] / t [R] int64 tensors -> one uniform number in [0, 1) per row, 24 random bits."""
+    x = _mix(_mix(seed * _GOLDEN + seq) + t * _GOLDEN)
+    return ((x >> 40) & 0xFFFFFF).float() * 2.0 ** -24
+
+
+def sample_next(logits, u, temperature, top_p, top_k):
+    """logits [R, V] fp32, u [R] uniforms -> token ids [R]."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    logits = logits / temperature if temperature != 1 else logits
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -38,98 +69,173 @@ def sample_next(logits, temperature, top_p, top_k, generator):
         drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    # inverse CDF: one uniform draw per row, where torch.multinomial draws one random number per vocabulary
-    # entry (its exponential race), which dominates a small model's decode step on CPU. side="right" never
-    # lands on a zero-probability token (a flat stretch of the CDF); a draw that float rounding pushes to
-    # the total takes the last token with p > 0.
-    probs = logits.softmax(-1)
-    cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    last = probs.shape[1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(torch.searchsorted(cdf, u, side="right").squeeze(1), last)
+    # inverse CDF: the first token whose CDF exceeds x = u * total (side="right"). That token has p > 0 (a
+    # zero-probability token sits on a flat stretch of the CDF), and x is kept below the total so that float
+    # rounding cannot push it past the last token with p > 0.
+    cdf = logits.softmax(-1).cumsum(-1)
+    total = cdf[:, -1:]
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, side="right").squeeze(1)
 
 
-def _decode_step(model, tok, pos, key_valid, cache, slot):
-    return model(tok, pos, key_valid, cache, cache_index=slot, kv_len=key_valid.shape[1], last_only=True)[:, -1].float()
-
-
-_compiled = {}
-
-
-def decode_step(model, *args):
-    """The fixed-shape decode step under torch.compile (CUDA graphs via reduce-overhead on GPUs)."""
-    if "fn" not in _compiled:
-        mode = "reduce-overhead" if torch.cuda.is_available() else None
-        _compiled["fn"] = torch.compile(_decode_step, dynamic=False, mode=mode)
-    return _compiled["fn"](model, *args)
-
-
-@torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(),
-             seed=None, vocab_size=None, return_logprobs=False, pad_id=0, compile=False):
-    """compile=True runs the decode step under torch.compile with fixed shapes: the cache length is rounded
-    up to a multiple of 256 and attended in full (masked), the slot index is a tensor, and the batch is
-    not compacted, so one compiled graph (a CUDA graph on GPUs) serves every step of a call."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate: every prompt needs at least one token")
-    was_training = model.training
-    model.eval()
-    device = model.lm_head.weight.device
-    dtype = model.model.embed_tokens.weight.dtype
-    vocab_size = vocab_size or model.config.vocab_size
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
-    B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
-    if compile:  # bucket the padded prompt length so the cache shape repeats across calls
-        P = -(-(P + N) // 256) * 256 - N
-
-    # 1. left-pad; per-row positions and key validity
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    key_valid = torch.zeros(B, P + N, dtype=torch.bool)
-    lengths = torch.tensor([len(p) for p in prompts])
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        key_valid[i, P - len(p):] = True  # the P+N-P decode slots become real as they are written
-    ids, key_valid, lengths = ids.to(device), key_valid.to(device), lengths.to(device)
-    positions = (torch.arange(P, device=device)[None] - (P - lengths)[:, None]).clamp(min=0)
-
-    # 2. prefill once per prompt, then share it across the n samples
-    cache = KVCache(model.config, B, P + N, device, dtype)
-    logits = model(ids, positions, key_valid, cache, cache_index=0, last_only=True)[:, -1].float()
-    rows = torch.arange(B, device=device).repeat_interleave(n)
-    cache.select(rows)
-    logits, key_valid, lengths = logits[rows], key_valid[rows], lengths[rows]
-
-    # 3-4. decode
-    gen = torch.full((B * n, N), -1, dtype=torch.long, device=device)  # -1 = nothing generated here
-    gen_lp = torch.zeros(B * n, N, device=device)
-    row_ids = torch.arange(B * n, device=device)  # which output each running row belongs to
-    done = torch.zeros(B * n, dtype=torch.bool, device=device)
-    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
-    for t in range(N):
-        if vocab_size < logits.shape[-1]:
-            logits[:, vocab_size:] = float("-inf")
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
-        live = row_ids[~done]
-        gen[live, t] = tok[~done]
-        if return_logprobs:
-            lp = torch.log_softmax(logits / (temperature or 1.0), -1).gather(1, tok[:, None]).squeeze(1)
-            gen_lp[live, t] = lp[~done]
-        done |= torch.isin(tok, stop)
-        if t == N - 1 or bool(done.all()):
-            break
-        if not compile and done.sum() * 4 >= done.numel():  # compact: drop finished rows from the batch and the cache
-            keep = (~done).nonzero().squeeze(1)
-            cache.select(keep)
-            tok, key_valid, lengths, row_ids, done = tok[keep], key_valid[keep], lengths[keep], row_ids[keep], done[keep]
-        slot = P + t
-        key_valid[:, slot] = True
+class Sampler:
+    def __init__(self, model, slots, max_len, compile=False, sync_every=None, backend="inductor"):
+        """model: a plain (unsharded) Transformer; it gets a KV cache of `slots` x `max_len` (prompt + new
+        tokens). compile: torch.compile the decode step (fullgraph, CUDA graphs on GPUs); backend "eager"
+        lets CPU tests count compilations. sync_every: decode steps between host checks (CPU 1, CUDA 8)."""
+        self.model, self.slots, self.max_len = model, slots, max_len
+        device = model.lm_head.weight.device
+        self.sync_every = sync_every or (8 if device.type == "cuda" else 1)
+        model.setup_cache(slots, max_len)
+        # per-slot state, written in place by the decode step: static addresses, like the cache
+        zeros = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)
+        self.tok, self.pos, self.n_out, self.seq = zeros(torch.long), zeros(torch.long), zeros(torch.long), zeros(torch.long)
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)
+        self.out = torch.zeros(slots, max_len + 1, dtype=torch.long, device=device)  # last column: finished rows' sink
+        self.seed, self.budget = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device)
+        for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.seed, self.budget):
+            torch._dynamo.mark_static_address(t)
+        self.compiled = compile
+        self.step = self.decode_step
         if compile:
-            logits = decode_step(model, tok[:, None], (lengths + t)[:, None], key_valid, cache, torch.tensor(slot, device=device))
-        else:
-            logits = model(tok[:, None], (lengths + t)[:, None], key_valid, cache, cache_index=slot, last_only=True)[:, -1].float()
-    counts = (gen >= 0).sum(1).tolist()
-    out = [row[:c] for row, c in zip(gen.tolist(), counts)]
-    out_lp = [row[:c] for row, c in zip(gen_lp.tolist(), counts)]
-    model.train(was_training)
-    return (out, out_lp) if return_logprobs else out
+            mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+            # one graph per (bucket, greedy or not): allow that many
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.buckets()) + 2)
+            self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
+
+    @classmethod
+    def for_policy(cls, policy, slots, max_len, compile=False):
+        """An engine over a plain copy of a training policy (possibly FSDP-sharded), in bf16 on GPUs: the
+        compiled step never meets FSDP hooks, and sampling reads the weights once per token, not per layer
+        gather. load_weights refreshes the copy."""
+        device = next(policy.parameters()).device
+        dtype = torch.bfloat16 if device.type == "cuda" else next(policy.parameters()).dtype
+        return cls(M.empty_model(policy.config, device, dtype), slots, max_len, compile)
+
+    def load_weights(self, policy):
+        M.copy_weights(policy, self.model)  # under FSDP every rank calls this (one all-gather per tensor)
+
+    def buckets(self):
+        sizes, b = [self.slots], self.slots // 4
+        while b >= 8:
+            sizes.append(b)
+            b //= 4
+        return sizes
+
+    def decode_step(self, b, stop, temperature, top_p, top_k, vocab_size, kv_len=None):
+        """One token for slots 0..b-1, entirely on the device (no host sync)."""
+        logits = self.model(self.tok[:b, None], self.pos[:b, None], decode=True, kv_len=kv_len)[:, -1].float()  # [b, V]
+        if vocab_size < logits.shape[-1]:
+            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size, float("-inf"))
+        tok = sample_next(logits, uniforms(self.seed, self.seq[:b], self.n_out[:b]), temperature, top_p, top_k)
+        live = ~self.done[:b]
+        column = torch.where(live, self.n_out[:b], self.out.shape[1] - 1)
+        self.out[:b].scatter_(1, column[:, None], tok[:, None])
+        self.n_out[:b] += live
+        self.done[:b] |= (tok[:, None] == stop).any(-1) | (self.n_out[:b] >= self.budget)
+        self.tok[:b] = tok
+        self.pos[:b] = (self.pos[:b] + 1).clamp(max=self.max_len - 1)  # finished slots idle at the end
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
+                 vocab_size=None, prompt_ids=None, continuous=True):
+        """prompt_ids: a global index per prompt (default 0..len-1): sample j of prompt i is sequence
+        prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
+        is free (static batching, for comparison)."""
+        longest = max((len(p) for p in prompts), default=0)
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        if longest + max_new_tokens > self.max_len or n > self.slots:
+            raise ValueError(f"generate: prompts up to {longest} tokens + {max_new_tokens} new and n={n} do not fit "
+                             f"{self.slots} slots of {self.max_len} positions")
+        was_training = self.model.training
+        self.model.eval()
+        device = self.tok.device
+        vocab_size = vocab_size or self.model.config.vocab_size
+        self.seed.fill_(seed)
+        self.budget.fill_(max_new_tokens)
+        self.done.fill_(True)
+        stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+        ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+        waiting, owner = deque(range(len(prompts))), [-1] * self.slots  # owner: the output index a slot fills
+        outputs, hi = [None] * (len(prompts) * n), 0  # hi: an upper bound on the positions in use (eager)
+        while waiting or max(owner) >= 0:
+            free = [s for s in range(self.slots) if owner[s] < 0]
+            if waiting and len(free) >= n and (continuous or len(free) == self.slots):
+                take = [waiting.popleft() for _ in range(min(len(waiting), len(free) // n))]
+                rows = free[:len(take) * n]
+                self.admit([prompts[i] for i in take], [ids[i] for i in take], rows, n, temperature, top_p, top_k,
+                           vocab_size, stop)
+                for k, i in enumerate(take):
+                    for j in range(n):
+                        owner[rows[k * n + j]] = i * n + j
+                hi = max(hi, max(len(prompts[i]) for i in take))
+            elif not waiting:
+                self.pack(owner)
+            b = self.fit(max(s for s in range(self.slots) if owner[s] >= 0) + 1)
+            for _ in range(self.sync_every):
+                hi = min(hi + 1, self.max_len)
+                self.step(b, stop, temperature, top_p, top_k, vocab_size, None if self.compiled else hi)
+            self.collect(owner, b, outputs)
+        self.model.train(was_training)
+        return outputs
+
+    def fit(self, k):
+        """Slots the step runs on to cover slots 0..k-1: exactly k eager, the smallest bucket >= k compiled."""
+        return min(x for x in self.buckets() if x >= k) if self.compiled else k
+
+    def admit(self, prompts, prompt_ids, rows, n, temperature, top_p, top_k, vocab_size, stop):
+        """Prefill prompts (right-padded, one forward) into slots `rows` (n per prompt) and draw first tokens."""
+        device = self.tok.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p)
+        rows_t = torch.tensor(rows, device=device)
+        hidden = self.model(ids.to(device), cache_rows=rows_t, head=False)  # [P, T, H]
+        logits = self.model.lm_head(hidden[torch.arange(len(prompts), device=device), lengths - 1]).float()
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=device) >= vocab_size, float("-inf"))
+        seq = (torch.tensor(prompt_ids, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
+        first = sample_next(logits.repeat_interleave(n, 0), uniforms(self.seed, seq, torch.zeros_like(seq)),
+                            temperature, top_p, top_k)
+        self.tok.index_copy_(0, rows_t, first)
+        self.pos.index_copy_(0, rows_t, lengths.repeat_interleave(n))
+        self.seq.index_copy_(0, rows_t, seq)
+        self.n_out.index_fill_(0, rows_t, 1)
+        self.out[:, 0].index_copy_(0, rows_t, first)
+        self.done.index_copy_(0, rows_t, (first[:, None] == stop).any(-1) | (self.budget <= 1))
+
+    def pack(self, owner):
+        """Nothing waits: move the running slots to the front when that shrinks the step by a quarter or more."""
+        running = [s for s in range(self.slots) if owner[s] >= 0]
+        if not running or self.fit(len(running)) * 4 > self.fit(running[-1] + 1) * 3:
+            return
+        src = torch.tensor(running, device=self.tok.device)
+        dst = torch.arange(len(running), device=self.tok.device)
+        self.model.move_cache_rows(src, dst)
+        for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out):
+            t.index_copy_(0, dst, t.index_select(0, src))
+        self.done[len(running):] = True
+        moved = [owner[s] for s in running]
+        owner[:] = moved + [-1] * (self.slots - len(moved))
+
+    def collect(self, owner, b, outputs):
+        """Host check: copy out the outputs of finished slots and free them."""
+        done = self.done[:b].tolist()
+        finished = [s for s in range(b) if owner[s] >= 0 and done[s]]
+        if not finished:
+            return
+        rows = torch.tensor(finished, device=self.tok.device)
+        counts = self.n_out.index_select(0, rows).tolist()
+        tokens = self.out.index_select(0, rows)[:, :max(counts)].tolist()
+        for s, c, t in zip(finished, counts, tokens):
+            outputs[owner[s]] = t[:c]
+            owner[s] = -1
+
+
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
+             vocab_size=None, compile=False):
+    """One-off generation with an engine sized to this call (every prompt admitted at once)."""
+    engine = Sampler(model, slots=len(prompts) * n, max_len=max(map(len, prompts), default=1) + max_new_tokens,
+                     compile=compile)
+    return engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, n, stop_ids, seed, vocab_size)

@@ -26,11 +26,10 @@ a Hugging Face layout model (gathered one tensor at a time, written by rank 0) a
 state per rank (local shards of weights and AdamW moments, step, RNG), loaded weights-only; --resume
 continues exactly where the last saved step left off (with the same number of ranks).
 
-The helpers for distributed setup, sharding, full-weight gathering for generation, training state and
-the LR schedule live here and are reused by grpo.py.
+The helpers for distributed setup, sharding, training state and the LR schedule live here and are reused
+by grpo.py.
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -43,7 +42,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from data import DataError, check_messages, load_judge_examples, load_tokenizer, need, read_jsonl
+from data import DataError, check_messages, load_tokenizer, need, read_jsonl
+from eval import heldout_accuracy, load_heldout
+from sampler import Sampler
 
 
 def parse_args(argv=None):
@@ -72,16 +73,25 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out judge accuracy at the end (toy: its held-out set)")
     ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="token budget of each judgement [8192; toy 64]")
+    ap.add_argument("--val-data", default=None, help="pairs JSONL judged every --val-every steps (toy: its validation set)")
+    ap.add_argument("--val-every", type=int, default=10)
+    ap.add_argument("--stop-at-accuracy", type=float, default=None,
+                    help="end training once validation judge accuracy (%%) reaches this [0 = off; toy 72]")
     args = ap.parse_args(argv)
     import toy
-    paths = toy.apply_defaults(args, dict(max_len=(512, 12288), epochs=(3.0, 1.0), global_batch=(32, 128),
-                                          tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6)))
+    paths = toy.apply_defaults(args, dict(max_len=(512, 12288), epochs=(5.0, 1.0), global_batch=(32, 128),
+                                          tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6), eval_max_new_tokens=(64, 8192),
+                                          stop_at_accuracy=(72.0, 0.0)))
     if paths:
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
         args.eval_data = args.eval_data or paths["heldout"]
+        args.val_data = args.val_data or paths["val"]
         args.out = args.out or "runs/toy/sft"
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
+    if args.stop_at_accuracy and not args.val_data:
+        ap.error("--stop-at-accuracy needs --val-data")
     args.tokenizer = args.tokenizer or args.model
     return args
 
@@ -112,23 +122,6 @@ def shard_model(model, world, device):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
-
-
-@contextlib.contextmanager
-def full_weights(model):
-    """Gather the sharded weights once for a whole generation (instead of all-gathering every layer at
-    every decoded token), then reshard for training."""
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m in mods:
-            m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
 
 
 def all_reduce_sum(values, device, op="sum"):
@@ -283,23 +276,6 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
     return out, dropped
 
 
-def heldout_accuracy(model, tokenizer, path, limit, seed, rank, world, max_new_tokens=64, batch_size=64, compile=False):
-    """Greedy judge accuracy (%) on a pairs file through eval.py's code path; ranks split the prompts."""
-    from data import default_judge_family, tokenize_prompts
-    from eval import judge_examples
-    examples = load_judge_examples(path, "pairs", default_judge_family(tokenizer), seed)[:limit]
-    mine = examples[rank::world]
-    kept, ids, _ = tokenize_prompts(mine, tokenizer, 10**9)
-    correct = unparsed = 0
-    ctx = full_weights(model) if world > 1 else contextlib.nullcontext()
-    with ctx:
-        for rows in judge_examples(model, tokenizer, kept, ids, max_new_tokens, batch_size, 0.0, seed, compile=compile):
-            correct += sum(r["correct"] for r in rows)
-            unparsed += sum(r["verdict"] is None for r in rows)
-    correct, unparsed, n = all_reduce_sum([correct, unparsed, len(kept)], next(model.parameters()).device)
-    return 100.0 * correct / max(n, 1), int(unparsed)
-
-
 # ----------------------------------------------------------------------------- training
 
 def main(argv=None, teardown=True):
@@ -313,7 +289,7 @@ def main(argv=None, teardown=True):
     if steps_per_epoch == 0:
         raise DataError(f"{args.data}: {len(rows)} usable rows, fewer than --global-batch {args.global_batch}")
     total = int(steps_per_epoch * args.epochs)
-    total = min(total, args.max_steps) if args.max_steps else total
+    total = planned = min(total, args.max_steps) if args.max_steps else total
     model = M.load_model(args.model, device="cpu", dtype=torch.float32)  # fp32 master weights
     model.checkpoint_activations = args.grad_ckpt
     if args.compile if args.compile is not None else device.type == "cuda":
@@ -323,7 +299,8 @@ def main(argv=None, teardown=True):
     state_dir = os.path.join(args.out, "state")
     step = 0
     if args.resume and os.path.exists(state_dir):
-        step, _ = load_state(state_dir, model, optimizer, rank)
+        step, extra = load_state(state_dir, model, optimizer, rank)
+        total = step if extra.get("target_met") else total  # a run that met --stop-at-accuracy stays finished
     elif args.resume and rank == 0:
         print(f"--resume: no saved state in {state_dir}, starting from step 0")
     if rank == 0:
@@ -331,6 +308,17 @@ def main(argv=None, teardown=True):
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}), {M.num_params(model) / 1e6:.2f}M params, "
               f"{world} rank(s) on {device.type}, {total} steps of {args.global_batch} sequences, start at step {step}")
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a" if step else "w") if rank == 0 else None
+    judges = {k: load_heldout(path, tokenizer, args.eval_limit, args.seed) for k, path in
+              (("val", args.val_data), ("heldout", args.eval_data)) if path}
+    engine = None
+    if judges:  # greedy judgements through the sampler, on a plain copy of the weights
+        longest = max(len(p) for _, ids in judges.values() for p in ids)
+        engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile=args.compile)
+
+    def judge(which):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
+        engine.load_weights(model)
+        return heldout_accuracy(engine, tokenizer, *judges[which], args.eval_max_new_tokens, rank, world, args.seed)
+
     warmup = max(1, int(args.warmup * total))
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
     rec = {}
@@ -363,10 +351,17 @@ def main(argv=None, teardown=True):
         loss_sum, tokens = all_reduce_sum([loss_sum, sum(len(s) for s, _ in batch[rank::world])], device)
         rec = {"step": step, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": tokens / (time.time() - t0)}
+        if "val" in judges and step % args.val_every == 0:
+            rec["val_accuracy"] = judge("val")[0]
+            if args.stop_at_accuracy and rec["val_accuracy"] >= args.stop_at_accuracy:
+                total = stop_at = step  # the target is met: this step is the last
+                if rank == 0:
+                    tqdm.write(f"sft: validation judge accuracy {rec['val_accuracy']:.1f}% >= {args.stop_at_accuracy:g}% "
+                               f"at step {step}: stopping")
         if rank == 0:
             log_step(metrics, bar, rec, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if step % args.save_every == 0 or step == stop_at:
-            save_state(state_dir, model, optimizer, step, rank)
+            save_state(state_dir, model, optimizer, step, rank, extra={"target_met": step == total and total < planned})
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         return {"steps": step}
@@ -374,8 +369,8 @@ def main(argv=None, teardown=True):
     if rank == 0:
         copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
     summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
-    if args.eval_data:
-        acc, unparsed = heldout_accuracy(model, tokenizer, args.eval_data, args.eval_limit, args.seed, rank, world)
+    if "heldout" in judges:
+        acc, unparsed = judge("heldout")
         summary.update(heldout_accuracy=acc, heldout_unparsed=unparsed)
     if rank == 0:
         json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import model as M
 from conftest import make_hf_checkpoint
-from sampler import generate
+from sampler import Sampler, generate
 
 KINDS = ["qwen2-tied", "qwen2-untied-sharded", "qwen3"]
 
@@ -27,11 +27,9 @@ def ragged_batch(lengths, vocab=128, seed=1):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def left_pad(prompts, pad=0):
-    P = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+def right_pad(prompts, pad=0):
+    T = max(map(len, prompts))
+    return torch.tensor([p + [pad] * (T - len(p)) for p in prompts])
 
 
 def test_sharded_fixture_really_is_sharded(tmp_path):
@@ -52,18 +50,14 @@ def test_logits_match_transformers_fp32(ckpt):
 
 
 def test_ragged_padded_batch_matches_transformers(ckpt):
+    # right padding needs no mask: causal attention keeps every real token from seeing the pads after it
     path, hf, _ = ckpt
     m = M.load_model(path)
     prompts = ragged_batch([5, 13, 9])
-    ids, mask = left_pad(prompts)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        ours = m(ids, positions, key_valid=mask.bool())
-        ref = hf(ids, attention_mask=mask, position_ids=positions).logits
-    for i, p in enumerate(prompts):  # compare real tokens only
-        torch.testing.assert_close(ours[i, -len(p):], ref[i, -len(p):], atol=1e-4, rtol=0)
-        alone = hf(torch.tensor([p])).logits[0]
-        torch.testing.assert_close(ours[i, -len(p):], alone, atol=1e-4, rtol=0)
+        ours = m(right_pad(prompts))
+        for i, p in enumerate(prompts):  # compare real tokens only
+            torch.testing.assert_close(ours[i, :len(p)], hf(torch.tensor([p])).logits[0], atol=1e-4, rtol=0)
 
 
 def test_logits_match_transformers_bf16(tmp_path):
@@ -235,37 +229,112 @@ def test_n_samples_share_prefill_and_follow_seed(tmp_path, monkeypatch):
     assert g[3] == g[4] == g[5] == generate(m, prompts[1:], 6, temperature=0)[0]
 
 
-def test_sampling_distribution_and_vocab_limit(tmp_path):
+def test_continuous_batching_equals_one_by_one(tmp_path):
+    # 7 ragged prompts x n=2 through 5 slots: prompts wait, finished rows free slots for the next prompt,
+    # slots are packed at the end; greedy outputs equal one-by-one generation token for token, stop ids kept
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
     m = M.load_model(str(tmp_path))
-    outs, lps = generate(m, [[1, 2, 3]], max_new_tokens=1, n=400, seed=0, vocab_size=100, return_logprobs=True)
-    toks = [o[0] for o in outs]
-    assert max(toks) < 100
+    prompts = ragged_batch([3, 12, 5, 1, 9, 7, 4], seed=9)
+    free = [generate(m, [p], max_new_tokens=14, temperature=0)[0] for p in prompts]
+    stop = {free[0][3], free[4][6], free[5][1]}
+    alone = [generate(m, [p], max_new_tokens=14, temperature=0, stop_ids=stop)[0] for p in prompts]
+    assert len({len(o) for o in alone}) > 2 and any(o[-1] in stop for o in alone)  # ragged outputs
+    for continuous in (True, False):
+        engine = Sampler(m, slots=5, max_len=26)
+        outs = engine.generate(prompts, 14, temperature=0, n=2, stop_ids=stop, continuous=continuous)
+        assert outs == [o for o in alone for _ in range(2)]
+    assert engine.generate(prompts[:2], 3, temperature=0) == [o[:3] for o in free[:2]]  # the engine is reused
+
+
+def test_sampled_output_does_not_depend_on_batching(tmp_path):
+    # the random draw is keyed by (seed, sequence, token), so slots, admission order and sequence ids decide nothing
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    m = M.load_model(str(tmp_path))
+    prompts = ragged_batch([4, 10, 6, 2], seed=10)
+    wide = Sampler(m, slots=12, max_len=30).generate(prompts, 12, n=3, seed=5)
+    narrow = Sampler(m, slots=3, max_len=30).generate(prompts, 12, n=3, seed=5)
+    assert wide == narrow and len({tuple(o) for o in wide}) > 6
+    # a rank that holds prompts 1 and 3 of a rollout draws what one process draws for them
+    part = Sampler(m, slots=6, max_len=30).generate([prompts[1], prompts[3]], 12, n=3, seed=5, prompt_ids=[1, 3])
+    assert part == wide[3:6] + wide[9:12]
+    assert wide != Sampler(m, slots=12, max_len=30).generate(prompts, 12, n=3, seed=6)
+
+
+def test_compiles_are_bounded_and_not_per_layer():
+    # the GPU failure modes, caught on CPU with the eager backend: the decode step is one full graph per
+    # (bucket, greedy or sampled) whatever the calls, prompt lengths and batch sizes; the compiled blocks
+    # are not recompiled per layer (4 layers here) and go dynamic in the sequence length
+    import grpo
+    from torch._dynamo.utils import counters
+    cfg = M.ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
+                        max_position_embeddings=256, torch_dtype="float32")
+    m = M.init_weights(M.Transformer(cfg), seed=0)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Sampler(m, slots=40, max_len=64, compile=True, backend="eager")
+    assert engine.buckets() == [40, 10]
+    g = torch.Generator().manual_seed(0)
+    for call, temperature in enumerate((1.0, 0.0, 1.0, 0.0)):
+        prompts = [torch.randint(1, 97, (int(L),), generator=g).tolist() for L in torch.randint(1, 20, (30 + 3 * call,), generator=g)]
+        engine.generate(prompts, 16, temperature=temperature, stop_ids=[5, 7], seed=call)
+    assert counters["stats"]["unique_graphs"] <= 2 * len(engine.buckets())
+    counters.clear()
+    torch._dynamo.reset()
+    M.compile_blocks(m, backend="eager")
+    for P, R in [(5, 7), (9, 3), (12, 11), (3, 4), (8, 8)]:
+        prompts = [torch.randint(1, 97, (P,), generator=g).tolist() for _ in range(2)]
+        responses = [torch.randint(1, 97, (R,), generator=g).tolist() for _ in range(6)]
+        grpo.response_logprobs(m, prompts, responses, 3, 0, "cpu", 1.0)[0].sum().backward()  # GRPO's shared prompt
+        ids = torch.randint(1, 97, (2, P + R))
+        m(ids[:, :-1], targets=ids[:, 1:], loss_weights=torch.ones(2, P + R - 1)).backward()  # SFT's causal forward
+    assert counters["stats"]["unique_graphs"] <= 4  # 2 layouts x (static, then dynamic), for all 4 layers
+
+
+def test_sampling_distribution_and_vocab_limit(tmp_path):
+    # 4000 first tokens from a 6-token vocabulary follow softmax(logits / T) (chi-square, 5 d.o.f., p = 0.001)
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied", vocab_size=8)
+    m = M.load_model(str(tmp_path))
     with torch.no_grad():
+        m.lm_head.weight.mul_(10)  # spread the logits so the probabilities differ visibly
         logits = m(torch.tensor([[1, 2, 3]]))[0, -1]
-    logits[100:] = float("-inf")
-    probs = logits.softmax(-1)
-    top = int(probs.argmax())
-    assert abs(toks.count(top) / 400 - probs[top].item()) < 0.08
-    assert abs(lps[0][0] - probs[toks[0]].log().item()) < 1e-5
+    for temperature in (1.0, 0.7):
+        outs = generate(m, [[1, 2, 3]], max_new_tokens=1, n=4000, seed=0, vocab_size=6, temperature=temperature)
+        counts = torch.bincount(torch.tensor([o[0] for o in outs]), minlength=8).double()
+        probs = (logits[:6] / temperature).softmax(-1).double()
+        assert counts[6:].sum() == 0  # ids past the tokenizer's vocabulary are never drawn
+        expected = 4000 * probs
+        assert probs.min() > 0.01 and ((counts[:6] - expected) ** 2 / expected).sum() < 20.5
     greedy_top_k1 = generate(m, [[1, 2, 3]], max_new_tokens=5, top_k=1, seed=0)
     assert greedy_top_k1 == generate(m, [[1, 2, 3]], max_new_tokens=5, temperature=0)
     tiny_p = generate(m, [[1, 2, 3]], max_new_tokens=5, top_p=1e-6, seed=0)
     assert tiny_p == greedy_top_k1
 
 
-def test_sampling_never_draws_a_zero_probability_token(monkeypatch):
+def test_uniforms_are_uniform_and_keyed_by_sequence_and_token():
+    import sampler
+    seq, t = torch.arange(100000), torch.zeros(100000, dtype=torch.long)
+    u = sampler.uniforms(torch.tensor(3), seq, t)
+    assert 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, bins=20, min=0, max=1)
+    assert ((counts - 5000) ** 2 / 5000).sum() < 43.8  # chi-square, 19 d.o.f., p = 0.001
+    assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 0.02  # neighbours independent
+    assert torch.equal(u[5:9], sampler.uniforms(torch.tensor(3), seq[5:9], t[5:9]))  # depends on the key only
+    assert not torch.equal(u, sampler.uniforms(torch.tensor(4), seq, t))
+    assert not torch.equal(u, sampler.uniforms(torch.tensor(3), seq, t + 1))
+
+
+def test_sampling_never_draws_a_zero_probability_token():
     import sampler
     logits = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf"), float("-inf")]] * 3)
-    g = torch.Generator().manual_seed(0)
-    counts = torch.bincount(sampler.sample_next(logits.repeat(4000, 1), 1.0, 1.0, 0, g), minlength=5)
+    u = sampler.uniforms(torch.tensor(0), torch.arange(12000), torch.zeros(12000, dtype=torch.long))
+    counts = torch.bincount(sampler.sample_next(logits.repeat(4000, 1), u, 1.0, 1.0, 0), minlength=5)
     assert counts[[1, 3, 4]].sum() == 0
     assert abs(counts[2].item() / counts.sum().item() - math.e / (1 + math.e)) < 0.02
     # the extremes of the uniform draw: 0 takes the first token with p > 0, a draw that reaches the total
     # (float rounding) the last one, never the masked tail
     for u, expected in ((0.0, 0), (1.0, 2)):
-        monkeypatch.setattr(sampler.torch, "rand", lambda *a, u=u, **k: torch.full((a[0], a[1]), u))
-        assert sampler.sample_next(logits, 1.0, 1.0, 0, g).tolist() == [expected] * 3
+        assert sampler.sample_next(logits, torch.full((3,), u), 1.0, 1.0, 0).tolist() == [expected] * 3
 
 
 # ----------------------------------------------------------------------------- chunked log-probs
