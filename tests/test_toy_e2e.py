@@ -1,4 +1,8 @@
-"""The README's main command, end to end: `python grpo.py` on the embedded toy task (SFT first)."""
+"""The README's main command, end to end: `python grpo.py` on the embedded toy task (SFT first).
+
+The toy's digits depend on the processor (which float kernels run), so the end-to-end test checks the
+promise (the targets), and a short separate test checks determinism where it holds: the same machine and
+command give the same numbers twice."""
 import json
 import os
 import subprocess
@@ -10,30 +14,53 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.slow
-def test_default_pipeline_end_to_end(tmp_path):
-    # a copy of the scripts in a fresh directory: runs/ starts empty, as in a fresh clone
+def fresh_run(tmp_path, *args, timeout=900):
+    """Run `python grpo.py args` in a fresh directory holding the scripts (runs/ starts empty, as in a clone)."""
     for f in os.listdir(ROOT):
         if f.endswith(".py"):
             os.symlink(os.path.join(ROOT, f), tmp_path / f)
-    t0 = time.time()
-    p = subprocess.run([sys.executable, "grpo.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    p = subprocess.run([sys.executable, "grpo.py", *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, PYTHONHASHSEED="0"))
-    minutes = (time.time() - t0) / 60
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+@pytest.mark.slow
+def test_default_pipeline_meets_its_targets(tmp_path):
+    t0 = time.time()
+    p = fresh_run(tmp_path)
+    minutes = (time.time() - t0) / 60
     assert "running `python sft.py` first" in p.stdout
     summary = json.load(open(tmp_path / "runs/toy/grpo/summary.json"))
     sft_summary = json.load(open(tmp_path / "runs/toy/sft/summary.json"))
     assert summary["heldout_start"] == sft_summary["heldout_accuracy"]  # GRPO starts from the SFT checkpoint
-    assert summary["heldout_end"] - summary["heldout_start"] >= 10.0, summary  # GRPO's gain over SFT
-    assert summary["heldout_end"] >= 90.0, summary
-    # the same numbers on every run: exactly what the README shows as the expected output
-    readme = open(os.path.join(ROOT, "README.md")).read()
     line = f"held-out judge accuracy: {summary['heldout_start']:.1f}% before GRPO -> {summary['heldout_end']:.1f}% after"
-    assert line in readme and line in p.stdout
-    assert next(l for l in p.stdout.splitlines() if l.startswith("reward curve")) in readme
-    curve = [json.loads(l)["reward_mean"] for l in open(tmp_path / "runs/toy/grpo/metrics.jsonl")]
-    k = len(curve) // 4
-    assert sum(curve[-k:]) / k > sum(curve[:k]) / k  # mean reward rises
+    assert line in p.stdout
     print(f"default pipeline: {minutes:.1f} min, held-out {summary['heldout_start']:.1f}% -> {summary['heldout_end']:.1f}%")
-    assert minutes < 15  # measured 9.1 on the 2-core CPU here (target 10); room for a loaded CI machine
+    # the README's targets: GRPO gains 10 points or more and ends at 90% or more
+    assert summary["heldout_end"] - summary["heldout_start"] >= 10.0, summary
+    assert summary["heldout_end"] >= 90.0, summary
+    curve = [json.loads(line)["reward_mean"] for line in open(tmp_path / "runs/toy/grpo/metrics.jsonl")]
+    k = len(curve) // 4
+    assert sum(curve[-k:]) / k > sum(curve[:k]) / k + 0.2  # the mean reward rises
+    assert minutes < 15  # target 10 on 2 cores (README's table); room for a loaded CI machine
+
+
+def test_same_command_gives_the_same_numbers(tmp_path):
+    # a short toy run (SFT and GRPO, both through their samplers), twice in fresh directories: identical logs
+    short = ["--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8", "--gen-prompts", "16"]
+    logs = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        env_sft = ["--max-steps", "12", "--val-every", "4"]
+        for f in os.listdir(ROOT):
+            if f.endswith(".py"):
+                os.symlink(os.path.join(ROOT, f), tmp_path / run / f)
+        subprocess.run([sys.executable, "sft.py", *env_sft], cwd=tmp_path / run, check=True, capture_output=True, timeout=300)
+        subprocess.run([sys.executable, "grpo.py", *short], cwd=tmp_path / run, check=True, capture_output=True, timeout=300)
+        logs.append([open(tmp_path / run / "runs/toy" / stage / "metrics.jsonl").read() for stage in ("sft", "grpo")])
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.endswith(("_per_s", "_s"))}
+                          for line in text.splitlines()]  # timings differ, everything else must not
+    for a, b in zip(*logs):
+        assert strip(a) == strip(b)
+    assert any("val_accuracy" in r for r in strip(logs[0][0]))
