@@ -2,10 +2,13 @@
 data.py: tokenizer and chat templates, RM-R1 judge prompts, and readers for preference data.
 
 Tokenizer: the `tokenizers` library reads tokenizer.json; tokenizer_config.json gives the special tokens
-and the chat template, from which we pick one of two hand-written template families (no jinja at run time):
+and the chat template, from which we pick one of three hand-written template families (no jinja at run time):
   qwen2.5   ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message, the default system message
             "You are Qwen, created by Alibaba Cloud. You are a helpful assistant." when none is given,
             generation prompt <|im_start|>assistant\n
+  qwen3     ChatML with no default system message; assistant turns after the last user message carry their
+            reasoning as <think>\n..\n</think>\n\n; enable_thinking=False puts an empty think block in the
+            generation prompt (the official template's switch)
   deepseek-r1   <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{answer after </think>}
             <｜end▁of▁sentence｜>, generation prompt <｜Assistant｜><think>\n
 An unknown template is an error, never a guess.
@@ -23,7 +26,10 @@ Readers (each reports bad rows as file:line: field: problem):
   pairs   generic JSONL: id, prompt (string) or messages (list), chosen, rejected, optional subset
   rm-bench  RM-Bench JSON (3 chosen x 3 rejected styles: all 9 pairings), domain from the file name
   judgebench  JudgeBench JSONL (label A>B / B>A), category from the source
-  rmb     RMB pairwise JSON (optionally .gz, a file or a directory), helpfulness / harmlessness
+  rmb     RMB pairwise and best-of-N JSON (optionally .gz; a file, a directory or the upstream layout),
+          helpfulness / harmlessness
+Answers are taken as given: an empty or whitespace-only answer is judged (a legitimate bad answer), counted;
+GRPO drops such pairs and counts them. Structurally broken rows are errors naming file, row and field.
 """
 import gzip
 import json
@@ -156,10 +162,12 @@ class DataError(ValueError):
 def chat_family(template: str, source="tokenizer_config.json") -> str:
     if "<|im_start|>" in (template or "") and QWEN_DEFAULT_SYSTEM in template:
         return "qwen2.5"
+    if "<|im_start|>" in (template or "") and "enable_thinking" in template and "<think>" in template:
+        return "qwen3"
     if DS_ASSISTANT in (template or "") and DS_USER in template:
         return "deepseek-r1"
     raise ValueError(f"{source}: unknown chat template (supported: Qwen2.5 ChatML with its default system "
-                     "message, DeepSeek-R1-Distill); refusing to guess how to render prompts")
+                     "message, Qwen3 with its thinking switch, DeepSeek-R1-Distill); refusing to guess how to render prompts")
 
 
 class ChatTokenizer:
@@ -182,7 +190,8 @@ class ChatTokenizer:
         self.im_end_id = self.tok.token_to_id("<|im_end|>")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)  # ids beyond it are padding rows
         # generation stops at the end of the assistant turn (and at <|endoftext|> / the eos as a fallback)
-        stops = [self.eos_id] + ([self.im_end_id, self.tok.token_to_id("<|endoftext|>")] if self.family == "qwen2.5" else [])
+        chatml = self.family in ("qwen2.5", "qwen3")
+        stops = [self.eos_id] + ([self.im_end_id, self.tok.token_to_id("<|endoftext|>")] if chatml else [])
         self.stop_ids = sorted({s for s in stops if s is not None})
 
     def encode(self, text):
@@ -191,10 +200,14 @@ class ChatTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True):
+    def apply_chat_template(self, messages, add_generation_prompt=True, enable_thinking=None):
+        """enable_thinking (Qwen3 only, as its template): None or True lets the judge think first; False
+        closes an empty <think></think> block in the generation prompt."""
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r}"[:300])
+        if self.family == "qwen3":
+            return qwen3_chat(messages, add_generation_prompt, enable_thinking)
         if self.family == "qwen2.5":
             out = "" if messages and messages[0]["role"] == "system" else f"<|im_start|>system\n{QWEN_DEFAULT_SYSTEM}<|im_end|>\n"
             out += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
@@ -207,6 +220,30 @@ class ChatTokenizer:
             elif m["role"] == "assistant":
                 out += DS_ASSISTANT + m["content"].split("</think>")[-1] + DS_EOS
         return out + (DS_ASSISTANT + "<think>\n" if add_generation_prompt else "")
+
+
+def qwen3_chat(messages, add_generation_prompt, enable_thinking):
+    """Qwen3's template without its tool branches: no default system message; an assistant turn after the
+    last user message shows its reasoning as <think>..</think> (taken from the content), earlier ones drop it."""
+    is_query = lambda m: m["role"] == "user" and not (m["content"].startswith("<tool_response>")
+                                                     and m["content"].endswith("</tool_response>"))
+    last_query = max((i for i, m in enumerate(messages) if is_query(m)), default=len(messages) - 1)
+    out = ""
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] != "assistant":
+            out += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+            continue
+        reasoning = ""
+        if "</think>" in content:
+            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = content.split("</think>")[-1].lstrip("\n")
+        if i > last_query and (i == len(messages) - 1 or reasoning):
+            content = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+        out += f"<|im_start|>assistant\n{content}<|im_end|>\n"
+    if add_generation_prompt:
+        out += "<|im_start|>assistant\n" + ("<think>\n\n</think>\n\n" if enable_thinking is False else "")
+    return out
 
 
 def load_tokenizer(path) -> "ChatTokenizer":
@@ -329,6 +366,16 @@ def need(row, key, where, kind=str, nonempty=True):
     return v
 
 
+def answer(row, key, where):
+    """An answer to judge: a string, taken as given. An empty or whitespace-only answer is a legitimate (bad)
+    answer that benchmarks contain; evaluation judges it, GRPO drops and counts it (has_empty_answer)."""
+    return need(row, key, where, nonempty=False)
+
+
+def has_empty_answer(pair) -> bool:
+    return not pair.chosen.strip() or not pair.rejected.strip()
+
+
 def check_messages(msgs, where, key="messages"):
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -348,7 +395,7 @@ def read_pairs(path):
             context = [{"role": "user", "content": need(row, "prompt", where)}]
         if context[-1]["role"] != "user":
             raise DataError(f"{where}: field 'messages' must end with a user turn (the answers follow it)")
-        out.append(Pair(str(row.get("id", n)), context, need(row, "chosen", where), need(row, "rejected", where),
+        out.append(Pair(str(row.get("id", n)), context, answer(row, "chosen", where), answer(row, "rejected", where),
                         str(row.get("subset", ""))))
     return out
 
@@ -356,6 +403,8 @@ def read_pairs(path):
 def read_rm_bench(path):
     """RM-Bench: every item gives 9 pairs (chosen style i, rejected style j), meta i/j for the 3x3 matrix."""
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json")) if os.path.isdir(path) else [path]
+    if not files:
+        raise DataError(f"{path}: no RM-Bench files (*.json) in this directory")
     out = []
     for file in files:
         name = os.path.basename(file).replace("_filtered.json", "").replace(".json", "")
@@ -368,8 +417,8 @@ def read_rm_bench(path):
             if len(chosen) != 3 or len(rejected) != 3:
                 raise DataError(f"{where}: fields 'chosen'/'rejected' must hold 3 styled answers each")
             for k, a in enumerate(chosen + rejected):
-                if not isinstance(a, str) or not a.strip():
-                    raise DataError(f"{where}: field '{'chosen' if k < 3 else 'rejected'}[{k % 3}]' is empty or not a string")
+                if not isinstance(a, str):
+                    raise DataError(f"{where}: field '{'chosen' if k < 3 else 'rejected'}[{k % 3}]' is not a string")
             ctx = [{"role": "user", "content": need(row, "prompt", where)}]
             for i in range(3):
                 for j in range(3):
@@ -393,7 +442,7 @@ def read_judgebench(path):
             raise DataError(f"{where}: field 'label' must be 'A>B' or 'B>A', got {label!r}")
         if judgebench_category(source) is None:
             raise DataError(f"{where}: field 'source' has unknown value {source!r}")
-        a, b = need(row, "response_A", where), need(row, "response_B", where)
+        a, b = answer(row, "response_A", where), answer(row, "response_B", where)
         chosen, rejected = (a, b) if label == "A>B" else (b, a)
         out.append(Pair(str(row.get("pair_id", n)), [{"role": "user", "content": need(row, "question", where)}],
                         chosen, rejected, judgebench_category(source)))
@@ -401,8 +450,15 @@ def read_judgebench(path):
 
 
 def read_rmb(path):
+    """RMB: a file, a directory of files, or the upstream layout (a directory holding RMB_dataset/Pairwise_set
+    and/or RMB_dataset/BoN_set), .json or .json.gz, searched recursively with links followed. A pairwise row
+    gives one pair (meta set=pairwise); a best-of-N row ({bon_uid, bon_best, loser_list}) gives one pair per
+    loser (meta set=bon, item=bon_uid): the item counts only if the judge prefers bon_best to every loser.
+    Blank answers are benchmark data (RMB S5 has two whitespace-only rejected answers): judged as given."""
     files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if f.endswith((".json", ".json.gz")))
+        os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs if f.endswith((".json", ".json.gz")))
+    if not files:
+        raise DataError(f"{path}: no RMB files (*.json or *.json.gz, searched recursively, links followed)")
     out = []
     for file in files:
         for n, row in read_json_list(file):
@@ -412,16 +468,24 @@ def read_rmb(path):
             if subset is None:
                 raise DataError(f"{where}: field 'category_path' is neither Helpfulness nor Harmlessness: {cat!r}")
             context = check_messages(need(row, "conversation_input", where, list), where, "conversation_input")
-            answers = []
-            for key in ("chosen", "reject"):
-                ans = need(row, key, where, dict)
-                # a blank answer is benchmark data (RMB S5 has two whitespace-only rejected answers): keep it
-                if not isinstance(ans.get("answer"), str):
-                    raise DataError(f"{where}: field '{key}.answer' is missing or not a string")
-                answers.append(ans["answer"])
-            out.append(Pair(str(row.get("pair_uid", f"{file}:{n}")), context, answers[0], answers[1], subset,
-                            {"category": cat}))
+            if "bon_best" in row:
+                best, uid = rmb_answer(row, "bon_best", where), str(need(row, "bon_uid", where))
+                losers = need(row, "loser_list", where, list)
+                for k in range(len(losers)):
+                    out.append(Pair(f"{uid}:{k}", context, best, rmb_answer(losers, k, f"{where}: field 'loser_list'"),
+                                    subset, {"category": cat, "set": "bon", "item": uid}))
+            else:
+                out.append(Pair(str(row.get("pair_uid", f"{file}:{n}")), context, rmb_answer(row, "chosen", where),
+                                rmb_answer(row, "reject", where), subset, {"category": cat, "set": "pairwise"}))
     return out
+
+
+def rmb_answer(container, key, where):
+    """RMB's {llm_name, answer} -> the answer text."""
+    ans = container[key] if isinstance(container, list) else need(container, key, where, dict)
+    if not isinstance(ans, dict) or not isinstance(ans.get("answer"), str):
+        raise DataError(f"{where}: field '{key}.answer' is missing or not a string")
+    return ans["answer"]
 
 
 def read_rm_r1(path, family=None):
@@ -443,13 +507,22 @@ def read_rm_r1(path, family=None):
 READERS = {"pairs": read_pairs, "rm-bench": read_rm_bench, "judgebench": read_judgebench, "rmb": read_rmb}
 
 
-def load_judge_examples(path, fmt, family="instruct", seed=0):
-    """Any supported preference format -> judge examples with seeded placement."""
+def load_judge_examples(path, fmt, family="instruct", seed=0, drop_empty=False):
+    """Any supported preference format -> (judge examples with seeded placement, number of pairs with an empty
+    or whitespace-only answer). Evaluation judges those as given; training passes drop_empty=True."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
     if fmt == "rm-r1":
         rl, _ = read_rm_r1(path)
         if not rl:
             raise DataError(f"{path}: no RL rows (winner model_a/model_b) found")
-        return rl
+        return rl, 0
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r} (one of rm-r1, {', '.join(READERS)})")
-    return [make_judge_example(p, family, seed) for p in READERS[fmt](path)]
+    pairs = READERS[fmt](path)
+    if not pairs:
+        raise DataError(f"{path}: no {fmt} rows found")
+    empty = sum(map(has_empty_answer, pairs))
+    if drop_empty:
+        pairs = [p for p in pairs if not has_empty_answer(p)]
+    return [make_judge_example(p, family, seed) for p in pairs], empty

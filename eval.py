@@ -14,11 +14,15 @@ Scoring (percentages):
              9 cells; hard = strict upper triangle (j > i), normal = diagonal, easy = strict lower triangle,
              each averaged over domains; total = mean of domains
   judgebench knowledge (mmlu-pro), reasoning, math, coding, overall
-  rmb        helpfulness, harmlessness (pairwise), total = their mean
+  rmb        pairwise_helpfulness / _harmlessness (pair accuracy), bon_helpfulness / _harmlessness (best-of-N:
+             an item is right only if the judge prefers the best answer to every loser), pairwise_mean, bon_mean,
+             and rmb = the mean of the four (RMB's and RM-R1's published score); parts not found are left out
   pairs      overall and one key per subset; if subsets carry RewardBench names, the four RewardBench
              sections (count-weighted, math-prm weighted equal to the HumanEvalPack subsets together)
              and their mean `rewardbench`
-Outputs: DIR/outputs.jsonl (one row per judged prompt; a rerun resumes from it), DIR/scores.json, a table.
+Empty or whitespace-only answers are judged as given (and counted); a path with nothing to judge is an error.
+Outputs: DIR/outputs.jsonl (one row per judged prompt; a rerun resumes from it), DIR/scores.json, a table that
+shows the published RM-R1 7B scores beside the matching number.
 Under torchrun the prompts are split across ranks and rank 0 merges the results.
 """
 import argparse
@@ -30,7 +34,8 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from data import default_judge_family, load_judge_examples, load_tokenizer, make_judge_example, READERS, tokenize_prompts
+from data import (DataError, default_judge_family, has_empty_answer, load_judge_examples, load_tokenizer, make_judge_example,
+                  READERS, tokenize_prompts)
 from rewards import parse_verdict
 
 BASELINES = ("longer", "shorter", "random")
@@ -44,18 +49,23 @@ REWARDBENCH_SECTIONS = {
 
 
 def build_examples(bench, path, family, seed, both_orders=False):
+    """-> (judge examples, number of pairs with an empty or whitespace-only answer: judged as given)."""
     if bench not in READERS:
         raise ValueError(f"unknown bench {bench!r} (one of {', '.join(READERS)})")
     if not both_orders:
         return load_judge_examples(path, bench, family, seed)
-    out = []
-    for p in READERS[bench](path):
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    out, pairs = [], READERS[bench](path)
+    for p in pairs:
         for label in "AB":
             ex = make_judge_example(p, family, seed, label=label)
             ex.meta["pair"] = ex.id
             ex.id = f"{ex.id}#{label}"
             out.append(ex)
-    return out
+    if not out:
+        raise DataError(f"{path}: no {bench} rows found")
+    return out, sum(map(has_empty_answer, pairs))
 
 
 def baseline_verdict(judge, ex, rng):
@@ -89,7 +99,7 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temp
 
 def load_heldout(path, tokenizer, limit, seed):
     """The first `limit` pairs of a pairs JSONL as judge prompts -> (examples, prompt ids)."""
-    examples = load_judge_examples(path, "pairs", default_judge_family(tokenizer), seed)[:limit]
+    examples = load_judge_examples(path, "pairs", default_judge_family(tokenizer), seed)[0][:limit]
     examples, ids, _ = tokenize_prompts(examples, tokenizer, 10**9)
     return examples, ids
 
@@ -153,9 +163,7 @@ def score(bench, rows):
                 s[cat] = pct(ok for ok, sub, _ in pairs.values() if sub == cat)
         s["overall"] = pct(ok for ok, _, _ in pairs.values())
     elif bench == "rmb":
-        for cat in ("helpfulness", "harmlessness"):
-            s[cat] = pct(ok for ok, sub, _ in pairs.values() if sub == cat)
-        s["total"] = (s["helpfulness"] + s["harmlessness"]) / 2
+        s.update(rmb_scores(pairs))
     else:
         s["overall"] = pct(ok for ok, _, _ in pairs.values())
         for sub in sorted({sub for _, sub, _ in pairs.values() if sub}):
@@ -172,6 +180,28 @@ def score(bench, rows):
         # consistent = the judge picked the same *answer* in both placements (verdicts differ)
         s["position_consistency"] = pct(v.get("A") is not None and v.get("B") is not None and v["A"] != v["B"]
                                         for v in by_pair.values() if len(v) == 2)
+    return s
+
+
+def rmb_scores(pairs):
+    """RMB: pairwise accuracy per part; best-of-N accuracy per part over items (an item is right only if every
+    one of its (best, loser) pairs is); `rmb` = the mean of the four, RMB's (and RM-R1's) published score."""
+    s = {}
+    for part in ("helpfulness", "harmlessness"):
+        pairwise = [ok for ok, sub, m in pairs.values() if sub == part and m.get("set", "pairwise") == "pairwise"]
+        items = defaultdict(lambda: True)
+        for ok, sub, m in pairs.values():
+            if sub == part and m.get("set") == "bon":
+                items[m["item"]] &= ok
+        if pairwise:
+            s[f"pairwise_{part}"] = pct(pairwise)
+        if items:
+            s[f"bon_{part}"] = pct(items.values())
+    for kind in ("pairwise", "bon"):
+        if f"{kind}_helpfulness" in s and f"{kind}_harmlessness" in s:
+            s[f"{kind}_mean"] = (s[f"{kind}_helpfulness"] + s[f"{kind}_harmlessness"]) / 2
+    if "pairwise_mean" in s and "bon_mean" in s:
+        s["rmb"] = (s["pairwise_mean"] + s["bon_mean"]) / 2
     return s
 
 
@@ -194,13 +224,32 @@ def rewardbench_sections(pairs):
     return out
 
 
-def print_table(scores, title):
+# the published RM-R1 scores (SPEC section 6) beside the score key that computes the same figure
+PUBLISHED = {"RM-R1-Qwen2.5-Instruct-7B": {"rewardbench": 85.2, "total": 70.2, "rmb": 66.4},
+             "RM-R1-DeepSeek-Distilled-Qwen-7B": {"rewardbench": 80.1, "total": 72.4, "rmb": 55.1}}
+PUBLISHED_KEYS = {"pairs": "rewardbench", "rm-bench": "total", "rmb": "rmb"}
+
+
+def print_table(scores, title, bench):
+    papers = list(PUBLISHED) if bench in PUBLISHED_KEYS else []
     print(f"\n{title}")
+    print(f"  {'':<24} {'this judge':>10}" + "".join(f"  {p:>34}" for p in papers))
     for k, v in scores.items():
-        print(f"  {k:<24} {v:>8.2f}" if isinstance(v, float) else f"  {k:<24} {v:>8}")
+        paper = "".join(f"  {PUBLISHED[p][k]:>34.1f}" for p in papers) if k == PUBLISHED_KEYS.get(bench) else ""
+        print((f"  {k:<24} {v:>10.2f}" if isinstance(v, float) else f"  {k:<24} {v:>10}") + paper)
 
 
 # ----------------------------------------------------------------------------- main
+
+def describe_data(bench, path, examples, empty):
+    """Say what was found: pairs with empty answers (judged as given) and, for RMB, which sets are present."""
+    if empty:
+        print(f"{path}: {empty} pairs have an empty or whitespace-only answer; they are judged as given")
+    if bench == "rmb":
+        for kind, name in (("pairwise", "Pairwise_set"), ("bon", "BoN_set")):
+            n = sum(ex.meta.get("set") == kind for ex in examples)
+            print(f"RMB {name}: {n} judge prompts" if n else
+                  f"RMB {name}: missing (no such rows under {path}); its scores and the four-way `rmb` are not computed")
 
 def read_rows(path):
     if not os.path.exists(path):
@@ -246,9 +295,11 @@ def main(argv=None):
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         model = load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
-    examples = build_examples(args.bench, args.data, family, args.seed, args.both_orders)
+    examples, empty = build_examples(args.bench, args.data, family, args.seed, args.both_orders)
     if args.limit:
         examples = examples[:args.limit]
+    if rank == 0:
+        describe_data(args.bench, args.data, examples, empty)
     os.makedirs(args.out, exist_ok=True)
     part = os.path.join(args.out, "outputs.jsonl" if world == 1 else f"outputs.rank{rank}.jsonl")
     rows = read_rows(part)  # this rank's earlier results: resume from them
@@ -294,7 +345,7 @@ def main(argv=None):
     scores = score(args.bench, rows)
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump(scores, f, indent=2)
-    print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)")
+    print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)", args.bench)
     return scores
 
 

@@ -71,7 +71,7 @@ def parse_args(argv=None):
     ap.add_argument("--gen-prompts", type=int, default=None, help="prompts decoded at once: the sampler has gen-prompts x n slots [32; toy 64]")
     ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward, in whole groups [8; toy 112]")
     ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 180]")
-    ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 1e-4]")
+    ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 2e-4]")
     ap.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
                     help="constant, or cosine decay to 0 over the run's steps [constant; toy cosine]")
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -100,7 +100,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     import toy
     paths = toy.apply_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
-                                          minibatch_prompts=(16, 128), micro_seqs=(112, 8), lr=(1e-4, 1e-6),
+                                          minibatch_prompts=(16, 128), micro_seqs=(112, 8), lr=(2e-4, 1e-6),
                                           max_prompt_len=(512, 4096), max_new_tokens=(48, 8192),
                                           lr_schedule=("cosine", "constant")))
     if paths:
@@ -217,7 +217,9 @@ def main(argv=None):
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     family = args.family or default_judge_family(tokenizer)
-    examples = load_judge_examples(args.data, args.format, family, args.seed)
+    examples, empty = load_judge_examples(args.data, args.format, family, args.seed, drop_empty=True)
+    if empty and rank == 0:
+        print(f"{args.data}: {empty} pairs with an empty or whitespace-only answer dropped (nothing to learn from them)")
     examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len)
     if len(examples) < args.rollout_prompts:
         raise ValueError(f"{args.data}: {len(examples)} usable prompts, fewer than --rollout-prompts {args.rollout_prompts}")

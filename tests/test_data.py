@@ -102,6 +102,34 @@ def test_toy_chatml_template_matches_transformers(tmp_path):
         assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
 
+QWEN3_CONVERSATIONS = CONVERSATIONS + [
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>\nstep 1\n</think>\n\nfinal"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>r1</think>b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "<think>r2</think>d"}, {"role": "assistant", "content": "plain"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x"}, {"role": "system", "content": "late system"},
+     {"role": "user", "content": "<tool_response>\nout\n</tool_response>"}, {"role": "assistant", "content": "<think>t</think>y"}],
+]
+
+
+def test_qwen3_chat_template_matches_transformers(tmp_path):
+    # the official Qwen3 template (tests/qwen3_chat_template.jinja, from the Qwen3 tokenizer_config.json), with
+    # its thinking switch: unset and True let the model think, False closes an empty think block
+    import transformers
+    template = open(os.path.join(os.path.dirname(__file__), "qwen3_chat_template.jinja")).read()
+    path = _tokenizer_dir(tmp_path, template, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ours = D.load_tokenizer(path)
+    assert ours.family == "qwen3" and D.default_judge_family(ours) == "instruct"
+    assert ours.stop_ids == sorted({ours.im_end_id, ours.tok.token_to_id("<|endoftext|>")})
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=path + "/tokenizer.json")
+    ref.chat_template = template
+    for conv in QWEN3_CONVERSATIONS:
+        for gen in (True, False):
+            for thinking in (None, True, False):
+                extra = {} if thinking is None else {"enable_thinking": thinking}
+                assert ours.apply_chat_template(conv, gen, thinking) == \
+                    ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, **extra), (conv, gen, thinking)
+
+
 def test_unknown_chat_template_is_refused(tmp_path):
     path = _tokenizer_dir(tmp_path, "{% for m in messages %}[INST]{{ m.content }}{% endfor %}")
     with pytest.raises(ValueError, match="unknown chat template"):
@@ -194,7 +222,7 @@ def test_pairs_reader_and_errors(tmp_path):
     assert [p.id for p in pairs] == ["x", "3"] and pairs[0].subset == "s"
     cases = [("{not json\n", r"bad.jsonl:1: malformed JSON"),
              (json.dumps({"prompt": "q", "chosen": "c"}) + "\n", r"bad.jsonl:1: missing field 'rejected'"),
-             ("\n" + json.dumps({"prompt": "q", "chosen": "  ", "rejected": "r"}) + "\n", r"bad.jsonl:2: field 'chosen' is empty"),
+             ("\n" + json.dumps({"prompt": "q", "chosen": 3, "rejected": "r"}) + "\n", r"bad.jsonl:2: field 'chosen' must be str"),
              (json.dumps({"messages": [{"role": "bot", "content": "x"}], "chosen": "c", "rejected": "r"}) + "\n", r"bad.jsonl:1: field 'messages\[0\]'")]
     for text, msg in cases:
         with pytest.raises(D.DataError, match=msg):

@@ -33,9 +33,18 @@ def test_rm_bench_scoring_by_hand():
 def test_judgebench_rmb_pairs_and_rewardbench_scoring():
     jb = [row("1", "A", "A", "knowledge"), row("2", "B", "A", "knowledge"), row("3", "A", "A", "coding")]
     assert E.score("judgebench", jb) == {"knowledge": 50.0, "coding": 100.0, "overall": pytest.approx(200 / 3), "unparsed": 0, "judged": 3}
-    rmb = [row("1", "A", "A", "helpfulness"), row("2", "A", "B", "harmlessness"), row("3", "B", "B", "harmlessness")]
+    pw = dict(set="pairwise")
+    rmb = [row("1", "A", "A", "helpfulness", **pw), row("2", "A", "B", "harmlessness", **pw), row("3", "B", "B", "harmlessness", **pw)]
     s = E.score("rmb", rmb)
-    assert (s["helpfulness"], s["harmlessness"], s["total"]) == (100.0, 50.0, 75.0)
+    assert (s["pairwise_helpfulness"], s["pairwise_harmlessness"], s["pairwise_mean"]) == (100.0, 50.0, 75.0)
+    assert "rmb" not in s and "bon_mean" not in s  # best-of-N absent: no four-way score
+    # best-of-N: an item is right only if every (best, loser) pair is; items u1 (2 of 2 right) and u2 (1 of 2)
+    bon = lambda id, verdict, part, item: row(id, "A", verdict, part, set="bon", item=item)
+    rmb += [bon("u1:0", "A", "helpfulness", "u1"), bon("u1:1", "A", "helpfulness", "u1"), bon("u2:0", "A", "helpfulness", "u2"),
+            bon("u2:1", "B", "helpfulness", "u2"), bon("u3:0", "A", "harmlessness", "u3")]
+    s = E.score("rmb", rmb)
+    assert (s["bon_helpfulness"], s["bon_harmlessness"], s["bon_mean"]) == (50.0, 100.0, 75.0)
+    assert s["pairwise_mean"] == 75.0 and s["rmb"] == 75.0 and s["judged"] == 8
     rb = []
     for sub, n, right in [("alpacaeval-easy", 4, 4), ("mt-bench-easy", 4, 2), ("mt-bench-hard", 2, 1), ("llmbar-natural", 2, 2),
                           ("refusals-dangerous", 2, 0), ("math-prm", 10, 5), ("hep-cpp", 2, 2), ("hep-go", 2, 0)]:
@@ -100,3 +109,100 @@ def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
     resumed = E.main(args + ["--out", str(tmp_path / "cut")])
     assert resumed == full
     assert sorted(open(tmp_path / "cut" / "outputs.jsonl")) == sorted(lines)
+
+
+def rmb_layout(tmp_path):
+    """The upstream layout, RMB_dataset/{Pairwise_set,BoN_set}, with the two sets linked in from ../shared."""
+    need_shared(os.path.join(DATA, "rmb-bon"))
+    os.makedirs(tmp_path / "RMB" / "RMB_dataset")
+    for part, src in (("Pairwise_set", "rmb"), ("BoN_set", "rmb-bon")):
+        os.symlink(os.path.join(DATA, src, "RMB_dataset", part), tmp_path / "RMB" / "RMB_dataset" / part)
+    return str(tmp_path / "RMB")
+
+
+def test_rmb_longer_baseline_reports_four_parts_equal_to_an_independent_computation(tmp_path, capsys):
+    import gzip
+    from collections import defaultdict
+    layout = rmb_layout(tmp_path)
+    scores = E.main(["--judge", "longer", "--bench", "rmb", "--data", layout, "--out", str(tmp_path / "out")])
+    table = capsys.readouterr().out
+    assert "RMB Pairwise_set: 14543 judge prompts" in table and "RMB BoN_set: 8714 judge prompts" in table
+    rmb_line = next(line for line in table.splitlines() if line.strip().startswith("rmb "))
+    assert f"{scores['rmb']:.2f}" in rmb_line and "66.4" in rmb_line and "55.1" in rmb_line  # the paper's RMB beside
+    # independent: read the raw files, `longer` is right when the preferred answer has more characters
+    right = defaultdict(list)
+    for d, _, files in os.walk(layout, followlinks=True):
+        for f in files:
+            for item in json.load(gzip.open(os.path.join(d, f), "rt")):
+                part = "helpfulness" if "Helpfulness" in item["category_path"] else "harmlessness"
+                if "bon_best" in item:
+                    best = len(item["bon_best"]["answer"])
+                    right[f"bon_{part}"].append(all(best > len(l["answer"]) for l in item["loser_list"]))
+                else:
+                    right[f"pairwise_{part}"].append(len(item["chosen"]["answer"]) > len(item["reject"]["answer"]))
+    assert len(right["bon_helpfulness"]) + len(right["bon_harmlessness"]) == 3786  # items, as the data README says
+    expected = {k: 100.0 * sum(v) / len(v) for k, v in right.items()}
+    for k, v in expected.items():
+        assert scores[k] == pytest.approx(v), k
+    four = [expected[f"{kind}_{part}"] for kind in ("pairwise", "bon") for part in ("helpfulness", "harmlessness")]
+    assert scores["rmb"] == pytest.approx(sum(four) / 4)
+    assert scores["judged"] == 14543 + 8714
+
+
+def test_empty_answers_are_judged_in_eval_and_dropped_in_training(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"id": "a", "prompt": "q1", "chosen": "a long answer", "rejected": ""},
+            {"id": "b", "prompt": "q2", "chosen": "  ", "rejected": "something"},
+            {"id": "c", "prompt": "q3", "chosen": "yes indeed", "rejected": "no"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = E.main(["--judge", "longer", "--bench", "pairs", "--data", str(pairs), "--out", str(tmp_path / "out")])
+    assert scores["judged"] == 3 and scores["overall"] == pytest.approx(200 / 3)  # the empty answers were judged
+    assert "2 pairs have an empty or whitespace-only answer; they are judged as given" in capsys.readouterr().out
+    import data as D
+    examples, empty = D.load_judge_examples(str(pairs), "pairs", drop_empty=True)
+    assert [e.id for e in examples] == ["c"] and empty == 2
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"id": "x", "prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(D.DataError, match="broken.jsonl:1: missing field 'rejected'"):
+        E.main(["--judge", "longer", "--bench", "pairs", "--data", str(broken), "--out", str(tmp_path / "o2")])
+
+
+def test_nothing_to_judge_is_an_error_and_linked_sets_are_followed(tmp_path):
+    import data as D
+    (tmp_path / "empty").mkdir()
+    for bench in ("rmb", "rm-bench"):
+        with pytest.raises(D.DataError, match="empty: no (RMB|RM-Bench) files"):
+            E.main(["--judge", "longer", "--bench", bench, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    with pytest.raises(D.DataError, match="missing.jsonl: no such file"):
+        E.main(["--judge", "random", "--bench", "pairs", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(D.DataError, match="blank.jsonl: no pairs rows found"):
+        E.main(["--judge", "random", "--bench", "pairs", "--data", str(tmp_path / "blank.jsonl"), "--out", str(tmp_path / "o")])
+    need_shared(os.path.join(DATA, "rmb"))
+    os.makedirs(tmp_path / "linked")
+    os.symlink(os.path.join(DATA, "rmb", "RMB_dataset", "Pairwise_set", "Harmlessness"), tmp_path / "linked" / "H")
+    scores = E.main(["--judge", "longer", "--bench", "rmb", "--data", str(tmp_path / "linked"), "--out", str(tmp_path / "o3")])
+    assert scores["judged"] == 6087 and "pairwise_harmlessness" in scores
+
+
+def test_qwen3_judge_end_to_end(tmp_path):
+    # a Qwen3 judge (tiny random weights, the Qwen tokenizer with the Qwen3 template) is evaluated and trained
+    need_shared(TOKENIZER_DIR)
+    import sft
+    ckpt = tmp_path / "judge"
+    make_hf_checkpoint(str(ckpt), "qwen3", vocab_size=151936)
+    shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.json"), ckpt / "tokenizer.json")
+    template = open(os.path.join(os.path.dirname(__file__), "qwen3_chat_template.jinja")).read()
+    json.dump({"chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+              open(ckpt / "tokenizer_config.json", "w"))
+    data = os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl")
+    scores = E.main(["--judge", str(ckpt), "--bench", "judgebench", "--data", data, "--limit", "2", "--max-new-tokens", "4",
+                     "--out", str(tmp_path / "eval")])
+    assert scores["judged"] == 2
+    trace = "<type>Chat</type>\n\n<rubric>r</rubric>\n\n<eval>e</eval>\n\n<answer>[[A]]</answer>"
+    rows = [{"context_messages": [{"role": "system", "content": "judge"}, {"role": "user", "content": f"pair {i}"}],
+             "winner": trace} for i in range(4)]
+    (tmp_path / "distill.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = sft.main(["--model", str(ckpt), "--data", str(tmp_path / "distill.jsonl"), "--out", str(tmp_path / "sft"),
+                        "--global-batch", "2", "--epochs", "1", "--lr", "1e-4"])
+    assert summary["steps"] == 2 and os.path.exists(tmp_path / "sft" / "model" / "model.safetensors")
