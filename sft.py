@@ -16,12 +16,17 @@ sequences from a seeded per-epoch permutation; each rank takes every world-th of
 length into micro-batches of about --tokens-per-micro tokens (right-padded; causal attention keeps pads
 out of real tokens). AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 1.0.
 
+With --val-data the greedy judge accuracy on those pairs is measured every --val-every steps (logged as
+val_accuracy), and --stop-at-accuracy ends training at the first check that reaches it (the toy uses this
+so GRPO starts from a comparable judge whatever the machine's float kernels).
+
 Data: JSONL rows in the RM-R1 distillation format (context_messages = [system, user], winner = the
 trace) or a plain chat format (messages ending with the assistant turn to learn). Rows longer than
 --max-len are dropped and counted (or cut to --max-len with the end token kept, by --truncate).
 
 Distributed: torchrun sets RANK/WORLD_SIZE; each block is fully_shard-ed, then the root; gloo on CPU,
-NCCL on CUDA; on CUDA bf16 compute with fp32 master weights and fp32 gradient reduction. Checkpoints:
+NCCL on CUDA; with more than one rank on CUDA, bf16 compute with fp32 master weights and fp32 gradient
+reduction (FSDP's mixed precision; a single process computes in fp32 for now). Checkpoints:
 a Hugging Face layout model (gathered one tensor at a time, written by rank 0) and a resumable training
 state per rank (local shards of weights and AdamW moments, step, RNG), loaded weights-only; --resume
 continues exactly where the last saved step left off (with the same number of ranks).

@@ -14,12 +14,12 @@ import pytest
 from conftest import ROOT
 
 
-def fresh_run(tmp_path, *args, timeout=900):
-    """Run `python grpo.py args` in a fresh directory holding the scripts (runs/ starts empty, as in a clone)."""
+def fresh_run(workdir, script="grpo.py", *args, timeout=900):
+    """Run `python script args` in a directory holding the scripts (runs/ starts empty there, as in a clone)."""
     for f in os.listdir(ROOT):
-        if f.endswith(".py"):
-            os.symlink(os.path.join(ROOT, f), tmp_path / f)
-    p = subprocess.run([sys.executable, "grpo.py", *args], cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+        if f.endswith(".py") and not os.path.exists(workdir / f):
+            os.symlink(os.path.join(ROOT, f), workdir / f)
+    p = subprocess.run([sys.executable, script, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
                        env=dict(os.environ, PYTHONHASHSEED="0"))
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return p
@@ -52,12 +52,8 @@ def test_same_command_gives_the_same_numbers(tmp_path):
     logs = []
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
-        env_sft = ["--max-steps", "12", "--val-every", "4"]
-        for f in os.listdir(ROOT):
-            if f.endswith(".py"):
-                os.symlink(os.path.join(ROOT, f), tmp_path / run / f)
-        subprocess.run([sys.executable, "sft.py", *env_sft], cwd=tmp_path / run, check=True, capture_output=True, timeout=300)
-        subprocess.run([sys.executable, "grpo.py", *short], cwd=tmp_path / run, check=True, capture_output=True, timeout=300)
+        fresh_run(tmp_path / run, "sft.py", "--max-steps", "12", "--val-every", "4", timeout=300)
+        fresh_run(tmp_path / run, "grpo.py", *short, timeout=300)
         logs.append([open(tmp_path / run / "runs/toy" / stage / "metrics.jsonl").read() for stage in ("sft", "grpo")])
     strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.endswith(("_per_s", "_s"))}
                           for line in text.splitlines()]  # timings differ, everything else must not
