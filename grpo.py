@@ -41,6 +41,8 @@ import argparse
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import torch
@@ -52,8 +54,8 @@ from data import default_judge_family, load_judge_examples, load_tokenizer, toke
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from eval import heldout_accuracy, load_heldout
-from sft import (_local, all_reduce_sum, copy_tokenizer, idle_backward, load_state, log_step, lr_at, make_optimizer, save_state,
-                 setup_distributed, shard_model)
+from training import (_local, all_reduce_sum, copy_tokenizer, idle_backward, load_state, log_step, lr_at, make_optimizer,
+                      save_state, setup_distributed, shard_model)
 
 
 def parse_args(argv=None):
@@ -209,10 +211,13 @@ def main(argv=None):
     args, toy = parse_args(argv)
     rank, world, device = setup_distributed()
     if toy and not os.path.exists(os.path.join(args.model, "model.safetensors")):
-        import sft
-        if rank == 0:
-            print("toy: no SFT checkpoint yet, running `python sft.py` first")
-        sft.main(["--seed", str(args.seed)], teardown=False)
+        if rank == 0:  # stage 1 as its own script (one process), exactly as a user would run it
+            print("toy: no SFT checkpoint yet, running `python sft.py` first", flush=True)
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
+                            "--seed", str(args.seed)], env=env, check=True)
+        if dist.is_initialized():
+            dist.barrier()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
