@@ -35,7 +35,7 @@ The algorithm, per step:
 
 Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the
 progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. Checkpoints:
-Hugging Face layout model + resumable state (sft.py helpers); --resume continues exactly.
+Hugging Face layout model + resumable state (training.py); --resume continues exactly.
 """
 import argparse
 import json
