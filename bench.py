@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import toy
 
 _QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
                max_position_embeddings=32768, torch_dtype="bfloat16")
@@ -53,7 +54,7 @@ def build_pair(hf_cfg, device, dtype):
     import transformers
     cfg = M.ModelConfig.from_hf(hf_cfg)
     torch.manual_seed(0)
-    ours = M.init_weights(M.Transformer(cfg)).to(device=device, dtype=dtype)
+    ours = toy.init_weights(M.Transformer(cfg)).to(device=device, dtype=dtype)
     hf_kw = {k: v for k, v in hf_cfg.items() if k not in ("layer_types", "model_type", "torch_dtype")}
     hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw))
     hf.load_state_dict(ours.state_dict(), strict=False)
@@ -216,6 +217,8 @@ def check(log, name, cap_s, fn):
     except _Timeout:
         result = f"not finished within its {cap_s} s cap"
     except Exception as e:  # report and go on: one broken check must not hide the others
+        import traceback
+        log.write(traceback.format_exc()[-3000:])
         result = f"failed: {type(e).__name__}: {str(e)[:300]}"
     finally:
         signal.alarm(0)
@@ -245,14 +248,25 @@ def bench_gpu(args, device, dtype):
     from sampler import Sampler
     backend = "eager" if smoke else "inductor"
     check(log, "bf16 logits vs transformers (0.5B)", 30, lambda: _parity(ours, hf, device))
-    check(log, "decode batch 1 vs transformers", 75, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
+    trainer = {}
+    check(log, "trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded")
+    if trainer:
+        check(log, "SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(trainer["m"], trainer["o"], trainer["d"], flops_peak, smoke))
+        check(log, "  the same, no activation checkpointing", 30,
+              lambda: _sft_mfu(trainer["m"], trainer["o"], trainer["d"], flops_peak, smoke, grad_ckpt=False))
+        group = {"inputs": _grpo_group_inputs(trainer["m"], trainer["d"], smoke)}
+        check(log, "GRPO group 1.5B: 2k prompt + 7 x 1k", 30, lambda: _grpo_group(trainer["m"], trainer["d"], smoke, group))
+        trainer.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        check(log, "  transformers, the same 7 rows", 30, lambda: _grpo_group_hf(device, smoke, group))
+    check(log, "decode batch 1 vs transformers", 120, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
     rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
-    check(log, "rollout 8 prompts x n=8 vs transformers", 45, lambda: _rollout_8x8(hf, rollout, device, smoke))
+    check(log, "rollout 8 prompts x n=8 vs transformers", 75, lambda: _rollout_8x8(hf, rollout, device, smoke))
     check(log, "ragged rollout: continuous vs static", 45, lambda: _ragged(rollout, device, smoke))
     del hf
-    check(log, "grpo.py, 2 steps (0.5B shape)", 75, lambda: _grpo_two_steps(ours, smoke))
+    check(log, "grpo.py, 2 steps (0.5B shape)", 110, lambda: _grpo_two_steps(ours, smoke))
     del ours, rollout
-    check(log, "SFT step 1.5B, 4k tokens", 20, lambda: _sft_mfu(device, flops_peak, smoke))
     if torch.cuda.device_count() > 1:
         check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
 
@@ -280,7 +294,8 @@ def _decode_batch1(ours, hf, device, bw_peak, smoke, backend):
     agree = next((i for i, (x, y) in enumerate(zip(compiled, eager)) if x != y), len(eager))
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
-    return (f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x{frac}; first call {compile_s:.0f} s "
+    skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
+    return (f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x{frac}; cudagraph skips {skips}; first call {compile_s:.0f} s "
             f"(compile); compiled = eager greedy for the first {agree} of {n_new} tokens")
 
 
@@ -318,7 +333,6 @@ def _ragged(e, device, smoke):
 def _grpo_two_steps(ours, smoke):
     """A real-shape (random 0.5B) grpo.py run on the toy's prompts and tokenizer: 2 steps of 16 prompts x n=7,
     up to 512 new tokens (the toy tokenizer's 3 stop ids among 2048 sampled ids: long, ragged traces)."""
-    import toy
     root = os.path.dirname(os.path.abspath(__file__))
     tmp = tempfile.mkdtemp()
     paths = toy.prepare(os.path.join(tmp, "toy"), n_train=64, n_rl=64, n_heldout=8)
@@ -327,40 +341,115 @@ def _grpo_two_steps(ours, smoke):
            paths["rl"], "--out", os.path.join(tmp, "out"), "--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8",
            "--gen-prompts", "16", "--group-size", "7", "--max-new-tokens", "64" if smoke else "512"] + (["--no-compile"] if smoke else [])
     t = time.time()
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=70)  # killed before the cap
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=105)  # killed before the cap
     if p.returncode:
-        return "failed: " + p.stderr.strip().splitlines()[-1][:300]
+        with open(os.path.join(os.environ.get("OUT", "."), "grpo_two_steps.stderr"), "w") as f:
+            f.write(p.stderr[-20000:])
+        errors = [line for line in p.stderr.splitlines() if "Error" in line] or p.stderr.strip().splitlines()[-1:]
+        return "failed: " + errors[-1][:300]
     recs = [json.loads(line) for line in open(os.path.join(tmp, "out", "metrics.jsonl"))]
     parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s), old/ref "
                       f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s" for r in recs)
     return f"{parts}; whole run {time.time() - t:.0f} s"
 
 
-def _sft_mfu(device, flops_peak, smoke):
+def _trainer_model(smoke):
+    """A random 1.5B-shape checkpoint loaded the way sft.py / grpo.py load one (training.load_for_training: FSDP2
+    over a one-rank group on CUDA, bf16 compute, fp32 master weights, compiled blocks, activation checkpointing)."""
+    import training
+    _, world, device = training.setup_distributed()
     cfg = M.ModelConfig(**SHAPES["smoke" if smoke else "1.5B"])
-    model = M.init_weights(M.Transformer(cfg)).to(device)
-    if not smoke:
-        M.compile_blocks(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    path = os.path.join(tempfile.mkdtemp(), "model")
+    with torch.device(device):
+        m = M.Transformer(cfg).to(torch.bfloat16)
+        for p in m.parameters():
+            p.data.normal_(0, 0.02)
+    M.save_model(m, path)
+    del m
+    model = training.load_for_training(path, world, device, compile=not smoke, grad_ckpt=True)
+    return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device
+
+
+def _sft_mfu(model, optimizer, device, flops_peak, smoke, grad_ckpt=True):
+    """One SFT step (forward, backward, AdamW) on a 4k-token sequence, as sft.py runs it."""
+    model.checkpoint_activations = grad_ckpt
     T = 512 if smoke else 4096
-    ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
+    ids = torch.randint(0, model.config.vocab_size, (1, T), device=device)
     weights = torch.full((1, T), -1 / T, device=device)
 
     def sft_step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not smoke):
-            loss = model(ids, targets=ids, loss_weights=weights)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        model(ids, targets=ids, loss_weights=weights).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
+    t = time.perf_counter()
     sft_step()
+    first = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = timeit(sft_step, 3, device)
+    cfg = model.config
     flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2  # causal attention
-    mfu = f", MFU {flops / t / flops_peak:.1%}" if flops_peak else ""
+    mfu = f", MFU {flops / t / flops_peak:.1%} (model FLOPs, recompute not counted)" if flops_peak else ""
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    return f"{T / t:.0f} tok/s{mfu}{mem} (bf16 autocast, fp32 weights, compiled blocks)"
+    return f"{T / t:.0f} tok/s{mfu}{mem}; first step {first:.0f} s (compile)"
+
+
+def _grpo_group_inputs(model, device, smoke):
+    """A group: a 2k-token prompt and 7 responses of 1k tokens (smoke: tiny), and advantages."""
+    P, R, G = (64, 32, 7) if smoke else (2048, 1024, 7)
+    V = model.config.vocab_size
+    return [torch.randint(0, V, (P,)).tolist()], [torch.randint(0, V, (R,)).tolist() for _ in range(G)], \
+        torch.randn(G, 1, device=device)
+
+
+def _grpo_group(model, device, smoke, group):
+    """GRPO's forward+backward of one group through grpo.py's code (prompt run once, FSDP bf16, activation
+    checkpointing). Returns the line and leaves the timing in group["t"] for the transformers comparison."""
+    import grpo
+    prompts, responses, adv = group["inputs"]
+
+    def ours():
+        logp, _, mask = grpo.response_logprobs(model, prompts, responses, len(responses), 0, device, 1.0)
+        (-(adv * logp * mask).sum() / mask.sum()).backward()
+
+    t_first = time.perf_counter()
+    ours()
+    t_first = time.perf_counter() - t_first
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    group["t"] = timeit(ours, 2, device)
+    n = len(responses) * (len(prompts[0]) + len(responses[0]))
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (with fp32 weights, grads, AdamW state)" \
+        if device.type == "cuda" else ""
+    return f"{n / group['t']:.0f} tok/s (rows of prompt + response){mem}; first call {t_first:.0f} s"
+
+
+def _grpo_group_hf(device, smoke, group):
+    """transformers' forward+backward of the same 7 rows [prompt, response] in bf16, with its gradient
+    checkpointing (without it, 7 x 3k tokens of 1.5B activations do not fit 80 GB next to our trainer)."""
+    import transformers
+    prompts, responses, adv = group["inputs"]
+    P = len(prompts[0])
+    hf_kw = {k: v for k, v in SHAPES["smoke" if smoke else "1.5B"].items() if k not in ("model_type", "torch_dtype")}
+    with torch.device(device):  # built on the GPU: a CPU init of 1.5B parameters takes most of the cap
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw)).to(torch.bfloat16)
+    hf.gradient_checkpointing_enable()
+    hf.train()
+    rows = torch.tensor([prompts[0] + r for r in responses], device=device)
+
+    def theirs():
+        logits = hf(rows[:, :-1]).logits[:, P - 1:].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, rows[:, P:, None]).squeeze(-1)
+        (-(adv * logp).mean()).backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_hf = timeit(theirs, 2, device)
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    n = rows.numel()
+    ratio = f": ours {t_hf / group['t']:.2f}x" if "t" in group else ""
+    return f"{n / t_hf:.0f} tok/s{mem}{ratio}"
 
 
 def _fsdp_check():

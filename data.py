@@ -35,6 +35,7 @@ import gzip
 import json
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
@@ -145,14 +146,6 @@ Output your final verdict at last by strictly following this format: '<answer>[[
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 DS_BOS, DS_EOS, DS_USER, DS_ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-# The Qwen2.5 template without its tool branches, written into tokenizers this project trains (toy task)
-# so that transformers renders them the same way.
-CHATML_JINJA = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\n" + QWEN_DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
-    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
 class DataError(ValueError):
@@ -191,8 +184,14 @@ class ChatTokenizer:
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)  # ids beyond it are padding rows
         # generation stops at the end of the assistant turn (and at <|endoftext|> / the eos as a fallback)
         chatml = self.family in ("qwen2.5", "qwen3")
-        stops = [self.eos_id] + ([self.im_end_id, self.tok.token_to_id("<|endoftext|>")] if chatml else [])
+        # the token that closes an assistant turn in the chat template (what SFT teaches a trace to end with)
+        self.end_of_turn_id = self.im_end_id if chatml else self.eos_id  # DeepSeek-R1 ends a turn with its eos
+        stops = [self.eos_id, self.end_of_turn_id] + ([self.im_end_id, self.tok.token_to_id("<|endoftext|>")] if chatml else [])
         self.stop_ids = sorted({s for s in stops if s is not None})
+
+    def cut_off(self, ids):
+        """A generation that ended without a stop id: cut at the token budget (its verdict counts as missing)."""
+        return not ids or ids[-1] not in self.stop_ids
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -203,9 +202,7 @@ class ChatTokenizer:
     def apply_chat_template(self, messages, add_generation_prompt=True, enable_thinking=None):
         """enable_thinking (Qwen3 only, as its template): None or True lets the judge think first; False
         closes an empty <think></think> block in the generation prompt."""
-        for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i}: needs role system/user/assistant and string content, got {m!r}"[:300])
+        check_messages(messages, "apply_chat_template")
         if self.family == "qwen3":
             return qwen3_chat(messages, add_generation_prompt, enable_thinking)
         if self.family == "qwen2.5":
@@ -324,14 +321,14 @@ def tokenize_prompts(examples, tokenizer, max_prompt_len):
 
 # ----------------------------------------------------------------------------- readers
 
-def _open(path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
 def read_jsonl(path):
     """Yield (line number, row dict); malformed lines are a DataError naming file and line."""
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -344,11 +341,13 @@ def read_jsonl(path):
 
 
 def read_json_list(path):
-    with _open(path) as f:
+    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
         try:
             rows = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 (byte offset {e.start})") from None
     if not isinstance(rows, list):
         raise DataError(f"{path}: expected a JSON list of rows")
     return list(enumerate(rows, 1))
@@ -488,41 +487,89 @@ def rmb_answer(container, key, where):
     return ans["answer"]
 
 
-def read_rm_r1(path, family=None):
-    """RM-R1 rows: context_messages are the judge messages already rendered with the answers placed.
-    winner 'model_a'/'model_b' -> a JudgeExample (RL); any other string is a distillation trace, returned
-    as chat messages [*context_messages, assistant trace] for SFT."""
-    rl, sft = [], []
+def rm_r1_row(row, where, counts):
+    """One RM-R1 row: context_messages are the judge messages already rendered with the answers placed, and
+    winner says which stage the row is for: 'model_a'/'model_b' -> ("rl", JudgeExample); a judge trace (text with
+    an <answer> tag) -> ("sft", [*context_messages, assistant trace]); anything else is an error naming the row.
+    counts["rl"/"sft"] count the kinds. The released prompts carry the reference's "Chabot B" typo: fixed here,
+    and counted in counts["typo_fixed"]."""
+    msgs = check_messages(need(row, "context_messages", where, list), where, "context_messages")
+    if any(TYPO in m["content"] for m in msgs):
+        msgs = [dict(m, content=m["content"].replace(TYPO, "Chatbot B")) for m in msgs]
+        counts["typo_fixed"] += 1
+    winner = need(row, "winner", where)
+    if winner in ("model_a", "model_b"):
+        counts["rl"] += 1
+        return "rl", JudgeExample(str(row.get("id", where.rsplit(":", 1)[-1])), msgs, "A" if winner == "model_a" else "B")
+    if "<answer>" not in winner:
+        raise DataError(f"{where}: field 'winner' must be 'model_a' / 'model_b' (RL rows) or a judge trace with "
+                        f"an <answer> tag (distillation rows), got {winner[:40]!r}")
+    counts["sft"] += 1
+    return "sft", msgs + [{"role": "assistant", "content": winner}]
+
+
+def read_sft_rows(path):
+    """SFT data: RM-R1 distillation rows (context_messages + winner = the trace) or chat rows (messages
+    ending with the assistant turn to learn) -> (message lists ending with the assistant turn, counts).
+    RM-R1 RL rows (winner model_a/model_b) have no trace: counted in counts["rl"] and skipped; a file of
+    nothing else is refused as the other stage's data."""
+    out, counts = [], {"rl": 0, "sft": 0, "typo_fixed": 0}
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
-        msgs = check_messages(need(row, "context_messages", where, list), where, "context_messages")
-        winner = need(row, "winner", where)
-        if winner in ("model_a", "model_b"):
-            rl.append(JudgeExample(str(row.get("id", n)), msgs, "A" if winner == "model_a" else "B"))
+        if "context_messages" in row:
+            kind, item = rm_r1_row(row, where, counts)
+            if kind == "sft":
+                out.append(item)
+        elif "messages" in row:
+            msgs = check_messages(need(row, "messages", where, list), where)
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{where}: field 'messages' must end with the assistant turn to learn")
+            if not msgs[-1]["content"].strip():
+                raise DataError(f"{where}: field 'messages[-1].content' (the assistant turn) is empty")
+            out.append(msgs)
         else:
-            sft.append(msgs + [{"role": "assistant", "content": winner}])
-    return rl, sft
+            raise DataError(f"{where}: missing field 'context_messages' (RM-R1 format) or 'messages' (chat format)")
+    if not out:
+        raise DataError(f"{path}: no SFT rows" + (f": {counts['rl']} RM-R1 RL rows (winner model_a/model_b, no trace "
+                                                  "to learn); this is GRPO data" if counts["rl"] else ""))
+    return out, counts
 
 
+TYPO = "Chabot B"
 READERS = {"pairs": read_pairs, "rm-bench": read_rm_bench, "judgebench": read_judgebench, "rmb": read_rmb}
 
 
-def load_judge_examples(path, fmt, family="instruct", seed=0, drop_empty=False):
-    """Any supported preference format -> (judge examples with seeded placement, number of pairs with an empty
-    or whitespace-only answer). Evaluation judges those as given; training passes drop_empty=True."""
+def load_judge_examples(path, fmt, family="instruct", seed=0, training=False):
+    """Any supported preference format -> (judge examples with seeded placement, counts). counts says what
+    was seen: "empty" pairs with an empty or whitespace-only answer and "identical" pairs whose two answers
+    are the same text (evaluation judges both as given, as benchmark data; training=True drops them: nothing to
+    learn), and for RM-R1 files "sft" distillation rows (skipped: not RL data) and "typo_fixed". Placement is
+    seeded by pair id, so a repeated id is an error."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
-    if fmt == "rm-r1":
-        rl, _ = read_rm_r1(path)
+    if fmt == "rm-r1":  # RM-R1 rows (rm_r1_row): RL rows become judge examples, distillation rows are counted
+        counts = {"rl": 0, "sft": 0, "typo_fixed": 0}
+        rl = [item for n, row in read_jsonl(path) for kind, item in [rm_r1_row(row, f"{path}:{n}", counts)] if kind == "rl"]
         if not rl:
-            raise DataError(f"{path}: no RL rows (winner model_a/model_b) found")
-        return rl, 0
+            raise DataError(f"{path}: no RL rows (winner model_a/model_b): {counts['sft']} distillation rows "
+                            "(judge traces) found instead; this is SFT data")
+        refuse_duplicate_ids(path, [e.id for e in rl])
+        return rl, {"sft": counts["sft"], "typo_fixed": counts["typo_fixed"]}
     if fmt not in READERS:
         raise ValueError(f"unknown data format {fmt!r} (one of rm-r1, {', '.join(READERS)})")
     pairs = READERS[fmt](path)
     if not pairs:
         raise DataError(f"{path}: no {fmt} rows found")
-    empty = sum(map(has_empty_answer, pairs))
-    if drop_empty:
-        pairs = [p for p in pairs if not has_empty_answer(p)]
-    return [make_judge_example(p, family, seed) for p in pairs], empty
+    refuse_duplicate_ids(path, [p.id for p in pairs])
+    counts = {"empty": sum(map(has_empty_answer, pairs)), "identical": sum(p.chosen == p.rejected for p in pairs)}
+    if training:
+        pairs = [p for p in pairs if p.chosen != p.rejected and not has_empty_answer(p)]
+    if not pairs:
+        raise DataError(f"{path}: no pairs left to judge ({counts})")
+    return [make_judge_example(p, family, seed) for p in pairs], counts
+
+
+def refuse_duplicate_ids(path, ids):
+    repeated = next((i for i, count in Counter(ids).items() if count > 1), None)
+    if repeated is not None:
+        raise DataError(f"{path}: id {repeated!r} appears more than once (A/B placement and results are keyed by id)")

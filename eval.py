@@ -35,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 from data import (DataError, default_judge_family, has_empty_answer, load_judge_examples, load_tokenizer, make_judge_example,
-                  READERS, tokenize_prompts)
+                  READERS, refuse_duplicate_ids, tokenize_prompts)
+from training import check_flags, check_vocab, cli, compile_wanted, setup_distributed
 from rewards import parse_verdict
 
 BASELINES = ("longer", "shorter", "random")
@@ -49,7 +50,7 @@ REWARDBENCH_SECTIONS = {
 
 
 def build_examples(bench, path, family, seed, both_orders=False):
-    """-> (judge examples, number of pairs with an empty or whitespace-only answer: judged as given)."""
+    """-> (judge examples, counts: data.load_judge_examples's; empty answers are judged as given)."""
     if bench not in READERS:
         raise ValueError(f"unknown bench {bench!r} (one of {', '.join(READERS)})")
     if not both_orders:
@@ -57,6 +58,7 @@ def build_examples(bench, path, family, seed, both_orders=False):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
     out, pairs = [], READERS[bench](path)
+    refuse_duplicate_ids(path, [p.id for p in pairs])
     for p in pairs:
         for label in "AB":
             ex = make_judge_example(p, family, seed, label=label)
@@ -65,7 +67,7 @@ def build_examples(bench, path, family, seed, both_orders=False):
             out.append(ex)
     if not out:
         raise DataError(f"{path}: no {bench} rows found")
-    return out, sum(map(has_empty_answer, pairs))
+    return out, {"empty": sum(map(has_empty_answer, pairs)), "identical": sum(p.chosen == p.rejected for p in pairs)}
 
 
 def baseline_verdict(judge, ex, rng):
@@ -90,7 +92,7 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temp
         rows = []
         for i, out in zip(idx, outs):
             text = tokenizer.decode(out)
-            truncated = not out or out[-1] not in tokenizer.stop_ids
+            truncated = tokenizer.cut_off(out)
             rows.append(result_row(examples[i], len(prompt_ids[i]), text, None if truncated else parse_verdict(text), truncated))
         if progress:
             progress.update(len(rows))
@@ -241,10 +243,13 @@ def print_table(scores, title, bench):
 
 # ----------------------------------------------------------------------------- main
 
-def describe_data(bench, path, examples, empty):
-    """Say what was found: pairs with empty answers (judged as given) and, for RMB, which sets are present."""
-    if empty:
-        print(f"{path}: {empty} pairs have an empty or whitespace-only answer; they are judged as given")
+def describe_data(bench, path, examples, counts):
+    """Say what was found: pairs with empty answers or two identical answers (judged as given) and, for RMB,
+    which sets are present."""
+    if counts.get("empty"):
+        print(f"{path}: {counts['empty']} pairs have an empty or whitespace-only answer; they are judged as given")
+    if counts.get("identical"):
+        print(f"{path}: {counts['identical']} pairs have two identical answers; they are judged as given")
     if bench == "rmb":
         for kind, name in (("pairwise", "Pairwise_set"), ("bon", "BoN_set")):
             n = sum(ex.meta.get("set") == kind for ex in examples)
@@ -252,16 +257,64 @@ def describe_data(bench, path, examples, empty):
                   f"RMB {name}: missing (no such rows under {path}); its scores and the four-way `rmb` are not computed")
 
 def read_rows(path):
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut off by an interruption: that row is judged again
-    return rows
+    """Earlier results of an output file -> (rows, corrupt line numbers). A corrupt line (an interrupted write)
+    is reported and its row judged again; the valid rows around it are kept."""
+    rows, corrupt = [], []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict) and "id" in row and "correct" in row:
+                    rows.append(row)
+                else:
+                    corrupt.append(n)
+    return rows, corrupt
+
+
+def fingerprint(path):
+    """A judge checkpoint's or a data set's identity: its absolute path and a hash of each file's name, size and
+    first and last MiB (cheap on multi-GB weights, changed by any retraining)."""
+    import hashlib
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
+                                                       for f in fs if f.endswith((".json", ".jsonl", ".gz", ".safetensors")))
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            h.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}".encode() + f.read(2**20))
+            f.seek(max(0, os.path.getsize(file) - 2**20))
+            h.update(f.read())
+    return f"{os.path.abspath(path)} sha256:{h.hexdigest()[:16]}"
+
+
+# the settings that decide a verdict; --limit, --batch-size and --compile may change between runs
+PROVENANCE = ("bench", "family", "seed", "max_new_tokens", "max_prompt_len", "temperature", "both_orders", "dtype")
+
+
+def claim_out_dir(args, rank, world):
+    """An output directory belongs to one judge, one data set and one setting (recorded in run.json): a rerun
+    with the same ones resumes from the outputs, a different one is refused (or, with --overwrite, the old
+    outputs are removed)."""
+    run = {"judge": args.judge if args.judge in BASELINES else fingerprint(args.judge),
+           "tokenizer": fingerprint(args.tokenizer) if args.tokenizer else None, "data": fingerprint(args.data),
+           **{k: getattr(args, k) for k in PROVENANCE}}
+    file = os.path.join(args.out, "run.json")
+    saved = json.load(open(file)) if os.path.exists(file) and not args.overwrite else run  # every rank checks
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in run.items() if saved.get(k) != v]
+    if changed:
+        raise SystemExit(f"eval.py: {args.out} holds outputs of another judge or setting ({'; '.join(changed)}): "
+                         "use another --out, or --overwrite to discard them")
+    if rank == 0:
+        if args.overwrite and os.path.exists(args.out):
+            for f in os.listdir(args.out):
+                if f in ("run.json", "scores.json") or f.startswith("outputs."):
+                    os.remove(os.path.join(args.out, f))
+        os.makedirs(args.out, exist_ok=True)
+        json.dump(run, open(file, "w"), indent=2)
+    if world > 1:
+        torch.distributed.barrier()
 
 
 def main(argv=None):
@@ -270,9 +323,10 @@ def main(argv=None):
     ap.add_argument("--bench", required=True, choices=sorted(READERS))
     ap.add_argument("--data", required=True, help="benchmark file or directory")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true", help="discard earlier outputs in --out (of any judge)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the judge directory)")
     ap.add_argument("--family", choices=["instruct", "reasoning"], default=None, help="default: from the chat template")
-    ap.add_argument("--limit", type=int, default=0, help="judge only the first N prompts")
+    ap.add_argument("--limit", type=int, default=0, help="judge only the first N prompts (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=8192)
     ap.add_argument("--max-prompt-len", type=int, default=16384)
@@ -283,63 +337,40 @@ def main(argv=None):
     ap.add_argument("--both-orders", action="store_true", help="judge each pair in both placements")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
+    check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"), nonnegative=("limit", "temperature"))
 
-    import torch.distributed as dist
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    rank, world, device = setup_distributed()
     model = tokenizer = None
     if args.judge not in BASELINES:
         from model import load_model
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
+        check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
         model = load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
-    family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
-    examples, empty = build_examples(args.bench, args.data, family, args.seed, args.both_orders)
-    if args.limit:
-        examples = examples[:args.limit]
+    args.family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
+    examples, counts = build_examples(args.bench, args.data, args.family, args.seed, args.both_orders)
+    examples = examples[:args.limit] if args.limit else examples
     if rank == 0:
-        describe_data(args.bench, args.data, examples, empty)
-    os.makedirs(args.out, exist_ok=True)
+        describe_data(args.bench, args.data, examples, counts)
+    claim_out_dir(args, rank, world)
     part = os.path.join(args.out, "outputs.jsonl" if world == 1 else f"outputs.rank{rank}.jsonl")
-    rows = read_rows(part)  # this rank's earlier results: resume from them
+    rows, corrupt = read_rows(part)  # this rank's earlier results: resume from them
+    if corrupt:
+        print(f"{part}: corrupt line(s) {corrupt[:10]} skipped (their prompts are judged again); {len(rows)} valid rows kept")
     done = {r["id"] for r in rows}
     mine = [ex for i, ex in enumerate(examples) if i % world == rank and ex.id not in done]
     if rank == 0:
-        print(f"{len(examples)} prompts ({family} judge prompts, seed {args.seed}); {len(done)} already judged")
-    progress = tqdm(total=len(mine), disable=rank != 0, desc="judging")
-    with open(part, "w") as f:  # rewrite the valid rows (drops a truncated last line), then append
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-        if model is None:
-            rng = random.Random(args.seed)
-            for ex in mine:
-                f.write(json.dumps(result_row(ex, 0, "", baseline_verdict(args.judge, ex, rng))) + "\n")
-            progress.update(len(mine))
-        else:
-            kept, ids, dropped = tokenize_prompts(mine, tokenizer, args.max_prompt_len)
-            if dropped:
-                print(f"rank {rank}: {dropped} prompts longer than --max-prompt-len {args.max_prompt_len} are not judged "
-                      "and count as wrong (unparsed), so the benchmark keeps its size")
-            kept_ids = {ex.id for ex in kept}
-            for ex in mine:
-                if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped
-                    f.write(json.dumps(result_row(ex, -1, "", None)) + "\n")
-            from sampler import Sampler
-            compile = args.compile if args.compile is not None else torch.cuda.is_available()
-            engine = Sampler(model, args.batch_size, max(map(len, ids), default=0) + args.max_new_tokens, compile=compile)
-            for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed,
-                                        progress):
-                for r in batch:
-                    f.write(json.dumps(r) + "\n")
-                f.flush()
-    progress.close()
+        print(f"{len(examples)} prompts ({args.family} judge prompts, seed {args.seed}); {len(done)} already judged")
+    with open(part + ".tmp", "w") as f:  # the valid rows, then swapped in: a crash here loses nothing
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(part + ".tmp", part)
+    with open(part, "a") as f:
+        judge_into(f, args, model, tokenizer, mine, rank)
     if world > 1:
-        dist.barrier()
+        torch.distributed.barrier()
     if rank != 0:
         return None
-    rows = read_rows(os.path.join(args.out, "outputs.jsonl")) if world == 1 else \
-        [r for k in range(world) for r in read_rows(os.path.join(args.out, f"outputs.rank{k}.jsonl"))]
+    rows = [r for k in range(world) for r in read_rows(os.path.join(args.out, "outputs.jsonl" if world == 1 else
+                                                                    f"outputs.rank{k}.jsonl"))[0]]
     wanted = {ex.id for ex in examples}
     rows = list({r["id"]: r for r in rows if r["id"] in wanted}.values())
     scores = score(args.bench, rows)
@@ -349,5 +380,31 @@ def main(argv=None):
     return scores
 
 
+def judge_into(f, args, model, tokenizer, mine, rank):
+    """Judge this rank's prompts, appending one row per prompt to f as each batch finishes."""
+    progress = tqdm(total=len(mine), disable=rank != 0, desc="judging")
+    if model is None:
+        rng = random.Random(args.seed)
+        for ex in mine:
+            f.write(json.dumps(result_row(ex, 0, "", baseline_verdict(args.judge, ex, rng))) + "\n")
+        progress.update(len(mine))
+    else:
+        kept, ids, dropped = tokenize_prompts(mine, tokenizer, args.max_prompt_len)
+        if dropped:
+            print(f"rank {rank}: {dropped} prompts longer than --max-prompt-len {args.max_prompt_len} are not judged "
+                  "and count as wrong (unparsed), so the benchmark keeps its size")
+        kept_ids = {ex.id for ex in kept}
+        for ex in mine:
+            if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped
+                f.write(json.dumps(result_row(ex, -1, "", None)) + "\n")
+        from sampler import Sampler
+        engine = Sampler(model, args.batch_size, max(map(len, ids), default=0) + args.max_new_tokens,
+                         compile=compile_wanted(args.compile, model.lm_head.weight.device))
+        for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed, progress):
+            f.writelines(json.dumps(r) + "\n" for r in batch)
+            f.flush()
+    progress.close()
+
+
 if __name__ == "__main__":
-    main()
+    cli(main)

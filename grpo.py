@@ -6,7 +6,8 @@ grpo.py: stage 2 of RM-R1, GRPO with the verdict reward. The project's main job.
 
 The algorithm, per step:
 1. Rollout. Take R = --rollout-prompts judge prompts q (a seeded permutation of the data, one epoch after
-   another); rank r takes rollout positions r, r + world, ... (so every mini-batch is split evenly). The
+   another); rank r takes rollout positions r, r + world, ... (rank_positions: every rank holds an equal
+   share of every mini-batch, so no rank idles through an update). The
    policy's weights are copied into a plain (unsharded) rollout model, in bf16 on GPUs, and the sampler
    (sampler.py: static KV cache, continuous batching, compiled decode step) draws a group of G = --n traces
    o_1..o_G per prompt (temperature 1, top-p 1; the prefill is shared by the group). The draws are keyed
@@ -16,7 +17,8 @@ The algorithm, per step:
 3. Advantage, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-6) (unbiased std; --no-std-norm drops the
    division), the same for every token of o_i. A group whose rewards are all equal has A = 0: it gives no
    gradient, and is counted (zero_std_frac).
-4. Old log-probs log pi_old(o_i,t) are computed once with the training forward (not the sampler's), and
+4. Old log-probs log pi_old(o_i,t) are computed once with the training forward (not the sampler's) on
+   exactly the micro-batches the update will use (so the first mini-batch's ratio is exactly 1), and
    reference log-probs log pi_ref with the frozen starting policy when --kl > 0. Every training forward runs
    a group's prompt once for its G responses (model.SharedPrefix: each response attends to the prompt and to
    itself), which gives the same log-probs as G separate [prompt, o_i] rows at a fraction of the cost when
@@ -34,8 +36,12 @@ The algorithm, per step:
    then grad-norm clipping and an AdamW step (constant LR as the paper; --lr-schedule cosine decays it to 0).
 
 Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the
-progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. Checkpoints:
-Hugging Face layout model + resumable state (training.py); --resume continues exactly.
+progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. A non-finite
+loss, gradient norm or KL stops the run before the optimizer step, without saving. Checkpoints: Hugging Face
+layout model in the starting checkpoint's dtype + resumable state (training.py); --resume continues exactly.
+
+Reading order: the flags, the maths, then grpo_step and its stages in order (rollout, score,
+old_and_ref_logprobs, update -> policy_update_step, which holds the PPO loss), then main.
 """
 import argparse
 import json
@@ -44,18 +50,21 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
+import toy
 from data import default_judge_family, load_judge_examples, load_tokenizer, tokenize_prompts
+from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
-from eval import heldout_accuracy, load_heldout
-from training import (_local, all_reduce_sum, copy_tokenizer, idle_backward, load_state, log_step, lr_at, make_optimizer,
-                      save_state, setup_distributed, shard_model)
+from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
+                      compile_wanted, copy_tokenizer, load_for_training, load_state, lr_at, make_optimizer, save_state,
+                      setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -63,16 +72,22 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None, help="starting policy, HF dir (default: the toy SFT checkpoint)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
     ap.add_argument("--data", default=None, help="RM-R1 RL JSONL, or preference pairs with --format")
-    ap.add_argument("--format", default="rm-r1", choices=["rm-r1", "pairs", "rm-bench", "judgebench", "rmb"])
+    ap.add_argument("--format", default=None, choices=["rm-r1", "pairs", "rm-bench", "judgebench", "rmb"], help="[rm-r1]")
     ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+    ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the saved model (default: the starting checkpoint's)")
     # torchrun swallows a bare `--n` (it abbreviates its own --nnodes...), so -n / --group-size also work
     ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
     ap.add_argument("--minibatch-prompts", type=int, default=None, help="prompts per optimizer step [128; toy 16]")
-    ap.add_argument("--gen-prompts", type=int, default=None, help="prompts decoded at once: the sampler has gen-prompts x n slots [32; toy 64]")
+    ap.add_argument("--gen-prompts", type=int, default=None,
+                    help="prompts decoded at once per rank: the sampler has gen-prompts x n slots [32, fewer if the KV "
+                         "cache would pass --kv-cache-frac of the GPU; toy 64]")
+    ap.add_argument("--kv-cache-frac", type=float, default=0.25, help="most of a GPU's memory the rollout KV cache may take")
     ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward, in whole groups [8; toy 112]")
-    ap.add_argument("--steps", type=int, default=0, help="rollout steps (0 = one epoch over the data) [toy 180]")
+    ap.add_argument("--steps", type=int, default=None, help="rollout steps [one epoch over the data; toy 180]")
     ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 2e-4]")
     ap.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
                     help="constant, or cosine decay to 0 over the run's steps [constant; toy cosine]")
@@ -89,7 +104,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--max-prompt-len", type=int, default=None, help="[4096; toy 512]")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="[8192; toy 48]")
-    ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                    help="activation checkpointing per block [on; toy off]")
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out accuracy")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=200)
@@ -100,26 +116,35 @@ def parse_args(argv=None):
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    import toy
-    paths = toy.apply_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
-                                          minibatch_prompts=(16, 128), micro_seqs=(112, 8), lr=(2e-4, 1e-6),
-                                          max_prompt_len=(512, 4096), max_new_tokens=(48, 8192),
-                                          lr_schedule=("cosine", "constant")))
-    if paths:
+    args.toy = toy.fill_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
+                                            minibatch_prompts=(16, 128), micro_seqs=(112, 8), lr=(2e-4, 1e-6),
+                                            max_prompt_len=(512, 4096), max_new_tokens=(48, 8192), format=("rm-r1", "rm-r1"),
+                                            lr_schedule=("cosine", "constant"), grad_ckpt=(False, True), steps=(180, 0)))
+    if args.toy:
+        paths = toy.files()
         args.model = "runs/toy/sft/model"
-        args.data, args.format = args.data or paths["rl"], "rm-r1"
+        args.data = args.data or paths["rl"]
         args.eval_data = args.eval_data or paths["heldout"]
         args.out = args.out or "runs/toy/grpo"
-        args.steps = args.steps or 180
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
+    check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
+                                    "max_prompt_len", "max_new_tokens", "save_every", "kv_cache_frac"),
+                nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every",
+                             "eval_limit", "stop_after_steps"))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.rollout_prompts % args.minibatch_prompts:
-        ap.error("--rollout-prompts must be a multiple of --minibatch-prompts")
+        ap.error(f"--rollout-prompts {args.rollout_prompts} must be a multiple of --minibatch-prompts {args.minibatch_prompts}")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.minibatch_prompts % world:
+        ap.error(f"--minibatch-prompts {args.minibatch_prompts} must be a multiple of the {world} ranks, so that every "
+                 "rank holds an equal share of every mini-batch")
     args.tokenizer = args.tokenizer or args.model
     args.clip_high = args.clip if args.clip_high is None else args.clip_high
-    return args, paths is not None
+    return args
 
 
 # ----------------------------------------------------------------------------- the math (tested by hand)
@@ -160,12 +185,19 @@ def aggregate(loss_tok, mask, agg, n_tokens, n_seqs, max_new_tokens):
     raise ValueError(f"unknown loss aggregation {agg!r}")
 
 
-# ----------------------------------------------------------------------------- training
+def rank_positions(rollout_prompts, minibatch_prompts, world, rank):
+    """The rollout positions rank `rank` samples and trains on: r, r + world, ... Mini-batches are contiguous
+    positions, so with minibatch_prompts % world == 0 (parse_args checks it) every rank holds exactly
+    minibatch_prompts / world groups of every mini-batch."""
+    return list(range(rank, rollout_prompts, world))
 
-def group_batch(prompts, responses, n, pad_id, device):
+
+# ----------------------------------------------------------------------------- the training forward
+
+def group_batch(prompts, responses, n, pad_id, device, dtype):
     """G prompts and their G*n responses (prompt-major) -> one row per group, [prompt[:-1] | n segments], where
     segment j = [last prompt token, o_j[:-1]] with targets o_j: the prompt runs once for its whole group
-    (model.SharedPrefix), and each response is scored exactly as in [prompt, o_j].
+    (model.SharedPrefix, its mask in the compute dtype), and each response is scored exactly as in [prompt, o_j].
     Returns ids, positions, targets, response mask (all [G, P + n*R]), the SharedPrefix, and `unpack`,
     which turns a [G, P + n*R] result into per-response rows [G*n, R]."""
     G, P, R = len(prompts), max(len(p) for p in prompts) - 1, max(len(r) for r in responses)
@@ -173,232 +205,299 @@ def group_batch(prompts, responses, n, pad_id, device):
     targets, mask = torch.full_like(ids, pad_id), torch.zeros(G, P + n * R)
     positions = torch.arange(P + n * R).repeat(G, 1)
     prefix_valid = torch.zeros(G, P, dtype=torch.bool)
-    for g, p in enumerate(prompts):
-        ids[g, :len(p) - 1] = torch.tensor(p[:-1])
-        prefix_valid[g, :len(p) - 1] = True
+    for i, p in enumerate(prompts):
+        ids[i, :len(p) - 1] = torch.tensor(p[:-1])
+        prefix_valid[i, :len(p) - 1] = True
         for j in range(n):
-            o, c = responses[g * n + j], P + j * R
-            ids[g, c:c + len(o)] = torch.tensor(p[-1:] + o[:-1])
-            targets[g, c:c + len(o)] = torch.tensor(o)
-            mask[g, c:c + len(o)] = 1
-            positions[g, c:c + R] = torch.arange(len(p) - 1, len(p) - 1 + R)
+            o, c = responses[i * n + j], P + j * R
+            ids[i, c:c + len(o)] = torch.tensor(p[-1:] + o[:-1])
+            targets[i, c:c + len(o)] = torch.tensor(o)
+            mask[i, c:c + len(o)] = 1
+            positions[i, c:c + R] = torch.arange(len(p) - 1, len(p) - 1 + R)
     unpack = lambda t: t[:, P:].reshape(G * n, R)
     return (ids.to(device), positions.to(device), targets.to(device), mask.to(device),
-            M.SharedPrefix(prefix_valid.to(device), n, R), unpack)
+            M.SharedPrefix(prefix_valid.to(device), n, R, dtype), unpack)
 
 
 def response_logprobs(model, prompts, responses, n, pad_id, device, temperature):
     """-> log-probs, entropies and mask of the G*n responses, each [G*n, R] (one forward, prompts shared)."""
-    ids, positions, targets, mask, shared, unpack = group_batch(prompts, responses, n, pad_id, device)
+    # the compute dtype (training.py): bf16 on CUDA, else the weights' own
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else next(model.parameters()).dtype
+    ids, positions, targets, mask, shared, unpack = group_batch(prompts, responses, n, pad_id, device, dtype)
     logp, entropy = model(ids, positions, targets=targets, temperature=temperature, token_mask=mask, shared_prefix=shared)
     return unpack(logp), unpack(entropy), unpack(mask)
 
 
+# ----------------------------------------------------------------------------- one GRPO step, in stages
+
+@dataclass
+class Job:  # what every step uses: settings, models, data, and where this rank stands
+    args: argparse.Namespace
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    engine: Sampler
+    tokenizer: object
+    examples: list
+    prompt_ids: list
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclass
+class Rollout:  # this rank's groups of one step: group g is prompts[g] with responses[g*n : (g+1)*n]
+    positions: list  # rollout position of each group (which mini-batch it belongs to)
+    prompts: list
+    responses: list
+    texts: list
+    labels: list
+    truncated: list
+    seconds: float
+
+
+def grpo_step(job, step):
+    """Rollout -> rewards and advantages -> old/reference log-probs -> one update per mini-batch -> metrics."""
+    args = job.args
+    ro = rollout(job, step)
+    rewards, correct = score(job, ro)
+    adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
+    plan = micro_batch_plan(ro.positions, args.minibatch_prompts, max(1, args.micro_seqs // args.n))
+    t0 = time.time()
+    old, refs = old_and_ref_logprobs(job, ro, plan)
+    t_logprobs, t0 = time.time() - t0, time.time()
+    updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None) for m, part in enumerate(plan)]
+    return step_metrics(job, step, ro, rewards, correct, zero_std, updates,
+                        {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
+
+
+def rollout(job, step):
+    """1. Sample n traces for each of this rank's prompts from a fresh copy of the policy's weights."""
+    args, t0 = job.args, time.time()
+    per_epoch = len(job.examples) // args.rollout_prompts
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(len(job.examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
+    batch = perm[k * args.rollout_prompts:(k + 1) * args.rollout_prompts]
+    positions = rank_positions(args.rollout_prompts, args.minibatch_prompts, job.world, job.rank)
+    prompts = [job.prompt_ids[batch[p]] for p in positions]
+    job.engine.load_weights(job.policy)
+    # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
+    responses = job.engine.generate(prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.n,
+                                    job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
+                                    vocab_size=job.tokenizer.vocab_size, prompt_ids=positions)
+    truncated = [job.tokenizer.cut_off(r) for r in responses]
+    labels = [job.examples[batch[p]].label for p in positions for _ in range(args.n)]
+    return Rollout(positions, prompts, responses, [job.tokenizer.decode(r) for r in responses], labels, truncated,
+                   time.time() - t0)
+
+
+def score(job, ro):
+    """2. Rewards (the verdict reward, or format + correct with --format-reward) and correctness, per trace."""
+    reward_fn = format_reward if job.args.format_reward else judge_reward
+    rewards = torch.tensor([reward_fn(t, l, tr) for t, l, tr in zip(ro.texts, ro.labels, ro.truncated)])
+    correct = torch.tensor([judge_reward(t, l, tr) > 0 for t, l, tr in zip(ro.texts, ro.labels, ro.truncated)],
+                           dtype=torch.float)
+    return rewards, correct
+
+
+def micro_batch_plan(positions, minibatch_prompts, groups_per_micro):
+    """-> plan[m] = micro-batches (lists of this rank's group indices) of mini-batch m, in order."""
+    plan = {}
+    for g, p in enumerate(positions):
+        micros = plan.setdefault(p // minibatch_prompts, [])
+        if not micros or len(micros[-1]) == groups_per_micro:
+            micros.append([])
+        micros[-1].append(g)
+    return [plan[m] for m in sorted(plan)]
+
+
+def micro_rows(ro, groups, n):
+    """The prompts and responses of a micro-batch of groups (prompt-major)."""
+    return [ro.prompts[g] for g in groups], [ro.responses[g * n + j] for g in groups for j in range(n)]
+
+
 @torch.no_grad()
-def batched_logprobs(model, prompts, responses, n, pad_id, device, micro, temperature):
-    """Log-probs of the responses, `micro` groups per forward (a list of [micro * n, R] tensors). Under FSDP each
-    forward all-gathers weights, so ranks holding fewer groups run idle forwards to match the busiest rank."""
-    out, starts = [], range(0, len(prompts), micro)
-    for _ in range(int(all_reduce_sum([len(starts)], device, op="max")[0]) - len(starts)):
-        model(torch.zeros(1, 2, dtype=torch.long, device=device))
-    for s in starts:
-        out.append(response_logprobs(model, prompts[s:s + micro], responses[s * n:(s + micro) * n], n, pad_id, device,
-                                     temperature)[0])
-    return out
+def old_and_ref_logprobs(job, ro, plan):
+    """4. log pi_old and log pi_ref of every response, one tensor [groups * n, R] per micro-batch of the plan:
+    the same batches (so the same padding and kernels) as the update, so the first ratio is exactly 1."""
+    args, pad = job.args, job.tokenizer.pad_id or 0
+    run = lambda model: [[response_logprobs(model, *micro_rows(ro, groups, args.n), args.n, pad, job.device,
+                                            args.temperature)[0] for groups in micros] for micros in plan]
+    return run(job.policy), run(job.ref) if job.ref is not None else None
+
+
+def update(job, step, ro, adv, micros, old, refs):
+    """5. One optimizer step on one mini-batch (this rank's micro-batches of it) -> its statistics."""
+    args, n = job.args, job.args.n
+    seqs = [[g * n + j for g in groups for j in range(n)] for groups in micros]
+    # the mini-batch's global token and sequence counts, so the loss aggregation over micro-batches and ranks is exact
+    mb_tokens, mb_seqs = all_reduce_sum([sum(len(ro.responses[i]) for s in seqs for i in s), sum(map(len, seqs))], job.device)
+    n_tok, n_seq = max(mb_tokens, 1.0), max(mb_seqs, 1.0)
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
+    for k, groups in enumerate(micros):
+        part = policy_update_step(job, ro, groups, adv[seqs[k]].to(job.device)[:, None], old[k],
+                                  refs[k] if refs is not None else None, n_tok, n_seq)
+        totals = {key: totals[key] + part[key] for key in totals}
+    totals.update(zip(("loss", "kl"), all_reduce_sum([totals["loss"], totals["kl"]], job.device)))
+    grad_norm = clip_grad_norm(job.policy, args.grad_clip)
+    stop_if_not_finite("grpo.py", step + 1, os.path.join(args.out, "state"), loss=totals["loss"], grad_norm=grad_norm,
+                       kl=totals["kl"])
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return {**totals, "grad_norm": grad_norm, "n_tok": n_tok}
+
+
+def policy_update_step(job, ro, groups, adv, old_logp, ref_logp, n_tok, n_seq):
+    """The PPO loss of one micro-batch, backpropagated: clipped surrogate + kl * k3, aggregated as --loss-agg.
+    adv [G*n, 1]; old_logp, ref_logp [G*n, R] from old_and_ref_logprobs."""
+    args = job.args
+    logp, entropy, mask = response_logprobs(job.policy, *micro_rows(ro, groups, args.n), args.n, job.tokenizer.pad_id or 0,
+                                            job.device, args.temperature)  # [G*n, R] each
+    loss_tok, clipped = policy_loss_terms(logp, old_logp, adv, args.clip, args.clip_high)
+    kl_sum = 0.0
+    if ref_logp is not None:
+        kl = k3_kl(logp, ref_logp)
+        loss_tok = loss_tok + args.kl * kl
+        kl_sum = (kl.detach() * mask).sum().item()
+    loss = aggregate(loss_tok, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
+    (loss * job.world).backward()  # FSDP averages over ranks; the aggregate is already global
+    tokens = sum(len(ro.prompts[g]) for g in groups) + mask.sum().item()  # a group's prompt runs once
+    return {"loss": loss.item(), "kl": kl_sum / n_tok, "clipped": (clipped * mask).sum().item() / n_tok,
+            "entropy": (entropy.detach() * mask).sum().item() / n_tok, "tokens": tokens}
+
+
+def step_metrics(job, step, ro, rewards, correct, zero_std, updates, seconds):
+    """Sums over ranks of named per-trace statistics -> the step's record (means over all traces and groups)."""
+    lengths = [len(r) for r in ro.responses]
+    unparsed = [tr or parse_verdict(t) is None for t, tr in zip(ro.texts, ro.truncated)]
+    local = {"reward": rewards.sum().item(), "correct": correct.sum().item(), "unparsed": sum(unparsed),
+             "length": sum(lengths), "truncated": sum(ro.truncated), "zero_std_groups": zero_std * len(ro.prompts),
+             "traces": len(ro.responses), "groups": len(ro.prompts), "train_tokens": sum(u["tokens"] for u in updates),
+             "clipped": sum(u["clipped"] for u in updates), "entropy": sum(u["entropy"] for u in updates)}
+    total = dict(zip(local, all_reduce_sum(list(local.values()), job.device)))
+    n_mb, traces = len(updates), total["traces"]
+    return {"step": step + 1, "reward_mean": total["reward"] / traces, "accuracy": total["correct"] / traces,
+            "unparsed_rate": total["unparsed"] / traces, "response_len_mean": total["length"] / traces,
+            "response_len_max": all_reduce_max([max(lengths, default=0)], job.device)[0],
+            "truncated_frac": total["truncated"] / traces, "zero_std_frac": total["zero_std_groups"] / total["groups"],
+            "kl": sum(u["kl"] for u in updates) / n_mb, "clip_frac": total["clipped"] / n_mb,
+            "entropy": total["entropy"] / n_mb, "grad_norm": sum(u["grad_norm"] for u in updates) / n_mb,
+            "rollout_tokens_per_s": total["length"] / max(seconds["rollout_s"], 1e-9),
+            "train_tokens_per_s": total["train_tokens"] / max(seconds["train_s"], 1e-9), **seconds}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run_toy_sft_first(args, rank):
+    """The toy needs its SFT checkpoint: stage 1 runs as its own script (one process), as a user would run it."""
+    if rank == 0 and not os.path.exists(os.path.join(args.model, "model.safetensors")):
+        print("toy: no SFT checkpoint yet, running `python sft.py` first", flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
+                        "--seed", str(args.seed)], env=env, check=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rollout_slots(args, cfg, max_len, device, rank):
+    """Sampler slots: --gen-prompts x n, fewer on a GPU where that KV cache would pass --kv-cache-frac of its memory."""
+    prompts = args.gen_prompts
+    if device.type == "cuda":
+        per_prompt = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * max_len * args.n  # bf16 K, V
+        fit = int(args.kv_cache_frac * torch.cuda.get_device_properties(device).total_memory // per_prompt)
+        if fit < 1:
+            raise SystemExit(f"grpo.py: one prompt's KV cache ({per_prompt / 2**30:.1f} GiB for n={args.n} x {max_len} "
+                             f"positions) exceeds --kv-cache-frac {args.kv_cache_frac} of the GPU")
+        if fit < prompts and rank == 0:
+            print(f"grpo: decoding {fit} prompts at a time (not {prompts}): their KV cache fills --kv-cache-frac "
+                  f"{args.kv_cache_frac} of the GPU")
+        prompts = min(prompts, fit)
+    return prompts * args.n
 
 
 def main(argv=None):
-    args, toy = parse_args(argv)
+    args = parse_args(argv)
     rank, world, device = setup_distributed()
-    if toy and not os.path.exists(os.path.join(args.model, "model.safetensors")):
-        if rank == 0:  # stage 1 as its own script (one process), exactly as a user would run it
-            print("toy: no SFT checkpoint yet, running `python sft.py` first", flush=True)
-            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-            subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
-                            "--seed", str(args.seed)], env=env, check=True)
-        if dist.is_initialized():
-            dist.barrier()
+    if args.toy:
+        toy.setup(args.seed)
+        run_toy_sft_first(args, rank)
+    run = RunDir(args.out, args, rank, "grpo.py")
+    run.start(args.resume, args.overwrite)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
+    check_vocab(tokenizer, args.model, args.tokenizer)
     family = args.family or default_judge_family(tokenizer)
-    examples, empty = load_judge_examples(args.data, args.format, family, args.seed, drop_empty=True)
-    if empty and rank == 0:
-        print(f"{args.data}: {empty} pairs with an empty or whitespace-only answer dropped (nothing to learn from them)")
+    examples, counts = load_judge_examples(args.data, args.format, family, args.seed, training=True)
     examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len)
     if len(examples) < args.rollout_prompts:
-        raise ValueError(f"{args.data}: {len(examples)} usable prompts, fewer than --rollout-prompts {args.rollout_prompts}")
-    per_epoch = len(examples) // args.rollout_prompts
-    total = args.steps or per_epoch
+        raise SystemExit(f"grpo.py: {args.data}: {len(examples)} usable prompts, fewer than --rollout-prompts {args.rollout_prompts}")
+    total = args.steps or len(examples) // args.rollout_prompts
 
-    policy = M.load_model(args.model, dtype=torch.float32)
-    policy.checkpoint_activations = args.grad_ckpt
-    args.compile = args.compile if args.compile is not None else device.type == "cuda"
-    if args.compile:
-        M.compile_blocks(policy)
-    policy = shard_model(policy, world, device)
-    ref = None
-    if args.kl > 0:
-        ref = shard_model(M.load_model(args.model, dtype=torch.float32).requires_grad_(False).eval(), world, device)
+    compile = compile_wanted(args.compile, device)
+    policy = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt)
+    ref = load_for_training(args.model, world, device, trainable=False, compile=compile) if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
-    heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data else ([], [])
-    longest = max(map(len, prompt_ids + heldout[1]))
-    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, longest + args.max_new_tokens, compile=args.compile)
+    heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
+    max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
+    engine = Sampler.for_policy(policy, rollout_slots(args, policy.config, max_len, device, rank), max_len, compile=compile)
+    job = Job(args, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, rank, world, device)
 
     def judge_heldout():  # greedy held-out accuracy of the current policy, with the run's token budget
         engine.load_weights(policy)
         return heldout_accuracy(engine, tokenizer, *heldout, args.max_new_tokens, rank, world, args.seed)[0]
 
-    state_dir, step, history = os.path.join(args.out, "state"), 0, {}
-    if args.resume and os.path.exists(state_dir):
-        step, history = load_state(state_dir, policy, optimizer, rank)
-    os.makedirs(args.out, exist_ok=True)
+    step, history = load_state(run.state, policy, optimizer, rank) if args.resume else (0, {})
     if rank == 0:
-        print(f"grpo: {len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}), "
+        skipped = "".join(f", {counts[k]} {what}" for k, what in (
+            ("empty", "with an empty answer"), ("identical", "with identical answers"), ("sft", "distillation rows (not RL)"),
+            ("typo_fixed", "with 'Chabot B' fixed")) if counts.get(k))
+        print(f"grpo: {len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{skipped}), "
               f"{total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
               f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type}, start at step {step}")
-    if args.eval_data and "heldout_start" not in history:
+    if heldout and "heldout_start" not in history:
         history["heldout_start"] = judge_heldout()
         if rank == 0:
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a" if step else "w") if rank == 0 else None
+    run.open_metrics(step)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
-    pad = tokenizer.pad_id or 0
-    rec = {}
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
     while step < stop_at:
         for group in optimizer.param_groups:
             group["lr"] = args.lr if args.lr_schedule == "constant" else lr_at(step, total, args.lr, 0, 0.0)
-        rec = rollout_and_update(args, step, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, per_epoch, rank,
-                                 world, device, pad)
+        rec = grpo_step(job, step)
         step += 1
-        if args.eval_data and args.eval_every and step % args.eval_every == 0 and step < total:
+        if heldout and args.eval_every and step % args.eval_every == 0 and step < total:
             rec["heldout_accuracy"] = judge_heldout()
-        if rank == 0:
-            log_step(metrics, bar, rec, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
+        run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
         if step % args.save_every == 0 or step == stop_at:
-            save_state(state_dir, policy, optimizer, step, rank, extra=history)
+            save_state(run.state, policy, optimizer, step, rank, extra=history)
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         return {"steps": step, **history}
-    M.save_model(policy, os.path.join(args.out, "model"), rank=rank)
+    return finish(args, run, policy, step, history, judge_heldout if heldout else None, rank)
+
+
+def finish(args, run, policy, step, history, judge_heldout, rank):
+    """Save the model (Hugging Face layout, tokenizer beside it), the summary, and print the reward curve."""
+    out_model = os.path.join(args.out, "model")
+    M.save_model(policy, out_model, dtype=getattr(torch, args.save_dtype) if args.save_dtype else None, rank=rank)
     if rank == 0:
-        copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
+        copy_tokenizer(args.tokenizer, out_model)
     summary = {"steps": step, **history}
-    if args.eval_data:
+    if judge_heldout:
         summary["heldout_end"] = judge_heldout()
     if rank == 0:
         json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
-        curve = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
+        curve = [json.loads(line) for line in open(run.metrics_path)]
         print("reward curve (mean reward per step): " + " ".join(f"{r['reward_mean']:+.2f}" for r in curve[::max(1, len(curve) // 10)]))
-        if args.eval_data:
+        if judge_heldout:
             print(f"held-out judge accuracy: {summary['heldout_start']:.1f}% before GRPO -> {summary['heldout_end']:.1f}% after")
-        print(f"checkpoint: {os.path.join(args.out, 'model')}")
-        metrics.close()
+        print(f"checkpoint: {out_model}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
 
 
-def rollout_and_update(args, step, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, per_epoch, rank, world,
-                       device, pad):
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-    batch = perm[k * args.rollout_prompts:(k + 1) * args.rollout_prompts]
-    n = args.n
-
-    # 1-2. rollout and rewards: this rank's rollout positions, every world-th, sampled by the engine from a copy of
-    # the current weights; the draws are keyed by (step, position, sample), so they do not depend on the ranks
-    t0 = time.time()
-    mine = list(range(rank, len(batch), world))
-    engine.load_weights(policy)
-    responses = engine.generate([prompt_ids[batch[j]] for j in mine], args.max_new_tokens, args.temperature, args.top_p,
-                                args.top_k, n, tokenizer.stop_ids, seed=args.seed * 100003 + step,
-                                vocab_size=tokenizer.vocab_size, prompt_ids=mine)
-    t_rollout = time.time() - t0
-    prompts = [prompt_ids[batch[j]] for j in mine]  # one per group; responses are prompt-major
-    owner = [j for j in mine for _ in range(n)]  # rollout-batch position of each sequence: its group
-    truncated = [not r or r[-1] not in tokenizer.stop_ids for r in responses]
-    texts = [tokenizer.decode(r) for r in responses]
-    labels = [examples[batch[j]].label for j in owner]
-    reward_fn = format_reward if args.format_reward else judge_reward
-    rewards = torch.tensor([reward_fn(t, l, tr) for t, l, tr in zip(texts, labels, truncated)])
-    correct = torch.tensor([judge_reward(t, l, tr) > 0 for t, l, tr in zip(texts, labels, truncated)], dtype=torch.float)
-    adv, zero_std = group_advantages(rewards, n, std_norm=not args.no_std_norm)
-
-    # 4. old and reference log-probs with the training forward
-    t0 = time.time()
-    micro = max(1, args.micro_seqs // n)  # groups per forward: a group's prompt is run once for its n responses
-    old = batched_logprobs(policy, prompts, responses, n, pad, device, micro, args.temperature)
-    refs = batched_logprobs(ref, prompts, responses, n, pad, device, micro, args.temperature) if ref is not None else None
-    t_logprobs = time.time() - t0
-    t0 = time.time()
-
-    # 5. one optimizer step per mini-batch of prompts; global counts first so aggregation is exact
-    n_mb = args.rollout_prompts // args.minibatch_prompts
-    mb_of = [o // args.minibatch_prompts for o in owner]
-    counts = [0.0] * (2 * n_mb)
-    for i, r in enumerate(responses):
-        counts[mb_of[i]] += len(r)
-        counts[n_mb + mb_of[i]] += 1
-    counts = all_reduce_sum(counts, device)
-    parts = [[] for _ in range(n_mb)]  # micro-batches of local group indices, per mini-batch
-    for g in range(len(mine)):
-        m = mb_of[g * n]
-        if not parts[m] or len(parts[m][-1]) == micro:
-            parts[m].append([])
-        parts[m][-1].append(g)
-    n_micro = all_reduce_sum([len(p) for p in parts], device, op="max")  # ranks run equal counts (FSDP)
-    stats = {"kl": 0.0, "clip": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-    train_tokens = 0
-    for m in range(n_mb):
-        n_tok, n_seq = max(counts[m], 1.0), max(counts[n_mb + m], 1.0)
-        for _ in range(int(n_micro[m]) - len(parts[m])):
-            idle_backward(policy, device)
-        for part in parts[m]:
-            seqs = [g * n + j for g in part for j in range(n)]
-            logp, entropy, mask = response_logprobs(policy, [prompts[g] for g in part], [responses[i] for i in seqs], n,
-                                                    pad, device, args.temperature)
-            old_lp = torch.cat([_row(old, i, micro * n, mask.shape[1]) for i in seqs])
-            a = adv[seqs].to(device)[:, None]
-            loss_tok, clipped = policy_loss_terms(logp, old_lp, a, args.clip, args.clip_high)
-            if refs is not None:
-                kl = k3_kl(logp, torch.cat([_row(refs, i, micro * n, mask.shape[1]) for i in seqs]))
-                loss_tok = loss_tok + args.kl * kl
-                stats["kl"] += (kl.detach() * mask).sum().item() / counts[m] / n_mb if counts[m] else 0.0
-            loss = aggregate(loss_tok, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
-            (loss * world).backward()  # FSDP averages over ranks; the aggregate is already global
-            stats["clip"] += (clipped * mask).sum().item() / n_tok / n_mb
-            stats["entropy"] += (entropy.detach() * mask).sum().item() / n_tok / n_mb
-            train_tokens += sum(len(prompts[g]) for g in part) + int(mask.sum())  # prompts run once per group
-        gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
-        stats["grad_norm"] += float(_local(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)) / n_mb
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    t_train = time.time() - t0
-
-    lengths = [len(r) for r in responses]
-    unparsed = [tr or parse_verdict(t) is None for t, tr in zip(texts, truncated)]
-    sums = all_reduce_sum([rewards.sum().item(), correct.sum().item(), sum(unparsed), sum(lengths), sum(truncated),
-                           zero_std * len(mine), len(responses), len(mine), sum(lengths), train_tokens,
-                           stats["kl"], stats["clip"], stats["entropy"]], device)
-    maxlen = torch.tensor(float(max(lengths, default=0)), device=device)
-    if dist.is_initialized():
-        dist.all_reduce(maxlen, op=dist.ReduceOp.MAX)
-    n_seq_all, n_prompt_all = sums[6], sums[7]
-    return {"step": step + 1, "reward_mean": sums[0] / n_seq_all, "accuracy": sums[1] / n_seq_all,
-            "unparsed_rate": sums[2] / n_seq_all, "response_len_mean": sums[3] / n_seq_all, "response_len_max": maxlen.item(),
-            "truncated_frac": sums[4] / n_seq_all, "zero_std_frac": sums[5] / n_prompt_all,
-            "kl": sums[10], "clip_frac": sums[11], "entropy": sums[12], "grad_norm": stats["grad_norm"],
-            "rollout_tokens_per_s": sums[8] / max(t_rollout, 1e-9), "train_tokens_per_s": sums[9] / max(t_train, 1e-9),
-            "rollout_s": t_rollout, "logprobs_s": t_logprobs, "train_s": t_train}
-
-
-def _row(chunks, i, micro, width):
-    """Row i of log-probs stored in micro-batch chunks, padded/cut to `width` columns."""
-    t = chunks[i // micro][i % micro: i % micro + 1]
-    return torch.nn.functional.pad(t, (0, max(0, width - t.shape[1])))[:, :width]
-
-
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -31,6 +31,7 @@ the same addresses on every call (CUDA graphs replay only then). Two cached mode
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, fields
 
 import torch
@@ -62,6 +63,10 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self):
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                raise ValueError(f"field {k!r} must be a positive integer, got {getattr(self, k)!r}")
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -136,11 +141,13 @@ class SharedPrefix:
     own segment, never to another segment. So each segment's outputs equal those of [prefix, segment] run
     alone (the caller gives positions continuing the prefix's), at 1/n of the prefix's cost."""
 
-    def __init__(self, prefix_valid, n, seg_len):
+    def __init__(self, prefix_valid, n, seg_len, dtype=torch.float32):
         G, P = prefix_valid.shape
         self.P, self.n, self.R = P, n, seg_len
         causal = torch.ones(seg_len, seg_len, dtype=torch.bool, device=prefix_valid.device).tril()
-        mask = torch.cat([prefix_valid[:, None].expand(G, seg_len, P), causal.expand(G, seg_len, seg_len)], -1)
+        keep = torch.cat([prefix_valid[:, None].expand(G, seg_len, P), causal.expand(G, seg_len, seg_len)], -1)
+        # additive, in the compute dtype, built once for all layers (SDPA would convert a bool mask per call)
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
         self.seg_mask = mask.repeat_interleave(n, 0)[:, None]  # [G*n, 1, R, P+R]
 
     def attend(self, q, k, v):
@@ -151,7 +158,8 @@ class SharedPrefix:
         # heads here: a masked SDPA with enable_gqa may fall back to the math kernel, which materialises scores
         rep = q.shape[1] // k.shape[1] if q.is_cuda else 1
         with_prefix = lambda t: torch.cat([t[:, :, :P].repeat_interleave(n, 0), segs(t)], 2).repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(segs(q), with_prefix(k), with_prefix(v), attn_mask=self.seg_mask,
+        mask = self.seg_mask if self.seg_mask.dtype == q.dtype else self.seg_mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(segs(q), with_prefix(k), with_prefix(v), attn_mask=mask,
                                            enable_gqa=rep == 1)  # [G*n, h, R, hd]
         y = y.unflatten(0, (-1, n)).transpose(1, 2).flatten(2, 3)  # [G, heads, n*R, hd]
         if P == 0:
@@ -415,8 +423,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no 'weight_map' of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
+        for s in shards:  # a shard is a plain file name in this directory, never a path elsewhere
+            if not isinstance(s, str) or os.path.basename(s) != s or s in ("", ".", ".."):
+                raise ValueError(f"{index}: shard {s!r} is not a file name inside {path}")
+            if not os.path.exists(os.path.join(path, s)):
+                raise FileNotFoundError(f"{index}: shard file {s} is missing")
         return [os.path.join(path, s) for s in shards]
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
@@ -425,10 +440,25 @@ def _weight_files(path):
     return [single]
 
 
+def _read_json(file):
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: malformed JSON ({e})"[:300]) from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    return d
+
+
 def load_config(path) -> ModelConfig:
     cfg_file = os.path.join(path, "config.json")
-    with open(cfg_file) as f:
-        return ModelConfig.from_hf(json.load(f), source=cfg_file)
+    if not os.path.exists(cfg_file):
+        raise FileNotFoundError(f"{cfg_file} not found (a checkpoint directory needs config.json)")
+    try:
+        return ModelConfig.from_hf(_read_json(cfg_file), source=cfg_file)
+    except TypeError as e:  # a field of the wrong type
+        raise ValueError(f"{cfg_file}: {e}") from None
 
 
 def empty_model(cfg: ModelConfig, device="cpu", dtype=torch.float32) -> Transformer:
@@ -445,23 +475,38 @@ def load_model(path, device="cpu", dtype=None) -> Transformer:
     """Allocate an empty model, then copy tensors in one at a time from the safetensors files: peak memory
     is one model plus one tensor."""
     cfg = load_config(path)
-    dtype = dtype or _DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
-    model = empty_model(cfg, device, dtype)
+    model = empty_model(cfg, device, dtype or _DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32))
+    return load_weights(model, path)
+
+
+def load_weights(model, path, place=None):
+    """Copy a checkpoint's tensors into model's parameters, one tensor at a time, checking names, shapes and
+    values. place(param, full_tensor) -> what to copy into param (training.py keeps an FSDP rank's shard)."""
+    cfg = model.config
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
     seen = set()
     for file in _weight_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:  # a truncated or corrupt file: say which one
+            raise ValueError(f"{file}: not a readable safetensors file ({str(e)[:120]})") from None
+        with f:
             for name in f.keys():
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue  # some tied checkpoints still carry an (equal) copy of the head
                 if name not in expected:
                     raise ValueError(f"{file}: unexpected tensor {name!r} for a {cfg.model_type} model with this config")
-                t = f.get_tensor(name)
+                try:
+                    t = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{file}: tensor {name!r} cannot be read ({str(e)[:120]})") from None
                 if t.shape != expected[name].shape:
                     raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
                                      f"config implies {tuple(expected[name].shape)}")
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise ValueError(f"{file}: tensor {name!r} has non-finite values (a diverged run?)")
                 with torch.no_grad():
-                    expected[name].copy_(t)
+                    expected[name].copy_(place(expected[name], t) if place else t)
                 seen.add(name)
     missing = sorted(set(expected) - seen)
     if missing:
@@ -481,15 +526,20 @@ def full_state_dict_items(model):
         yield name, p.detach().to("cpu")
 
 
-def save_model(model, path, max_shard_bytes=5 * 2**30, rank=0):
+def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the Hugging
-    Face layout. Under FSDP every rank calls this; only rank 0 writes."""
-    shards, current, size, total, dtype = [], {}, 0, 0, None
+    Face layout, in `dtype` (default: the config's torch_dtype, the starting checkpoint's) with a torch_dtype
+    that says so. Written to path.tmp and swapped in by replace_dir: never a half-written model directory.
+    Under FSDP every rank calls this (each tensor is gathered in turn); only rank 0 writes."""
+    dtype = dtype or _DTYPES.get(str(model.config.torch_dtype).replace("torch.", ""), torch.float32)
+    shards, current, size, total = [], {}, 0, 0
     for name, t in full_state_dict_items(model):
-        dtype = t.dtype
-        nbytes = t.numel() * t.element_size()
         if rank != 0:
             continue
+        t = t.to(dtype)
+        if not torch.isfinite(t).all():
+            raise ValueError(f"refusing to save {path}: tensor {name!r} has non-finite values")
+        nbytes = t.numel() * t.element_size()
         if current and size + nbytes > max_shard_bytes:
             shards.append(current)
             current, size = {}, 0
@@ -499,21 +549,52 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, rank=0):
     if rank != 0:
         return
     shards.append(current)
-    os.makedirs(path, exist_ok=True)
+    tmp = path.rstrip("/") + ".tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(dtype).replace("torch.", "")
-    with open(os.path.join(path, "config.json"), "w") as f:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                             for i in range(len(shards))]
+    for fname, shard in zip(names, shards):
+        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    replace_dir(tmp, path)
+
+
+def replace_dir(tmp, path):
+    """Swap the fully written directory tmp in as path so that every instant leaves a usable copy: tmp is
+    renamed to path.new (now known complete), the old path aside to path.old, path.new into place, then
+    path.old is removed. recover_dir finishes a swap a crash interrupted."""
+    new, old = path.rstrip("/") + ".new", path.rstrip("/") + ".old"
+    for leftover in (new, old):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+    os.rename(tmp, new)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(new, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def recover_dir(path):
+    """Finish an interrupted replace_dir: with path missing, path.new (complete), else path.old, is put in place;
+    a half-written path.tmp is never used. Leftovers are removed. -> what was recovered, or None."""
+    tmp, new, old = (path.rstrip("/") + ext for ext in (".tmp", ".new", ".old"))
+    found = None if os.path.exists(path) else next((c for c in (new, old) if os.path.exists(c)), None)
+    if found:
+        os.rename(found, path)
+    for leftover in (tmp, new, old):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+    return f"{path}: recovered {os.path.basename(found)} after an interrupted save" if found else None
 
 
 @torch.no_grad()
@@ -537,18 +618,3 @@ def compile_blocks(model, backend="inductor"):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def init_weights(model, std=0.02, seed=0):
-    """Random init for models trained from scratch (the toy task): normal(0, std), scaled down for the
-    residual projections (GPT-2 style) so deep stacks start near identity."""
-    g = torch.Generator().manual_seed(seed)
-    n = model.config.num_hidden_layers
-    for name, p in model.named_parameters():
-        with torch.no_grad():
-            if p.dim() == 1:
-                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.zeros_like(p))
-            else:
-                s = std / math.sqrt(2 * n) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                p.copy_(torch.randn(p.shape, generator=g) * s)
-    return model

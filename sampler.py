@@ -55,6 +55,16 @@ def uniforms(seed, seq, t):
     return ((x >> 40) & 0xFFFFFF).float() * 2.0 ** -24
 
 
+@torch.library.custom_op("rmr1::cumsum", mutates_args=())
+def cumsum(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(-1), opaque to torch.compile: Inductor (torch 2.11, CUDA) fails to generate the split scan it picks
+    for a 152k-wide row, so the compiled step calls ATen's kernel here instead (CUDA-graph safe, no host sync)."""
+    return x.cumsum(-1)
+
+
+cumsum.register_fake(torch.empty_like)  # its output's shape and dtype, for tracing
+
+
 def sample_next(logits, u, temperature, top_p, top_k):
     """logits [R, V] fp32, u [R] uniforms -> token ids [R]."""
     if temperature == 0:
@@ -66,13 +76,13 @@ def sample_next(logits, u, temperature, top_p, top_k):
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         p = sorted_logits.softmax(-1)
-        drop = p.cumsum(-1) - p > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = cumsum(p) - p > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     # inverse CDF: the first token whose CDF exceeds x = u * total (side="right"). That token has p > 0 (a
     # zero-probability token sits on a flat stretch of the CDF), and x is kept below the total so that float
     # rounding cannot push it past the last token with p > 0.
-    cdf = logits.softmax(-1).cumsum(-1)
+    cdf = cumsum(logits.softmax(-1))
     total = cdf[:, -1:]
     x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, x, side="right").squeeze(1)

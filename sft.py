@@ -24,15 +24,16 @@ Data: JSONL rows in the RM-R1 distillation format (context_messages = [system, u
 trace) or a plain chat format (messages ending with the assistant turn to learn). Rows longer than
 --max-len are dropped and counted (or cut to --max-len with the end token kept, by --truncate).
 
-Distributed: torchrun sets RANK/WORLD_SIZE; each block is fully_shard-ed, then the root; gloo on CPU,
-NCCL on CUDA; with more than one rank on CUDA, bf16 compute with fp32 master weights and fp32 gradient
-reduction (FSDP's mixed precision; a single process computes in fp32 for now). Checkpoints:
-a Hugging Face layout model (gathered one tensor at a time, written by rank 0) and a resumable training
-state per rank (local shards of weights and AdamW moments, step, RNG), loaded weights-only; --resume
-continues exactly where the last saved step left off (with the same number of ranks).
+Each trace ends with the chat template's end-of-turn token (<|im_end|> for Qwen, whatever the tokenizer's
+eos), as the judge will write it. RM-R1 RL rows (winner model_a/model_b) carry no trace: counted and skipped.
 
-The plumbing shared with grpo.py (distributed setup, sharding, training state, LR schedule, logging) lives in
-training.py.
+Precision and distribution (training.py): fp32 master weights and AdamW moments; on CUDA bf16 compute and fp32
+gradient reduction through FSDP2 on any number of GPUs (one included), fp32 on CPU. torchrun sets
+RANK/WORLD_SIZE; each block is fully_shard-ed, then the root. Checkpoints: a Hugging Face layout model in the
+starting checkpoint's dtype (--save-dtype), written whole or not at all, and a resumable state per rank
+(local shards of weights and AdamW moments, step, RNG), loaded weights-only. --resume continues exactly where
+the last saved step left off, with the same settings and number of ranks. A non-finite loss or gradient norm
+stops the run before the optimizer step, without saving.
 """
 import argparse
 import json
@@ -45,11 +46,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
-from data import DataError, check_messages, load_tokenizer, need, read_jsonl
+import toy
+from data import DataError, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
-from training import (_local, all_reduce_sum, copy_tokenizer, idle_backward, load_state, log_step, lr_at, make_optimizer,
-                      save_state, setup_distributed, shard_model)
+from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
+                      compile_wanted, copy_tokenizer, idle_backward, load_for_training, load_state, lr_at,
+                      make_optimizer, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -58,9 +61,12 @@ def parse_args(argv=None):
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
     ap.add_argument("--data", default=None, help="JSONL: RM-R1 distillation rows or chat rows (default: toy)")
     ap.add_argument("--out", default=None, help="output dir (default runs/toy/sft for the toy task)")
+    ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+    ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the saved model (default: the starting checkpoint's)")
     ap.add_argument("--max-len", type=int, default=None, help="drop (or --truncate) longer rows [12288; toy 512]")
     ap.add_argument("--truncate", action="store_true", help="cut long rows instead of dropping them")
-    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 3]")
+    ap.add_argument("--epochs", type=float, default=None, help="[1; toy 5, ended early by --stop-at-accuracy]")
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step [128; toy 32]")
     ap.add_argument("--tokens-per-micro", type=int, default=None, help="padded tokens per micro-batch [16384; toy 4096]")
     ap.add_argument("--lr", type=float, default=None, help="[5e-6; toy 3e-3]")
@@ -68,7 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per block")
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                    help="activation checkpointing per block [on; toy off]")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -84,19 +91,28 @@ def parse_args(argv=None):
     ap.add_argument("--stop-at-accuracy", type=float, default=None,
                     help="end training once validation judge accuracy (%%) reaches this [0 = off; toy 72]")
     args = ap.parse_args(argv)
-    import toy
-    paths = toy.apply_defaults(args, dict(max_len=(512, 12288), epochs=(5.0, 1.0), global_batch=(32, 128),
-                                          tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6), eval_max_new_tokens=(64, 8192),
-                                          stop_at_accuracy=(72.0, 0.0)))
-    if paths:
+    args.toy = toy.fill_defaults(args, dict(max_len=(512, 12288), epochs=(5.0, 1.0), global_batch=(32, 128),
+                                            tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6), eval_max_new_tokens=(64, 8192),
+                                            stop_at_accuracy=(72.0, 0.0), grad_ckpt=(False, True)))
+    if args.toy:
+        paths = toy.files()
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
         args.eval_data = args.eval_data or paths["heldout"]
         args.val_data = args.val_data or paths["val"]
         args.out = args.out or "runs/toy/sft"
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
+    check_flags(ap, args, positive=("max_len", "epochs", "global_batch", "tokens_per_micro", "lr", "save_every",
+                                    "eval_max_new_tokens", "val_every"),
+                nonnegative=("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps", "stop_after_steps",
+                             "eval_limit", "stop_at_accuracy"))
+    if args.warmup >= 1 or args.min_lr_ratio > 1:
+        ap.error("--warmup is a fraction of the steps (< 1) and --min-lr-ratio at most 1")
     if args.stop_at_accuracy and not args.val_data:
         ap.error("--stop-at-accuracy needs --val-data")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.global_batch < world:
+        ap.error(f"--global-batch {args.global_batch} leaves ranks with no sequences ({world} ranks)")
     args.tokenizer = args.tokenizer or args.model
     return args
 
@@ -127,35 +143,25 @@ def pad_batch(seqs, pad_id, device):
 # ----------------------------------------------------------------------------- data
 
 def encode_sft_rows(path, tokenizer, max_len, truncate):
-    """-> list of (ids, loss_mask) and the number dropped for length. loss_mask is 1 on the assistant span
-    (the answer's tokens and the end-of-turn token), 0 on the prompt."""
+    """-> list of (ids, loss_mask), the number dropped for length, and the reader's counts. loss_mask is 1 on
+    the assistant span (the answer's tokens and the end-of-turn token), 0 on the prompt."""
     out, dropped = [], 0
-    for n, row in read_jsonl(path):
-        where = f"{path}:{n}"
-        if "context_messages" in row:
-            msgs = check_messages(need(row, "context_messages", where, list), where, "context_messages")
-            answer = need(row, "winner", where)
-        elif "messages" in row:
-            msgs = check_messages(need(row, "messages", where, list), where)
-            if msgs[-1]["role"] != "assistant":
-                raise DataError(f"{where}: field 'messages' must end with the assistant turn to learn")
-            answer = msgs.pop()["content"]
-            if not answer.strip():
-                raise DataError(f"{where}: field 'messages[-1].content' (the assistant turn) is empty")
-        else:
-            raise DataError(f"{where}: missing field 'context_messages' (RM-R1 format) or 'messages' (chat format)")
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
-        completion = tokenizer.encode(answer) + [tokenizer.eos_id]
+    rows, counts = read_sft_rows(path)
+    if tokenizer.end_of_turn_id is None:
+        raise DataError(f"the tokenizer has no end-of-turn token (<|im_end|>, or an eos_token) to end each trace with")
+    for msgs in rows:
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True))
+        completion = tokenizer.encode(msgs[-1]["content"]) + [tokenizer.end_of_turn_id]
         ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
         if len(ids) > max_len:
             if not truncate or len(prompt) >= max_len - 1:
                 dropped += 1
                 continue
-            ids, mask = ids[:max_len - 1] + [tokenizer.eos_id], mask[:max_len]
+            ids, mask = ids[:max_len - 1] + [tokenizer.end_of_turn_id], mask[:max_len]
         out.append((ids, mask))
     if not out:
         raise DataError(f"{path}: no usable rows ({dropped} longer than --max-len {max_len})")
-    return out, dropped
+    return out, dropped, counts
 
 
 # ----------------------------------------------------------------------------- training
@@ -163,39 +169,42 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
+    if args.toy:
+        toy.setup(args.seed)
+    run = RunDir(args.out, args, rank, "sft.py")
+    run.start(args.resume, args.overwrite)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
-    rows, dropped = encode_sft_rows(args.data, tokenizer, args.max_len, args.truncate)
+    check_vocab(tokenizer, args.model, args.tokenizer)
+    rows, dropped, counts = encode_sft_rows(args.data, tokenizer, args.max_len, args.truncate)
     steps_per_epoch = len(rows) // args.global_batch
     if steps_per_epoch == 0:
         raise DataError(f"{args.data}: {len(rows)} usable rows, fewer than --global-batch {args.global_batch}")
     total = int(steps_per_epoch * args.epochs)
     total = planned = min(total, args.max_steps) if args.max_steps else total
-    model = M.load_model(args.model, device="cpu", dtype=torch.float32)  # fp32 master weights
-    model.checkpoint_activations = args.grad_ckpt
-    if args.compile if args.compile is not None else device.type == "cuda":
-        M.compile_blocks(model)
-    model = shard_model(model, world, device)
+    if total == 0:
+        raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
+    compile = compile_wanted(args.compile, device)
+    model = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt)
     optimizer = make_optimizer(model, args.lr, (0.9, 0.95), args.weight_decay)
-    state_dir = os.path.join(args.out, "state")
     step = 0
-    if args.resume and os.path.exists(state_dir):
-        step, extra = load_state(state_dir, model, optimizer, rank)
+    if args.resume:
+        step, extra = load_state(run.state, model, optimizer, rank)
         total = step if extra.get("target_met") else total  # a run that met --stop-at-accuracy stays finished
-    elif args.resume and rank == 0:
-        print(f"--resume: no saved state in {state_dir}, starting from step 0")
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}), {M.num_params(model) / 1e6:.2f}M params, "
-              f"{world} rank(s) on {device.type}, {total} steps of {args.global_batch} sequences, start at step {step}")
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a" if step else "w") if rank == 0 else None
+        print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}"
+              + "".join(f", {counts[k]} {what}" for k, what in (("rl", "RM-R1 RL rows skipped (no trace)"),
+                                                               ("typo_fixed", "prompts with 'Chabot B' fixed")) if counts[k])
+              + f"), {M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type}, {total} steps of "
+              f"{args.global_batch} sequences, start at step {step}")
+    run.open_metrics(step)
     judges = {k: load_heldout(path, tokenizer, args.eval_limit, args.seed) for k, path in
-              (("val", args.val_data), ("heldout", args.eval_data)) if path}
+              (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     engine = None
     if judges:  # greedy judgements through the sampler, on a plain copy of the weights
         longest = max(len(p) for _, ids in judges.values() for p in ids)
-        engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile=args.compile)
+        engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile=compile)
 
     def judge(which):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
         engine.load_weights(model)
@@ -206,33 +215,10 @@ def main(argv=None):
     rec = {}
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
     while step < stop_at:
-        t0 = time.time()
-        epoch, k = divmod(step, steps_per_epoch)
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        batch = [rows[i] for i in perm[k * args.global_batch:(k + 1) * args.global_batch].tolist()]
-        n_step = sum(sum(m[1:]) for _, m in batch)  # supervised tokens in the whole global batch (all ranks)
         lr = lr_at(step, total, args.lr, warmup, args.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss_sum = 0.0
-        micros = micro_batches(batch[rank::world], args.tokens_per_micro)
-        n_micro = int(all_reduce_sum([len(micros)], device, op="max")[0])
-        for mb in micros:
-            ids, targets, mask = pad_batch(mb, tokenizer.pad_id or 0, device)
-            nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
-            # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
-            (nll / n_step * world).backward()
-            loss_sum += nll.item()
-        for _ in range(n_micro - len(micros)):
-            idle_backward(model, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        grad_norm = float(_local(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        rec = train_step(args, model, optimizer, rows, step, steps_per_epoch, lr, tokenizer.pad_id or 0, rank, world, device,
+                         run.state)
         step += 1
-        loss_sum, tokens = all_reduce_sum([loss_sum, sum(len(s) for s, _ in batch[rank::world])], device)
-        rec = {"step": step, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": tokens / (time.time() - t0)}
         if "val" in judges and step % args.val_every == 0:
             rec["val_accuracy"] = judge("val")[0]
             if args.stop_at_accuracy and rec["val_accuracy"] >= args.stop_at_accuracy:
@@ -240,16 +226,16 @@ def main(argv=None):
                 if rank == 0:
                     tqdm.write(f"sft: validation judge accuracy {rec['val_accuracy']:.1f}% >= {args.stop_at_accuracy:g}% "
                                f"at step {step}: stopping")
-        if rank == 0:
-            log_step(metrics, bar, rec, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        run.log(rec, bar, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if step % args.save_every == 0 or step == stop_at:
-            save_state(state_dir, model, optimizer, step, rank, extra={"target_met": step == total and total < planned})
+            save_state(run.state, model, optimizer, step, rank, extra={"target_met": step == total and total < planned})
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         return {"steps": step}
-    M.save_model(model, os.path.join(args.out, "model"), rank=rank)
+    out_model = os.path.join(args.out, "model")
+    M.save_model(model, out_model, dtype=getattr(torch, args.save_dtype) if args.save_dtype else None, rank=rank)
     if rank == 0:
-        copy_tokenizer(args.tokenizer, os.path.join(args.out, "model"))
+        copy_tokenizer(args.tokenizer, out_model)
     summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
     if "heldout" in judges:
         acc, unparsed = judge("heldout")
@@ -257,12 +243,40 @@ def main(argv=None):
     if rank == 0:
         json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
         print("sft done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
-              + f"\ncheckpoint: {os.path.join(args.out, 'model')}")
-        metrics.close()
+              + f"\ncheckpoint: {out_model}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
 
 
+def train_step(args, model, optimizer, rows, step, steps_per_epoch, lr, pad_id, rank, world, device, state_dir):
+    """One optimizer step over --global-batch sequences of a seeded per-epoch permutation -> the step's record."""
+    t0 = time.time()
+    epoch, k = divmod(step, steps_per_epoch)
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+    batch = [rows[i] for i in perm[k * args.global_batch:(k + 1) * args.global_batch].tolist()]
+    n_step = sum(sum(m[1:]) for _, m in batch)  # supervised tokens in the whole global batch (all ranks)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    micros = micro_batches(batch[rank::world], args.tokens_per_micro)
+    n_idle = int(all_reduce_max([len(micros)], device)[0]) - len(micros)  # before any forward: collectives in step
+    for mb in micros:
+        ids, targets, mask = pad_batch(mb, pad_id, device)
+        nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
+        # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
+        (nll / n_step * world).backward()
+        loss_sum += nll.item()
+    for _ in range(n_idle):
+        idle_backward(model, device)
+    grad_norm = clip_grad_norm(model, args.grad_clip)
+    loss_sum, tokens = all_reduce_sum([loss_sum, sum(len(s) for s, _ in batch[rank::world])], device)
+    stop_if_not_finite("sft.py", step + 1, state_dir, loss=loss_sum / n_step, grad_norm=grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": tokens / (time.time() - t0)}
+
+
 if __name__ == "__main__":
-    main()
+    cli(main)

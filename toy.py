@@ -17,6 +17,7 @@ corpus, with digits split one per token (so arithmetic stays learnable) and enou
 fixed judge instructions shrink to a few dozen tokens (so a laptop CPU can train on them).
 """
 import json
+import math
 import os
 import random
 
@@ -24,9 +25,17 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import model as M
-from data import CHATML_JINJA, Pair, make_judge_example
+from data import QWEN_DEFAULT_SYSTEM, Pair, make_judge_example
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The Qwen2.5 template without its tool branches, written into tokenizers this project trains (this toy)
+# so that transformers renders them the same way.
+CHATML_JINJA = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\n" + QWEN_DEFAULT_SYSTEM + "<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
 def make_pairs(n, seed, split):
@@ -71,11 +80,19 @@ def toy_config(vocab_size):
                          tie_word_embeddings=True, max_position_embeddings=1024, torch_dtype="float32")
 
 
-def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
-    """Write (once) the toy data, tokenizer and a random-init checkpoint under out_dir; return paths."""
-    paths = {k: os.path.join(out_dir, v) for k, v in dict(
+TOY_DIR = "runs/toy"
+
+
+def files(out_dir=TOY_DIR):
+    """Where the toy's files are (or will be): data, tokenizer and the random-init checkpoint."""
+    return {k: os.path.join(out_dir, v) for k, v in dict(
         tokenizer="tokenizer", init="init-model", sft="sft.jsonl", rl="rl.jsonl", val="val.jsonl",
         heldout="heldout.jsonl").items()}
+
+
+def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
+    """Write (once) the toy data, tokenizer and a random-init checkpoint under out_dir; return paths."""
+    paths = files(out_dir)
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(out_dir, exist_ok=True)
@@ -103,22 +120,40 @@ def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
         corpus += [chat, teacher_trace(p, ex.label)]
     train_tokenizer(corpus, paths["tokenizer"], vocab_size=2048)
     tok = load_tokenizer(paths["tokenizer"])
-    model = M.init_weights(M.Transformer(toy_config(tok.vocab_size)), seed=seed)
+    model = init_weights(M.Transformer(toy_config(tok.vocab_size)), seed=seed)
     M.save_model(model, paths["init"])
     return paths
 
 
-def apply_defaults(args, defaults):
+def fill_defaults(args, defaults):
     """Fill each unset flag with its toy value when no --model is given, else with the paper's value
-    (defaults: {flag: (toy, real)}). For the toy, also write its files and pin two CPU threads: how float
-    reductions are split depends on the thread count, and training amplifies rounding differences, so a
-    fixed count makes a machine print the same numbers whatever its core count. Other processors run other
-    float kernels and print other digits (within the README's band). Returns the toy's paths, or None."""
+    (defaults: {flag: (toy, real)}). -> True for the toy task. Nothing is written here (see setup)."""
     toy = args.model is None
     for k, (toy_v, real_v) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, toy_v if toy else real_v)
-    if not toy:
-        return None
+    return toy
+
+
+def setup(seed):
+    """Write the toy's files (once) and pin two CPU threads: how float reductions are split depends on the
+    thread count, and training amplifies rounding differences, so a fixed count makes a machine print the
+    same numbers whatever its core count. Other processors run other float kernels and print other digits
+    (within the README's band)."""
     torch.set_num_threads(2)
-    return prepare("runs/toy", seed=args.seed)
+    return prepare(TOY_DIR, seed=seed)
+
+
+def init_weights(model, std=0.02, seed=0):
+    """Random init for models trained from scratch (the toy task): normal(0, std), scaled down for the
+    residual projections (GPT-2 style) so deep stacks start near identity."""
+    g = torch.Generator().manual_seed(seed)
+    n = model.config.num_hidden_layers
+    for name, p in model.named_parameters():
+        with torch.no_grad():
+            if p.dim() == 1:
+                p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.zeros_like(p))
+            else:
+                s = std / math.sqrt(2 * n) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+    return model

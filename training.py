@@ -1,71 +1,126 @@
 """
-training.py: the plumbing both trainers (sft.py, grpo.py) share, so neither imports the other.
+training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no trainer imports another.
 
-  setup_distributed   rank, world size and device; NCCL on CUDA, gloo on CPU (torchrun sets the env)
-  shard_model         FSDP2: each block, then the root
-  all_reduce_sum      a list of floats summed (or maxed) over ranks
-  idle_backward       the zero-loss forward/backward a rank with less data runs to keep FSDP's collectives matched
-  log_step            one step's record to metrics.jsonl and the progress bar
-  lr_at               linear warm-up, then cosine decay
-  save_state / load_state   each rank's weights and AdamW shards, step and RNG; weights-only loading
-  copy_tokenizer      tokenizer files beside a saved checkpoint
-  make_optimizer      AdamW (fused on CUDA)
+  setup_distributed   rank, world size and device; a process group whenever FSDP runs (NCCL, or gloo on CPU)
+  load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard
+  all_reduce_sum/max  lists of floats summed / maxed over ranks
+  idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
+  clip_grad_norm      grad-norm clipping, returning the global norm as a float
+  RunDir              a run directory: refuse to clobber, resume checks, metrics, resumable state, safe swaps
+  stop_if_not_finite  divergence: stop before anything non-finite is saved
+  lr_at, make_optimizer, copy_tokenizer, check_vocab, cli
+
+The precision policy is the same for every world size. On CUDA: fp32 master weights and AdamW moments, bf16
+compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradient reduction; one GPU runs
+FSDP2 over a one-rank process group, so single-GPU and multi-GPU runs take the same code path. On CPU: fp32
+throughout (FSDP2 over gloo with more than one rank, the plain model with one).
 """
 import json
 import math
 import os
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
 
+import model as M
+
+
+def uses_fsdp(world, device):
+    return world > 1 or device.type == "cuda"
+
+
+def compile_wanted(flag, device):
+    return flag if flag is not None else device.type == "cuda"  # --compile's default: on with CUDA
+
 
 def setup_distributed():
-    """-> (rank, world, device). Single process without torchrun; NCCL on CUDA, gloo on CPU."""
+    """-> (rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # what stays fp32 (the head's chunks, RoPE) uses TF32
+        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if uses_fsdp(world, device) and not dist.is_initialized():
+        if world == 1:  # one GPU: a one-rank group, so FSDP2's mixed precision applies as on many
+            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
 
-def shard_model(model, world, device):
-    """FSDP2: fully_shard each block, then the root (embeddings, final norm, head). bf16 compute with fp32
-    reduction on CUDA; fp32 on CPU. A no-op in a single process (besides the device move)."""
-    if world == 1:
-        return model.to(device)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
+def load_for_training(path, world, device, trainable=True, compile=False, grad_ckpt=False):
+    """Load a checkpoint under the precision policy above. With FSDP the model is built on the meta device,
+    sharded (each block, then the root), allocated on the device, and each rank reads the safetensors one
+    tensor at a time and keeps only its shard: no rank ever holds a full fp32 copy. A frozen model
+    (trainable=False, GRPO's reference) keeps its shards in bf16 on CUDA: it is computed in bf16 anyway."""
+    if not uses_fsdp(world, device):
+        model = M.load_model(path, device, torch.float32)
+    else:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.tensor import distribute_tensor
+        with torch.device("meta"):
+            model = M.Transformer(M.load_config(path))
+        if device.type == "cuda":
+            model = model.to(torch.float32 if trainable else torch.bfloat16)
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            model, mp = model.to(torch.float32), MixedPrecisionPolicy()
+        if compile:
+            M.compile_blocks(model)  # before sharding, as FSDP2 expects
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        # the root (embeddings, final norm, head) is not resharded after forward: backward starts with the head
+        fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        model.to_empty(device=device)
+        M.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
+                                                                         p.placements, src_data_rank=None))
+    if compile and not uses_fsdp(world, device):
+        M.compile_blocks(model)
+    model.checkpoint_activations = grad_ckpt
+    return model.train(trainable).requires_grad_(trainable)
 
 
-def all_reduce_sum(values, device, op="sum"):
+def all_reduce_sum(values, device):
+    return _all_reduce(values, device, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values, device):
+    return _all_reduce(values, device, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values, device, op):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
     return t.tolist()
 
 
 def idle_backward(model, device):
-    """A zero-loss forward/backward: under FSDP every rank must run as many forwards/backwards (each one
-    all-gathers and reduce-scatters) as the busiest rank, or the collectives would not match."""
+    """A zero-loss forward/backward: under FSDP every rank must run as many forwards (each all-gathers the
+    weights) and backwards (each reduce-scatters the gradients) as the busiest rank, or the collectives would
+    not match."""
     dummy = torch.zeros(1, 2, dtype=torch.long, device=device)
     model(dummy, targets=dummy, loss_weights=torch.ones(1, 2, device=device)).mul(0).backward()
 
 
-def log_step(metrics, bar, rec, **postfix):
-    """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar."""
-    metrics.write(json.dumps(rec) + "\n")
-    metrics.flush()
-    bar.set_postfix(**postfix)
-    bar.update(1)
+def clip_grad_norm(model, max_norm):
+    """Clip gradients to max_norm (global over ranks) -> the norm before clipping, as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(_local(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+
+
+def stop_if_not_finite(script, step, state_dir, **values):
+    """Divergence: a non-finite loss, gradient norm or KL ends the run here, before the optimizer step and
+    before anything is saved, so the last saved state stays the last good one."""
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"\n{script}: non-finite {', '.join(f'{k} ({values[k]})' for k in bad)} at step {step}: "
+                         f"stopping without saving; the last good state is kept in {state_dir} (if any)")
 
 
 def lr_at(step, total, lr, warmup_steps, min_ratio):
@@ -80,10 +135,93 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+# ----------------------------------------------------------------------------- run directories
+
+# flags that only say when to stop, how often to save, or how fast to run: a resume may change them
+RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "eval_every", "val_every"}
+
+
+class RunDir:
+    """A run directory: run.json (the settings), metrics.jsonl, state/ (resumable) and model/ (the output).
+    A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
+    state and the same settings (RESUME_MAY_CHANGE aside), truncates metrics to the resumed step, and
+    finishes a state swap a crash interrupted."""
+
+    def __init__(self, out, args, rank, script):
+        self.out, self.rank, self.script = out, rank, script
+        self.state = os.path.join(out, "state")
+        self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
+        self.metrics = None
+
+    def start(self, resume, overwrite):
+        """Check the directory (every rank), then prepare it (rank 0). Call before any training work."""
+        ours = [f for f in ("run.json", "metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
+                if os.path.exists(os.path.join(self.out, f))]
+        if resume:
+            recovered = M.recover_dir(self.state) if self.rank == 0 else None
+            if dist.is_initialized():
+                dist.barrier()
+            if recovered:
+                print(recovered)
+            if not os.path.exists(self.state):
+                raise SystemExit(f"{self.script}: --resume: no saved state in {self.state}")
+            self._check_settings()
+        elif ours and not overwrite:
+            raise SystemExit(f"{self.script}: {self.out} already holds a run ({', '.join(ours)}): pass --resume to continue "
+                             "it, --overwrite to start over there, or another --out")
+        if dist.is_initialized():
+            dist.barrier()  # every rank has looked before rank 0 changes anything
+        if self.rank == 0 and not resume:
+            for f in ours:
+                p = os.path.join(self.out, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "run.json"), "w") as f:
+                json.dump(self.settings, f, indent=2)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _check_settings(self):
+        file = os.path.join(self.out, "run.json")
+        try:
+            saved = json.load(open(file))
+        except (OSError, json.JSONDecodeError):
+            raise SystemExit(f"{self.script}: --resume: cannot check the settings, {file} is missing or unreadable") from None
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in self.settings.items() if saved.get(k) != v]
+        changed += [f"--{k.replace('_', '-')} {v!r} -> (unset)" for k, v in saved.items() if k not in self.settings]
+        if changed:
+            raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
+                             f"{self.out} used the old ones. Resume with them, or start a new --out")
+
+    def open_metrics(self, step):
+        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after)."""
+        if self.rank == 0:
+            rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
+                if step and os.path.exists(self.metrics_path) else []
+            with open(self.metrics_path + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)  # swapped in: a crash here loses no row
+            self.metrics = open(self.metrics_path, "a")
+
+    def log(self, rec, bar, **postfix):
+        """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar (rank 0)."""
+        if self.rank == 0:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+            bar.set_postfix(**postfix)
+            bar.update(1)
+
+
 def save_state(path, model, optimizer, step, rank, extra=None):
     """This rank's shards of weights and AdamW moments + step + RNG, as plain tensors (loadable with
-    weights_only=True). Written to a temp dir and renamed, so a crash mid-save keeps the previous state."""
+    weights_only=True). Every rank writes into path.tmp; rank 0 then swaps it in (model.replace_dir), so a
+    crash at any instant leaves one complete state."""
     tmp = f"{path}.tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()
     os.makedirs(tmp, exist_ok=True)
     params = dict(model.named_parameters())
     state = {"step": step, "rng_cpu": torch.get_rng_state(), "extra": extra or {},
@@ -96,26 +234,34 @@ def save_state(path, model, optimizer, step, rank, extra=None):
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        M.replace_dir(tmp, path)
     if dist.is_initialized():
         dist.barrier()
 
 
 def load_state(path, model, optimizer, rank):
+    """-> (step, extra). Weights are copied into this rank's shards; AdamW's state goes through
+    optimizer.load_state_dict, which puts `step` where the optimizer needs it (on the parameter's device for
+    fused AdamW)."""
     file = os.path.join(path, f"rank{rank}.pt")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} not found: resume needs the same number of ranks as the saved run")
-    state = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        raise SystemExit(f"{file} not found: resume needs the same number of ranks as the saved run")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as e:
+        raise SystemExit(f"{file}: unreadable training state ({str(e)[:150]})") from None
     params = dict(model.named_parameters())
     if set(state["model"]) != set(params):
-        raise ValueError(f"{file}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
+        raise SystemExit(f"{file}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
     with torch.no_grad():
         for n, p in params.items():
+            if not torch.isfinite(state["model"][n]).all():
+                raise SystemExit(f"{file}: tensor {n!r} has non-finite values")
             _local(p).copy_(state["model"][n])
-            if n in state["optim"]:
-                optimizer.state[p] = {k: (_local_like(p, v) if k != "step" else v) for k, v in state["optim"][n].items()}
+    index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
+    optim = {index[id(params[n])]: {k: (_local_like(params[n], v) if k != "step" else v) for k, v in s.items()}
+             for n, s in state["optim"].items()}
+    optimizer.load_state_dict({"state": optim, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng_cuda"])
@@ -136,6 +282,37 @@ def copy_tokenizer(src, dst):
             shutil.copy(os.path.join(src, f), os.path.join(dst, f))
 
 
-def make_optimizer(model, lr, betas, weight_decay):
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
-                             fused=next(model.parameters()).is_cuda)
+def make_optimizer(model, lr, betas, weight_decay, fused=None):
+    """AdamW; fused (one kernel for all parameters) on CUDA."""
+    fused = next(model.parameters()).is_cuda if fused is None else fused
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+def check_vocab(tokenizer, model_path, tokenizer_path):
+    """A tokenizer with ids beyond the embedding would fail deep inside a forward: refuse it up front."""
+    cfg = M.load_config(model_path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise SystemExit(f"{tokenizer_path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the "
+                         f"{cfg.vocab_size} rows of {model_path}'s embedding (vocab_size in its config.json)")
+
+
+def check_flags(ap, args, positive=(), nonnegative=()):
+    """argparse-style errors for counts and sizes that must be > 0 (or >= 0), before any work."""
+    for k in positive:
+        v = getattr(args, k)
+        if v is not None and not v > 0:
+            ap.error(f"--{k.replace('_', '-')} must be > 0, got {v}")
+    for k in nonnegative:
+        v = getattr(args, k)
+        if v is not None and not v >= 0:
+            ap.error(f"--{k.replace('_', '-')} must be >= 0, got {v}")
+
+
+def cli(main):
+    """Run a script's main: bad input (data, checkpoint, tokenizer files) ends in one line naming the file,
+    not a traceback."""
+    from data import DataError
+    try:
+        main()
+    except (DataError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")

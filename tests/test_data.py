@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import data as D
+import toy
 from conftest import DATA, SHARED, TOKENIZER_DIR, need_shared
 
 # The DeepSeek-R1-Distill-Qwen chat template as published (tool-call branches elided: judges never use tools).
@@ -94,10 +95,10 @@ def test_deepseek_chat_template_matches_transformers(tmp_path):
 
 def test_toy_chatml_template_matches_transformers(tmp_path):
     import transformers
-    path = _tokenizer_dir(tmp_path, D.CHATML_JINJA, eos_token="<|im_end|>")
+    path = _tokenizer_dir(tmp_path, toy.CHATML_JINJA, eos_token="<|im_end|>")
     ours = D.load_tokenizer(path)
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=path + "/tokenizer.json")
-    ref.chat_template = D.CHATML_JINJA
+    ref.chat_template = toy.CHATML_JINJA
     for conv in CONVERSATIONS:
         assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
 
@@ -236,8 +237,9 @@ def test_judgebench_and_rm_r1_readers_errors(tmp_path):
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     path = write(tmp_path, "rl.jsonl", json.dumps({"context_messages": msgs, "winner": "model_b"}) + "\n"
                  + json.dumps({"context_messages": msgs, "winner": "<type>Chat</type> ... <answer>[[A]]</answer>"}) + "\n")
-    rl, sft = D.read_rm_r1(path)
-    assert rl[0].label == "B" and rl[0].messages == msgs
-    assert sft[0][-1]["role"] == "assistant"
+    rl, counts = D.load_judge_examples(path, "rm-r1")
+    assert rl[0].label == "B" and rl[0].messages == msgs and counts["sft"] == 1
+    sft, counts = D.read_sft_rows(path)
+    assert sft[0][-1]["role"] == "assistant" and counts["rl"] == 1
     with pytest.raises(D.DataError, match=r"rl2.jsonl:1: missing field 'winner'"):
-        D.read_rm_r1(write(tmp_path, "rl2.jsonl", json.dumps({"context_messages": msgs}) + "\n"))
+        D.load_judge_examples(write(tmp_path, "rl2.jsonl", json.dumps({"context_messages": msgs}) + "\n"), "rm-r1")

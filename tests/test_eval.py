@@ -159,8 +159,8 @@ def test_empty_answers_are_judged_in_eval_and_dropped_in_training(tmp_path, caps
     assert scores["judged"] == 3 and scores["overall"] == pytest.approx(200 / 3)  # the empty answers were judged
     assert "2 pairs have an empty or whitespace-only answer; they are judged as given" in capsys.readouterr().out
     import data as D
-    examples, empty = D.load_judge_examples(str(pairs), "pairs", drop_empty=True)
-    assert [e.id for e in examples] == ["c"] and empty == 2
+    examples, counts = D.load_judge_examples(str(pairs), "pairs", training=True)
+    assert [e.id for e in examples] == ["c"] and counts["empty"] == 2
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps({"id": "x", "prompt": "q", "chosen": "a"}) + "\n")
     with pytest.raises(D.DataError, match="broken.jsonl:1: missing field 'rejected'"):

@@ -7,6 +7,7 @@ import torch
 
 import grpo
 import model as M
+import toy
 from conftest import read_metrics, run_torchrun
 
 
@@ -57,7 +58,7 @@ def test_shared_prompt_forward_equals_separate_rows(prompt_lens):
     cfg = M.ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
                         max_position_embeddings=256, torch_dtype="float32")
-    model = M.init_weights(M.Transformer(cfg), seed=0)
+    model = toy.init_weights(M.Transformer(cfg), seed=0)
     g, n = torch.Generator().manual_seed(1), 3
     prompts = [torch.randint(1, 97, (L,), generator=g).tolist() for L in prompt_lens]
     responses = [torch.randint(1, 97, (L,), generator=g).tolist() for L in (1, 4, 7, 3, 3, 2, 6, 1, 2)[:n * len(prompts)]]
@@ -124,7 +125,7 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
     assert len(calls) == 2
     with pytest.raises(SystemExit):
         grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "--n", "1"))
-    assert grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "-n", "5"))[0].n == 5
+    assert grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "-n", "5")).n == 5
 
 
 @pytest.mark.slow
@@ -146,3 +147,56 @@ def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path, policy):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
     s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
     assert s1["heldout_end"] == s2["heldout_end"]
+
+
+@pytest.mark.parametrize("world", [1, 2, 8, 32])
+def test_every_rank_holds_an_equal_share_of_every_minibatch(world):
+    for rollout, minibatch in [(1024, 128), (64, 16), (256, 32)]:  # the paper's defaults, the toy's, another
+        if minibatch % world:
+            continue
+        held = [grpo.rank_positions(rollout, minibatch, world, r) for r in range(world)]
+        assert sorted(p for h in held for p in h) == list(range(rollout))  # a partition of the rollout
+        for r in range(world):
+            per_minibatch = [sum(p // minibatch == m for p in held[r]) for m in range(rollout // minibatch)]
+            assert per_minibatch == [minibatch // world] * (rollout // minibatch), (world, r)
+
+
+def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit):  # 4 prompts per mini-batch cannot be split evenly over 8 ranks
+        grpo.parse_args(grpo_args(toy_paths, tmp_path / "x"))
+    assert "--minibatch-prompts 4 must be a multiple of the 8 ranks" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for extra, flag in [(("--minibatch-prompts", "3"), "--rollout-prompts 8 must be a multiple of --minibatch-prompts 3"),
+                        (("--temperature", "0"), "--temperature must be > 0"), (("--top-p", "0"), "--top-p"),
+                        (("--rollout-prompts", "0"), "--rollout-prompts must be > 0"),
+                        (("--eval-limit", "-1"), "--eval-limit must be >= 0"), (("--steps", "-2"), "--steps must be >= 0")]:
+        with pytest.raises(SystemExit):
+            grpo.parse_args(grpo_args(toy_paths, tmp_path / "x", *extra))
+        assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype):
+    """Old log-probs come from the same micro-batches as the update, so before the first optimizer step the ratio
+    is exactly 1 and nothing is clipped, in fp32 and in bf16 (where different padding would change the numbers)."""
+    from data import load_judge_examples, load_tokenizer, tokenize_prompts
+    from sampler import Sampler
+    args = grpo.parse_args(grpo_args(toy_paths, "unused", "--micro-seqs", "6", "--max-new-tokens", "24"))
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
+    model = M.load_model(policy, dtype=dtype)
+    job = grpo.Job(args, model, None, torch.optim.SGD(model.parameters(), lr=0.0), Sampler(model, 6, 600), tok, examples,
+                   ids, 0, 1, torch.device("cpu"))
+    ro = grpo.rollout(job, 0)
+    assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
+    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs // args.n)
+    assert len(plan[0]) == 2  # the first mini-batch runs as 2 micro-batches
+    old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+    rewards, _ = grpo.score(job, ro)
+    adv, _ = grpo.group_advantages(rewards, args.n)
+    for k, groups in enumerate(plan[0]):
+        logp, _, mask = grpo.response_logprobs(model, *grpo.micro_rows(ro, groups, args.n), args.n, 0, "cpu", 1.0)
+        assert torch.equal(logp.detach(), old[0][k])  # ratio exp(logp - old) == 1 exactly
+    stats = grpo.update(job, 0, ro, adv, plan[0], old[0], None)
+    assert stats["clipped"] == 0

@@ -13,7 +13,7 @@ from data import DataError, load_tokenizer
 
 def test_loss_mask_covers_only_the_assistant_span(toy_paths):
     tok = load_tokenizer(toy_paths["tokenizer"])
-    rows, dropped = sft.encode_sft_rows(toy_paths["sft"], tok, max_len=10**6, truncate=False)
+    rows, dropped, _ = sft.encode_sft_rows(toy_paths["sft"], tok, max_len=10**6, truncate=False)
     assert dropped == 0
     ids, mask = rows[0]
     row = json.loads(open(toy_paths["sft"]).readline())
@@ -28,17 +28,17 @@ def test_loss_mask_covers_only_the_assistant_span(toy_paths):
 
 def test_long_rows_dropped_or_truncated(toy_paths):
     tok = load_tokenizer(toy_paths["tokenizer"])
-    full, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
+    full, _, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
     limit = sorted(len(i) for i, _ in full)[len(full) // 2]
-    kept, dropped = sft.encode_sft_rows(toy_paths["sft"], tok, limit, False)
+    kept, dropped, _ = sft.encode_sft_rows(toy_paths["sft"], tok, limit, False)
     assert dropped == sum(len(i) > limit for i, _ in full) > 0 and len(kept) + dropped == len(full)
-    cut, dropped = sft.encode_sft_rows(toy_paths["sft"], tok, limit, True)
-    assert dropped == 0 and all(len(i) <= limit and i[-1] == tok.eos_id for i, _ in cut)
+    cut, dropped, _ = sft.encode_sft_rows(toy_paths["sft"], tok, limit, True)
+    assert dropped == 0 and all(len(i) <= limit and i[-1] == tok.end_of_turn_id for i, _ in cut)
 
 
 def test_accumulation_over_unequal_micro_batches_equals_one_batch(toy_paths):
     tok = load_tokenizer(toy_paths["tokenizer"])
-    rows, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
+    rows, _, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
     batch = rows[:6]
     batch[1] = (batch[1][0][:-6], batch[1][1][:-6])  # unequal lengths and supervised counts
     batch[4] = (batch[4][0][:-3], batch[4][1][:-3])
@@ -119,3 +119,61 @@ def test_bad_data_names_file_line_and_field(toy_paths, tmp_path):
         (tmp_path / "bad.jsonl").write_text(text)
         with pytest.raises(DataError, match=msg):
             sft.encode_sft_rows(str(tmp_path / "bad.jsonl"), tok, 100, False)
+
+
+def test_traces_end_with_the_chat_templates_end_of_turn(toy_paths, tmp_path):
+    """A base Qwen2.5 tokenizer's eos is <|endoftext|>, but a judge's turn ends with <|im_end|>: SFT teaches that."""
+    import shutil
+    base = tmp_path / "base-tokenizer"
+    shutil.copytree(toy_paths["tokenizer"], base)
+    cfg = json.load(open(base / "tokenizer_config.json"))
+    json.dump({**cfg, "eos_token": "<|endoftext|>"}, open(base / "tokenizer_config.json", "w"))
+    tok = load_tokenizer(str(base))
+    assert tok.eos_token == "<|endoftext|>" and tok.decode([tok.end_of_turn_id]) == "<|im_end|>"
+    rows, _, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
+    assert all(ids[-1] == tok.end_of_turn_id and ids[-1] != tok.eos_id for ids, _ in rows)
+
+
+def test_resume_with_fused_adamw(toy_paths, tmp_path):
+    """Fused AdamW keeps its step counter on the parameter's device; a resumed optimizer must too, and continue
+    exactly like the uninterrupted one."""
+    from training import load_state, make_optimizer, save_state
+    torch.manual_seed(0)
+    model = M.load_model(toy_paths["init"])
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+
+    def step(m, opt):
+        m(ids, targets=ids, loss_weights=torch.ones(2, 16)).neg().backward()
+        opt.step()
+        opt.zero_grad()
+
+    opt = make_optimizer(model, 1e-3, (0.9, 0.95), 0.0, fused=True)
+    for _ in range(2):
+        step(model, opt)
+    save_state(str(tmp_path / "state"), model, opt, 2, 0)
+    resumed = M.load_model(toy_paths["init"])
+    opt2 = make_optimizer(resumed, 1e-3, (0.9, 0.95), 0.0, fused=True)
+    assert load_state(str(tmp_path / "state"), resumed, opt2, 0)[0] == 2
+    for p in resumed.parameters():
+        s = opt2.state[p]["step"]
+        assert s.device == p.device and s.dtype == torch.float32 and s.item() == 2
+    step(model, opt), step(resumed, opt2)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_saved_checkpoint_keeps_the_source_dtype(toy_paths, tmp_path):
+    """Trained from a bf16 checkpoint, the output is bf16 with torch_dtype bfloat16 (transformers loads it so);
+    --save-dtype float32 asks otherwise."""
+    import transformers
+    from safetensors.torch import load_file
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    make_hf_checkpoint(str(tmp_path / "bf16"), dtype=torch.bfloat16, vocab_size=tok.vocab_size)
+    for extra, dtype in [((), torch.bfloat16), (("--save-dtype", "float32"), torch.float32)]:
+        out = tmp_path / f"out-{dtype}"
+        sft.main(["--model", str(tmp_path / "bf16"), "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
+                  "--out", str(out), "--global-batch", "16", "--max-steps", "1", "--eval-limit", "0", "--no-grad-ckpt", *extra])
+        assert {t.dtype for t in load_file(str(out / "model" / "model.safetensors")).values()} == {dtype}
+        assert json.load(open(out / "model" / "config.json"))["torch_dtype"] == str(dtype)[6:]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype="auto")
+        assert hf.dtype == dtype

@@ -1,0 +1,284 @@
+"""Bad inputs and faults: each case checks the exit and that the message names the file, field or flag, and
+each fault case that nothing was lost (the previous state intact, metrics without duplicates)."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import eval as E
+import grpo
+import model as M
+import sft
+import training
+from conftest import make_hf_checkpoint, read_metrics
+from data import DataError, load_judge_examples, load_tokenizer, read_jsonl, read_sft_rows
+
+
+def sft_args(toy_paths, out, *extra):
+    return ["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
+            "--out", str(out), "--global-batch", "16", "--max-steps", "3", "--eval-limit", "0", "--save-every", "1", *extra]
+
+
+def grpo_args(toy_paths, out, *extra):
+    return ["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["rl"],
+            "--out", str(out), "--steps", "2", "--rollout-prompts", "4", "--minibatch-prompts", "2", "--gen-prompts", "2",
+            "--group-size", "2", "--max-new-tokens", "6", "--save-every", "1", *extra]
+
+
+def exit_message(excinfo):
+    return str(excinfo.value.code)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+def test_an_existing_run_directory_is_not_overwritten(toy_paths, tmp_path):
+    sft.main(sft_args(toy_paths, tmp_path / "run"))
+    before = open(tmp_path / "run" / "metrics.jsonl").read()
+    with pytest.raises(SystemExit) as e:
+        sft.main(sft_args(toy_paths, tmp_path / "run"))
+    assert "already holds a run" in exit_message(e) and "--overwrite" in exit_message(e)
+    assert open(tmp_path / "run" / "metrics.jsonl").read() == before
+    sft.main(sft_args(toy_paths, tmp_path / "run", "--overwrite", "--max-steps", "2"))  # asked for: starts over
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        grpo.main(grpo_args(toy_paths, tmp_path / "none", "--resume"))
+    assert "--resume: no saved state in" in exit_message(e)
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--stop-after-steps", "1"))
+    with pytest.raises(SystemExit) as e:
+        grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--lr", "0.5"))
+    assert "--lr 1e-06 -> 0.5" in exit_message(e)
+    with pytest.raises(SystemExit) as e:
+        sft.main(sft_args(toy_paths, tmp_path / "run", "--resume"))  # another script's settings
+    assert "changed settings" in exit_message(e)
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--save-every", "5"))  # when to save may change
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_resume_after_a_crash_truncates_metrics_to_the_saved_step(toy_paths, tmp_path, monkeypatch):
+    sft.main(sft_args(toy_paths, tmp_path / "full"))
+    real_save = sft.save_state
+
+    def crash_at_step_3(path, model, optimizer, step, rank, extra=None):
+        if step == 3:
+            raise KeyboardInterrupt  # killed after step 3 was logged, before its state was saved
+        real_save(path, model, optimizer, step, rank, extra)
+
+    monkeypatch.setattr(sft, "save_state", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(sft_args(toy_paths, tmp_path / "cut"))
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3]
+    monkeypatch.setattr(sft, "save_state", real_save)
+    sft.main(sft_args(toy_paths, tmp_path / "cut", "--resume"))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == [1, 2, 3]  # no duplicate step 3
+    assert [r["loss"] for r in cut] == [r["loss"] for r in full]
+
+
+@pytest.mark.parametrize("fail_at", range(4))
+def test_state_swap_survives_a_crash_at_every_step(toy_paths, tmp_path, monkeypatch, fail_at):
+    """replace_dir makes 3 renames and a removal; make each one fail in turn, then resume."""
+    model = M.load_model(toy_paths["init"])
+    opt = training.make_optimizer(model, 1e-3, (0.9, 0.95), 0.0)
+    state = str(tmp_path / "state")
+    training.save_state(state, model, opt, 1, 0)
+    calls = []
+    real_rename, real_rmtree = os.rename, shutil.rmtree
+
+    def failing(real):
+        def f(*a, **k):
+            calls.append(a[0])
+            if len(calls) - 1 == fail_at:
+                raise OSError("simulated crash")
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(M.os, "rename", failing(real_rename))
+    monkeypatch.setattr(M.shutil, "rmtree", failing(real_rmtree))
+    with pytest.raises(OSError, match="simulated crash"):
+        training.save_state(state, model, opt, 2, 0)
+    monkeypatch.undo()
+    M.recover_dir(state)
+    step, _ = training.load_state(state, model, opt, 0)
+    assert step in (1, 2) and sorted(os.listdir(tmp_path)) == ["state"]  # a whole state, no leftovers
+
+
+def test_the_output_model_is_written_whole_or_not_at_all(toy_paths, tmp_path, monkeypatch):
+    model = M.load_model(toy_paths["init"])
+    M.save_model(model, str(tmp_path / "model"))
+    before = open(tmp_path / "model" / "model.safetensors", "rb").read()
+    monkeypatch.setattr(M, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        M.save_model(model, str(tmp_path / "model"))
+    assert open(tmp_path / "model" / "model.safetensors", "rb").read() == before
+
+
+# ----------------------------------------------------------------------------- divergence
+
+def test_divergence_stops_without_saving_and_keeps_the_last_good_state(toy_paths, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        sft.main(sft_args(toy_paths, tmp_path / "sft", "--lr", "10", "--max-steps", "8"))
+    msg = exit_message(e)
+    assert "non-finite" in msg and "at step" in msg
+    bad_step = int(msg.split("at step ")[1].split(":")[0])
+    assert not os.path.exists(tmp_path / "sft" / "model")
+    model = M.load_model(toy_paths["init"])
+    step, _ = training.load_state(str(tmp_path / "sft" / "state"), model, training.make_optimizer(model, 1, (0.9, 0.9), 0), 0)
+    assert step == bad_step - 1 and all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(SystemExit) as e:
+        grpo.main(grpo_args(toy_paths, tmp_path / "grpo", "--lr", "1e6", "--steps", "6"))
+    assert "non-finite" in exit_message(e) and not os.path.exists(tmp_path / "grpo" / "model")
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(toy_paths, tmp_path):
+    model = M.load_model(toy_paths["init"])
+    shutil.copytree(toy_paths["init"], tmp_path / "nan")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    from safetensors.torch import save_file
+    save_file({n: t.contiguous() for n, t in model.state_dict().items() if n != "lm_head.weight"},
+              str(tmp_path / "nan" / "model.safetensors"))
+    with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' has non-finite values"):
+        M.load_model(str(tmp_path / "nan"))
+    with pytest.raises(ValueError, match="non-finite"):
+        M.save_model(model, str(tmp_path / "out"))
+
+
+# ----------------------------------------------------------------------------- data routing
+
+def test_each_trainer_refuses_the_other_stages_data(toy_paths, tmp_path):
+    with pytest.raises(DataError, match="this is GRPO data"):
+        read_sft_rows(toy_paths["rl"])
+    with pytest.raises(DataError, match="this is SFT data"):
+        load_judge_examples(toy_paths["sft"], "rm-r1")
+    rl = [json.loads(line) for line in open(toy_paths["rl"])][:4]
+    trace = json.loads(open(toy_paths["sft"]).readline())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rl[:2] + [{**rl[2], "winner": "tie"}]))
+    with pytest.raises(DataError, match=r"bad.jsonl:3: field 'winner' must be 'model_a' / 'model_b'"):
+        load_judge_examples(str(bad), "rm-r1")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rl + [trace]))
+    examples, counts = load_judge_examples(str(mixed), "rm-r1")
+    assert len(examples) == 4 and counts["sft"] == 1  # the trace row is counted, not silently dropped
+    rows, counts = read_sft_rows(str(mixed))
+    assert len(rows) == 1 and counts["rl"] == 4
+
+
+def test_typo_in_released_prompts_is_fixed_and_counted(toy_paths, tmp_path):
+    rows = [json.loads(line) for line in open(toy_paths["rl"])][:3]
+    rows[1]["context_messages"][1]["content"] = "[The Start of Chabot B's Response]\nx"
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, counts = load_judge_examples(str(path), "rm-r1")
+    assert counts["typo_fixed"] == 1 and "Chatbot B's Response" in examples[1].messages[1]["content"]
+    assert not any("Chabot" in m["content"] for e in examples for m in e.messages)
+
+
+def test_pairs_duplicates_and_identical_answers(tmp_path):
+    rows = [{"id": "a", "prompt": "q", "chosen": "x", "rejected": "y"}, {"id": "b", "prompt": "q", "chosen": "z", "rejected": "z"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, counts = load_judge_examples(str(path), "pairs", training=True)
+    assert [e.id for e in examples] == ["a"] and counts["identical"] == 1  # training: nothing to learn, skipped
+    examples, counts = load_judge_examples(str(path), "pairs")
+    assert [e.id for e in examples] == ["a", "b"] and counts["identical"] == 1  # benchmarks: judged as given
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[0]]))
+    with pytest.raises(DataError, match="id 'a' appears more than once"):
+        load_judge_examples(str(path), "pairs")
+
+
+def test_the_users_format_flag_wins_in_toy_mode(tmp_path):
+    assert grpo.parse_args(["--data", "pairs.jsonl", "--format", "pairs"]).format == "pairs"
+    assert grpo.parse_args([]).format == "rm-r1"
+
+
+# ----------------------------------------------------------------------------- flags
+
+@pytest.mark.parametrize("script,extra,flag", [
+    ("sft", ("--global-batch", "0"), "--global-batch must be > 0"),
+    ("sft", ("--epochs", "-1"), "--epochs must be > 0"),
+    ("sft", ("--save-every", "0"), "--save-every must be > 0"),
+    ("sft", ("--max-steps", "-3"), "--max-steps must be >= 0"),
+    ("sft", ("--eval-limit", "-5"), "--eval-limit must be >= 0"),
+    ("sft", ("--tokens-per-micro", "0"), "--tokens-per-micro must be > 0"),
+    ("grpo", ("--max-new-tokens", "0"), "--max-new-tokens must be > 0"),
+    ("grpo", ("--micro-seqs", "-1"), "--micro-seqs must be > 0"),
+    ("grpo", ("--save-every", "-1"), "--save-every must be > 0"),
+    ("grpo", ("--kl", "-0.1"), "--kl must be >= 0")])
+def test_bad_flags_are_refused_before_any_work(toy_paths, tmp_path, capsys, script, extra, flag):
+    main, args = (sft.main, sft_args) if script == "sft" else (grpo.main, grpo_args)
+    with pytest.raises(SystemExit) as e:
+        main(args(toy_paths, tmp_path / "out", *extra))
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+
+
+# ----------------------------------------------------------------------------- errors name their file
+
+def test_broken_files_name_the_file(toy_paths, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "ok", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8"):
+        list(read_jsonl(str(bad)))
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(toy_paths["init"], ckpt)
+    data = open(ckpt / "model.safetensors", "rb").read()
+    open(ckpt / "model.safetensors", "wb").write(data[:len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"model.safetensors"):
+        M.load_model(str(ckpt))
+    open(ckpt / "config.json", "w").write('{"model_type": "qwen2", ')
+    with pytest.raises(ValueError, match=r"config.json: malformed JSON"):
+        M.load_model(str(ckpt))
+    make_hf_checkpoint(str(tmp_path / "sharded"), "qwen2-sharded")
+    index = json.load(open(tmp_path / "sharded" / "model.safetensors.index.json"))
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../elsewhere.safetensors"
+    json.dump(index, open(tmp_path / "sharded" / "model.safetensors.index.json", "w"))
+    with pytest.raises(ValueError, match=r"shard '../elsewhere.safetensors' is not a file name inside"):
+        M.load_model(str(tmp_path / "sharded"))
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(toy_paths, tmp_path):
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    make_hf_checkpoint(str(tmp_path / "small"), vocab_size=tok.vocab_size - 10)
+    with pytest.raises(SystemExit) as e:
+        sft.main(sft_args(toy_paths, tmp_path / "out", "--model", str(tmp_path / "small")))
+    assert f"has {tok.vocab_size} tokens, more than the {tok.vocab_size - 10} rows" in exit_message(e)
+
+
+# ----------------------------------------------------------------------------- evaluation outputs
+
+def _pairs(tmp_path, n=6):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q{i}", "chosen": "a" * (i + 2), "rejected": "b"}) + "\n"
+                            for i in range(n)))
+    return str(path)
+
+
+def test_an_eval_directory_belongs_to_one_judge(tmp_path):
+    data = _pairs(tmp_path)
+    out = str(tmp_path / "out")
+    assert E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", out])["overall"] == 100
+    with pytest.raises(SystemExit) as e:
+        E.main(["--judge", "shorter", "--bench", "pairs", "--data", data, "--out", out])
+    assert "holds outputs of another judge or setting" in exit_message(e) and "'longer' -> 'shorter'" in exit_message(e)
+    assert E.main(["--judge", "shorter", "--bench", "pairs", "--data", data, "--out", out, "--overwrite"])["overall"] == 0
+
+
+def test_a_corrupt_output_line_keeps_the_rows_around_it(tmp_path, capsys):
+    data = _pairs(tmp_path)
+    out = tmp_path / "out"
+    E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", str(out)])
+    lines = open(out / "outputs.jsonl").read().splitlines()
+    lines[2] = lines[2][:15]  # one damaged row in the middle
+    open(out / "outputs.jsonl", "w").write("\n".join(lines) + "\n")
+    capsys.readouterr()
+    scores = E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "corrupt line(s) [3]" in printed and "5 already judged" in printed
+    assert scores["judged"] == 6 and scores["overall"] == 100
