@@ -63,8 +63,8 @@ from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, copy_tokenizer, load_for_training, load_state, lr_at, make_optimizer, save_state,
-                      setup_distributed, stop_if_not_finite)
+                      compile_wanted, copy_tokenizer, end_distributed, load_for_training, load_state, lr_at,
+                      make_optimizer, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -121,11 +121,8 @@ def parse_args(argv=None):
                                             max_prompt_len=(512, 4096), max_new_tokens=(48, 8192), format=("rm-r1", "rm-r1"),
                                             lr_schedule=("cosine", "constant"), grad_ckpt=(False, True), steps=(180, 0)))
     if args.toy:
-        paths = toy.files()
-        args.model = "runs/toy/sft/model"
-        args.data = args.data or paths["rl"]
-        args.eval_data = args.eval_data or paths["heldout"]
-        args.out = args.out or "runs/toy/grpo"
+        paths, args.model, args.out = toy.files(), "runs/toy/sft/model", args.out or "runs/toy/grpo"
+        args.data, args.eval_data = args.data or paths["rl"], args.eval_data or paths["heldout"]
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
@@ -494,8 +491,7 @@ def finish(args, run, policy, step, history, judge_heldout, rank):
         if judge_heldout:
             print(f"held-out judge accuracy: {summary['heldout_start']:.1f}% before GRPO -> {summary['heldout_end']:.1f}% after")
         print(f"checkpoint: {out_model}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
     return summary
 
 

@@ -29,7 +29,6 @@ the same addresses on every call (CUDA graphs replay only then). Two cached mode
                                              attending to that row's positions <= pos[b]
 """
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass, fields

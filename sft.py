@@ -42,7 +42,6 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
@@ -51,8 +50,8 @@ from data import DataError, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, copy_tokenizer, idle_backward, load_for_training, load_state, lr_at,
-                      make_optimizer, save_state, setup_distributed, stop_if_not_finite)
+                      compile_wanted, copy_tokenizer, end_distributed, idle_backward, load_for_training, load_state,
+                      lr_at, make_optimizer, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -97,8 +96,7 @@ def parse_args(argv=None):
     if args.toy:
         paths = toy.files()
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
-        args.eval_data = args.eval_data or paths["heldout"]
-        args.val_data = args.val_data or paths["val"]
+        args.eval_data, args.val_data = args.eval_data or paths["heldout"], args.val_data or paths["val"]
         args.out = args.out or "runs/toy/sft"
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
@@ -148,7 +146,7 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
     out, dropped = [], 0
     rows, counts = read_sft_rows(path)
     if tokenizer.end_of_turn_id is None:
-        raise DataError(f"the tokenizer has no end-of-turn token (<|im_end|>, or an eos_token) to end each trace with")
+        raise DataError("the tokenizer has no end-of-turn token (<|im_end|>, or an eos_token) to end each trace with")
     for msgs in rows:
         prompt = tokenizer.encode(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True))
         completion = tokenizer.encode(msgs[-1]["content"]) + [tokenizer.end_of_turn_id]
@@ -244,8 +242,7 @@ def main(argv=None):
         json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
         print("sft done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
               + f"\ncheckpoint: {out_model}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed()
     return summary
 
 

@@ -123,6 +123,14 @@ def stop_if_not_finite(script, step, state_dir, **values):
                          f"stopping without saving; the last good state is kept in {state_dir} (if any)")
 
 
+def end_distributed():
+    """Every rank waits for the others, then leaves the process group: a rank that leaves early can make a
+    slower one abort at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def lr_at(step, total, lr, warmup_steps, min_ratio):
     """Linear warm-up, then cosine from lr to min_ratio * lr at the last step."""
     if step < warmup_steps:
@@ -156,7 +164,8 @@ class RunDir:
 
     def start(self, resume, overwrite):
         """Check the directory (every rank), then prepare it (rank 0). Call before any training work."""
-        ours = [f for f in ("run.json", "metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
+        # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
+        ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
                 if os.path.exists(os.path.join(self.out, f))]
         if resume:
             recovered = M.recover_dir(self.state) if self.rank == 0 else None

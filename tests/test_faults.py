@@ -44,6 +44,12 @@ def test_an_existing_run_directory_is_not_overwritten(toy_paths, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_directory(toy_paths, tmp_path):
+    with pytest.raises(DataError, match="this is SFT data"):
+        grpo.main(grpo_args(toy_paths, tmp_path / "run", "--data", toy_paths["sft"]))
+    assert grpo.main(grpo_args(toy_paths, tmp_path / "run", "--steps", "1"))["steps"] == 1
+
+
 def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
     with pytest.raises(SystemExit) as e:
         grpo.main(grpo_args(toy_paths, tmp_path / "none", "--resume"))

@@ -1,6 +1,5 @@
 """sft.py: loss masking, normalisation, distributed equivalence, resume, saved checkpoints, bad data."""
 import json
-import os
 
 import pytest
 import torch
