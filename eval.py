@@ -294,9 +294,8 @@ PROVENANCE = ("bench", "family", "seed", "max_new_tokens", "max_prompt_len", "te
 
 
 def claim_out_dir(args, rank, world):
-    """An output directory belongs to one judge, one data set and one setting (recorded in run.json): a rerun
-    with the same ones resumes from the outputs, a different one is refused (or, with --overwrite, the old
-    outputs are removed)."""
+    """An output directory belongs to one judge, data set and setting (recorded in run.json): a rerun with the
+    same ones resumes from the outputs, another is refused (with --overwrite, the old outputs are removed)."""
     run = {"judge": args.judge if args.judge in BASELINES else fingerprint(args.judge),
            "tokenizer": fingerprint(args.tokenizer) if args.tokenizer else None, "data": fingerprint(args.data),
            **{k: getattr(args, k) for k in PROVENANCE}}

@@ -63,8 +63,8 @@ from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, copy_tokenizer, end_distributed, load_for_training, load_state, lr_at,
-                      make_optimizer, save_state, setup_distributed, stop_if_not_finite)
+                      compile_wanted, end_distributed, load_for_training, load_state, lr_at,
+                      make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -478,9 +478,7 @@ def main(argv=None):
 def finish(args, run, policy, step, history, judge_heldout, rank):
     """Save the model (Hugging Face layout, tokenizer beside it), the summary, and print the reward curve."""
     out_model = os.path.join(args.out, "model")
-    M.save_model(policy, out_model, dtype=getattr(torch, args.save_dtype) if args.save_dtype else None, rank=rank)
-    if rank == 0:
-        copy_tokenizer(args.tokenizer, out_model)
+    save_checkpoint(policy, out_model, rank, args.save_dtype, args.tokenizer)
     summary = {"steps": step, **history}
     if judge_heldout:
         summary["heldout_end"] = judge_heldout()

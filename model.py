@@ -30,7 +30,6 @@ the same addresses on every call (CUDA graphs replay only then). Two cached mode
 """
 import json
 import os
-import shutil
 from dataclasses import dataclass, fields
 
 import torch
@@ -528,8 +527,8 @@ def full_state_dict_items(model):
 def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the Hugging
     Face layout, in `dtype` (default: the config's torch_dtype, the starting checkpoint's) with a torch_dtype
-    that says so. Written to path.tmp and swapped in by replace_dir: never a half-written model directory.
-    Under FSDP every rank calls this (each tensor is gathered in turn); only rank 0 writes."""
+    that says so (non-finite values are refused). Under FSDP every rank calls this (each tensor is gathered in
+    turn); only rank 0 writes. The trainers write into a fresh directory and swap it in (training.save_checkpoint)."""
     dtype = dtype or _DTYPES.get(str(model.config.torch_dtype).replace("torch.", ""), torch.float32)
     shards, current, size, total = [], {}, 0, 0
     for name, t in full_state_dict_items(model):
@@ -548,52 +547,19 @@ def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
     if rank != 0:
         return
     shards.append(current)
-    tmp = path.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    os.makedirs(path, exist_ok=True)
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(dtype).replace("torch.", "")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                              for i in range(len(shards))]
     for fname, shard in zip(names, shards):
-        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        save_file(shard, os.path.join(path, fname), metadata={"format": "pt"})
     if len(shards) > 1:
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    replace_dir(tmp, path)
-
-
-def replace_dir(tmp, path):
-    """Swap the fully written directory tmp in as path so that every instant leaves a usable copy: tmp is
-    renamed to path.new (now known complete), the old path aside to path.old, path.new into place, then
-    path.old is removed. recover_dir finishes a swap a crash interrupted."""
-    new, old = path.rstrip("/") + ".new", path.rstrip("/") + ".old"
-    for leftover in (new, old):
-        if os.path.exists(leftover):
-            shutil.rmtree(leftover)
-    os.rename(tmp, new)
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(new, path)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
-def recover_dir(path):
-    """Finish an interrupted replace_dir: with path missing, path.new (complete), else path.old, is put in place;
-    a half-written path.tmp is never used. Leftovers are removed. -> what was recovered, or None."""
-    tmp, new, old = (path.rstrip("/") + ext for ext in (".tmp", ".new", ".old"))
-    found = None if os.path.exists(path) else next((c for c in (new, old) if os.path.exists(c)), None)
-    if found:
-        os.rename(found, path)
-    for leftover in (tmp, new, old):
-        if os.path.exists(leftover):
-            shutil.rmtree(leftover)
-    return f"{path}: recovered {os.path.basename(found)} after an interrupted save" if found else None
 
 
 @torch.no_grad()

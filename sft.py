@@ -50,8 +50,8 @@ from data import DataError, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, copy_tokenizer, end_distributed, idle_backward, load_for_training, load_state,
-                      lr_at, make_optimizer, save_state, setup_distributed, stop_if_not_finite)
+                      compile_wanted, end_distributed, idle_backward, load_for_training, load_state,
+                      lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -108,9 +108,8 @@ def parse_args(argv=None):
         ap.error("--warmup is a fraction of the steps (< 1) and --min-lr-ratio at most 1")
     if args.stop_at_accuracy and not args.val_data:
         ap.error("--stop-at-accuracy needs --val-data")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.global_batch < world:
-        ap.error(f"--global-batch {args.global_batch} leaves ranks with no sequences ({world} ranks)")
+    if args.global_batch < int(os.environ.get("WORLD_SIZE", 1)):
+        ap.error(f"--global-batch {args.global_batch} leaves ranks with no sequences ({os.environ['WORLD_SIZE']} ranks)")
     args.tokenizer = args.tokenizer or args.model
     return args
 
@@ -231,9 +230,7 @@ def main(argv=None):
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         return {"steps": step}
     out_model = os.path.join(args.out, "model")
-    M.save_model(model, out_model, dtype=getattr(torch, args.save_dtype) if args.save_dtype else None, rank=rank)
-    if rank == 0:
-        copy_tokenizer(args.tokenizer, out_model)
+    save_checkpoint(model, out_model, rank, args.save_dtype, args.tokenizer)
     summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
     if "heldout" in judges:
         acc, unparsed = judge("heldout")

@@ -8,7 +8,8 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
   RunDir              a run directory: refuse to clobber, resume checks, metrics, resumable state, safe swaps
   stop_if_not_finite  divergence: stop before anything non-finite is saved
-  lr_at, make_optimizer, copy_tokenizer, check_vocab, cli
+  save_checkpoint     the output model and tokenizer, swapped in whole (replace_dir, recover_dir)
+  lr_at, make_optimizer, check_vocab, cli
 
 The precision policy is the same for every world size. On CUDA: fp32 master weights and AdamW moments, bf16
 compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradient reduction; one GPU runs
@@ -124,8 +125,7 @@ def stop_if_not_finite(script, step, state_dir, **values):
 
 
 def end_distributed():
-    """Every rank waits for the others, then leaves the process group: a rank that leaves early can make a
-    slower one abort at exit."""
+    """Every rank waits for the others, then leaves the group (one leaving early can abort a slower one's exit)."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -160,7 +160,6 @@ class RunDir:
         self.state = os.path.join(out, "state")
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
-        self.metrics = None
 
     def start(self, resume, overwrite):
         """Check the directory (every rank), then prepare it (rank 0). Call before any training work."""
@@ -168,7 +167,7 @@ class RunDir:
         ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
                 if os.path.exists(os.path.join(self.out, f))]
         if resume:
-            recovered = M.recover_dir(self.state) if self.rank == 0 else None
+            recovered = recover_dir(self.state) if self.rank == 0 else None
             if dist.is_initialized():
                 dist.barrier()
             if recovered:
@@ -224,7 +223,7 @@ class RunDir:
 
 def save_state(path, model, optimizer, step, rank, extra=None):
     """This rank's shards of weights and AdamW moments + step + RNG, as plain tensors (loadable with
-    weights_only=True). Every rank writes into path.tmp; rank 0 then swaps it in (model.replace_dir), so a
+    weights_only=True). Every rank writes into path.tmp; rank 0 then swaps it in (replace_dir), so a
     crash at any instant leaves one complete state."""
     tmp = f"{path}.tmp"
     if rank == 0 and os.path.exists(tmp):
@@ -243,7 +242,7 @@ def save_state(path, model, optimizer, step, rank, extra=None):
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        M.replace_dir(tmp, path)
+        replace_dir(tmp, path)
     if dist.is_initialized():
         dist.barrier()
 
@@ -281,6 +280,47 @@ def _local_like(param, saved):
     t = torch.zeros_like(param)
     _local(t).copy_(saved)
     return t
+
+
+def save_checkpoint(model, path, rank, save_dtype=None, tokenizer=None):
+    """The output model: Hugging Face layout in save_dtype (a name; default the starting checkpoint's dtype) with
+    the tokenizer files beside it, written into path.tmp and swapped in: never a half-written model directory."""
+    tmp = path.rstrip("/") + ".tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    M.save_model(model, tmp, dtype=getattr(torch, save_dtype) if save_dtype else None, rank=rank)  # all ranks gather
+    if rank == 0:
+        copy_tokenizer(tokenizer, tmp)
+        replace_dir(tmp, path)
+
+
+def replace_dir(tmp, path):
+    """Swap the fully written directory tmp in as path so that every instant leaves a usable copy: tmp is
+    renamed to path.new (now known complete), the old path aside to path.old, path.new into place, then
+    path.old is removed. recover_dir finishes a swap a crash interrupted."""
+    new, old = path.rstrip("/") + ".new", path.rstrip("/") + ".old"
+    for leftover in (new, old):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+    os.rename(tmp, new)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(new, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def recover_dir(path):
+    """Finish an interrupted replace_dir: with path missing, path.new (complete), else path.old, is put in place;
+    a half-written path.tmp is never used. Leftovers are removed. -> what was recovered, or None."""
+    tmp, new, old = (path.rstrip("/") + ext for ext in (".tmp", ".new", ".old"))
+    found = None if os.path.exists(path) else next((c for c in (new, old) if os.path.exists(c)), None)
+    if found:
+        os.rename(found, path)
+    for leftover in (tmp, new, old):
+        if os.path.exists(leftover):
+            shutil.rmtree(leftover)
+    return f"{path}: recovered {os.path.basename(found)} after an interrupted save" if found else None
 
 
 def copy_tokenizer(src, dst):

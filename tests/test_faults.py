@@ -103,23 +103,23 @@ def test_state_swap_survives_a_crash_at_every_step(toy_paths, tmp_path, monkeypa
             return real(*a, **k)
         return f
 
-    monkeypatch.setattr(M.os, "rename", failing(real_rename))
-    monkeypatch.setattr(M.shutil, "rmtree", failing(real_rmtree))
+    monkeypatch.setattr(training.os, "rename", failing(real_rename))
+    monkeypatch.setattr(training.shutil, "rmtree", failing(real_rmtree))
     with pytest.raises(OSError, match="simulated crash"):
         training.save_state(state, model, opt, 2, 0)
     monkeypatch.undo()
-    M.recover_dir(state)
+    training.recover_dir(state)
     step, _ = training.load_state(state, model, opt, 0)
     assert step in (1, 2) and sorted(os.listdir(tmp_path)) == ["state"]  # a whole state, no leftovers
 
 
 def test_the_output_model_is_written_whole_or_not_at_all(toy_paths, tmp_path, monkeypatch):
     model = M.load_model(toy_paths["init"])
-    M.save_model(model, str(tmp_path / "model"))
+    training.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
     before = open(tmp_path / "model" / "model.safetensors", "rb").read()
     monkeypatch.setattr(M, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        M.save_model(model, str(tmp_path / "model"))
+        training.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
     assert open(tmp_path / "model" / "model.safetensors", "rb").read() == before
 
 
