@@ -218,8 +218,7 @@ def group_batch(prompts, responses, n, pad_id, device, dtype):
 
 def response_logprobs(model, prompts, responses, n, pad_id, device, temperature):
     """-> log-probs, entropies and mask of the G*n responses, each [G*n, R] (one forward, prompts shared)."""
-    # the compute dtype (training.py): bf16 on CUDA, else the weights' own
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else next(model.parameters()).dtype
+    dtype = M.compute_dtype(device, next(model.parameters()).dtype)
     ids, positions, targets, mask, shared, unpack = group_batch(prompts, responses, n, pad_id, device, dtype)
     logp, entropy = model(ids, positions, targets=targets, temperature=temperature, token_mask=mask, shared_prefix=shared)
     return unpack(logp), unpack(entropy), unpack(mask)
@@ -471,6 +470,7 @@ def main(argv=None):
             save_state(run.state, policy, optimizer, step, rank, extra=history)
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
+        end_distributed()
         return {"steps": step, **history}
     return finish(args, run, policy, step, history, judge_heldout if heldout else None, rank)
 

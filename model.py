@@ -241,6 +241,11 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    # The decode step calls every block through this. Eager it is forward; inside torch.compile one block is
+    # traced and compiled once and its code reused by every layer (hierarchical compilation), where a plain
+    # loop is unrolled into num_hidden_layers copies: compile time no longer grows with depth.
+    decode = torch.compiler.nested_compile_region(forward)
+
 
 def _softmax_(logits):
     """Softmax over the last dim *in place* (no second [chunk, V] buffer, unlike torch.logsumexp/softmax);
@@ -367,8 +372,10 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             if self.checkpoint_activations and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, shared_prefix, use_reentrant=False)
+            elif decode:
+                x = layer.decode(x, cos, sin, None, None, decode_pos, kv_len)
             else:
-                x = layer(x, cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
+                x = layer(x, cos, sin, shared_prefix, cache_rows)
         x = self.model.norm(x[:, -1:] if last_only else x)
         if not head:
             return x
@@ -579,6 +586,11 @@ def compile_blocks(model, backend="inductor"):
     for layer in model.model.layers:
         layer.compile(backend=backend)
     return model
+
+
+def compute_dtype(device, weights_dtype):
+    """The precision policy's compute dtype (training.py): bf16 on CUDA, else the weights' own."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else weights_dtype
 
 
 def num_params(model):

@@ -118,9 +118,8 @@ class Sampler:
         """An engine over a plain copy of a training policy (possibly FSDP-sharded), in bf16 on GPUs: the
         compiled step never meets FSDP hooks, and sampling reads the weights once per token, not per layer
         gather. load_weights refreshes the copy."""
-        device = next(policy.parameters()).device
-        dtype = torch.bfloat16 if device.type == "cuda" else next(policy.parameters()).dtype
-        return cls(M.empty_model(policy.config, device, dtype), slots, max_len, compile)
+        p = next(policy.parameters())
+        return cls(M.empty_model(policy.config, p.device, M.compute_dtype(p.device, p.dtype)), slots, max_len, compile)
 
     def load_weights(self, policy):
         M.copy_weights(policy, self.model)  # under FSDP every rank calls this (one all-gather per tensor)

@@ -228,6 +228,7 @@ def main(argv=None):
             save_state(run.state, model, optimizer, step, rank, extra={"target_met": step == total and total < planned})
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
+        end_distributed()
         return {"steps": step}
     out_model = os.path.join(args.out, "model")
     save_checkpoint(model, out_model, rank, args.save_dtype, args.tokenizer)
