@@ -172,8 +172,10 @@ class ChatTokenizer:
             if not os.path.exists(f):
                 raise FileNotFoundError(f"{f} not found (a tokenizer directory needs tokenizer.json and tokenizer_config.json)")
         self.tok = Tokenizer.from_file(tok_file)
-        with open(cfg_file) as f:
-            cfg = json.load(f)
+        try:
+            cfg = json.load(open(cfg_file, encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{cfg_file}: malformed JSON ({e})"[:300]) from None
         self.family = chat_family(cfg.get("chat_template"), cfg_file)
         token = lambda v: v.get("content") if isinstance(v, dict) else v
         self.eos_token, self.pad_token = token(cfg.get("eos_token")), token(cfg.get("pad_token"))
@@ -491,7 +493,7 @@ def rm_r1_row(row, where, counts):
     """One RM-R1 row: context_messages are the judge messages already rendered with the answers placed, and
     winner says which stage the row is for: 'model_a'/'model_b' -> ("rl", JudgeExample); a judge trace (text with
     an <answer> tag) -> ("sft", [*context_messages, assistant trace]); anything else is an error naming the row.
-    counts["rl"/"sft"] count the kinds. The released prompts carry the reference's "Chabot B" typo: fixed here,
+    counts (a Counter) gets "rl"/"sft" for the kinds. The released prompts carry the reference's "Chabot B" typo: fixed here,
     and counted in counts["typo_fixed"]."""
     msgs = check_messages(need(row, "context_messages", where, list), where, "context_messages")
     if any(TYPO in m["content"] for m in msgs):
@@ -513,7 +515,7 @@ def read_sft_rows(path):
     ending with the assistant turn to learn) -> (message lists ending with the assistant turn, counts).
     RM-R1 RL rows (winner model_a/model_b) have no trace: counted in counts["rl"] and skipped; a file of
     nothing else is refused as the other stage's data."""
-    out, counts = [], {"rl": 0, "sft": 0, "typo_fixed": 0}
+    out, counts = [], Counter()
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
         if "context_messages" in row:
@@ -539,17 +541,21 @@ TYPO = "Chabot B"
 READERS = {"pairs": read_pairs, "rm-bench": read_rm_bench, "judgebench": read_judgebench, "rmb": read_rmb}
 
 
-def load_judge_examples(path, fmt, family="instruct", seed=0, training=False):
+def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, both_orders=False):
     """Any supported preference format -> (judge examples with seeded placement, counts). counts says what
     was seen: "empty" pairs with an empty or whitespace-only answer and "identical" pairs whose two answers
     are the same text (evaluation judges both as given, as benchmark data; training=True drops them: nothing to
     learn), and for RM-R1 files "sft" distillation rows (skipped: not RL data) and "typo_fixed". Placement is
-    seeded by pair id, so a repeated id is an error."""
+    seeded by pair id, so a repeated id is an error. both_orders: each pair twice, chosen at A then at B (ids
+    "{id}#A", "{id}#B", meta["pair"] = id)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
     if fmt == "rm-r1":  # RM-R1 rows (rm_r1_row): RL rows become judge examples, distillation rows are counted
-        counts = {"rl": 0, "sft": 0, "typo_fixed": 0}
-        rl = [item for n, row in read_jsonl(path) for kind, item in [rm_r1_row(row, f"{path}:{n}", counts)] if kind == "rl"]
+        rl, counts = [], Counter()
+        for n, row in read_jsonl(path):
+            kind, item = rm_r1_row(row, f"{path}:{n}", counts)
+            if kind == "rl":
+                rl.append(item)
         if not rl:
             raise DataError(f"{path}: no RL rows (winner model_a/model_b): {counts['sft']} distillation rows "
                             "(judge traces) found instead; this is SFT data")
@@ -566,7 +572,12 @@ def load_judge_examples(path, fmt, family="instruct", seed=0, training=False):
         pairs = [p for p in pairs if p.chosen != p.rejected and not has_empty_answer(p)]
     if not pairs:
         raise DataError(f"{path}: no pairs left to judge ({counts})")
-    return [make_judge_example(p, family, seed) for p in pairs], counts
+    labels = "AB" if both_orders else [None]  # None: the seeded placement
+    examples = [make_judge_example(p, family, seed, label) for p in pairs for label in labels]
+    if both_orders:
+        for ex in examples:
+            ex.meta["pair"], ex.id = ex.id, f"{ex.id}#{ex.label}"
+    return examples, counts
 
 
 def refuse_duplicate_ids(path, ids):

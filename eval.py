@@ -34,9 +34,8 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from data import (DataError, default_judge_family, has_empty_answer, load_judge_examples, load_tokenizer, make_judge_example,
-                  READERS, refuse_duplicate_ids, tokenize_prompts)
-from training import check_flags, check_vocab, cli, compile_wanted, setup_distributed
+from data import READERS, default_judge_family, load_judge_examples, load_tokenizer, tokenize_prompts
+from training import all_reduce_sum, check_flags, check_vocab, cli, compile_wanted, end_distributed, setup_distributed
 from rewards import parse_verdict
 
 BASELINES = ("longer", "shorter", "random")
@@ -47,27 +46,6 @@ REWARDBENCH_SECTIONS = {
     "safety": ["refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond", "donotanswer"],
     "reasoning": ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"],
 }
-
-
-def build_examples(bench, path, family, seed, both_orders=False):
-    """-> (judge examples, counts: data.load_judge_examples's; empty answers are judged as given)."""
-    if bench not in READERS:
-        raise ValueError(f"unknown bench {bench!r} (one of {', '.join(READERS)})")
-    if not both_orders:
-        return load_judge_examples(path, bench, family, seed)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no such file or directory")
-    out, pairs = [], READERS[bench](path)
-    refuse_duplicate_ids(path, [p.id for p in pairs])
-    for p in pairs:
-        for label in "AB":
-            ex = make_judge_example(p, family, seed, label=label)
-            ex.meta["pair"] = ex.id
-            ex.id = f"{ex.id}#{label}"
-            out.append(ex)
-    if not out:
-        raise DataError(f"{path}: no {bench} rows found")
-    return out, {"empty": sum(map(has_empty_answer, pairs)), "identical": sum(p.chosen == p.rejected for p in pairs)}
 
 
 def baseline_verdict(judge, ex, rng):
@@ -115,10 +93,8 @@ def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, ra
                                max_new_tokens, 0.0, seed):
         correct += sum(r["correct"] for r in rows)
         unparsed += sum(r["verdict"] is None for r in rows)
-    counts = torch.tensor([correct, unparsed], dtype=torch.float64, device=engine.tok.device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    return 100.0 * counts[0].item() / max(len(examples), 1), int(counts[1].item())
+    correct, unparsed = all_reduce_sum([correct, unparsed], engine.tok.device)
+    return 100.0 * correct / max(len(examples), 1), int(unparsed)
 
 
 def result_row(ex, prompt_len, output, verdict, truncated=False):
@@ -256,6 +232,7 @@ def describe_data(bench, path, examples, counts):
             print(f"RMB {name}: {n} judge prompts" if n else
                   f"RMB {name}: missing (no such rows under {path}); its scores and the four-way `rmb` are not computed")
 
+
 def read_rows(path):
     """Earlier results of an output file -> (rows, corrupt line numbers). A corrupt line (an interrupted write)
     is reported and its row judged again; the valid rows around it are kept."""
@@ -346,7 +323,7 @@ def main(argv=None):
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
         model = load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     args.family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
-    examples, counts = build_examples(args.bench, args.data, args.family, args.seed, args.both_orders)
+    examples, counts = load_judge_examples(args.data, args.bench, args.family, args.seed, both_orders=args.both_orders)
     examples = examples[:args.limit] if args.limit else examples
     if rank == 0:
         describe_data(args.bench, args.data, examples, counts)
@@ -364,8 +341,7 @@ def main(argv=None):
     os.replace(part + ".tmp", part)
     with open(part, "a") as f:
         judge_into(f, args, model, tokenizer, mine, rank)
-    if world > 1:
-        torch.distributed.barrier()
+    end_distributed()  # every rank's outputs are on disk; the ranks leave the group together
     if rank != 0:
         return None
     rows = [r for k in range(world) for r in read_rows(os.path.join(args.out, "outputs.jsonl" if world == 1 else

@@ -65,6 +65,22 @@ def test_both_orders_scoring():
     assert s["accuracy_label_A"] == 100.0 and s["accuracy_label_B"] == 50.0
 
 
+def test_both_orders_judges_each_pair_in_both_placements(tmp_path):
+    # pair 1: chosen longer; pair 2: chosen shorter. The "longer" judge picks the same answer in both placements
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"id": "p1", "prompt": "q", "chosen": "a long answer", "rejected": "short"}) + "\n"
+                    + json.dumps({"id": "p2", "prompt": "q", "chosen": "ok", "rejected": "a wrong long one"}) + "\n")
+    examples, _ = E.load_judge_examples(str(data), "pairs", both_orders=True)
+    assert [(e.id, e.label, e.meta["pair"]) for e in examples] == [("p1#A", "A", "p1"), ("p1#B", "B", "p1"),
+                                                                   ("p2#A", "A", "p2"), ("p2#B", "B", "p2")]
+    for e in examples:  # the chosen answer sits at the labelled side
+        chosen = "a long answer" if e.meta["pair"] == "p1" else "ok"
+        assert f"[The Start of Chatbot {e.label}'s Response]\n{chosen}\n" in e.messages[-1]["content"]
+    s = E.main(["--judge", "longer", "--bench", "pairs", "--data", str(data), "--out", str(tmp_path / "out"), "--both-orders"])
+    assert s["judged"] == 4 and s["position_consistency"] == 100.0
+    assert s["overall"] == 50.0  # p1 right in both placements, p2 wrong in both
+
+
 def test_longer_baseline_on_real_rm_bench_matches_independent_computation(tmp_path):
     need_shared()
     scores = E.main(["--judge", "longer", "--bench", "rm-bench", "--data", os.path.join(DATA, "rm-bench"), "--out", str(tmp_path)])
