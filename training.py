@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import sys
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -347,21 +348,20 @@ def check_vocab(tokenizer, model_path, tokenizer_path):
 
 def check_flags(ap, args, positive=(), nonnegative=()):
     """argparse-style errors for counts and sizes that must be > 0 (or >= 0), before any work."""
-    for k in positive:
+    for k, bound in [(k, 1) for k in positive] + [(k, 0) for k in nonnegative]:
         v = getattr(args, k)
-        if v is not None and not v > 0:
-            ap.error(f"--{k.replace('_', '-')} must be > 0, got {v}")
-    for k in nonnegative:
-        v = getattr(args, k)
-        if v is not None and not v >= 0:
-            ap.error(f"--{k.replace('_', '-')} must be >= 0, got {v}")
+        if v is not None and not (v > 0 if bound else v >= 0):  # `not` also catches NaN
+            ap.error(f"--{k.replace('_', '-')} must be {'>' if bound else '>='} 0, got {v}")
 
 
 def cli(main):
     """Run a script's main: bad input (data, checkpoint, tokenizer files) ends in one line naming the file,
-    not a traceback."""
-    from data import DataError
+    not a traceback. Only errors raised by this project's own checks: one raised inside a library is a bug to
+    debug, and keeps its traceback."""
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
+        raised_in = traceback.extract_tb(e.__traceback__)[-1].filename
+        if os.path.dirname(os.path.abspath(raised_in)) != os.path.dirname(os.path.abspath(__file__)):
+            raise
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
