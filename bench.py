@@ -207,15 +207,19 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
-def check(log, name, cap_s, fn):
-    """Run one check under its own time cap; print (and log) its line the moment it is done."""
+def check(log, name, cap_s, fn, deadline=None):
+    """Run one check under its own time cap (cut to what is left before `deadline`, a time.time()); print (and
+    log) its line the moment it is done."""
+    cap_s = int(min(cap_s, deadline - time.time())) if deadline else cap_s
     signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(cap_s)
     t = time.time()
     try:
+        if cap_s < 5:
+            raise _Timeout()
+        signal.alarm(cap_s)
         result = fn()
     except _Timeout:
-        result = f"not finished within its {cap_s} s cap"
+        result = f"not finished within its {cap_s} s cap" if cap_s >= 5 else "skipped: bench.py gpu's 5 minutes are spent"
     except Exception as e:  # report and go on: one broken check must not hide the others
         import traceback
         log.write(traceback.format_exc()[-3000:])
@@ -247,25 +251,30 @@ def bench_gpu(args, device, dtype):
     ours.eval(), hf.eval()
     from sampler import Sampler
     backend = "eager" if smoke else "inductor"
-    check(log, "bf16 logits vs transformers (0.5B)", 30, lambda: _parity(ours, hf, device))
+    deadline = time.time() + 300  # the whole check list: 5 minutes, compile included; a check past it is skipped
+    run = lambda name, cap_s, fn: check(log, name, cap_s, fn, deadline)
+    run("bf16 logits vs transformers (0.5B)", 30, lambda: _parity(ours, hf, device))
     trainer = {}
-    check(log, "trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded")
+    run("trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded")
     if trainer:
-        check(log, "SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(trainer["m"], trainer["o"], trainer["d"], flops_peak, smoke))
-        check(log, "  the same, no activation checkpointing", 30,
-              lambda: _sft_mfu(trainer["m"], trainer["o"], trainer["d"], flops_peak, smoke, grad_ckpt=False))
-        group = {"inputs": _grpo_group_inputs(trainer["m"], trainer["d"], smoke)}
-        check(log, "GRPO group 1.5B: 2k prompt + 7 x 1k", 30, lambda: _grpo_group(trainer["m"], trainer["d"], smoke, group))
+        m, opt, dev = trainer["m"], trainer["o"], trainer["d"]
+        run("SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
+        run("  where its time goes (profiler)", 20, lambda: _sft_profile(m, dev, smoke))
+        run("  no activation checkpointing", 25, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke, grad_ckpt=False))
+        group = {"inputs": _grpo_group_inputs(m, dev, smoke)}
+        run("GRPO group 1.5B: 2k prompt + 7 x 1k", 30, lambda: _grpo_group(m, dev, smoke, group))
+        del m, opt
         trainer.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        check(log, "  transformers, the same 7 rows", 30, lambda: _grpo_group_hf(device, smoke, group))
-    check(log, "decode batch 1 vs transformers", 120, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
+        run("  transformers, the same 7 rows", 30, lambda: _grpo_group_hf(device, smoke, group))
+        run("SFT fwd+bwd 1.5B, plain bf16 model, no FSDP", 30, lambda: _sft_plain(dev, flops_peak, smoke))
+    run("decode batch 1 vs transformers", 60, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
     rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
-    check(log, "rollout 8 prompts x n=8 vs transformers", 75, lambda: _rollout_8x8(hf, rollout, device, smoke))
-    check(log, "ragged rollout: continuous vs static", 45, lambda: _ragged(rollout, device, smoke))
+    run("rollout 8 prompts x n=8 vs transformers", 45, lambda: _rollout_8x8(hf, rollout, device, smoke))
+    run("ragged rollout: continuous vs static", 30, lambda: _ragged(rollout, device, smoke))
     del hf
-    check(log, "grpo.py, 2 steps (0.5B shape)", 110, lambda: _grpo_two_steps(ours, smoke))
+    run("grpo.py, 2 steps (0.5B shape)", 90, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5))
     del ours, rollout
     if torch.cuda.device_count() > 1:
         check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
@@ -330,7 +339,7 @@ def _ragged(e, device, smoke):
             f"mean trace {tok / 512:.0f}, slots 64)")
 
 
-def _grpo_two_steps(ours, smoke):
+def _grpo_two_steps(ours, smoke, timeout_s):
     """A real-shape (random 0.5B) grpo.py run on the toy's prompts and tokenizer: 2 steps of 16 prompts x n=7,
     up to 512 new tokens (the toy tokenizer's 3 stop ids among 2048 sampled ids: long, ragged traces)."""
     root = os.path.dirname(os.path.abspath(__file__))
@@ -341,7 +350,7 @@ def _grpo_two_steps(ours, smoke):
            paths["rl"], "--out", os.path.join(tmp, "out"), "--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8",
            "--gen-prompts", "16", "--group-size", "7", "--max-new-tokens", "64" if smoke else "512"] + (["--no-compile"] if smoke else [])
     t = time.time()
-    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=105)  # killed before the cap
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=max(timeout_s, 1))  # before the cap
     if p.returncode:
         with open(os.path.join(os.environ.get("OUT", "."), "grpo_two_steps.stderr"), "w") as f:
             f.write(p.stderr[-20000:])
@@ -370,15 +379,27 @@ def _trainer_model(smoke):
     return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device
 
 
-def _sft_mfu(model, optimizer, device, flops_peak, smoke, grad_ckpt=True):
-    """One SFT step (forward, backward, AdamW) on a 4k-token sequence, as sft.py runs it."""
-    model.checkpoint_activations = grad_ckpt
+def _sft_batch(model, device, smoke):
     T = 512 if smoke else 4096
     ids = torch.randint(0, model.config.vocab_size, (1, T), device=device)
-    weights = torch.full((1, T), -1 / T, device=device)
+    return ids, torch.full((1, T), -1 / T, device=device)  # the loss: mean token NLL, as sft.py weighs it
+
+
+def _mfu(model, T, seconds, flops_peak):
+    cfg = model.config
+    flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2  # causal attention
+    return f"MFU {flops / seconds / flops_peak:.1%}" if flops_peak else "MFU n/a"
+
+
+def _sft_mfu(model, optimizer, device, flops_peak, smoke, grad_ckpt=True):
+    """One SFT step (forward, backward, AdamW) on a 4k-token sequence, as sft.py runs it; and forward+backward
+    alone, since sft.py's optimizer step comes once per global batch (128 sequences), not once per sequence."""
+    model.checkpoint_activations = grad_ckpt
+    ids, weights = _sft_batch(model, device, smoke)
+    fwd_bwd = lambda: model(ids, targets=ids, loss_weights=weights).backward()
 
     def sft_step():
-        model(ids, targets=ids, loss_weights=weights).backward()
+        fwd_bwd()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -387,12 +408,58 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, grad_ckpt=True):
     first = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = timeit(sft_step, 3, device)
-    cfg = model.config
-    flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2  # causal attention
-    mfu = f", MFU {flops / t / flops_peak:.1%} (model FLOPs, recompute not counted)" if flops_peak else ""
+    t_step, t_fb = timeit(sft_step, 3, device), timeit(fwd_bwd, 3, device)
+    optimizer.zero_grad(set_to_none=True)
+    T = ids.shape[1]
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    return f"{T / t:.0f} tok/s{mfu}{mem}; first step {first:.0f} s (compile)"
+    return (f"{T / t_step:.0f} tok/s, {_mfu(model, T, t_step, flops_peak)} with AdamW; forward+backward alone {T / t_fb:.0f} "
+            f"tok/s, {_mfu(model, T, t_fb, flops_peak)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s")
+
+
+def _sft_profile(model, device, smoke):
+    """Where one forward+backward's time goes: kernel time by kind, and the kernels' share of the wall time
+    (low: the GPU waits for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+    model.checkpoint_activations = True
+    ids, weights = _sft_batch(model, device, smoke)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        model(ids, targets=ids, loss_weights=weights).backward()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kinds = {"matmul": ("gemm", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm"),
+             "attention": ("flash", "fmha", "attention"), "compiled": ("triton", "cpp_fused"),
+             "copy/collective": ("memcpy", "memset", "nccl", "copy", "cat")}
+    by_kind, by_name = {}, {}
+    for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # a CPU op's self device time repeats its kernels' times
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        kind = next((k for k, keys in kinds.items() if any(x in e.key.lower() for x in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0) + us
+        by_name[e.key] = by_name.get(e.key, 0) + us
+    total = sum(by_kind.values()) or 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:4]
+    return (f"kernels {total / 1e6 / wall:.0%} of the wall time ({wall * 1e3:.0f} ms); "
+            + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+            + "; top: " + ", ".join(f"{k[:40]} {v / 1e3:.0f} ms" for k, v in top))
+
+
+def _sft_plain(device, flops_peak, smoke):
+    """The same forward+backward on a plain bf16 model with compiled blocks (no FSDP, no fp32 master weights):
+    the gap to the line above is FSDP2's one-rank overhead."""
+    cfg = M.ModelConfig(**SHAPES["smoke" if smoke else "1.5B"])
+    with torch.device(device):
+        model = M.Transformer(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not smoke:
+        M.compile_blocks(model)
+    model.checkpoint_activations = True
+    ids, weights = _sft_batch(model, device, smoke)
+    fwd_bwd = lambda: model(ids, targets=ids, loss_weights=weights).backward()
+    t = timeit(fwd_bwd, 3, device)
+    return f"{ids.shape[1] / t:.0f} tok/s, {_mfu(model, ids.shape[1], t, flops_peak)} (activation checkpointing on)"
 
 
 def _grpo_group_inputs(model, device, smoke):
