@@ -237,7 +237,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None):
+    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None, recompute=False):
+        if recompute:  # activation checkpointing: keep the block's inputs, recompute the rest in backward. Inside
+            # the block, so that a compiled block compiles the recomputation into its backward graph
+            return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, shared_prefix, use_reentrant=False)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -369,13 +372,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         decode_pos = positions[:, 0] if decode else None
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for layer in self.model.layers:
-            if self.checkpoint_activations and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, shared_prefix, use_reentrant=False)
-            elif decode:
+            if decode:
                 x = layer.decode(x, cos, sin, None, None, decode_pos, kv_len)
             else:
-                x = layer(x, cos, sin, shared_prefix, cache_rows)
+                x = layer(x, cos, sin, shared_prefix, cache_rows, recompute=recompute)
         x = self.model.norm(x[:, -1:] if last_only else x)
         if not head:
             return x

@@ -313,6 +313,39 @@ def test_decode_step_compiles_one_block_for_all_layers():
     assert captured[6] - captured[2] <= 4 * 3, captured
 
 
+@pytest.mark.slow
+def test_checkpointing_inside_compiled_blocks(tmp_path):
+    # activation checkpointing is applied inside each block, so a compiled block (Inductor) recomputes within its
+    # own backward graph (no second trip through Python per block: on this CPU, 28 tiny blocks under FSDP2 spent
+    # 3.2 ms each in host time with the checkpoint outside, 2.2 ms inside); autograd keeps about one hidden
+    # state per block, and the gradients are unchanged
+    cfg = M.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, rope_theta=10000.0)
+    ids = torch.randint(0, 97, (2, 64))
+
+    def run(compiled, recompute):
+        m = toy.init_weights(M.Transformer(cfg), seed=0)
+        if compiled:
+            torch._dynamo.reset()
+            M.compile_blocks(m)
+        m.checkpoint_activations = recompute
+        weights, kept = {p.data_ptr() for p in m.parameters()}, []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(0 if t.data_ptr() in weights else t.numel()) or t, lambda t: t):
+            out = m(ids, head=False)
+        calls = []  # the recomputation never re-enters a block's __call__ (nor its hooks: FSDP2's all-gather)
+        for layer in m.model.layers:
+            layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        out.square().sum().backward()
+        assert not calls
+        return sum(kept), {n: p.grad for n, p in m.named_parameters()}
+    full, reference = run(False, False)
+    for compiled in (False, True):
+        kept, grads = run(compiled, True)
+        assert kept < 3 * cfg.num_hidden_layers * ids.numel() * cfg.hidden_size < full / 4, (kept, full)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, reference[n], atol=1e-3, rtol=1e-4)
+
+
 def test_sampling_distribution_and_vocab_limit(tmp_path):
     # 4000 first tokens from a 6-token vocabulary follow softmax(logits / T) (chi-square, 5 d.o.f., p = 0.001)
     make_hf_checkpoint(str(tmp_path), "qwen2-untied", vocab_size=8)

@@ -94,7 +94,7 @@ def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path):
     # 3 sequences per step, 1 per micro-batch: rank 0 runs 2 micro-batches, rank 1 only 1 (and idles once)
     uneven = ("--global-batch", "3", "--tokens-per-micro", "100")
     one = sft.main(sft_args(toy_paths, tmp_path / "one", *uneven))
-    run_torchrun("sft.py", sft_args(toy_paths, tmp_path / "two", *uneven))
+    run_torchrun("sft.py", sft_args(toy_paths, tmp_path / "two", *uneven, "--grad-ckpt"))  # recomputing: same maths
     l1, l2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     for a, b in zip(l1, l2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
