@@ -238,16 +238,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None, recompute=False):
-        if recompute:  # activation checkpointing: keep the block's inputs, recompute the rest in backward. Inside
-            # the block, so that a compiled block compiles the recomputation into its backward graph
+        if recompute:  # activation checkpointing inside the block: a compiled block recomputes in its backward graph
             return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, shared_prefix, use_reentrant=False)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    # The decode step calls every block through this. Eager it is forward; inside torch.compile one block is
-    # traced and compiled once and its code reused by every layer (hierarchical compilation), where a plain
-    # loop is unrolled into num_hidden_layers copies: compile time no longer grows with depth.
-    decode = torch.compiler.nested_compile_region(forward)
+    # The decode step runs every block through this: eager it is forward; compiled, one block is traced and
+    # compiled once for all layers (hierarchical compilation, torch >= 2.8), not unrolled num_hidden_layers times.
+    decode = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(forward)
 
 
 def _softmax_(logits):
@@ -583,8 +581,9 @@ def copy_weights(src, dst):
 def compile_blocks(model, backend="inductor"):
     """torch.compile each block for training (CUDA): RMSNorm + residual add, RoPE and SwiGLU fuse into a
     few kernels; the eager code above stays the readable reference. Every block has the same code and takes
-    only tensors (no layer index), so one compiled graph serves all layers; sequence lengths become
-    dynamic after the first change. Call before FSDP sharding."""
+    tensors and the recompute flag (no layer index), so one compiled graph serves all layers; sequence lengths
+    become dynamic after the first change. With recompute the checkpoint is inside the compiled block, whose
+    backward graph then recomputes the forward. Call before FSDP sharding."""
     for layer in model.model.layers:
         layer.compile(backend=backend)
     return model

@@ -344,6 +344,22 @@ def test_checkpointing_inside_compiled_blocks(tmp_path):
         assert kept < 3 * cfg.num_hidden_layers * ids.numel() * cfg.hidden_size < full / 4, (kept, full)
         for n, g in grads.items():
             torch.testing.assert_close(g, reference[n], atol=1e-3, rtol=1e-4)
+    # GRPO's layout (a SharedPrefix goes through the checkpoint into the compiled block)
+    import grpo
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (5, 9)]
+    responses = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (3, 7, 4, 6, 2, 5)]
+
+    def grpo_grads(compiled, recompute):
+        m = toy.init_weights(M.Transformer(cfg), seed=0)
+        if compiled:
+            M.compile_blocks(m)
+        m.checkpoint_activations = recompute
+        grpo.response_logprobs(m, prompts, responses, 3, 0, "cpu", 1.0)[0].sum().backward()
+        return {n: p.grad for n, p in m.named_parameters()}
+    eager = grpo_grads(False, False)
+    for n, g in grpo_grads(True, True).items():
+        torch.testing.assert_close(g, eager[n], atol=1e-4, rtol=1e-4)
 
 
 def test_sampling_distribution_and_vocab_limit(tmp_path):
