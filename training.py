@@ -47,11 +47,9 @@ def setup_distributed():
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if uses_fsdp(world, device) and not dist.is_initialized():
-        if world == 1:  # one GPU: a one-rank group, so FSDP2's mixed precision applies as on many
-            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-        else:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if uses_fsdp(world, device) and not dist.is_initialized():  # one GPU: a one-rank group (over a HashStore)
+        store = dict(store=dist.HashStore(), rank=0, world_size=1) if world == 1 else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **store)
     return rank, world, device
 
 

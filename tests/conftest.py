@@ -64,3 +64,21 @@ def run_torchrun(script, args, nproc=2, timeout=600):
 def read_metrics(out_dir):
     import json
     return [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+@pytest.fixture
+def one_rank_fsdp(monkeypatch):
+    """enable() switches this process to the single-GPU control flow, on CPU: FSDP2 over a one-rank process group
+    (gloo, fp32) whatever the world size; it returns the list of modules fully_shard is applied to."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+    import training
+    sharded, fully_shard = [], fsdp.fully_shard
+
+    def enable():
+        monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: sharded.append(module) or fully_shard(module, **kw))
+        monkeypatch.setattr(training, "uses_fsdp", lambda world, device: True)
+        return sharded
+    yield enable
+    if dist.is_initialized():  # a run that failed before leaving its group
+        dist.destroy_process_group()

@@ -114,6 +114,30 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
     assert all(r["clip_frac"] > 0 and r["kl"] > 0 for r in m1)  # mini-batch steps after the first move the policy
 
 
+@pytest.mark.slow
+def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, policy, one_rank_fsdp):
+    # one GPU runs FSDP2 over a one-rank process group (training.setup_distributed): the control flow of a single-GPU
+    # run (sharded policy and reference, DTensor grad norm, the rollout copy gathered from shards, state saved and
+    # resumed as shards) is run here on CPU (gloo, fp32) and must give the plain process's run
+    import torch.distributed as dist
+    grpo.main(grpo_args(toy_paths, tmp_path / "plain", policy=policy))
+    sharded = one_rank_fsdp()
+    grpo.main(grpo_args(toy_paths, tmp_path / "fsdp", "--stop-after-steps", "2", policy=policy))
+    assert not dist.is_initialized()  # the run left its group
+    grpo.main(grpo_args(toy_paths, tmp_path / "fsdp", "--resume", policy=policy))
+    assert len(sharded) == 2 * 2 * (M.load_config(policy).num_hidden_layers + 1)  # policy and reference, 2 starts
+    m1, m2 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fsdp")
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        for k in ("reward_mean", "accuracy", "response_len_mean", "zero_std_frac"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k  # identical rollouts
+        for k in ("kl", "clip_frac", "entropy", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
+    a, b = M.load_model(str(tmp_path / "plain" / "model")), M.load_model(str(tmp_path / "fsdp" / "model"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
     calls = []
     orig = M.load_model

@@ -106,6 +106,24 @@ def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path):
     assert json.load(open(tmp_path / "two" / "summary.json"))["heldout_accuracy"] == one["heldout_accuracy"]
 
 
+@pytest.mark.slow
+def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, one_rank_fsdp):
+    # the single-GPU control flow (FSDP2 over a one-rank group; conftest.one_rank_fsdp) on CPU, stopped and resumed
+    # as shards, gives the plain process's run
+    sft.main(sft_args(toy_paths, tmp_path / "plain", "--eval-limit", "0"))
+    sharded = one_rank_fsdp()
+    sft.main(sft_args(toy_paths, tmp_path / "fsdp", "--eval-limit", "0", "--stop-after-steps", "2"))
+    sft.main(sft_args(toy_paths, tmp_path / "fsdp", "--eval-limit", "0", "--resume"))
+    assert len(sharded) == 2 * (M.load_config(toy_paths["init"]).num_hidden_layers + 1)
+    l1, l2 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fsdp")
+    assert len(l1) == len(l2) == 4
+    for a, b in zip(l1, l2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    a, b = M.load_model(str(tmp_path / "plain" / "model")), M.load_model(str(tmp_path / "fsdp" / "model"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=3e-4, rtol=1e-4)
+
+
 def test_bad_data_names_file_line_and_field(toy_paths, tmp_path):
     tok = load_tokenizer(toy_paths["tokenizer"])
     cases = [('{"messages": [}\n', r"bad.jsonl:1: malformed JSON"),
