@@ -423,7 +423,7 @@ def _sft_profile(model, device, smoke):
     model.checkpoint_activations = True
     ids, weights = _sft_batch(model, device, smoke)
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         t = time.perf_counter()
         model(ids, targets=ids, loss_weights=weights).backward()
         if cuda:
@@ -442,7 +442,7 @@ def _sft_profile(model, device, smoke):
         by_name[e.key] = by_name.get(e.key, 0) + us
     total = sum(by_kind.values()) or 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:4]
-    return (f"kernels {total / 1e6 / wall:.0%} of the wall time ({wall * 1e3:.0f} ms); "
+    return (f"kernels {total / 1e6 / wall:.0%} of the wall time ({wall * 1e3:.0f} ms, profiled); "
             + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
             + "; top: " + ", ".join(f"{k[:40]} {v / 1e3:.0f} ms" for k, v in top))
 
