@@ -97,6 +97,20 @@ def grpo_args(toy_paths, out, *extra, policy=None):
             "--eval-limit", "4", *extra]
 
 
+def assert_same_run(one, two):
+    """Two runs of the same GRPO job: identical rollouts, the same losses and weights up to reduction order."""
+    m1, m2 = read_metrics(one), read_metrics(two)
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        for k in ("reward_mean", "accuracy", "response_len_mean", "zero_std_frac"):
+            assert a[k] == pytest.approx(b[k], abs=1e-6), k  # identical rollouts
+        for k in ("kl", "clip_frac", "entropy", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
+    a, b = M.load_model(str(one / "model")), M.load_model(str(two / "model"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
 def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
     full = grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
     assert full["steps"] == 3 and "heldout_end" in full
@@ -126,16 +140,7 @@ def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, polic
     assert not dist.is_initialized()  # the run left its group
     grpo.main(grpo_args(toy_paths, tmp_path / "fsdp", "--resume", policy=policy))
     assert len(sharded) == 2 * 2 * (M.load_config(policy).num_hidden_layers + 1)  # policy and reference, 2 starts
-    m1, m2 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fsdp")
-    assert len(m1) == len(m2) == 3
-    for a, b in zip(m1, m2):
-        for k in ("reward_mean", "accuracy", "response_len_mean", "zero_std_frac"):
-            assert a[k] == pytest.approx(b[k], abs=1e-6), k  # identical rollouts
-        for k in ("kl", "clip_frac", "entropy", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
-    a, b = M.load_model(str(tmp_path / "plain" / "model")), M.load_model(str(tmp_path / "fsdp" / "model"))
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert_same_run(tmp_path / "plain", tmp_path / "fsdp")
 
 
 @pytest.mark.slow
@@ -171,15 +176,7 @@ def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path, policy):
     uneven = ("--gen-prompts", "3", "--micro-seqs", "4")
     grpo.main(grpo_args(toy_paths, tmp_path / "one", *uneven, policy=policy))
     run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *uneven, "--grad-ckpt", policy=policy))  # same maths
-    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    for a, b in zip(m1, m2):
-        for k in ("reward_mean", "accuracy", "response_len_mean", "zero_std_frac"):
-            assert a[k] == pytest.approx(b[k], abs=1e-6), k  # identical rollouts
-        for k in ("kl", "clip_frac", "entropy", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
-    a, b = M.load_model(str(tmp_path / "one" / "model")), M.load_model(str(tmp_path / "two" / "model"))
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
     s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
     assert s1["heldout_end"] == s2["heldout_end"]
 
