@@ -191,9 +191,11 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, hd]
         if decode_pos is not None:  # decode: row b of the cache takes this token at position decode_pos[b]
-            at = decode_pos.view(B, 1, 1, 1).expand(B, k.shape[1], 1, hd)
-            self.k_cache[:B].scatter_(2, at, k.to(self.k_cache.dtype))
-            self.v_cache[:B].scatter_(2, at, v.to(self.v_cache.dtype))
+            # an indexed assignment, which the compiler keeps in place (a scatter_ here compiled to two copies
+            # of the whole cache per layer and step)
+            rows = torch.arange(B, device=x.device)
+            self.k_cache[rows, :, decode_pos] = k[:, :, 0].to(self.k_cache.dtype)
+            self.v_cache[rows, :, decode_pos] = v[:, :, 0].to(self.v_cache.dtype)
             y = decode_attention(q, self.k_cache[:B, :, :kv_len], self.v_cache[:B, :, :kv_len], decode_pos)
         else:
             if cache_rows is not None:  # prefill: each row's K/V to its cache rows (the n samples of a prompt)
@@ -358,7 +360,7 @@ class Transformer(nn.Module):
                 last_only=False, head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
         """input_ids [B, T]; positions [B, T] (default 0..T-1).
         Cache (setup_cache first): cache_rows [B * k] prefills, decode=True decodes (see the module docstring);
-        kv_len (decode, eager only) attends to the first kv_len cache positions instead of all of them.
+        kv_len (decode) attends to the first kv_len cache positions instead of all of them.
         shared_prefix (a SharedPrefix) replaces the causal mask: rows are [prefix | n segments] (give positions).
         Returns logits [B, T, V] ([B, 1, V] with last_only), or with head=False the final normed hidden states
         [B, T, H], or with targets [B, T]: (log p(targets) [B, T], entropy [B, T]) in fp32, computed only where

@@ -11,8 +11,10 @@ How it works (S slots, each holding one sequence in a static KV cache of L posit
    Each sample's first token is drawn from the prefill's logits at the prompt's last token.
 2. Decode. One step feeds every slot of the current bucket one token: write K/V at the slot's position,
    attend to positions <= it, sample, store the token in the slot's output row, test for a stop id or the
-   token budget. All of it is on the device in one fixed-shape function (decode_step), so compiled it is
-   one graph, replayed as a CUDA graph on GPUs (the cache and the slot state are static buffers).
+   token budget. Attention reads only the first positions of the cache that cover every running slot (the
+   smallest of max_len / 8, / 4, / 2, max_len when compiled): short traces never read a long cache whole. All
+   of it is on the device in one fixed-shape function (decode_step), so compiled it is one graph per bucket
+   and span, replayed as a CUDA graph on GPUs (the cache and the slot state are static buffers).
 3. Bookkeeping. Every `sync_every` steps the host reads which slots finished, collects their outputs and
    admits waiting prompts into the freed slots (continuous batching: a long trace holds up one slot, not a
    batch). When nothing waits and the running slots fit a smaller bucket, they are moved to the front and
@@ -109,8 +111,9 @@ class Sampler:
         self.step = self.decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-            # one graph per (bucket, greedy or not): allow that many
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(self.buckets()) + 2)
+            # one graph per (bucket of slots, span of the cache, greedy or not): allow that many
+            graphs = 2 * len(self.buckets()) * len(self.kv_spans())
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs + 2)
             self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     @classmethod
@@ -139,7 +142,7 @@ class Sampler:
         tok = sample_next(logits, uniforms(self.seed, self.seq[:b], self.n_out[:b]), temperature, top_p, top_k)
         live = ~self.done[:b]
         column = torch.where(live, self.n_out[:b], self.out.shape[1] - 1)
-        self.out[:b].scatter_(1, column[:, None], tok[:, None])
+        self.out[torch.arange(b, device=tok.device), column] = tok  # indexed: compiled in place, not a copy of out
         self.n_out[:b] += live
         self.done[:b] |= (tok[:, None] == stop).any(-1) | (self.n_out[:b] >= self.budget)
         self.tok[:b] = tok
@@ -167,7 +170,7 @@ class Sampler:
         stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
         ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
         waiting, owner = deque(range(len(prompts))), [-1] * self.slots  # owner: the output index a slot fills
-        outputs, hi = [None] * (len(prompts) * n), 0  # hi: an upper bound on the positions in use (eager)
+        outputs, hi = [None] * (len(prompts) * n), 0  # hi: an upper bound on the positions in use
         while waiting or max(owner) >= 0:
             free = [s for s in range(self.slots) if owner[s] < 0]
             if waiting and len(free) >= n and (continuous or len(free) == self.slots):
@@ -184,10 +187,19 @@ class Sampler:
             b = self.fit(max(s for s in range(self.slots) if owner[s] >= 0) + 1)
             for _ in range(self.sync_every):
                 hi = min(hi + 1, self.max_len)
-                self.step(b, stop, temperature, top_p, top_k, vocab_size, None if self.compiled else hi)
-            self.collect(owner, b, outputs)
+                self.step(b, stop, temperature, top_p, top_k, vocab_size, self.kv_span(hi))
+            hi = self.collect(owner, b, outputs)
         self.model.train(was_training)
         return outputs
+
+    def kv_spans(self):
+        """The cache spans a compiled step is built for (the first positions of every slot's cache)."""
+        return [self.max_len >> k for k in (3, 2, 1, 0)]
+
+    def kv_span(self, hi):
+        """Cache positions a step attends to, covering those in use (< hi): exactly hi eager; compiled, the
+        smallest span that does, so short sequences never read the whole cache, in a few graphs."""
+        return next(s for s in self.kv_spans() if s >= hi) if self.compiled else hi
 
     def fit(self, k):
         """Slots the step runs on to cover slots 0..k-1: exactly k eager, the smallest bucket >= k compiled."""
@@ -229,17 +241,17 @@ class Sampler:
         owner[:] = moved + [-1] * (self.slots - len(moved))
 
     def collect(self, owner, b, outputs):
-        """Host check: copy out the outputs of finished slots and free them."""
-        done = self.done[:b].tolist()
+        """Host check: copy out the outputs of finished slots and free them -> the highest position still in use."""
+        done, pos = torch.stack([self.done[:b].long(), self.pos[:b]]).tolist()  # one device -> host copy
         finished = [s for s in range(b) if owner[s] >= 0 and done[s]]
-        if not finished:
-            return
-        rows = torch.tensor(finished, device=self.tok.device)
-        counts = self.n_out.index_select(0, rows).tolist()
-        tokens = self.out.index_select(0, rows)[:, :max(counts)].tolist()
-        for s, c, t in zip(finished, counts, tokens):
-            outputs[owner[s]] = t[:c]
-            owner[s] = -1
+        if finished:
+            rows = torch.tensor(finished, device=self.tok.device)
+            counts = self.n_out.index_select(0, rows).tolist()
+            tokens = self.out.index_select(0, rows)[:, :max(counts)].tolist()
+            for s, c, t in zip(finished, counts, tokens):
+                outputs[owner[s]] = t[:c]
+                owner[s] = -1
+        return max((pos[s] for s in range(b) if owner[s] >= 0), default=0)
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
