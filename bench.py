@@ -271,8 +271,8 @@ def bench_gpu(args, device, dtype):
         run("SFT fwd+bwd 1.5B, plain bf16 model, no FSDP", 30, lambda: _sft_plain(dev, flops_peak, smoke))
     run("decode batch 1 vs transformers", 60, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
     rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
-    run("rollout 8 prompts x n=8 vs transformers", 45, lambda: _rollout_8x8(hf, rollout, device, smoke))
-    run("ragged rollout: continuous vs static", 30, lambda: _ragged(rollout, device, smoke))
+    run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke))
+    run("ragged rollout: continuous vs static", 45, lambda: _ragged(rollout, device, smoke))
     del hf
     run("grpo.py, 2 steps (0.5B shape)", 90, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5))
     del ours, rollout
