@@ -245,8 +245,7 @@ def qwen3_chat(messages, add_generation_prompt, enable_thinking):
     return out
 
 
-def load_tokenizer(path) -> "ChatTokenizer":
-    return ChatTokenizer(path)
+load_tokenizer = ChatTokenizer  # load_tokenizer(directory) -> ChatTokenizer
 
 
 # ----------------------------------------------------------------------------- judge prompts

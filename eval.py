@@ -52,9 +52,7 @@ def baseline_verdict(judge, ex, rng):
     if judge == "random":
         return rng.choice("AB")
     la, lb = ex.meta["len_a"], ex.meta["len_b"]
-    if la == lb:
-        return None
-    return ("A" if la > lb else "B") if judge == "longer" else ("A" if la < lb else "B")
+    return None if la == lb else "A" if (la > lb) == (judge == "longer") else "B"  # a tie is no verdict
 
 
 def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temperature=0.0, seed=0, progress=None):

@@ -191,8 +191,7 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, hd]
         if decode_pos is not None:  # decode: row b of the cache takes this token at position decode_pos[b]
-            # an indexed assignment, which the compiler keeps in place (a scatter_ here compiled to two copies
-            # of the whole cache per layer and step)
+            # indexed assignment: compiled in place (a scatter_ compiled to two copies of the whole cache per step)
             rows = torch.arange(B, device=x.device)
             self.k_cache[rows, :, decode_pos] = k[:, :, 0].to(self.k_cache.dtype)
             self.v_cache[rows, :, decode_pos] = v[:, :, 0].to(self.v_cache.dtype)

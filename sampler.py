@@ -107,12 +107,11 @@ class Sampler:
         self.seed, self.budget = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device)
         for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.seed, self.budget):
             torch._dynamo.mark_static_address(t)
-        self.compiled = compile
+        self.compiled, self.kv_spans = compile, [max_len >> k for k in (3, 2, 1, 0)]  # max_len / 8, / 4, / 2, max_len
         self.step = self.decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-            # one graph per (bucket of slots, span of the cache, greedy or not): allow that many
-            graphs = 2 * len(self.buckets()) * len(self.kv_spans())
+            graphs = 2 * len(self.buckets()) * len(self.kv_spans)  # one per (slots bucket, cache span, greedy or not)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs + 2)
             self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
@@ -192,14 +191,10 @@ class Sampler:
         self.model.train(was_training)
         return outputs
 
-    def kv_spans(self):
-        """The cache spans a compiled step is built for (the first positions of every slot's cache)."""
-        return [self.max_len >> k for k in (3, 2, 1, 0)]
-
     def kv_span(self, hi):
         """Cache positions a step attends to, covering those in use (< hi): exactly hi eager; compiled, the
-        smallest span that does, so short sequences never read the whole cache, in a few graphs."""
-        return next(s for s in self.kv_spans() if s >= hi) if self.compiled else hi
+        smallest of kv_spans that does, so short sequences never read the whole cache, in a few graphs."""
+        return next(s for s in self.kv_spans if s >= hi) if self.compiled else hi
 
     def fit(self, k):
         """Slots the step runs on to cover slots 0..k-1: exactly k eager, the smallest bucket >= k compiled."""

@@ -16,6 +16,7 @@ compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradi
 FSDP2 over a one-rank process group, so single-GPU and multi-GPU runs take the same code path. On CPU: fp32
 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
 """
+import functools
 import json
 import math
 import os
@@ -85,19 +86,15 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
     return model.train(trainable).requires_grad_(trainable)
 
 
-def all_reduce_sum(values, device):
-    return _all_reduce(values, device, dist.ReduceOp.SUM)
-
-
-def all_reduce_max(values, device):
-    return _all_reduce(values, device, dist.ReduceOp.MAX)
-
-
 def _all_reduce(values, device, op):
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+all_reduce_sum = functools.partial(_all_reduce, op=dist.ReduceOp.SUM)  # (values, device) -> sums over ranks
+all_reduce_max = functools.partial(_all_reduce, op=dist.ReduceOp.MAX)
 
 
 def idle_backward(model, device):

@@ -281,7 +281,7 @@ def test_compiles_are_bounded_and_not_per_layer():
     for call, temperature in enumerate((1.0, 0.0, 1.0, 0.0)):
         prompts = [torch.randint(1, 97, (int(L),), generator=g).tolist() for L in torch.randint(1, 20, (30 + 3 * call,), generator=g)]
         engine.generate(prompts, 16, temperature=temperature, stop_ids=[5, 7], seed=call)
-    assert counters["stats"]["unique_graphs"] <= 2 * len(engine.buckets()) * len(engine.kv_spans())
+    assert counters["stats"]["unique_graphs"] <= 2 * len(engine.buckets()) * len(engine.kv_spans)
     counters.clear()
     torch._dynamo.reset()
     M.compile_blocks(m, backend="eager")
@@ -377,7 +377,7 @@ def test_compiled_decode_writes_the_cache_in_place_and_reads_a_span():
     torch._dynamo.reset()
     counters.clear()
     engine = Sampler(m, slots=4, max_len=64, compile=True)
-    assert engine.kv_spans() == [8, 16, 32, 64] and engine.kv_span(9) == 16 and engine.kv_span(64) == 64
+    assert engine.kv_spans == [8, 16, 32, 64] and engine.kv_span(9) == 16 and engine.kv_span(64) == 64
     cache_size = m.model.layers[0].self_attn.k_cache.numel()
     out, code = run_and_get_code(lambda: engine.generate([[1, 2, 3], [4, 5]], 40, temperature=0))
     assert counters["stats"]["unique_graphs"] == 4  # spans 8 (3 + 1 positions), 16, 32 and 64 (3 + 40)
