@@ -343,10 +343,10 @@ def check_vocab(tokenizer, model_path, tokenizer_path):
 
 def check_flags(ap, args, positive=(), nonnegative=()):
     """argparse-style errors for counts and sizes that must be > 0 (or >= 0), before any work."""
-    for k, bound in [(k, 1) for k in positive] + [(k, 0) for k in nonnegative]:
+    for k, strict in [(k, True) for k in positive] + [(k, False) for k in nonnegative]:
         v = getattr(args, k)
-        if v is not None and not (v > 0 if bound else v >= 0):  # `not` also catches NaN
-            ap.error(f"--{k.replace('_', '-')} must be {'>' if bound else '>='} 0, got {v}")
+        if v is not None and not (v > 0 if strict else v >= 0):  # `not` also catches NaN
+            ap.error(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} 0, got {v}")
 
 
 def cli(main):
