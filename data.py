@@ -513,7 +513,7 @@ def read_sft_rows(path):
     """SFT data: RM-R1 distillation rows (context_messages + winner = the trace) or chat rows (messages
     ending with the assistant turn to learn) -> (message lists ending with the assistant turn, counts).
     RM-R1 RL rows (winner model_a/model_b) have no trace: counted in counts["rl"] and skipped; a file of
-    nothing else is refused as the other stage's data."""
+    nothing else is refused as the other stage's data. counts["typo_fixed"]: see rm_r1_row."""
     out, counts = [], Counter()
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
@@ -533,7 +533,7 @@ def read_sft_rows(path):
     if not out:
         raise DataError(f"{path}: no SFT rows" + (f": {counts['rl']} RM-R1 RL rows (winner model_a/model_b, no trace "
                                                   "to learn); this is GRPO data" if counts["rl"] else ""))
-    return out, counts
+    return out, {"rl": counts["rl"], "typo_fixed": counts["typo_fixed"]}
 
 
 TYPO = "Chabot B"
@@ -577,6 +577,15 @@ def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, bo
         for ex in examples:
             ex.meta["pair"], ex.id = ex.id, f"{ex.id}#{ex.label}"
     return examples, counts
+
+
+COUNTED = {"empty": "with an empty answer", "identical": "with identical answers", "typo_fixed": "prompts with 'Chabot B' fixed",
+           "rl": "RM-R1 RL rows skipped (no trace)", "sft": "RM-R1 distillation rows skipped (not RL)"}
+
+
+def describe_counts(counts):
+    """A reader's counts for a trainer's log line: ", 3 with an empty answer, ..." (zeros left out)."""
+    return "".join(f", {counts[k]} {what}" for k, what in COUNTED.items() if counts.get(k))
 
 
 def refuse_duplicate_ids(path, ids):

@@ -326,7 +326,8 @@ def main(argv=None):
     if rank == 0:
         describe_data(args.bench, args.data, examples, counts)
     claim_out_dir(args, rank, world)
-    part = os.path.join(args.out, "outputs.jsonl" if world == 1 else f"outputs.rank{rank}.jsonl")
+    part_of = lambda r: os.path.join(args.out, "outputs.jsonl" if world == 1 else f"outputs.rank{r}.jsonl")
+    part = part_of(rank)
     rows, corrupt = read_rows(part)  # this rank's earlier results: resume from them
     if corrupt:
         print(f"{part}: corrupt line(s) {corrupt[:10]} skipped (their prompts are judged again); {len(rows)} valid rows kept")
@@ -342,8 +343,7 @@ def main(argv=None):
     end_distributed()  # every rank's outputs are on disk; the ranks leave the group together
     if rank != 0:
         return None
-    rows = [r for k in range(world) for r in read_rows(os.path.join(args.out, "outputs.jsonl" if world == 1 else
-                                                                    f"outputs.rank{k}.jsonl"))[0]]
+    rows = [r for k in range(world) for r in read_rows(part_of(k))[0]]
     wanted = {ex.id for ex in examples}
     rows = list({r["id"]: r for r in rows if r["id"] in wanted}.values())
     scores = score(args.bench, rows)

@@ -58,12 +58,12 @@ from tqdm import tqdm
 
 import model as M
 import toy
-from data import default_judge_family, load_judge_examples, load_tokenizer, tokenize_prompts
+from data import default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, end_distributed, load_for_training, load_state, lr_at,
+                      compile_wanted, end_distributed, epoch_batch, load_for_training, load_state, lr_at,
                       make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
@@ -182,9 +182,9 @@ def aggregate(loss_tok, mask, agg, n_tokens, n_seqs, max_new_tokens):
     raise ValueError(f"unknown loss aggregation {agg!r}")
 
 
-def rank_positions(rollout_prompts, minibatch_prompts, world, rank):
+def rank_positions(rollout_prompts, world, rank):
     """The rollout positions rank `rank` samples and trains on: r, r + world, ... Mini-batches are contiguous
-    positions, so with minibatch_prompts % world == 0 (parse_args checks it) every rank holds exactly
+    positions, so with --minibatch-prompts % world == 0 (parse_args checks it) every rank holds exactly
     minibatch_prompts / world groups of every mini-batch."""
     return list(range(rank, rollout_prompts, world))
 
@@ -270,11 +270,8 @@ def grpo_step(job, step):
 def rollout(job, step):
     """1. Sample n traces for each of this rank's prompts from a fresh copy of the policy's weights."""
     args, t0 = job.args, time.time()
-    per_epoch = len(job.examples) // args.rollout_prompts
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(len(job.examples), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch)).tolist()
-    batch = perm[k * args.rollout_prompts:(k + 1) * args.rollout_prompts]
-    positions = rank_positions(args.rollout_prompts, args.minibatch_prompts, job.world, job.rank)
+    batch = epoch_batch(len(job.examples), args.rollout_prompts, step, args.seed)
+    positions = rank_positions(args.rollout_prompts, job.world, job.rank)
     prompts = [job.prompt_ids[batch[p]] for p in positions]
     job.engine.load_weights(job.policy)
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
@@ -445,10 +442,7 @@ def main(argv=None):
 
     step, history = load_state(run.state, policy, optimizer, rank) if args.resume else (0, {})
     if rank == 0:
-        skipped = "".join(f", {counts[k]} {what}" for k, what in (
-            ("empty", "with an empty answer"), ("identical", "with identical answers"), ("sft", "distillation rows (not RL)"),
-            ("typo_fixed", "with 'Chabot B' fixed")) if counts.get(k))
-        print(f"grpo: {len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{skipped}), "
+        print(f"grpo: {len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{describe_counts(counts)}), "
               f"{total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
               f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type}, start at step {step}")
     if heldout and "heldout_start" not in history:

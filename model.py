@@ -156,8 +156,7 @@ class SharedPrefix:
         # heads here: a masked SDPA with enable_gqa may fall back to the math kernel, which materialises scores
         rep = q.shape[1] // k.shape[1] if q.is_cuda else 1
         with_prefix = lambda t: torch.cat([t[:, :, :P].repeat_interleave(n, 0), segs(t)], 2).repeat_interleave(rep, 1)
-        mask = self.seg_mask if self.seg_mask.dtype == q.dtype else self.seg_mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(segs(q), with_prefix(k), with_prefix(v), attn_mask=mask,
+        y = F.scaled_dot_product_attention(segs(q), with_prefix(k), with_prefix(v), attn_mask=self.seg_mask.to(q.dtype),
                                            enable_gqa=rep == 1)  # [G*n, h, R, hd]
         y = y.unflatten(0, (-1, n)).transpose(1, 2).flatten(2, 3)  # [G, heads, n*R, hd]
         if P == 0:
@@ -191,8 +190,7 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, hd]
         if decode_pos is not None:  # decode: row b of the cache takes this token at position decode_pos[b]
-            # indexed assignment: compiled in place (a scatter_ compiled to two copies of the whole cache per step)
-            rows = torch.arange(B, device=x.device)
+            rows = torch.arange(B, device=x.device)  # indexed writes stay in place compiled (scatter_ copied the cache)
             self.k_cache[rows, :, decode_pos] = k[:, :, 0].to(self.k_cache.dtype)
             self.v_cache[rows, :, decode_pos] = v[:, :, 0].to(self.v_cache.dtype)
             y = decode_attention(q, self.k_cache[:B, :, :kv_len], self.v_cache[:B, :, :kv_len], decode_pos)
@@ -244,8 +242,7 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    # The decode step runs every block through this: eager it is forward; compiled, one block is traced and
-    # compiled once for all layers (hierarchical compilation, torch >= 2.8), not unrolled num_hidden_layers times.
+    # the decode step's call: eager, forward; compiled, one block's code for every layer (torch >= 2.8), not unrolled
     decode = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(forward)
 
 
@@ -582,9 +579,8 @@ def copy_weights(src, dst):
 def compile_blocks(model, backend="inductor"):
     """torch.compile each block for training (CUDA): RMSNorm + residual add, RoPE and SwiGLU fuse into a
     few kernels; the eager code above stays the readable reference. Every block has the same code and takes
-    tensors and the recompute flag (no layer index), so one compiled graph serves all layers; sequence lengths
-    become dynamic after the first change. With recompute the checkpoint is inside the compiled block, whose
-    backward graph then recomputes the forward. Call before FSDP sharding."""
+    tensors and the recompute flag (no layer index), so one compiled graph serves all layers, recomputing in its
+    backward graph with checkpointing; sequence lengths become dynamic after the first change. Before FSDP."""
     for layer in model.model.layers:
         layer.compile(backend=backend)
     return model

@@ -192,8 +192,7 @@ class Sampler:
         return outputs
 
     def kv_span(self, hi):
-        """Cache positions a step attends to, covering those in use (< hi): exactly hi eager; compiled, the
-        smallest of kv_spans that does, so short sequences never read the whole cache, in a few graphs."""
+        """Cache positions a step attends to, covering those in use (< hi): hi eager, the smallest kv_span compiled."""
         return next(s for s in self.kv_spans if s >= hi) if self.compiled else hi
 
     def fit(self, k):

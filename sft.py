@@ -46,11 +46,11 @@ from tqdm import tqdm
 
 import model as M
 import toy
-from data import DataError, load_tokenizer, read_sft_rows
+from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, end_distributed, idle_backward, load_for_training, load_state,
+                      compile_wanted, end_distributed, epoch_batch, idle_backward, load_for_training, load_state,
                       lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
@@ -190,10 +190,8 @@ def main(argv=None):
         step, extra = load_state(run.state, model, optimizer, rank)
         total = step if extra.get("target_met") else total  # a run that met --stop-at-accuracy stays finished
     if rank == 0:
-        print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}"
-              + "".join(f", {counts[k]} {what}" for k, what in (("rl", "RM-R1 RL rows skipped (no trace)"),
-                                                               ("typo_fixed", "prompts with 'Chabot B' fixed")) if counts[k])
-              + f"), {M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type}, {total} steps of "
+        print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
+              f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
     run.open_metrics(step)
     judges = {k: load_heldout(path, tokenizer, args.eval_limit, args.seed) for k, path in
@@ -213,8 +211,7 @@ def main(argv=None):
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
     while step < stop_at:
         lr = lr_at(step, total, args.lr, warmup, args.min_lr_ratio)
-        rec = train_step(args, model, optimizer, rows, step, steps_per_epoch, lr, tokenizer.pad_id or 0, rank, world, device,
-                         run.state)
+        rec = train_step(args, model, optimizer, rows, step, lr, tokenizer.pad_id or 0, rank, world, device, run.state)
         step += 1
         if "val" in judges and step % args.val_every == 0:
             rec["val_accuracy"] = judge("val")[0]
@@ -244,12 +241,10 @@ def main(argv=None):
     return summary
 
 
-def train_step(args, model, optimizer, rows, step, steps_per_epoch, lr, pad_id, rank, world, device, state_dir):
+def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, device, state_dir):
     """One optimizer step over --global-batch sequences of a seeded per-epoch permutation -> the step's record."""
     t0 = time.time()
-    epoch, k = divmod(step, steps_per_epoch)
-    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-    batch = [rows[i] for i in perm[k * args.global_batch:(k + 1) * args.global_batch].tolist()]
+    batch = [rows[i] for i in epoch_batch(len(rows), args.global_batch, step, args.seed)]
     n_step = sum(sum(m[1:]) for _, m in batch)  # supervised tokens in the whole global batch (all ranks)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -9,7 +9,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   RunDir              a run directory: refuse to clobber, resume checks, metrics, resumable state, safe swaps
   stop_if_not_finite  divergence: stop before anything non-finite is saved
   save_checkpoint     the output model and tokenizer, swapped in whole (replace_dir, recover_dir)
-  lr_at, make_optimizer, check_vocab, cli
+  epoch_batch, lr_at, make_optimizer, check_vocab, cli
 
 The precision policy is the same for every world size. On CUDA: fp32 master weights and AdamW moments, bf16
 compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradient reduction; one GPU runs
@@ -125,6 +125,13 @@ def end_distributed():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def epoch_batch(n_items, batch_size, step, seed):
+    """The item indices of a step's batch: each epoch is a seeded permutation, cut into whole batches in order."""
+    epoch, k = divmod(step, n_items // batch_size)
+    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return perm[k * batch_size:(k + 1) * batch_size]
 
 
 def lr_at(step, total, lr, warmup_steps, min_ratio):

@@ -186,7 +186,7 @@ def test_every_rank_holds_an_equal_share_of_every_minibatch(world):
     for rollout, minibatch in [(1024, 128), (64, 16), (256, 32)]:  # the paper's defaults, the toy's, another
         if minibatch % world:
             continue
-        held = [grpo.rank_positions(rollout, minibatch, world, r) for r in range(world)]
+        held = [grpo.rank_positions(rollout, world, r) for r in range(world)]
         assert sorted(p for h in held for p in h) == list(range(rollout))  # a partition of the rollout
         for r in range(world):
             per_minibatch = [sum(p // minibatch == m for p in held[r]) for m in range(rollout // minibatch)]
