@@ -379,10 +379,12 @@ def _trainer_model(smoke):
     return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device
 
 
-def _sft_batch(model, device, smoke):
+def _sft_fwd_bwd(model, device, smoke):
+    """-> (one SFT forward+backward on a 4k-token sequence, its token count); the loss weighs tokens as sft.py."""
     T = 512 if smoke else 4096
     ids = torch.randint(0, model.config.vocab_size, (1, T), device=device)
-    return ids, torch.full((1, T), -1 / T, device=device)  # the loss: mean token NLL, as sft.py weighs it
+    weights = torch.full((1, T), -1 / T, device=device)  # mean token NLL
+    return lambda: model(ids, targets=ids, loss_weights=weights).backward(), T
 
 
 def _mfu(model, T, seconds, flops_peak):
@@ -395,8 +397,7 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, grad_ckpt=True):
     """One SFT step (forward, backward, AdamW) on a 4k-token sequence, as sft.py runs it; and forward+backward
     alone, since sft.py's optimizer step comes once per global batch (128 sequences), not once per sequence."""
     model.checkpoint_activations = grad_ckpt
-    ids, weights = _sft_batch(model, device, smoke)
-    fwd_bwd = lambda: model(ids, targets=ids, loss_weights=weights).backward()
+    fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
 
     def sft_step():
         fwd_bwd()
@@ -410,7 +411,6 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, grad_ckpt=True):
         torch.cuda.reset_peak_memory_stats()
     t_step, t_fb = timeit(sft_step, 3, device), timeit(fwd_bwd, 3, device)
     optimizer.zero_grad(set_to_none=True)
-    T = ids.shape[1]
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
     return (f"{T / t_step:.0f} tok/s, {_mfu(model, T, t_step, flops_peak)} with AdamW; forward+backward alone {T / t_fb:.0f} "
             f"tok/s, {_mfu(model, T, t_fb, flops_peak)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s")
@@ -421,11 +421,11 @@ def _sft_profile(model, device, smoke):
     (low: the GPU waits for the host)."""
     from torch.profiler import ProfilerActivity, profile
     model.checkpoint_activations = True
-    ids, weights = _sft_batch(model, device, smoke)
+    fwd_bwd, _ = _sft_fwd_bwd(model, device, smoke)
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         t = time.perf_counter()
-        model(ids, targets=ids, loss_weights=weights).backward()
+        fwd_bwd()
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
@@ -449,17 +449,16 @@ def _sft_profile(model, device, smoke):
 
 def _sft_plain(device, flops_peak, smoke):
     """The same forward+backward on a plain bf16 model with compiled blocks (no FSDP, no fp32 master weights):
-    the gap to the line above is FSDP2's one-rank overhead."""
+    its gap to the SFT step's forward+backward is FSDP2's one-rank overhead."""
     cfg = M.ModelConfig(**SHAPES["smoke" if smoke else "1.5B"])
     with torch.device(device):
         model = M.Transformer(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not smoke:
         M.compile_blocks(model)
     model.checkpoint_activations = True
-    ids, weights = _sft_batch(model, device, smoke)
-    fwd_bwd = lambda: model(ids, targets=ids, loss_weights=weights).backward()
+    fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
     t = timeit(fwd_bwd, 3, device)
-    return f"{ids.shape[1] / t:.0f} tok/s, {_mfu(model, ids.shape[1], t, flops_peak)} (activation checkpointing on)"
+    return f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak)} (activation checkpointing on)"
 
 
 def _grpo_group_inputs(model, device, smoke):
