@@ -272,9 +272,9 @@ def bench_gpu(args, device, dtype):
     run("decode batch 1 vs transformers", 60, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
     rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
     run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke))
-    run("ragged rollout: continuous vs static", 45, lambda: _ragged(rollout, device, smoke))
     del hf
     run("grpo.py, 2 steps (0.5B shape)", 90, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5))
+    run("ragged rollout: continuous vs static", 120, lambda: _ragged(rollout, device, smoke))  # 8 graphs to compile
     del ours, rollout
     if torch.cuda.device_count() > 1:
         check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
@@ -293,9 +293,7 @@ def _decode_batch1(ours, hf, device, bw_peak, smoke, backend):
     V, n_new = ours.config.vocab_size, 32 if smoke else 256
     prompt = torch.randint(0, V, (1, 128), device=device)
     e = Sampler(ours, 1, 128 + n_new, compile=True, backend=backend)
-    t = time.perf_counter()
-    e.generate(prompt.tolist(), 16, temperature=0)  # the first call compiles
-    compile_s = time.perf_counter() - t
+    compile_s, graphs = _compile_graphs(e, 128, 128 + n_new, temperature=0)
     t_ours = timeit(lambda: e.generate(prompt.tolist(), n_new, temperature=0), 1, device)
     t_hf = timeit(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0), 1, device)
     compiled = e.generate(prompt.tolist(), n_new, temperature=0)[0]
@@ -304,18 +302,35 @@ def _decode_batch1(ours, hf, device, bw_peak, smoke, backend):
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
     skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
-    return (f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x{frac}; cudagraph skips {skips}; first call {compile_s:.0f} s "
-            f"(compile); compiled = eager greedy for the first {agree} of {n_new} tokens")
+    return (f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x{frac}; cudagraph skips {skips}; "
+            f"compile {compile_s:.0f} s ({graphs} graphs); compiled = eager greedy for the first {agree} of {n_new} tokens")
+
+
+def _compile_graphs(e, lo, hi, stop_ids=(), temperature=1.0, buckets=None):
+    """Compile, untimed, the decode graphs a generate call will use: one per bucket of slots (all, or `buckets`) and
+    cache span that positions lo..hi reach, for these stop ids (their count is a shape) and sampling mode. A graph
+    first met inside a timing would add its compile (seconds) to it. -> (seconds, graphs)."""
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=e.tok.device)
+    spans = sorted({e.kv_span(h) for h in range(lo + 1, min(hi, e.max_len) + 1)})
+    t = time.perf_counter()
+    with torch.no_grad():  # as in generate: grad mode is part of what a graph is compiled for
+        for b in buckets or e.buckets():
+            for span in spans:
+                e.step(b, stop, temperature, 1.0, 0, e.model.config.vocab_size, span)
+    if e.tok.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, len(buckets or e.buckets()) * len(spans)
 
 
 def _rollout_8x8(hf, e, device, smoke):
     V, P, N = hf.config.vocab_size, 512, 32 if smoke else 256
     prompts = torch.randint(0, V, (8, P), device=device)
-    e.generate(prompts.tolist(), 8, n=8, seed=0)  # compile outside the timing
+    compile_s, graphs = _compile_graphs(e, P, P + N, buckets=[e.slots])  # all 64 slots run to the end
     t_ours = timeit(lambda: e.generate(prompts.tolist(), N, n=8, seed=0), 1, device)
     t_hf = timeit(lambda: hf.generate(prompts, max_new_tokens=N, min_new_tokens=N, do_sample=True, num_return_sequences=8,
                                       pad_token_id=0), 1, device)
-    return f"{64 * N / t_ours:.0f} vs {64 * N / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x (512-token prompts, {N} new, sampled)"
+    return (f"{64 * N / t_ours:.0f} vs {64 * N / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x (512-token prompts, {N} new, sampled); "
+            f"compile {compile_s:.0f} s ({graphs} graphs)")
 
 
 def _ragged(e, device, smoke):
@@ -327,7 +342,8 @@ def _ragged(e, device, smoke):
     lengths = (32 * torch.exp(torch.randn(64, generator=g) * 0.8)).clamp(8, 1024).long().tolist()
     prompts = [torch.randint(1000, V, (n,), generator=g).tolist() for n in lengths]
     stop, N = (list(range(V // 16)), 64) if smoke else (list(range(V // 380)), 1024)
-    res = {}
+    compile_s, graphs = _compile_graphs(e, min(lengths), max(lengths) + N, stop)  # their own graphs: 400 stop ids
+    before, res = torch._dynamo.utils.counters["stats"]["unique_graphs"], {}
     for continuous in (True, False):
         t = time.perf_counter()
         outs = e.generate(prompts, N, n=8, stop_ids=stop, seed=1, continuous=continuous)
@@ -335,8 +351,9 @@ def _ragged(e, device, smoke):
             torch.cuda.synchronize()
         res[continuous] = (sum(map(len, outs)), time.perf_counter() - t)
     (tok, tc), (_, ts) = res[True], res[False]
-    return (f"continuous {tok / tc:.0f} tok/s, static {tok / ts:.0f} tok/s: {ts / tc:.2f}x ({tok} tokens, "
-            f"mean trace {tok / 512:.0f}, slots 64)")
+    during = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    return (f"continuous {tok / tc:.0f} tok/s, static {tok / ts:.0f} tok/s: {ts / tc:.2f}x ({tok} tokens, mean trace "
+            f"{tok / 512:.0f}, slots 64); compile {compile_s:.0f} s ({graphs} graphs), {during} more during the timings")
 
 
 def _grpo_two_steps(ours, smoke, timeout_s):
