@@ -286,11 +286,10 @@ def rollout(job, step):
 
 def score(job, ro):
     """2. Rewards (the verdict reward, or format + correct with --format-reward) and correctness, per trace."""
-    reward_fn = format_reward if job.args.format_reward else judge_reward
-    rewards = torch.tensor([reward_fn(t, l, tr) for t, l, tr in zip(ro.texts, ro.labels, ro.truncated)])
-    correct = torch.tensor([judge_reward(t, l, tr) > 0 for t, l, tr in zip(ro.texts, ro.labels, ro.truncated)],
-                           dtype=torch.float)
-    return rewards, correct
+    traces = list(zip(ro.texts, ro.labels, ro.truncated))
+    verdict_rewards = torch.tensor([judge_reward(*t) for t in traces])  # +1 / -1
+    rewards = torch.tensor([format_reward(*t) for t in traces]) if job.args.format_reward else verdict_rewards
+    return rewards, (verdict_rewards > 0).float()
 
 
 def micro_batch_plan(positions, minibatch_prompts, groups_per_micro):

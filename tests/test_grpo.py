@@ -51,6 +51,17 @@ def test_three_aggregations_by_hand_and_over_micro_batches():
         assert split.item() == pytest.approx(value)  # micro-batches (or ranks) sum to the mini-batch value
 
 
+def test_score_by_hand_with_and_without_the_format_reward():
+    from types import SimpleNamespace
+    trace = "<eval>quotes</eval> the better answer is <answer>[[{}]]</answer><|im_end|>"
+    ro = SimpleNamespace(texts=[trace.format("A"), trace.format("A"), "<answer>[[B]]</answer>", trace.format("B")],
+                         labels=["A", "B", "B", "B"], truncated=[False, False, False, True])
+    for format_reward, expected in [(False, [1.0, -1.0, 1.0, -1.0]), (True, [2.0, 1.0, 1.0, 0.0])]:
+        rewards, correct = grpo.score(SimpleNamespace(args=SimpleNamespace(format_reward=format_reward)), ro)
+        assert rewards.tolist() == expected  # format (0/1) + correct (0/1); a truncated trace gets neither
+        assert correct.tolist() == [1.0, 0.0, 1.0, 0.0]  # accuracy is the verdict's, whatever the reward
+
+
 @pytest.mark.parametrize("prompt_lens", [(5, 9, 1), (1, 1)])
 def test_shared_prompt_forward_equals_separate_rows(prompt_lens):
     # each group's prompt runs once for its n responses; log-probs, entropies and gradients must equal
