@@ -61,6 +61,8 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
     (trainable=False, GRPO's reference) keeps its shards in bf16 on CUDA: it is computed in bf16 anyway."""
     if not uses_fsdp(world, device):
         model = M.load_model(path, device, torch.float32)
+        if compile:
+            M.compile_blocks(model)
     else:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import distribute_tensor
@@ -80,8 +82,6 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
         model.to_empty(device=device)
         M.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
                                                                          p.placements, src_data_rank=None))
-    if compile and not uses_fsdp(world, device):
-        M.compile_blocks(model)
     model.checkpoint_activations = grad_ckpt
     return model.train(trainable).requires_grad_(trainable)
 
