@@ -13,8 +13,8 @@ How it works (S slots, each holding one sequence in a static KV cache of L posit
    attend to positions <= it, sample, store the token in the slot's output row, test for a stop id or the
    token budget. Attention reads only the first positions of the cache that cover every running slot (the
    smallest of max_len / 8, / 4, / 2, max_len when compiled): short traces never read a long cache whole. All
-   of it is on the device in one fixed-shape function (decode_step), so compiled it is one graph per bucket
-   and span, replayed as a CUDA graph on GPUs (the cache and the slot state are static buffers).
+   of it is on the device in one fixed-shape function (decode_step), so compiled it is one graph per bucket, span,
+   greedy or sampled, and stop-id count, replayed as a CUDA graph on GPUs (cache and slot state: static buffers).
 3. Bookkeeping. Every `sync_every` steps the host reads which slots finished, collects their outputs and
    admits waiting prompts into the freed slots (continuous batching: a long trace holds up one slot, not a
    batch). When nothing waits and the running slots fit a smaller bucket, they are moved to the front and
