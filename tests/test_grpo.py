@@ -219,16 +219,21 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
         assert flag in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype):
+@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled):
     """Old log-probs come from the same micro-batches as the update, so before the first optimizer step the ratio
-    is exactly 1 and nothing is clipped, in fp32 and in bf16 (where different padding would change the numbers)."""
+    is exactly 1 and nothing is clipped, in fp32 and in bf16 (where different padding would change the numbers),
+    and with Inductor-compiled blocks and checkpointing (the GPU path: old log-probs run the no-grad graph, the
+    update the training graph, which recomputes in backward; bf16 rounding would show if they fused differently)."""
     from data import load_judge_examples, load_tokenizer, tokenize_prompts
     from sampler import Sampler
     args = grpo.parse_args(grpo_args(toy_paths, "unused", "--micro-seqs", "6", "--max-new-tokens", "24"))
     tok = load_tokenizer(toy_paths["tokenizer"])
     examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
     model = M.load_model(policy, dtype=dtype)
+    if compiled:
+        M.compile_blocks(model)
+        model.checkpoint_activations = True
     job = grpo.Job(args, model, None, torch.optim.SGD(model.parameters(), lr=0.0), Sampler(model, 6, 600), tok, examples,
                    ids, 0, 1, torch.device("cpu"))
     ro = grpo.rollout(job, 0)
