@@ -391,22 +391,6 @@ def run_toy_sft_first(args, rank):
         dist.barrier()
 
 
-def rollout_slots(args, cfg, max_len, device, rank):
-    """Sampler slots: --gen-prompts x n, fewer on a GPU where that KV cache would pass --kv-cache-frac of its memory."""
-    prompts = args.gen_prompts
-    if device.type == "cuda":
-        per_prompt = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * max_len * args.n  # bf16 K, V
-        fit = int(args.kv_cache_frac * torch.cuda.get_device_properties(device).total_memory // per_prompt)
-        if fit < 1:
-            raise SystemExit(f"grpo.py: one prompt's KV cache ({per_prompt / 2**30:.1f} GiB for n={args.n} x {max_len} "
-                             f"positions) exceeds --kv-cache-frac {args.kv_cache_frac} of the GPU")
-        if fit < prompts and rank == 0:
-            print(f"grpo: decoding {fit} prompts at a time (not {prompts}): their KV cache fills --kv-cache-frac "
-                  f"{args.kv_cache_frac} of the GPU")
-        prompts = min(prompts, fit)
-    return prompts * args.n
-
-
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed()
@@ -432,7 +416,12 @@ def main(argv=None):
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
     heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
-    engine = Sampler.for_policy(policy, rollout_slots(args, policy.config, max_len, device, rank), max_len, compile=compile)
+    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac)
+    if engine.slots < args.gen_prompts * args.n and rank == 0:
+        print(f"grpo: decoding {engine.slots // args.n} prompts at a time (not {args.gen_prompts}): their KV cache fills "
+              f"--kv-cache-frac {args.kv_cache_frac} of the GPU")
+    if engine.slots < args.n:
+        raise SystemExit(f"grpo.py: one prompt's {args.n} x {max_len}-position KV cache exceeds --kv-cache-frac {args.kv_cache_frac}")
     job = Job(args, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, rank, world, device)
 
     def judge_heldout():  # greedy held-out accuracy of the current policy, with the run's token budget

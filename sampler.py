@@ -5,8 +5,8 @@ sampler.py: the KV-cached sampling engine with continuous batching (GRPO rollout
     outs = engine.generate(prompts, max_new_tokens, temperature, top_p, top_k, n, stop_ids, seed)
 
 How it works (S slots, each holding one sequence in a static KV cache of L positions owned by the model):
-1. Admission. Whenever n slots are free, the next waiting prompt is prefilled once (all prompts that fit
-   go in one right-padded causal forward) and its K/V is written to n slots: the n samples of a prompt
+1. Admission. Whenever n slots are free, the next waiting prompt is prefilled once (all prompts that fit, in
+   right-padded causal forwards of at most prefill_tokens tokens) and its K/V goes to n slots: the n samples of a prompt
    share one prefill. A slot is left-aligned: position p holds token p, which is also its RoPE position.
    Each sample's first token is drawn from the prefill's logits at the prompt's last token.
 2. Decode. One step feeds every slot of the current bucket one token: write K/V at the slot's position,
@@ -37,11 +37,8 @@ import torch
 import model as M
 
 
-def _signed(x):
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_M1, _M2, _GOLDEN = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(0x9E3779B97F4A7C15)
+# splitmix64's constants as int64 (each is >= 2^63, so it wraps to a negative number)
+_M1, _M2, _GOLDEN = (c - (1 << 64) for c in (0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15))
 
 
 def _mix(x):
@@ -91,12 +88,18 @@ def sample_next(logits, u, temperature, top_p, top_k):
 
 
 class Sampler:
-    def __init__(self, model, slots, max_len, compile=False, sync_every=None, backend="inductor"):
+    def __init__(self, model, slots, max_len, compile=False, sync_every=None, backend="inductor", memory_frac=None,
+                 prefill_tokens=32768):
         """model: a plain (unsharded) Transformer; it gets a KV cache of `slots` x `max_len` (prompt + new
         tokens). compile: torch.compile the decode step (fullgraph, CUDA graphs on GPUs); backend "eager"
-        lets CPU tests count compilations. sync_every: decode steps between host checks (CPU 1, CUDA 8)."""
-        self.model, self.slots, self.max_len = model, slots, max_len
-        device = model.lm_head.weight.device
+        lets CPU tests count compilations. sync_every: decode steps between host checks (CPU 1, CUDA 8).
+        memory_frac (GPUs): fewer slots where their cache would take more than this share of the GPU's memory.
+        prefill_tokens: the most (padded) prompt tokens one prefill forward runs, so its activations stay bounded."""
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        if memory_frac and device.type == "cuda":
+            budget = memory_frac * torch.cuda.get_device_properties(device).total_memory
+            slots = min(slots, int(budget // cache_bytes_per_slot(model.config, max_len, dtype)))
+        self.model, self.slots, self.max_len, self.prefill_tokens = model, slots, max_len, prefill_tokens
         self.sync_every = sync_every or (8 if device.type == "cuda" else 1)
         model.setup_cache(slots, max_len)
         # per-slot state, written in place by the decode step: static addresses, like the cache
@@ -116,12 +119,12 @@ class Sampler:
             self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     @classmethod
-    def for_policy(cls, policy, slots, max_len, compile=False):
+    def for_policy(cls, policy, slots, max_len, compile=False, **engine_kw):
         """An engine over a plain copy of a training policy (possibly FSDP-sharded), in bf16 on GPUs: the
         compiled step never meets FSDP hooks, and sampling reads the weights once per token, not per layer
         gather. load_weights refreshes the copy."""
         p = next(policy.parameters())
-        return cls(M.empty_model(policy.config, p.device, M.compute_dtype(p.device, p.dtype)), slots, max_len, compile)
+        return cls(M.empty_model(policy.config, p.device, M.compute_dtype(p.device, p.dtype)), slots, max_len, compile, **engine_kw)
 
     def load_weights(self, policy):
         M.copy_weights(policy, self.model)  # under FSDP every rank calls this (one all-gather per tensor)
@@ -206,9 +209,10 @@ class Sampler:
         ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = torch.tensor(p)
-        rows_t = torch.tensor(rows, device=device)
-        hidden = self.model(ids.to(device), cache_rows=rows_t, head=False)  # [P, T, H]
-        logits = self.model.lm_head(hidden[torch.arange(len(prompts), device=device), lengths - 1]).float()
+        rows_t, per = torch.tensor(rows, device=device), max(1, self.prefill_tokens // ids.shape[1])  # prompts per forward
+        last = [self.model(ids[s:s + per].to(device), cache_rows=rows_t[s * n:(s + per) * n], head=False)  # [p, T, H]
+                [torch.arange(len(ids[s:s + per]), device=device), lengths[s:s + per] - 1] for s in range(0, len(prompts), per)]
+        logits = self.model.lm_head(torch.cat(last)).float()  # [P, V] at each prompt's last token
         logits = logits.masked_fill(torch.arange(logits.shape[-1], device=device) >= vocab_size, float("-inf"))
         seq = (torch.tensor(prompt_ids, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
         first = sample_next(logits.repeat_interleave(n, 0), uniforms(self.seed, seq, torch.zeros_like(seq)),
@@ -246,6 +250,11 @@ class Sampler:
                 outputs[owner[s]] = t[:c]
                 owner[s] = -1
         return max((pos[s] for s in range(b) if owner[s] >= 0), default=0)
+
+
+def cache_bytes_per_slot(cfg, max_len, dtype):
+    """The KV cache of one slot: K and V, every layer, max_len positions."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,

@@ -199,7 +199,7 @@ def main(argv=None):
     engine = None
     if judges:  # greedy judgements through the sampler, on a plain copy of the weights
         longest = max(len(p) for _, ids in judges.values() for p in ids)
-        engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile=compile)
+        engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25)  # as grpo's
 
     def judge(which):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
         engine.load_weights(model)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import model as M
 import toy
 from conftest import make_hf_checkpoint
-from sampler import Sampler, generate
+from sampler import Sampler, cache_bytes_per_slot, generate
 
 KINDS = ["qwen2-tied", "qwen2-untied-sharded", "qwen3"]
 
@@ -261,6 +261,25 @@ def test_sampled_output_does_not_depend_on_batching(tmp_path):
     part = Sampler(m, slots=6, max_len=30).generate([prompts[1], prompts[3]], 12, n=3, seed=5, prompt_ids=[1, 3])
     assert part == wide[3:6] + wide[9:12]
     assert wide != Sampler(m, slots=12, max_len=30).generate(prompts, 12, n=3, seed=6)
+
+
+def test_prefill_in_bounded_chunks_and_cache_size(tmp_path, monkeypatch):
+    # prefill_tokens bounds the padded prompt tokens of one prefill forward: the prompts are then prefilled in
+    # several forwards, with the same K/V and first tokens, so the samples are those of one big prefill
+    make_hf_checkpoint(str(tmp_path), "qwen2-untied")
+    m = M.load_model(str(tmp_path))
+    prompts = ragged_batch([4, 10, 6, 2, 9], seed=11)
+    whole = Sampler(m, slots=15, max_len=30).generate(prompts, 10, n=3, seed=5)
+    calls = []
+    orig = M.Transformer.forward
+    monkeypatch.setattr(M.Transformer, "forward", lambda self, ids, *a, **k: calls.append(ids.shape) or orig(self, ids, *a, **k))
+    chunked = Sampler(m, slots=15, max_len=30, prefill_tokens=20)
+    assert chunked.generate(prompts, 10, n=3, seed=5) == whole
+    assert calls[:3] == [(2, 10), (2, 10), (1, 10)]  # 5 prompts padded to 10 tokens, at most 20 tokens a forward
+    # the arithmetic a GPU engine sizes its slots with is the cache it allocates
+    attn = m.model.layers[0].self_attn
+    allocated = sum(layer.self_attn.k_cache.nbytes + layer.self_attn.v_cache.nbytes for layer in m.model.layers)
+    assert allocated == 15 * cache_bytes_per_slot(m.config, 30, attn.k_cache.dtype)
 
 
 def test_compiles_are_bounded_and_not_per_layer():
