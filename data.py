@@ -579,12 +579,12 @@ def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, bo
     return examples, counts
 
 
-COUNTED = {"empty": "with an empty answer", "identical": "with identical answers", "typo_fixed": "prompts with 'Chabot B' fixed",
+COUNTED = {"empty": "with an empty or blank answer", "identical": "with identical answers", "typo_fixed": "prompts with 'Chabot B' fixed",
            "rl": "RM-R1 RL rows skipped (no trace)", "sft": "RM-R1 distillation rows skipped (not RL)"}
 
 
 def describe_counts(counts):
-    """A reader's counts for a trainer's log line: ", 3 with an empty answer, ..." (zeros left out)."""
+    """A reader's counts for a log line: ", 3 with an empty or blank answer, ..." (zeros left out)."""
     return "".join(f", {counts[k]} {what}" for k, what in COUNTED.items() if counts.get(k))
 
 

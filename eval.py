@@ -34,7 +34,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from data import READERS, default_judge_family, load_judge_examples, load_tokenizer, tokenize_prompts
+from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from training import all_reduce_sum, check_flags, check_vocab, cli, compile_wanted, end_distributed, setup_distributed
 from rewards import parse_verdict
 
@@ -220,10 +220,8 @@ def print_table(scores, title, bench):
 def describe_data(bench, path, examples, counts):
     """Say what was found: pairs with empty answers or two identical answers (judged as given) and, for RMB,
     which sets are present."""
-    if counts.get("empty"):
-        print(f"{path}: {counts['empty']} pairs have an empty or whitespace-only answer; they are judged as given")
-    if counts.get("identical"):
-        print(f"{path}: {counts['identical']} pairs have two identical answers; they are judged as given")
+    if describe_counts(counts):  # pairs with an empty (or whitespace-only) answer, or two identical ones
+        print(f"{path}: pairs{describe_counts(counts)}: they are judged as given")
     if bench == "rmb":
         for kind, name in (("pairwise", "Pairwise_set"), ("bon", "BoN_set")):
             n = sum(ex.meta.get("set") == kind for ex in examples)
@@ -304,7 +302,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=8192)
     ap.add_argument("--max-prompt-len", type=int, default=16384)
-    ap.add_argument("--batch-size", type=int, default=8, help="sequences decoded at once (the sampler's slots)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences decoded at once (the sampler's slots) [8 on CPU; on a GPU as many as fit, at most 256]")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the sampler's decode step (default: on with CUDA)")
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -371,8 +370,12 @@ def judge_into(f, args, model, tokenizer, mine, rank):
             if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped
                 f.write(json.dumps(result_row(ex, -1, "", None)) + "\n")
         from sampler import Sampler
-        engine = Sampler(model, args.batch_size, max(map(len, ids), default=0) + args.max_new_tokens,
-                         compile=compile_wanted(args.compile, model.lm_head.weight.device))
+        device = model.lm_head.weight.device
+        free, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 1)
+        engine = Sampler(model, args.batch_size or (256 if free else 8), max(map(len, ids), default=0) + args.max_new_tokens,
+                         compile=compile_wanted(args.compile, device), memory_frac=None if args.batch_size else 0.7 * free / total)
+        if free and not args.batch_size and rank == 0:  # by default: as many sequences as 70% of the free memory holds
+            print(f"eval: {engine.slots} sequences decoded at once (their KV cache fits 70% of the free GPU memory)")
         for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed, progress):
             f.writelines(json.dumps(r) + "\n" for r in batch)
             f.flush()

@@ -173,7 +173,7 @@ def test_empty_answers_are_judged_in_eval_and_dropped_in_training(tmp_path, caps
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     scores = E.main(["--judge", "longer", "--bench", "pairs", "--data", str(pairs), "--out", str(tmp_path / "out")])
     assert scores["judged"] == 3 and scores["overall"] == pytest.approx(200 / 3)  # the empty answers were judged
-    assert "2 pairs have an empty or whitespace-only answer; they are judged as given" in capsys.readouterr().out
+    assert "pairs.jsonl: pairs, 2 with an empty or blank answer: they are judged as given" in capsys.readouterr().out
     import data as D
     examples, counts = D.load_judge_examples(str(pairs), "pairs", training=True)
     assert [e.id for e in examples] == ["c"] and counts["empty"] == 2
