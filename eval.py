@@ -370,11 +370,11 @@ def judge_into(f, args, model, tokenizer, mine, rank):
             if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped
                 f.write(json.dumps(result_row(ex, -1, "", None)) + "\n")
         from sampler import Sampler
-        device = model.lm_head.weight.device
-        free, total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (0, 1)
-        engine = Sampler(model, args.batch_size or (256 if free else 8), max(map(len, ids), default=0) + args.max_new_tokens,
-                         compile=compile_wanted(args.compile, device), memory_frac=None if args.batch_size else 0.7 * free / total)
-        if free and not args.batch_size and rank == 0:  # by default: as many sequences as 70% of the free memory holds
+        free, total = torch.cuda.mem_get_info() if model.lm_head.weight.is_cuda else (0, 1)  # this rank's GPU
+        engine = Sampler(model, args.batch_size or (min(256, len(ids) or 1) if free else 8),
+                         max(map(len, ids), default=0) + args.max_new_tokens, memory_frac=None if args.batch_size else 0.7 * free / total,
+                         compile=compile_wanted(args.compile, model.lm_head.weight.device))
+        if free and not args.batch_size and rank == 0:  # the default on a GPU: as many as 70% of its free memory holds
             print(f"eval: {engine.slots} sequences decoded at once (their KV cache fits 70% of the free GPU memory)")
         for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed, progress):
             f.writelines(json.dumps(r) + "\n" for r in batch)
