@@ -312,14 +312,15 @@ def _compile_graphs(e, lo, hi, stop_ids=(), temperature=1.0, buckets=None):
     first met inside a timing would add its compile (seconds) to it. -> (seconds, graphs)."""
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=e.tok.device)
     spans = sorted({e.kv_span(h) for h in range(lo + 1, min(hi, e.max_len) + 1)})
+    buckets = buckets or e.buckets()
     t = time.perf_counter()
     with torch.no_grad():  # as in generate: grad mode is part of what a graph is compiled for
-        for b in buckets or e.buckets():
+        for b in buckets:
             for span in spans:
                 e.step(b, stop, temperature, 1.0, 0, e.model.config.vocab_size, span)
     if e.tok.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t, len(buckets or e.buckets()) * len(spans)
+    return time.perf_counter() - t, len(buckets) * len(spans)
 
 
 def _rollout_8x8(hf, e, device, smoke):

@@ -220,8 +220,8 @@ def print_table(scores, title, bench):
 def describe_data(bench, path, examples, counts):
     """Say what was found: pairs with empty answers or two identical answers (judged as given) and, for RMB,
     which sets are present."""
-    if describe_counts(counts):  # pairs with an empty (or whitespace-only) answer, or two identical ones
-        print(f"{path}: pairs{describe_counts(counts)}: they are judged as given")
+    if counted := describe_counts(counts):  # pairs with an empty (or whitespace-only) answer, or two identical ones
+        print(f"{path}: pairs{counted}: they are judged as given")
     if bench == "rmb":
         for kind, name in (("pairwise", "Pairwise_set"), ("bon", "BoN_set")):
             n = sum(ex.meta.get("set") == kind for ex in examples)

@@ -417,11 +417,11 @@ def main(argv=None):
     heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
     engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac)
+    if engine.slots < args.n:
+        raise SystemExit(f"grpo.py: one prompt's {args.n} x {max_len}-position KV cache exceeds --kv-cache-frac {args.kv_cache_frac}")
     if engine.slots < args.gen_prompts * args.n and rank == 0:
         print(f"grpo: decoding {engine.slots // args.n} prompts at a time (not {args.gen_prompts}): their KV cache fills "
               f"--kv-cache-frac {args.kv_cache_frac} of the GPU")
-    if engine.slots < args.n:
-        raise SystemExit(f"grpo.py: one prompt's {args.n} x {max_len}-position KV cache exceeds --kv-cache-frac {args.kv_cache_frac}")
     job = Job(args, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, rank, world, device)
 
     def judge_heldout():  # greedy held-out accuracy of the current policy, with the run's token budget
