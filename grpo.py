@@ -406,8 +406,9 @@ def main(argv=None):
     family = args.family or default_judge_family(tokenizer)
     examples, counts = load_judge_examples(args.data, args.format, family, args.seed, training=True)
     examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len)
+    described = f"{len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{describe_counts(counts)})"
     if len(examples) < args.rollout_prompts:
-        raise SystemExit(f"grpo.py: {args.data}: {len(examples)} usable prompts, fewer than --rollout-prompts {args.rollout_prompts}")
+        raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")
     total = args.steps or len(examples) // args.rollout_prompts
 
     compile = compile_wanted(args.compile, device)
@@ -430,8 +431,7 @@ def main(argv=None):
 
     step, history = load_state(run.state, policy, optimizer, rank) if args.resume else (0, {})
     if rank == 0:
-        print(f"grpo: {len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{describe_counts(counts)}), "
-              f"{total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
+        print(f"grpo: {described}, {total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
               f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type}, start at step {step}")
     if heldout and "heldout_start" not in history:
         history["heldout_start"] = judge_heldout()

@@ -175,6 +175,13 @@ def test_each_trainer_refuses_the_other_stages_data(toy_paths, tmp_path):
     assert len(rows) == 1 and counts["rl"] == 4
 
 
+def test_too_few_prompts_left_says_how_many_were_dropped(toy_paths, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        grpo.main(grpo_args(toy_paths, tmp_path / "run", "--max-prompt-len", "10"))
+    n_rows = sum(1 for _ in open(toy_paths["rl"]))
+    assert exit_message(e).endswith(f"0 prompts ({n_rows} dropped as longer than 10): fewer than --rollout-prompts 4")
+
+
 def test_typo_in_released_prompts_is_fixed_and_counted(toy_paths, tmp_path):
     rows = [json.loads(line) for line in open(toy_paths["rl"])][:3]
     rows[1]["context_messages"][1]["content"] = "[The Start of Chabot B's Response]\nx"
