@@ -192,6 +192,32 @@ def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path, policy):
     assert s1["heldout_end"] == s2["heldout_end"]
 
 
+def test_a_grpo_steps_compiled_blocks_stay_within_the_recompile_limit():
+    # a real GRPO step runs the compiled blocks three ways (the update with checkpointing, the policy's no-grad old
+    # log-probs, the frozen reference), on a new (prompt, response) shape at every micro-batch. Past Dynamo's
+    # recompile limit a block silently runs eager on a GPU; counted here with the eager backend
+    from torch._dynamo.utils import counters
+    cfg = M.ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
+                        max_position_embeddings=256, torch_dtype="float32")
+    policy, ref = (M.compile_blocks(toy.init_weights(M.Transformer(cfg), seed=0), backend="eager") for _ in range(2))
+    policy.checkpoint_activations = True
+    ref.requires_grad_(False)
+    torch._dynamo.reset()
+    counters.clear()
+    g, n = torch.Generator().manual_seed(0), 7
+    for P, R in [(40, 30), (35, 50), (60, 12), (22, 64), (51, 33), (18, 20)]:
+        prompts = [torch.randint(1, 97, (P,), generator=g).tolist()]
+        responses = [torch.randint(1, 97, (int(L),), generator=g).tolist() for L in torch.randint(1, R + 1, (n,), generator=g)]
+        with torch.no_grad():
+            old = grpo.response_logprobs(policy, prompts, responses, n, 0, "cpu", 1.0)[0]
+            grpo.response_logprobs(ref, prompts, responses, n, 0, "cpu", 1.0)
+        logp, _, mask = grpo.response_logprobs(policy, prompts, responses, n, 0, "cpu", 1.0)
+        ((logp - old) * mask).sum().backward()
+    assert not any("recompile limit" in k for k in counters["unimplemented"])  # no block fell back to eager
+    assert counters["stats"]["unique_graphs"] <= 6 < torch._dynamo.config.recompile_limit  # 3 ways x (static, dynamic)
+
+
 @pytest.mark.parametrize("world", [1, 2, 8, 32])
 def test_every_rank_holds_an_equal_share_of_every_minibatch(world):
     for rollout, minibatch in [(1024, 128), (64, 16), (256, 32)]:  # the paper's defaults, the toy's, another
