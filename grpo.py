@@ -22,7 +22,7 @@ The algorithm, per step:
    reference log-probs log pi_ref with the frozen starting policy when --kl > 0. Every training forward runs
    a group's prompt once for its G responses (model.SharedPrefix: each response attends to the prompt and to
    itself), which gives the same log-probs as G separate [prompt, o_i] rows at a fraction of the cost when
-   prompts are long.
+   prompts are long; with --micro-seqs < G, once per slice of the group's responses (less memory per forward).
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
        rho = exp(log pi - log pi_old)
@@ -86,7 +86,7 @@ def parse_args(argv=None):
                     help="prompts decoded at once per rank: the sampler has gen-prompts x n slots [32, fewer if the KV "
                          "cache would pass --kv-cache-frac of the GPU; toy 64]")
     ap.add_argument("--kv-cache-frac", type=float, default=0.25, help="most of a GPU's memory the rollout KV cache may take")
-    ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward, in whole groups [8; toy 112]")
+    ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward (below --n: slices of a group) [4; toy 112]")
     ap.add_argument("--steps", type=int, default=None, help="rollout steps [one epoch over the data; toy 180]")
     ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 2e-4]")
     ap.add_argument("--lr-schedule", default=None, choices=["constant", "cosine"],
@@ -117,7 +117,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.toy = toy.fill_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
-                                            minibatch_prompts=(16, 128), micro_seqs=(112, 8), lr=(2e-4, 1e-6),
+                                            minibatch_prompts=(16, 128), micro_seqs=(112, 4), lr=(2e-4, 1e-6),
                                             max_prompt_len=(512, 4096), max_new_tokens=(48, 8192), format=("rm-r1", "rm-r1"),
                                             lr_schedule=("cosine", "constant"), grad_ckpt=(False, True), steps=(180, 0)))
     if args.toy:
@@ -258,7 +258,7 @@ def grpo_step(job, step):
     ro = rollout(job, step)
     rewards, correct = score(job, ro)
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
-    plan = micro_batch_plan(ro.positions, args.minibatch_prompts, max(1, args.micro_seqs // args.n))
+    plan = micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n)
     t0 = time.time()
     old, refs = old_and_ref_logprobs(job, ro, plan)
     t_logprobs, t0 = time.time() - t0, time.time()
@@ -292,20 +292,23 @@ def score(job, ro):
     return rewards, (verdict_rewards > 0).float()
 
 
-def micro_batch_plan(positions, minibatch_prompts, groups_per_micro):
-    """-> plan[m] = micro-batches (lists of this rank's group indices) of mini-batch m, in order."""
-    plan = {}
+def micro_batch_plan(positions, minibatch_prompts, micro_seqs, n):
+    """-> plan[m] = the micro-batches of mini-batch m in order, each a list of this rank's sequence indices g * n + j
+    (response j of group g): micro_seqs // n whole groups, or each group in k = ceil(n / micro_seqs) near-equal slices."""
+    plan, k = {}, -(-n // micro_seqs)
     for g, p in enumerate(positions):
         micros = plan.setdefault(p // minibatch_prompts, [])
-        if not micros or len(micros[-1]) == groups_per_micro:
-            micros.append([])
-        micros[-1].append(g)
+        if k == 1 and micros and len(micros[-1]) + n <= micro_seqs:
+            micros[-1] += range(g * n, (g + 1) * n)
+        else:
+            micros += [list(range(g * n + i * n // k, g * n + (i + 1) * n // k)) for i in range(k)]
     return [plan[m] for m in sorted(plan)]
 
 
-def micro_rows(ro, groups, n):
-    """The prompts and responses of a micro-batch of groups (prompt-major)."""
-    return [ro.prompts[g] for g in groups], [ro.responses[g * n + j] for g in groups for j in range(n)]
+def micro_rows(ro, seqs, n):
+    """A micro-batch's rows -> its groups' prompts, its responses (prompt-major) and the responses per prompt."""
+    groups = sorted({i // n for i in seqs})
+    return [ro.prompts[g] for g in groups], [ro.responses[i] for i in seqs], len(seqs) // len(groups)
 
 
 @torch.no_grad()
@@ -313,38 +316,37 @@ def old_and_ref_logprobs(job, ro, plan):
     """4. log pi_old and log pi_ref of every response, one tensor [groups * n, R] per micro-batch of the plan:
     the same batches (so the same padding and kernels) as the update, so the first ratio is exactly 1."""
     args, pad = job.args, job.tokenizer.pad_id or 0
-    run = lambda model: [[response_logprobs(model, *micro_rows(ro, groups, args.n), args.n, pad, job.device,
-                                            args.temperature)[0] for groups in micros] for micros in plan]
+    run = lambda model: [[response_logprobs(model, *micro_rows(ro, seqs, args.n), pad, job.device, args.temperature)[0]
+                          for seqs in micros] for micros in plan]
     return run(job.policy), run(job.ref) if job.ref is not None else None
 
 
 def update(job, step, ro, adv, micros, old, refs):
     """5. One optimizer step on one mini-batch (this rank's micro-batches of it) -> its statistics."""
-    args, n = job.args, job.args.n
-    seqs = [[g * n + j for g in groups for j in range(n)] for groups in micros]
     # the mini-batch's global token and sequence counts, so the loss aggregation over micro-batches and ranks is exact
-    mb_tokens, mb_seqs = all_reduce_sum([sum(len(ro.responses[i]) for s in seqs for i in s), sum(map(len, seqs))], job.device)
+    mb_tokens, mb_seqs = all_reduce_sum([sum(len(ro.responses[i]) for s in micros for i in s), sum(map(len, micros))], job.device)
     n_tok, n_seq = max(mb_tokens, 1.0), max(mb_seqs, 1.0)
     totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
-    for k, groups in enumerate(micros):
-        part = policy_update_step(job, ro, groups, adv[seqs[k]].to(job.device)[:, None], old[k],
+    for k, seqs in enumerate(micros):
+        part = policy_update_step(job, ro, seqs, adv[seqs].to(job.device)[:, None], old[k],
                                   refs[k] if refs is not None else None, n_tok, n_seq)
         totals = {key: totals[key] + part[key] for key in totals}
     totals.update(zip(("loss", "kl"), all_reduce_sum([totals["loss"], totals["kl"]], job.device)))
-    grad_norm = clip_grad_norm(job.policy, args.grad_clip)
-    stop_if_not_finite("grpo.py", step + 1, os.path.join(args.out, "state"), loss=totals["loss"], grad_norm=grad_norm,
+    grad_norm = clip_grad_norm(job.policy, job.args.grad_clip)
+    stop_if_not_finite("grpo.py", step + 1, os.path.join(job.args.out, "state"), loss=totals["loss"], grad_norm=grad_norm,
                        kl=totals["kl"])
     job.optimizer.step()
     job.optimizer.zero_grad(set_to_none=True)
     return {**totals, "grad_norm": grad_norm, "n_tok": n_tok}
 
 
-def policy_update_step(job, ro, groups, adv, old_logp, ref_logp, n_tok, n_seq):
+def policy_update_step(job, ro, seqs, adv, old_logp, ref_logp, n_tok, n_seq):
     """The PPO loss of one micro-batch, backpropagated: clipped surrogate + kl * k3, aggregated as --loss-agg.
-    adv [G*n, 1]; old_logp, ref_logp [G*n, R] from old_and_ref_logprobs."""
+    adv [S, 1] for its S sequences; old_logp, ref_logp [S, R] from old_and_ref_logprobs."""
     args = job.args
-    logp, entropy, mask = response_logprobs(job.policy, *micro_rows(ro, groups, args.n), args.n, job.tokenizer.pad_id or 0,
-                                            job.device, args.temperature)  # [G*n, R] each
+    prompts, responses, per_prompt = micro_rows(ro, seqs, args.n)
+    logp, entropy, mask = response_logprobs(job.policy, prompts, responses, per_prompt, job.tokenizer.pad_id or 0,
+                                            job.device, args.temperature)  # [S, R] each
     loss_tok, clipped = policy_loss_terms(logp, old_logp, adv, args.clip, args.clip_high)
     kl_sum = 0.0
     if ref_logp is not None:
@@ -353,7 +355,7 @@ def policy_update_step(job, ro, groups, adv, old_logp, ref_logp, n_tok, n_seq):
         kl_sum = (kl.detach() * mask).sum().item()
     loss = aggregate(loss_tok, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
     (loss * job.world).backward()  # FSDP averages over ranks; the aggregate is already global
-    tokens = sum(len(ro.prompts[g]) for g in groups) + mask.sum().item()  # a group's prompt runs once
+    tokens = sum(map(len, prompts)) + mask.sum().item()  # a prompt runs once per micro-batch
     return {"loss": loss.item(), "kl": kl_sum / n_tok, "clipped": (clipped * mask).sum().item() / n_tok,
             "entropy": (entropy.detach() * mask).sum().item() / n_tok, "tokens": tokens}
 

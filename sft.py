@@ -196,10 +196,8 @@ def main(argv=None):
     run.open_metrics(step)
     judges = {k: load_heldout(path, tokenizer, args.eval_limit, args.seed) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
-    engine = None
-    if judges:  # greedy judgements through the sampler, on a plain copy of the weights
-        longest = max(len(p) for _, ids in judges.values() for p in ids)
-        engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25)  # as grpo's
+    longest = max((len(p) for _, ids in judges.values() for p in ids), default=0)  # greedy judgements: a plain copy's sampler
+    engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
 
     def judge(which):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
         engine.load_weights(model)

@@ -245,15 +245,17 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
         assert flag in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype,compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled):
+@pytest.mark.parametrize("dtype,compiled,micro_seqs", [(torch.float32, False, 6), (torch.bfloat16, False, 6),
+                                                      (torch.bfloat16, True, 6), (torch.bfloat16, False, 2)])
+def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled, micro_seqs):
     """Old log-probs come from the same micro-batches as the update, so before the first optimizer step the ratio
     is exactly 1 and nothing is clipped, in fp32 and in bf16 (where different padding would change the numbers),
-    and with Inductor-compiled blocks and checkpointing (the GPU path: old log-probs run the no-grad graph, the
-    update the training graph, which recomputes in backward; bf16 rounding would show if they fused differently)."""
+    with Inductor-compiled blocks and checkpointing (the GPU path: old log-probs run the no-grad graph, the
+    update the training graph, which recomputes in backward; bf16 rounding would show if they fused differently),
+    and with groups cut into slices of their responses (--micro-seqs 2 < n = 3)."""
     from data import load_judge_examples, load_tokenizer, tokenize_prompts
     from sampler import Sampler
-    args = grpo.parse_args(grpo_args(toy_paths, "unused", "--micro-seqs", "6", "--max-new-tokens", "24"))
+    args = grpo.parse_args(grpo_args(toy_paths, "unused", "--micro-seqs", str(micro_seqs), "--max-new-tokens", "24"))
     tok = load_tokenizer(toy_paths["tokenizer"])
     examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
     model = M.load_model(policy, dtype=dtype)
@@ -264,13 +266,51 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
                    ids, 0, 1, torch.device("cpu"))
     ro = grpo.rollout(job, 0)
     assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
-    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs // args.n)
-    assert len(plan[0]) == 2  # the first mini-batch runs as 2 micro-batches
+    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n)
+    assert len(plan[0]) == (2 if micro_seqs == 6 else 8)  # 4 groups: 2 per micro-batch, or each in 2 slices
     old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
     rewards, _ = grpo.score(job, ro)
     adv, _ = grpo.group_advantages(rewards, args.n)
-    for k, groups in enumerate(plan[0]):
-        logp, _, mask = grpo.response_logprobs(model, *grpo.micro_rows(ro, groups, args.n), args.n, 0, "cpu", 1.0)
+    for k, seqs in enumerate(plan[0]):
+        logp, _, mask = grpo.response_logprobs(model, *grpo.micro_rows(ro, seqs, args.n), 0, "cpu", 1.0)
         assert torch.equal(logp.detach(), old[0][k])  # ratio exp(logp - old) == 1 exactly
     stats = grpo.update(job, 0, ro, adv, plan[0], old[0], None)
     assert stats["clipped"] == 0
+
+
+def test_micro_batch_plan_by_hand():
+    # 4 groups of n = 3 in 2 mini-batches of 2 prompts; sequence g * 3 + j is response j of group g
+    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 6, 3) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]
+    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 5, 3) == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 2, 3) == [[[0], [1, 2], [3], [4, 5]], [[6], [7, 8], [9], [10, 11]]]
+    assert grpo.micro_batch_plan([1, 3, 5, 7], 4, 9, 3) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]  # rank 1 of 2
+    assert [len(s) for s in grpo.micro_batch_plan([0], 1, 4, 7)[0]] == [3, 4]  # near-equal slices, not 4 + 3 ... + 1
+
+
+def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
+    """--micro-seqs below the group size runs each prompt once per slice of its responses: less memory per forward,
+    the same log-probs and the same update (loss and gradient norm) as whole groups."""
+    from data import load_judge_examples, load_tokenizer, tokenize_prompts
+    from sampler import Sampler
+    args = grpo.parse_args(grpo_args(toy_paths, "unused", "--max-new-tokens", "24"))
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
+    model = M.load_model(policy)
+    job = grpo.Job(args, model, None, torch.optim.SGD(model.parameters(), lr=0.0), Sampler(model, 6, 600), tok, examples,
+                   ids, 0, 1, torch.device("cpu"))
+    ro = grpo.rollout(job, 0)
+    adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
+    runs = {}
+    for micro_seqs in (9, 2, 1):
+        plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n)
+        old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+        per_seq = {i: logp[row, :len(ro.responses[i])] for micros, olds in zip(plan, old)
+                   for seqs, logp in zip(micros, olds) for row, i in enumerate(seqs)}
+        runs[micro_seqs] = per_seq, grpo.update(job, 0, ro, adv, plan[0], old[0], None)
+    whole, stats = runs[9]
+    assert len(whole) == len(ro.responses)
+    for micro_seqs in (2, 1):
+        for i, logp in runs[micro_seqs][0].items():
+            torch.testing.assert_close(logp, whole[i], atol=1e-5, rtol=1e-5)
+        for key in ("loss", "grad_norm", "entropy"):
+            assert runs[micro_seqs][1][key] == pytest.approx(stats[key], rel=1e-5, abs=1e-7), key
