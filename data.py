@@ -428,9 +428,8 @@ def read_rm_bench(path):
 
 
 def judgebench_category(source):
-    if source.startswith("mmlu-pro"):
-        return "knowledge"
-    return {"livebench-reasoning": "reasoning", "livebench-math": "math", "livecodebench": "coding"}.get(source)
+    return "knowledge" if source.startswith("mmlu-pro") else \
+        {"livebench-reasoning": "reasoning", "livebench-math": "math", "livecodebench": "coding"}.get(source)
 
 
 def read_judgebench(path):

@@ -114,8 +114,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
@@ -141,16 +140,17 @@ class SharedPrefix:
 
     def __init__(self, prefix_valid, n, seg_len, dtype=torch.float32):
         G, P = prefix_valid.shape
-        self.P, self.n, self.R = P, n, seg_len
         causal = torch.ones(seg_len, seg_len, dtype=torch.bool, device=prefix_valid.device).tril()
         keep = torch.cat([prefix_valid[:, None].expand(G, seg_len, P), causal.expand(G, seg_len, seg_len)], -1)
         # additive, in the compute dtype, built once for all layers (SDPA would convert a bool mask per call)
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
-        self.seg_mask = mask.repeat_interleave(n, 0)[:, None]  # [G*n, 1, R, P+R]
+        self.seg_mask = mask.repeat_interleave(n, 0)[:, None]  # [G*n, 1, R, P+R]: P, n, R are read from its shape
+        torch._dynamo.maybe_mark_dynamic(self.seg_mask, [0, 2, 3])  # sizes that change per micro-batch (compile_blocks)
 
     def attend(self, q, k, v):
         """q [G, heads, P+n*R, hd], k, v [G, kv_heads, P+n*R, hd] -> [G, heads, P+n*R, hd]"""
-        P, n, R = self.P, self.n, self.R
+        Gn, _, R, P_plus_R = self.seg_mask.shape  # sizes read from the mask: dynamic when compiled
+        n, P = Gn // q.shape[0], P_plus_R - R
         segs = lambda t: t[:, :, P:].unflatten(2, (n, R)).transpose(1, 2).flatten(0, 1)  # [G*n, h, R, hd]
         # keys/values per segment: the prefix's, then its own. On CUDA the KV heads are repeated to the query
         # heads here: a masked SDPA with enable_gqa may fall back to the math kernel, which materialises scores
@@ -369,6 +369,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         decode_pos = positions[:, 0] if decode else None
         recompute = self.checkpoint_activations and torch.is_grad_enabled()
+        for t in (x, cos, sin) if not decode else ():  # batch and length change per call: dynamic in compiled blocks
+            torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2])
         for layer in self.model.layers:
             if decode:
                 x = layer.decode(x, cos, sin, None, None, decode_pos, kv_len)
@@ -393,8 +395,7 @@ class Transformer(nn.Module):
             hidden, targets = hidden[rows], targets[rows]
         logp, entropy = token_logprobs(hidden, self.lm_head.weight, targets, self.logprob_chunk, temperature)
         if rows is not None:  # scatter back (fresh tensors, not views: FSDP2 hooks backward onto outputs)
-            logp = torch.zeros(B * T, device=x.device).index_put((rows,), logp)
-            entropy = torch.zeros(B * T, device=x.device).index_put((rows,), entropy)
+            logp, entropy = (torch.zeros(B * T, device=x.device).index_put((rows,), t) for t in (logp, entropy))
         return logp.view(B, T).clone(), entropy.view(B, T).clone()
 
     def setup_cache(self, slots, max_len, dtype=None):
@@ -577,10 +578,10 @@ def copy_weights(src, dst):
 
 
 def compile_blocks(model, backend="inductor"):
-    """torch.compile each block for training (CUDA): RMSNorm + residual add, RoPE and SwiGLU fuse into a
-    few kernels; the eager code above stays the readable reference. Every block has the same code and takes
-    tensors and the recompute flag (no layer index), so one compiled graph serves all layers, recomputing in its
-    backward graph with checkpointing; sequence lengths become dynamic after the first change. Before FSDP."""
+    """torch.compile each block for training (CUDA): RMSNorm + residual add, RoPE and SwiGLU fuse into a few kernels.
+    Blocks share their code and take tensors and the recompute flag (no layer index), so one graph serves all layers,
+    recomputing in its backward graph with checkpointing. Batch and sequence sizes are dynamic from the first call (see
+    forward; static first graphs, then one per size that changed, took GRPO past Dynamo's recompile limit). Before FSDP."""
     for layer in model.model.layers:
         layer.compile(backend=backend)
     return model
