@@ -278,6 +278,13 @@ def bench_gpu(args, device, dtype):
     del ours, rollout
     if torch.cuda.device_count() > 1:
         check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
+    check(log, "eager fallbacks in these checks", 5, _eager_fallbacks)
+
+
+def _eager_fallbacks():
+    """Code that Dynamo stopped compiling because it reached its recompile limit runs eager from then on, silently."""
+    hits = {k.splitlines()[0]: v for k, v in torch._dynamo.utils.counters["unimplemented"].items() if "recompile limit" in k}
+    return f"{sum(hits.values())} (Dynamo's recompile limit reached: {', '.join(hits) or 'never'})"
 
 
 def _parity(ours, hf, device):
@@ -375,9 +382,10 @@ def _grpo_two_steps(ours, smoke, timeout_s):
         errors = [line for line in p.stderr.splitlines() if "Error" in line] or p.stderr.strip().splitlines()[-1:]
         return "failed: " + errors[-1][:300]
     recs = [json.loads(line) for line in open(os.path.join(tmp, "out", "metrics.jsonl"))]
+    limit = sum("recompile_limit" in line for line in p.stderr.splitlines())  # Dynamo's warning: code runs eager from then
     parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s), old/ref "
                       f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s" for r in recs)
-    return f"{parts}; whole run {time.time() - t:.0f} s"
+    return f"{parts}; whole run {time.time() - t:.0f} s; recompile-limit warnings {limit}"
 
 
 def _trainer_model(smoke):
