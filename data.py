@@ -428,8 +428,8 @@ def read_rm_bench(path):
 
 
 def judgebench_category(source):
-    return "knowledge" if source.startswith("mmlu-pro") else \
-        {"livebench-reasoning": "reasoning", "livebench-math": "math", "livecodebench": "coding"}.get(source)
+    return "knowledge" if source.startswith("mmlu-pro") else (
+        {"livebench-reasoning": "reasoning", "livebench-math": "math", "livecodebench": "coding"}.get(source))
 
 
 def read_judgebench(path):
