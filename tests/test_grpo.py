@@ -185,12 +185,12 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path, policy):
-    # sampler chunks of 3 prompts dealt to 2 ranks and micro-batches of one group (4 sequences round down to
-    # whole groups of 3): in the first mini-batch rank 0 holds 3 groups (3 micro-batches) and rank 1 holds 1
-    # (1 micro-batch, then idles)
-    uneven = ("--gen-prompts", "3", "--micro-seqs", "4")
-    grpo.main(grpo_args(toy_paths, tmp_path / "one", *uneven, policy=policy))
-    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *uneven, "--grad-ckpt", policy=policy))  # same maths
+    # the same job, batched differently: one process runs whole groups, 3 per micro-batch; each of 2 ranks takes
+    # every other rollout position (2 groups of each 4-prompt mini-batch), decodes 3 prompts at a time, and trains on
+    # slices of a group (--micro-seqs 2 < n = 3: 1 response, then 2), with checkpointing
+    grpo.main(grpo_args(toy_paths, tmp_path / "one", "--gen-prompts", "3", policy=policy))
+    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", "--gen-prompts", "3", "--micro-seqs", "2", "--grad-ckpt",
+                                      policy=policy))  # same maths
     assert_same_run(tmp_path / "one", tmp_path / "two")
     s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
     assert s1["heldout_end"] == s2["heldout_end"]
