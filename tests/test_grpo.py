@@ -251,17 +251,12 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
         assert flag in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("dtype,compiled,micro_seqs", [(torch.float32, False, 6), (torch.bfloat16, False, 6),
-                                                      (torch.bfloat16, True, 6), (torch.bfloat16, False, 2)])
-def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled, micro_seqs):
-    """Old log-probs come from the same micro-batches as the update, so before the first optimizer step the ratio
-    is exactly 1 and nothing is clipped, in fp32 and in bf16 (where different padding would change the numbers),
-    with Inductor-compiled blocks and checkpointing (the GPU path: old log-probs run the no-grad graph, the
-    update the training graph, which recomputes in backward; bf16 rounding would show if they fused differently),
-    and with groups cut into slices of their responses (--micro-seqs 2 < n = 3)."""
+def first_rollout(toy_paths, policy, *extra, dtype=None, compiled=False):
+    """A one-process GRPO job on the distilled toy policy, with SGD at LR 0 (an update leaves the weights as they
+    are), and its first rollout. compiled: Inductor-compiled blocks with checkpointing, as on a GPU."""
     from data import load_judge_examples, load_tokenizer, tokenize_prompts
     from sampler import Sampler
-    args = grpo.parse_args(grpo_args(toy_paths, "unused", "--micro-seqs", str(micro_seqs), "--max-new-tokens", "24"))
+    args = grpo.parse_args(grpo_args(toy_paths, "unused", "--max-new-tokens", "24", *extra))
     tok = load_tokenizer(toy_paths["tokenizer"])
     examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
     model = M.load_model(policy, dtype=dtype)
@@ -270,7 +265,19 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
         model.checkpoint_activations = True
     job = grpo.Job(args, model, None, torch.optim.SGD(model.parameters(), lr=0.0), Sampler(model, 6, 600), tok, examples,
                    ids, 0, 1, torch.device("cpu"))
-    ro = grpo.rollout(job, 0)
+    return job, grpo.rollout(job, 0)
+
+
+@pytest.mark.parametrize("dtype,compiled,micro_seqs", [(torch.float32, False, 6), (torch.bfloat16, False, 6),
+                                                      (torch.bfloat16, True, 6), (torch.bfloat16, False, 2)])
+def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled, micro_seqs):
+    """Old log-probs come from the same micro-batches as the update, so before the first optimizer step the ratio
+    is exactly 1 and nothing is clipped, in fp32 and in bf16 (where different padding would change the numbers),
+    with Inductor-compiled blocks and checkpointing (the GPU path: old log-probs run the no-grad graph, the
+    update the training graph, which recomputes in backward; bf16 rounding would show if they fused differently),
+    and with groups cut into slices of their responses (--micro-seqs 2 < n = 3)."""
+    job, ro = first_rollout(toy_paths, policy, "--micro-seqs", str(micro_seqs), dtype=dtype, compiled=compiled)
+    args, model = job.args, job.policy
     assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
     plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n)
     assert len(plan[0]) == (2 if micro_seqs == 6 else 8)  # 4 groups: 2 per micro-batch, or each in 2 slices
@@ -296,15 +303,8 @@ def test_micro_batch_plan_by_hand():
 def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
     """--micro-seqs below the group size runs each prompt once per slice of its responses: less memory per forward,
     the same log-probs and the same update (loss and gradient norm) as whole groups."""
-    from data import load_judge_examples, load_tokenizer, tokenize_prompts
-    from sampler import Sampler
-    args = grpo.parse_args(grpo_args(toy_paths, "unused", "--max-new-tokens", "24"))
-    tok = load_tokenizer(toy_paths["tokenizer"])
-    examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
-    model = M.load_model(policy)
-    job = grpo.Job(args, model, None, torch.optim.SGD(model.parameters(), lr=0.0), Sampler(model, 6, 600), tok, examples,
-                   ids, 0, 1, torch.device("cpu"))
-    ro = grpo.rollout(job, 0)
+    job, ro = first_rollout(toy_paths, policy)
+    args = job.args
     adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
     runs = {}
     for micro_seqs in (9, 2, 1):
