@@ -172,10 +172,7 @@ class ChatTokenizer:
             if not os.path.exists(f):
                 raise FileNotFoundError(f"{f} not found (a tokenizer directory needs tokenizer.json and tokenizer_config.json)")
         self.tok = Tokenizer.from_file(tok_file)
-        try:
-            cfg = json.load(open(cfg_file, encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{cfg_file}: malformed JSON ({e})"[:300]) from None
+        cfg = read_json(cfg_file, dict)
         self.family = chat_family(cfg.get("chat_template"), cfg_file)
         token = lambda v: v.get("content") if isinstance(v, dict) else v
         self.eos_token, self.pad_token = token(cfg.get("eos_token")), token(cfg.get("pad_token"))
@@ -341,17 +338,18 @@ def read_jsonl(path):
             yield n, row
 
 
-def read_json_list(path):
+def read_json(path, kind=list):
+    """A whole-file JSON value of type kind (benchmark files: a list of rows; tokenizer_config.json: an object)."""
     with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8") as f:
         try:
-            rows = json.load(f)
+            value = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 (byte offset {e.start})") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of rows")
-    return list(enumerate(rows, 1))
+    if not isinstance(value, kind):
+        raise DataError(f"{path}: expected a JSON {'list of rows' if kind is list else 'object'}, got {type(value).__name__}")
+    return value
 
 
 def need(row, key, where, kind=str, nonempty=True):
@@ -411,7 +409,7 @@ def read_rm_bench(path):
         domain = "safety" if name.startswith("safety") else name
         if domain not in ("chat", "math", "code", "safety"):
             raise DataError(f"{file}: cannot tell the RM-Bench domain from the file name (chat/math/code/safety-*)")
-        for n, row in read_json_list(file):
+        for n, row in enumerate(read_json(file), 1):
             where = f"{file}: row {n}"
             chosen, rejected = need(row, "chosen", where, list), need(row, "rejected", where, list)
             if len(chosen) != 3 or len(rejected) != 3:
@@ -460,7 +458,7 @@ def read_rmb(path):
         raise DataError(f"{path}: no RMB files (*.json or *.json.gz, searched recursively, links followed)")
     out = []
     for file in files:
-        for n, row in read_json_list(file):
+        for n, row in enumerate(read_json(file), 1):
             where = f"{file}: row {n}"
             cat = need(row, "category_path", where)
             subset = "helpfulness" if "Helpfulness" in cat else "harmlessness" if "Harmlessness" in cat else None

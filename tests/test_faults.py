@@ -259,6 +259,12 @@ def test_broken_files_name_the_file(toy_paths, tmp_path):
     open(tok / "tokenizer_config.json", "w").write('{"chat_template": ')
     with pytest.raises(DataError, match=r"tokenizer_config.json: malformed JSON"):
         load_tokenizer(str(tok))
+    open(tok / "tokenizer_config.json", "w").write('["chat_template"]')  # valid JSON, not an object
+    with pytest.raises(DataError, match=r"tokenizer_config.json: expected a JSON object, got list"):
+        load_tokenizer(str(tok))
+    open(tmp_path / "rmb.json", "w").write('{"conversation_input": []}')  # a benchmark file holds a list of rows
+    with pytest.raises(DataError, match=r"rmb.json: expected a JSON list of rows, got dict"):
+        load_judge_examples(str(tmp_path / "rmb.json"), "rmb")
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(toy_paths, tmp_path):
