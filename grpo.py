@@ -419,7 +419,7 @@ def main(argv=None):
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
     heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
-    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac)
+    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n)
     if engine.slots < args.n:
         raise SystemExit(f"grpo.py: one prompt's {args.n} x {max_len}-position KV cache exceeds --kv-cache-frac {args.kv_cache_frac}")
     if engine.slots < args.gen_prompts * args.n and rank == 0:

@@ -89,16 +89,17 @@ def sample_next(logits, u, temperature, top_p, top_k):
 
 class Sampler:
     def __init__(self, model, slots, max_len, compile=False, sync_every=None, backend="inductor", memory_frac=None,
-                 prefill_tokens=32768):
+                 prefill_tokens=32768, group=1):
         """model: a plain (unsharded) Transformer; it gets a KV cache of `slots` x `max_len` (prompt + new
         tokens). compile: torch.compile the decode step (fullgraph, CUDA graphs on GPUs); backend "eager"
         lets CPU tests count compilations. sync_every: decode steps between host checks (CPU 1, CUDA 8).
-        memory_frac (GPUs): fewer slots where their cache would take more than this share of the GPU's memory.
+        memory_frac (GPUs): fewer slots where their cache would take more than this share of the GPU's memory, in
+        whole groups of `group` (GRPO's n: a prompt's n samples are admitted together, so a remainder would idle).
         prefill_tokens: the most (padded) prompt tokens one prefill forward runs, so its activations stay bounded."""
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         if memory_frac and device.type == "cuda":
             budget = memory_frac * torch.cuda.get_device_properties(device).total_memory
-            slots = min(slots, int(budget // cache_bytes_per_slot(model.config, max_len, dtype)))
+            slots = min(slots, slots_that_fit(budget, model.config, max_len, dtype, group))
         self.model, self.slots, self.max_len, self.prefill_tokens = model, slots, max_len, prefill_tokens
         self.sync_every = sync_every or (8 if device.type == "cuda" else 1)
         model.setup_cache(slots, max_len)
@@ -252,9 +253,10 @@ class Sampler:
         return max((pos[s] for s in range(b) if owner[s] >= 0), default=0)
 
 
-def cache_bytes_per_slot(cfg, max_len, dtype):
-    """The KV cache of one slot: K and V, every layer, max_len positions."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
+def slots_that_fit(budget_bytes, cfg, max_len, dtype, group=1):
+    """The most slots, a multiple of group, whose KV cache (K and V, every layer, max_len positions) fits the budget."""
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
+    return int(budget_bytes // per_slot) // group * group
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import model as M
 import toy
 from conftest import make_hf_checkpoint
-from sampler import Sampler, cache_bytes_per_slot, generate
+from sampler import Sampler, generate, slots_that_fit
 
 KINDS = ["qwen2-tied", "qwen2-untied-sharded", "qwen3"]
 
@@ -279,7 +279,10 @@ def test_prefill_in_bounded_chunks_and_cache_size(tmp_path, monkeypatch):
     # the arithmetic a GPU engine sizes its slots with is the cache it allocates
     attn = m.model.layers[0].self_attn
     allocated = sum(layer.self_attn.k_cache.nbytes + layer.self_attn.v_cache.nbytes for layer in m.model.layers)
-    assert allocated == 15 * cache_bytes_per_slot(m.config, 30, attn.k_cache.dtype)
+    fit = lambda budget, group=1: slots_that_fit(budget, m.config, 30, attn.k_cache.dtype, group)
+    assert fit(allocated) == 15 and fit(allocated - 1) == 14
+    # under a memory cap, whole groups of slots (GRPO's n samples of a prompt are admitted together)
+    assert [fit(allocated * 30.5 / 15, g) for g in (1, 7, 31)] == [30, 28, 0]
 
 
 def test_compiles_are_bounded_and_not_per_layer():
