@@ -146,9 +146,9 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
     rows, counts = read_sft_rows(path)
     if tokenizer.end_of_turn_id is None:
         raise DataError("the tokenizer has no end-of-turn token (<|im_end|>, or an eos_token) to end each trace with")
-    for msgs in rows:
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True))
-        completion = tokenizer.encode(msgs[-1]["content"]) + [tokenizer.end_of_turn_id]
+    prompts = tokenizer.encode_batch([tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True) for msgs in rows])
+    for prompt, answer in zip(prompts, tokenizer.encode_batch([msgs[-1]["content"] for msgs in rows])):
+        completion = answer + [tokenizer.end_of_turn_id]
         ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
         if len(ids) > max_len:
             if not truncate or len(prompt) >= max_len - 1:

@@ -54,9 +54,10 @@ def test_tokenizer_encodes_real_texts_like_transformers():
     merges = [tuple(l.split()) for l in open(os.path.join(TOKENIZER_DIR, "merges.txt")).read().split("\n")[1:] if l]
     ref = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges)
     auto = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    for text in real_texts():
+    texts = real_texts()
+    for text, batched in zip(texts, ours.encode_batch(texts, chunk=7)):  # in parallel, 7 texts per call
         ids = ours.encode(text)
-        assert ids == ref.encode(text, add_special_tokens=False)
+        assert ids == batched == ref.encode(text, add_special_tokens=False)
         assert ours.decode(ids) == text
     special = "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"
     assert ours.encode(special) == auto.encode(special, add_special_tokens=False)
@@ -101,6 +102,8 @@ def test_toy_chatml_template_matches_transformers(tmp_path):
     ref.chat_template = toy.CHATML_JINJA
     for conv in CONVERSATIONS:
         assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    texts = [ours.apply_chat_template(conv) for conv in CONVERSATIONS]
+    assert ours.encode_batch(texts, chunk=2) == [ours.encode(t) for t in texts] == [ref.encode(t) for t in texts]
 
 
 QWEN3_CONVERSATIONS = CONVERSATIONS + [
@@ -191,7 +194,8 @@ def test_overlong_prompts_are_dropped_and_counted():
     tok = D.load_tokenizer(TOKENIZER_DIR)
     exs = [D.make_judge_example(D.Pair(str(i), [{"role": "user", "content": "word " * (i * 300)}], "a", "b")) for i in range(4)]
     kept, ids, dropped = D.tokenize_prompts(exs, tok, max_prompt_len=1200)
-    assert dropped == 2 and [e.id for e in kept] == ["0", "1"] and all(len(t) <= 1200 for t in ids)
+    assert dropped == 2 and [e.id for e in kept] == ["0", "1"]
+    assert ids == [tok.encode(tok.apply_chat_template(e.messages)) for e in kept] and all(len(t) <= 1200 for t in ids)
 
 
 # ----------------------------------------------------------------------------- readers
