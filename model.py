@@ -176,8 +176,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
         if cfg.model_type == "qwen3":
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None):
         B, T, _ = x.shape
@@ -407,10 +406,9 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             attn = layer.self_attn
             if getattr(attn, "k_cache", None) is None or attn.k_cache.shape != shape or attn.k_cache.dtype != dtype:
-                attn.register_buffer("k_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
-                attn.register_buffer("v_cache", torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
-                torch._dynamo.mark_static_address(attn.k_cache)
-                torch._dynamo.mark_static_address(attn.v_cache)
+                for name in ("k_cache", "v_cache"):
+                    attn.register_buffer(name, torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
+                    torch._dynamo.mark_static_address(getattr(attn, name))
 
     def move_cache_rows(self, src, dst):
         """Copy cache rows src -> dst (LongTensors) in every layer: the sampler packs running rows to the front."""

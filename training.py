@@ -266,9 +266,13 @@ def load_state(path, model, optimizer, rank):
         raise SystemExit(f"{file}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
     with torch.no_grad():
         for n, p in params.items():
-            if not torch.isfinite(state["model"][n]).all():
+            saved, here = state["model"][n], _local(p)
+            if saved.shape != here.shape:  # another number of ranks shards the tensors otherwise
+                raise SystemExit(f"{file}: tensor {n!r}: a {list(saved.shape)} shard saved, {list(here.shape)} here: "
+                                 "resume needs the same number of ranks as the saved run")
+            if not torch.isfinite(saved).all():
                 raise SystemExit(f"{file}: tensor {n!r} has non-finite values")
-            _local(p).copy_(state["model"][n])
+            here.copy_(saved)
     index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
     optim = {index[id(params[n])]: {k: (_local_like(params[n], v) if k != "step" else v) for k, v in s.items()}
              for n, s in state["optim"].items()}
@@ -302,9 +306,8 @@ def replace_dir(tmp, path):
     renamed to path.new (now known complete), the old path aside to path.old, path.new into place, then
     path.old is removed. recover_dir finishes a swap a crash interrupted."""
     new, old = path.rstrip("/") + ".new", path.rstrip("/") + ".old"
-    for leftover in (new, old):
-        if os.path.exists(leftover):
-            shutil.rmtree(leftover)
+    for leftover in (new, old):  # a crash's leftovers (a failed removal surfaces in the renames below)
+        shutil.rmtree(leftover, ignore_errors=True)
     os.rename(tmp, new)
     if os.path.exists(path):
         os.rename(path, old)
@@ -321,8 +324,7 @@ def recover_dir(path):
     if found:
         os.rename(found, path)
     for leftover in (tmp, new, old):
-        if os.path.exists(leftover):
-            shutil.rmtree(leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
     return f"{path}: recovered {os.path.basename(found)} after an interrupted save" if found else None
 
 

@@ -104,6 +104,10 @@ def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path):
     for p, q in zip(a.parameters(), b.parameters()):
         assert (p - q).abs().max() < 3e-4 and (p - q).abs().mean() < 1e-6
     assert json.load(open(tmp_path / "two" / "summary.json"))["heldout_accuracy"] == one["heldout_accuracy"]
+    # the state holds each rank's shards: resuming it with another number of ranks is refused, naming a tensor
+    with pytest.raises(SystemExit, match=r"rank0.pt: tensor '.+': a \[\d+(, \d+)*\] shard saved, \[\d+(, \d+)*\] here: "
+                                         r"resume needs the same number of ranks"):
+        sft.main(sft_args(toy_paths, tmp_path / "two", *uneven, "--grad-ckpt", "--resume"))
 
 
 @pytest.mark.slow
