@@ -395,7 +395,7 @@ def run_toy_sft_first(args, rank):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cpu=args.toy)
     if args.toy:
         toy.setup(args.seed)
         run_toy_sft_first(args, rank)

@@ -165,7 +165,7 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cpu=args.toy)
     if args.toy:
         toy.setup(args.seed)
     run = RunDir(args.out, args, rank, "sft.py")

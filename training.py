@@ -38,14 +38,14 @@ def compile_wanted(flag, device):
     return flag if flag is not None else device.type == "cuda"  # --compile's default: on with CUDA
 
 
-def setup_distributed():
-    """-> (rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1."""
+def setup_distributed(cpu=False):
+    """-> (rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1.
+    cpu: stay on the CPU where CUDA is available too (the toy: tuned in fp32 on CPU kernels, see toy.py)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # what stays fp32 (the head's chunks, RoPE) uses TF32
-        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
     if uses_fsdp(world, device) and not dist.is_initialized():  # one GPU: a one-rank group (over a HashStore)
