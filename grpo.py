@@ -109,7 +109,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out accuracy")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=200)
-    ap.add_argument("--save-every", type=int, default=20)
+    ap.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps [5: a step is long; toy 20]")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the training blocks and the sampler's decode step (default: on with CUDA)")
     ap.add_argument("--resume", action="store_true")
@@ -117,7 +117,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.toy = toy.fill_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
-                                            minibatch_prompts=(16, 128), micro_seqs=(112, 4), lr=(2e-4, 1e-6),
+                                            minibatch_prompts=(16, 128), micro_seqs=(112, 4), lr=(2e-4, 1e-6), save_every=(20, 5),
                                             max_prompt_len=(512, 4096), max_new_tokens=(48, 8192), format=("rm-r1", "rm-r1"),
                                             lr_schedule=("cosine", "constant"), grad_ckpt=(False, True), steps=(180, 0)))
     if args.toy:

@@ -344,3 +344,18 @@ def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
             with pytest.raises(Stop):
                 script.main(argv)
     assert seen == [True, False, True, False]
+
+
+def test_real_runs_default_to_the_papers_settings():
+    # SPEC section 3: a run given --model takes RM-R1's GRPO settings unless a flag says otherwise; SFT, section 4
+    import sft
+    a = grpo.parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    assert (a.n, a.temperature, a.top_p, a.top_k, a.rollout_prompts, a.minibatch_prompts, a.clip, a.clip_high, a.kl,
+            a.loss_agg, a.lr, a.lr_schedule, a.weight_decay, a.grad_clip, a.max_prompt_len, a.max_new_tokens) == \
+        (7, 1.0, 1.0, 0, 1024, 128, 0.2, 0.2, 0.001, "token-mean", 1e-6, "constant", 0.01, 1.0, 4096, 8192)
+    # what fits 8 x 80 GB at 7B (README's arithmetic), and a save every 5 of the ~62 long steps of an epoch
+    assert (a.grad_ckpt, a.micro_seqs, a.gen_prompts, a.kv_cache_frac, a.save_every) == (True, 4, 32, 0.25, 5)
+    assert grpo.parse_args([]).save_every == 20  # the toy's
+    s = sft.parse_args(["--model", "m", "--data", "d", "--out", "o"])
+    assert (s.epochs, s.global_batch, s.lr, s.warmup, s.min_lr_ratio, s.grad_clip, s.max_len, s.grad_ckpt) == \
+        (1.0, 128, 5e-6, 0.03, 0.1, 1.0, 12288, True)
