@@ -196,10 +196,10 @@ class ChatTokenizer:
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts, chunk=1024):
-        """encode for many texts on all cores (the library's batch encoder: 2.4x on 2 cores), a chunk at a time
-        (each of its results also holds token strings and offsets, too much for a whole dataset at once)."""
-        return [e.ids for s in range(0, len(texts), chunk)
-                for e in self.tok.encode_batch(texts[s:s + chunk], add_special_tokens=False)]
+        """encode for many texts on all cores (the library's batch encoder), yielded a chunk at a time: each of its
+        results also holds token strings and offsets, and a caller may keep fewer ids than it reads (sft.py)."""
+        for s in range(0, len(texts), chunk):
+            yield from (e.ids for e in self.tok.encode_batch(texts[s:s + chunk], add_special_tokens=False))
 
     def decode(self, ids, skip_special_tokens=False):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -312,7 +312,7 @@ def make_judge_example(pair: Pair, family="instruct", seed=0, label=None) -> Jud
 def tokenize_prompts(examples, tokenizer, max_prompt_len):
     """Render + encode judge prompts; prompts longer than max_prompt_len are dropped and counted (as the
     reference's filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count)."""
-    ids = tokenizer.encode_batch([tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True) for ex in examples])
+    ids = list(tokenizer.encode_batch([tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True) for ex in examples]))
     kept = [k for k, t in enumerate(ids) if len(t) <= max_prompt_len]
     return [examples[k] for k in kept], [ids[k] for k in kept], len(examples) - len(kept)
 

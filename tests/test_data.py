@@ -103,7 +103,7 @@ def test_toy_chatml_template_matches_transformers(tmp_path):
     for conv in CONVERSATIONS:
         assert ours.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     texts = [ours.apply_chat_template(conv) for conv in CONVERSATIONS]
-    assert ours.encode_batch(texts, chunk=2) == [ours.encode(t) for t in texts] == [ref.encode(t) for t in texts]
+    assert list(ours.encode_batch(texts, chunk=2)) == [ours.encode(t) for t in texts] == [ref.encode(t) for t in texts]
 
 
 QWEN3_CONVERSATIONS = CONVERSATIONS + [
