@@ -306,8 +306,8 @@ def replace_dir(tmp, path):
     renamed to path.new (now known complete), the old path aside to path.old, path.new into place, then
     path.old is removed. recover_dir finishes a swap a crash interrupted."""
     new, old = path.rstrip("/") + ".new", path.rstrip("/") + ".old"
-    for leftover in (new, old):  # a crash's leftovers (a failed removal surfaces in the renames below)
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [p for p in (new, old) if os.path.exists(p)]:  # a crash's leftovers
+        shutil.rmtree(leftover)
     os.rename(tmp, new)
     if os.path.exists(path):
         os.rename(path, old)
@@ -323,8 +323,8 @@ def recover_dir(path):
     found = None if os.path.exists(path) else next((c for c in (new, old) if os.path.exists(c)), None)
     if found:
         os.rename(found, path)
-    for leftover in (tmp, new, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in [p for p in (tmp, new, old) if os.path.exists(p)]:
+        shutil.rmtree(leftover)
     return f"{path}: recovered {os.path.basename(found)} after an interrupted save" if found else None
 
 
