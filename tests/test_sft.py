@@ -118,7 +118,7 @@ def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, one_r
     sharded = one_rank_fsdp()
     sft.main(sft_args(toy_paths, tmp_path / "fsdp", "--eval-limit", "0", "--stop-after-steps", "2"))
     sft.main(sft_args(toy_paths, tmp_path / "fsdp", "--eval-limit", "0", "--resume"))
-    assert len(sharded) == 2 * (M.load_config(toy_paths["init"]).num_hidden_layers + 1)
+    assert len(sharded) == 2  # 2 starts; on one rank the root is the only FSDP unit (no per-block hooks)
     l1, l2 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fsdp")
     assert len(l1) == len(l2) == 4
     for a, b in zip(l1, l2):
