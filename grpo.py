@@ -53,7 +53,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import model as M
@@ -62,7 +61,7 @@ from data import default_judge_family, describe_counts, load_judge_examples, loa
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
-from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
+from training import (RunDir, all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, clip_grad_norm,
                       compile_wanted, end_distributed, epoch_batch, load_for_training, load_state, lr_at,
                       make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
@@ -389,8 +388,7 @@ def run_toy_sft_first(args, rank):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
                         "--seed", str(args.seed)], env=env, check=True)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 def main(argv=None):
