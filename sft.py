@@ -29,11 +29,11 @@ eos), as the judge will write it. RM-R1 RL rows (winner model_a/model_b) carry n
 
 Precision and distribution (training.py): fp32 master weights and AdamW moments; on CUDA bf16 compute and fp32
 gradient reduction through FSDP2 on any number of GPUs (one included), fp32 on CPU. torchrun sets RANK/WORLD_SIZE;
-each block is fully_shard-ed, then the root (one GPU: the root alone). Checkpoints: a Hugging Face layout model in
-the starting checkpoint's dtype (--save-dtype), written whole or not at all, and a resumable state per rank (local
-shards of weights and AdamW moments, step, RNG), loaded weights-only. --resume continues exactly where the last
-saved step left off, with the same settings and number of ranks. A non-finite loss or gradient norm stops the run
-before the optimizer step, without saving.
+each block is fully_shard-ed, then the root (one GPU that fits it: the root alone). Checkpoints: a Hugging Face
+layout model in the starting checkpoint's dtype (--save-dtype), written whole or not at all, and a resumable state
+per rank (local shards of weights and AdamW moments, step, RNG), loaded weights-only. --resume continues exactly
+where the last saved step left off, with the same settings and number of ranks. A non-finite loss or gradient norm
+stops the run before the optimizer step, without saving.
 """
 import argparse
 import json

@@ -3,7 +3,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
 
   setup_distributed   rank, world size and device; a process group whenever FSDP runs (NCCL, or gloo on CPU)
   load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard
-  all_reduce_sum/max  lists of floats summed / maxed over ranks
+  all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits)
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
   RunDir              a run directory: refuse to clobber, resume checks, metrics, resumable state, safe swaps
@@ -13,8 +13,8 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
 
 The precision policy is the same for every world size. On CUDA: fp32 master weights and AdamW moments, bf16
 compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradient reduction; one GPU runs
-FSDP2 over a one-rank process group (one unit), so single-GPU and multi-GPU runs take the same code path. On
-CPU: fp32 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
+FSDP2 over a one-rank process group (one unit where it fits), so single-GPU and multi-GPU runs take the same
+code path. On CPU: fp32 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
 """
 import functools
 import json
