@@ -6,8 +6,8 @@ bench.py: performance measured against transformers in the same run (ratios, not
     python bench.py decode    # KV-cached greedy decode tokens/s vs transformers' generate (batch 1 and a
                               # GRPO-shaped batch)
     python bench.py gpu       # the GPU checks, each printed the moment it is measured and capped in time
-                              # (about 5 minutes on one H100, compile included); --smoke runs the same code
-                              # on CPU with a tiny model, to check the script itself
+                              # (about 5 minutes on one H100, compile included); --only picks some of them;
+                              # --smoke runs the same code on CPU with a tiny model, to check the script itself
 
 Shapes are those of the released Qwen2.5-0.5B / 1.5B configs (written below, so a GPU machine needs only this
 repository; --config reads another config.json); --layers cuts the depth so a CPU finishes in a minute;
@@ -233,8 +233,12 @@ def check(log, name, cap_s, fn, deadline=None):
     log.flush()
 
 
+GPU_CHECKS = ("training", "grpo", "rollout", "ragged", "decode")  # bench_gpu's groups of checks, in their order
+
+
 def bench_gpu(args, device, dtype):
-    """The GPU checks in order, each under a cap, 5 minutes in all on one H100 (compile included)."""
+    """The GPU checks in order (all, or --only some), each under a cap, 5 minutes in all on one H100 (compile
+    included)."""
     import transformers
     if device.type != "cuda" and not args.smoke:
         sys.exit("bench.py gpu needs a CUDA device (or --smoke, to run the checks on CPU with a tiny model)")
@@ -255,8 +259,9 @@ def bench_gpu(args, device, dtype):
     deadline = time.time() + 300  # the whole check list: 5 minutes, compile included; a check past it is skipped
     run = lambda name, cap_s, fn: check(log, name, cap_s, fn, deadline)
     run("bf16 logits vs transformers (0.5B)", 30, lambda: _parity(ours, hf, device))
-    trainer = {}
-    run("trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded")
+    trainer, want = {}, set(args.only.split(","))
+    if "training" in want:
+        run("trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded")
     if trainer:
         m, opt, dev = trainer["m"], trainer["o"], trainer["d"]
         run("SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
@@ -271,12 +276,16 @@ def bench_gpu(args, device, dtype):
         run("  transformers, the same 7 rows", 30, lambda: _grpo_group_hf(device, smoke, group))
         run("SFT fwd+bwd 1.5B, plain bf16 model, no FSDP", 30, lambda: _sft_plain(dev, flops_peak, smoke))
     # never measured whole on a GPU first: a real-shape grpo.py run, then the rollouts; batch-1 decode last
-    run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5))
+    if "grpo" in want:
+        run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5))
     rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
-    run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke))
-    run("ragged rollout: continuous vs static", 90, lambda: _ragged(rollout, device, smoke))  # 400 stop ids: new graphs
+    if "rollout" in want:
+        run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke))
+    if "ragged" in want:
+        run("ragged rollout: continuous vs static", 90, lambda: _ragged(rollout, device, smoke))  # 400 stop ids: new graphs
     del rollout
-    run("decode batch 1 vs transformers", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
+    if "decode" in want:
+        run("decode batch 1 vs transformers", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
     del ours, hf
     if torch.cuda.device_count() > 1:
         check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
@@ -579,7 +588,12 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rollout-batch", type=int, default=16)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--only", default=",".join(GPU_CHECKS), help=f"gpu: the checks to run, of {','.join(GPU_CHECKS)} "
+                    "(default: all; bf16 parity and the eager-fallback count always run)")
     args = ap.parse_args()
+    unknown = set(args.only.split(",")) - set(GPU_CHECKS)
+    if unknown:
+        ap.error(f"--only: unknown check(s) {', '.join(sorted(unknown))}; the checks are {', '.join(GPU_CHECKS)}")
     if args.what == "_loss":
         return _loss(args.way, args)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
