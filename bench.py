@@ -275,14 +275,14 @@ def bench_gpu(args, device, dtype):
             torch.cuda.empty_cache()
         run("  transformers, the same 7 rows", 30, lambda: _grpo_group_hf(device, smoke, group))
         run("SFT fwd+bwd 1.5B, plain bf16 model, no FSDP", 30, lambda: _sft_plain(dev, flops_peak, smoke))
-    # never measured whole on a GPU first: a real-shape grpo.py run, then the rollouts; batch-1 decode last
+    # a real-shape grpo.py run before the rollouts; batch-1 decode last (a full run's 5 minutes end before it: --only)
     if "grpo" in want:
         run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5))
     rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
     if "rollout" in want:
         run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke))
     if "ragged" in want:
-        run("ragged rollout: continuous vs static", 90, lambda: _ragged(rollout, device, smoke))  # 400 stop ids: new graphs
+        run("ragged rollout: continuous vs static", 150, lambda: _ragged(rollout, device, smoke))  # 400 stop ids: 8 graphs
     del rollout
     if "decode" in want:
         run("decode batch 1 vs transformers", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
