@@ -257,11 +257,15 @@ def bench_gpu(args, device, dtype):
     from sampler import Sampler
     backend = "eager" if smoke else "inductor"
     deadline = time.time() + 300  # the whole check list: 5 minutes, compile included; a check past it is skipped
-    run = lambda name, cap_s, fn: check(log, name, cap_s, fn, deadline)
+    want = set(args.only.split(","))
+
+    def run(name, cap_s, fn, group=None):  # a check of one of --only's groups (None: always run)
+        if group is None or group in want:
+            check(log, name, cap_s, fn, deadline)
     run("bf16 logits vs transformers (0.5B)", 30, lambda: _parity(ours, hf, device))
-    trainer, want = {}, set(args.only.split(","))
-    if "training" in want:
-        run("trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded")
+    trainer = {}
+    run("trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded",
+        "training")
     if trainer:
         m, opt, dev = trainer["m"], trainer["o"], trainer["d"]
         run("SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
@@ -276,16 +280,13 @@ def bench_gpu(args, device, dtype):
         run("  transformers, the same 7 rows", 30, lambda: _grpo_group_hf(device, smoke, group))
         run("SFT fwd+bwd 1.5B, plain bf16 model, no FSDP", 30, lambda: _sft_plain(dev, flops_peak, smoke))
     # a real-shape grpo.py run before the rollouts; batch-1 decode last (a full run's 5 minutes end before it: --only)
-    if "grpo" in want:
-        run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5))
-    rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)  # one engine (and its graphs) for both rollouts
-    if "rollout" in want:
-        run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke))
-    if "ragged" in want:
-        run("ragged rollout: continuous vs static", 150, lambda: _ragged(rollout, device, smoke))  # 400 stop ids: 8 graphs
-    del rollout
-    if "decode" in want:
-        run("decode batch 1 vs transformers", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend))
+    run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5), "grpo")
+    if want & {"rollout", "ragged"}:  # one engine (and its graphs) for both rollouts
+        rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)
+        run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke), "rollout")
+        run("ragged rollout: continuous vs static", 150, lambda: _ragged(rollout, device, smoke), "ragged")  # 400 stops: 8 graphs
+        del rollout
+    run("decode batch 1 vs transformers", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend), "decode")
     del ours, hf
     if torch.cuda.device_count() > 1:
         check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
