@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
-from training import all_reduce_sum, check_flags, check_vocab, cli, compile_wanted, end_distributed, setup_distributed
+from training import all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted, end_distributed, setup_distributed
 from rewards import parse_verdict
 
 BASELINES = ("longer", "shorter", "random")
@@ -285,8 +285,7 @@ def claim_out_dir(args, rank, world):
                     os.remove(os.path.join(args.out, f))
         os.makedirs(args.out, exist_ok=True)
         json.dump(run, open(file, "w"), indent=2)
-    if world > 1:
-        torch.distributed.barrier()
+    barrier()  # rank 0 has claimed the directory
 
 
 def main(argv=None):

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data import read_json  # JSON files, with errors that name the file
+
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
 
 
@@ -245,17 +247,42 @@ class Block(nn.Module):
     decode = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(forward)
 
 
-def _softmax_(logits):
-    """Softmax over the last dim *in place* (no second [chunk, V] buffer, unlike torch.logsumexp/softmax);
-    returns (probs, logsumexp [chunk, 1])."""
-    m = logits.max(dim=-1, keepdim=True).values
-    sumexp = logits.sub_(m).exp_().sum(dim=-1, keepdim=True)
-    return logits.div_(sumexp), m + sumexp.log()
+FUSED_HEAD_DEVICES = ("cuda",)  # where the output head's per-chunk elementwise work runs compiled (tests add "cpu")
+
+
+def _fused_on_gpu(fn):
+    """fn compiled on FUSED_HEAD_DEVICES, eager elsewhere. Eager, each in-place op is a pass over a [chunk, V] fp32 buffer
+    (about ten, of 0.6 GB each at 1,024 x 152k); Inductor fuses them into reductions and one pass. Dynamic: chunk sizes vary."""
+    compiled = torch.compile(fn, dynamic=True)
+    return lambda logits, *args: (compiled if logits.device.type in FUSED_HEAD_DEVICES else fn)(logits, *args)
+
+
+@_fused_on_gpu
+def _logp_entropy(logits, targets, temperature):
+    """logits [c, V] (the GEMM's dtype), targets [c] -> log softmax(logits / temperature)[targets], entropy: [c] fp32.
+    fp32 logits are overwritten (the one chunk-sized buffer)."""
+    z = logits.float().div_(temperature)
+    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log-probs, in place
+    return z.gather(1, targets[:, None]).squeeze(1), -(z.exp() * z).sum(-1)
+
+
+@_fused_on_gpu
+def _logit_grad(logits, targets, coef, temperature):
+    """logits [c, V], targets [c], coef [c] -> (log p(targets) [c] fp32, g [c, V] in logits' dtype), where g =
+    d sum_t coef_t log p_t / d logits = coef / temperature * (onehot(targets) - softmax(logits / temperature)), its target
+    entry from log p (-expm1: no cancellation as p -> 1). fp32 logits are overwritten and become g (one chunk buffer)."""
+    z = logits.float().div_(temperature)
+    target_logit = z.gather(1, targets[:, None])
+    m = z.max(dim=-1, keepdim=True).values
+    sumexp = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # z is now exp(z - m)
+    logp, scale = target_logit - m - sumexp.log(), coef[:, None].float() / temperature  # [c, 1] each
+    g = z.mul_(-scale / sumexp).to(logits.dtype)  # -coef / temperature * softmax
+    return logp.squeeze(1), g.scatter_(1, targets[:, None], (-torch.expm1(logp) * scale).to(g.dtype))
 
 
 class _ChunkedTokenLogProb(torch.autograd.Function):
-    """log softmax(h W^T / temperature)[target] for N tokens, `chunk` tokens at a time.
-    Forward keeps only [N] results; backward recomputes each chunk's logits:
+    """hidden [N, H], weight [V, H], targets [N] -> log softmax(h W^T / temperature)[target], entropy: [N] fp32 each,
+    `chunk` tokens at a time. Forward keeps only [N] results; backward recomputes each chunk's logits:
         d logp / d logits = onehot(target) - softmax(logits)   (scaled by 1/temperature)."""
 
     @staticmethod
@@ -263,12 +290,8 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float)
         entropy = torch.empty_like(logp)
         for s in range(0, hidden.shape[0], chunk):
-            logits = (hidden[s:s + chunk] @ weight.t()).float().div_(temperature)  # [chunk, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            logp[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse
-            logits.sub_(lse[:, None])  # log-probs, in place
-            entropy[s:s + chunk] = -(logits.exp() * logits).sum(-1)
-            del logits
+            logp[s:s + chunk], entropy[s:s + chunk] = _logp_entropy(hidden[s:s + chunk] @ weight.t(), targets[s:s + chunk],
+                                                                    temperature)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk, ctx.temperature = chunk, temperature
         ctx.mark_non_differentiable(entropy)
@@ -278,23 +301,17 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # see _ChunkedWeightedLogProbSum
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk]
-            g = _softmax_((h @ weight.t()).float().div_(ctx.temperature))[0].neg_()
-            g.scatter_add_(1, targets[s:s + ctx.chunk, None], torch.ones_like(g[:, :1]))
-            g.mul_(grad_logp[s:s + ctx.chunk, None] / ctx.temperature)  # d loss / d logits, [chunk, V]
+            h, c = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
+            # [chunk, V]; a sum's gradient comes expanded (stride 0): contiguous, for one compiled graph for both
+            g = _logit_grad(h @ weight.t(), targets[c], grad_logp[c].contiguous(), ctx.temperature)[1]
             if grad_hidden is not None:
-                grad_hidden[s:s + ctx.chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[c] = g @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(g.t(), h.float())  # in place: no weight-sized temporary
+                grad_weight.addmm_(g.t(), h)
             del g  # free this chunk before the next one is allocated
-        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None, None
-
-
-def token_logprobs(hidden, weight, targets, chunk=1024, temperature=1.0):
-    """hidden [N, H], weight [V, H], targets [N] -> (log-probs [N], entropies [N]) in fp32."""
-    return _ChunkedTokenLogProb.apply(hidden, weight, targets, chunk, temperature)
+        return grad_hidden, grad_weight, None, None, None
 
 
 class _ChunkedWeightedLogProbSum(torch.autograd.Function):
@@ -306,30 +323,28 @@ class _ChunkedWeightedLogProbSum(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, weights, chunk, temperature):
         total = torch.zeros((), device=hidden.device, dtype=torch.float)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float) if ctx.needs_input_grad[1] else None
+        # the weight's gradient is summed over chunks in place in the weight's dtype, no weight-sized temporary (as Liger-
+        # Kernel's fused linear cross-entropy): a bf16 chunk's GEMM adds in fp32 and rounds the sum once. On an H100 the
+        # TF32 GEMM it replaced (over fp32 copies of g and h) was an SFT step's third-largest kernel, 9 ms of 174
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], chunk):
-            h, t, w = hidden[s:s + chunk], targets[s:s + chunk, None], weights[s:s + chunk, None].float()
-            logits = (h @ weight.t()).float().div_(temperature)  # [chunk, V], the one chunk-sized buffer
-            target_logit = logits.gather(1, t)
-            probs, lse = _softmax_(logits)
-            total += (w * (target_logit - lse)).sum()
-            g = probs.neg_()
-            g.scatter_add_(1, t, torch.ones_like(g[:, :1]))
-            g.mul_(w / temperature)
+            h, w = hidden[s:s + chunk], weights[s:s + chunk]
+            logp, g = _logit_grad(h @ weight.t(), targets[s:s + chunk], w, temperature)  # g [chunk, V]: d total / d logits
+            total += (w.float() * logp).sum()
             if grad_hidden is not None:
-                grad_hidden[s:s + chunk] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_hidden[s:s + chunk] = g @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(g.t(), h.float())  # in place: no weight-sized temporary
-            del logits, probs, g  # free this chunk before the next one is allocated
+                grad_weight.addmm_(g.t(), h)
+            del g  # free this chunk before the next one is allocated
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors  # in place: no second weight-sized buffer
-        return (None if grad_hidden is None else grad_hidden.mul_(grad_total.to(grad_hidden.dtype)),
-                None if grad_weight is None else grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None, None, None)
+        # an fp32 scalar times a bf16 tensor is computed in fp32, then rounded once
+        return (None if grad_hidden is None else grad_hidden.mul_(grad_total),
+                None if grad_weight is None else grad_weight.mul_(grad_total), None, None, None, None)
 
 
 class Decoder(nn.Module):  # the Hugging Face "model." prefix
@@ -349,7 +364,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.checkpoint_activations = False  # recompute each block in backward (sft/grpo --grad-ckpt)
-        self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k fp32 logits = 0.6 GB
+        self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
 
     def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, shared_prefix=None,
                 last_only=False, head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
@@ -392,7 +407,7 @@ class Transformer(nn.Module):
         rows = token_mask.reshape(-1).nonzero().squeeze(1) if token_mask is not None else None
         if rows is not None:
             hidden, targets = hidden[rows], targets[rows]
-        logp, entropy = token_logprobs(hidden, self.lm_head.weight, targets, self.logprob_chunk, temperature)
+        logp, entropy = _ChunkedTokenLogProb.apply(hidden, self.lm_head.weight, targets, self.logprob_chunk, temperature)
         if rows is not None:  # scatter back (fresh tensors, not views: FSDP2 hooks backward onto outputs)
             logp, entropy = (torch.zeros(B * T, device=x.device).index_put((rows,), t) for t in (logp, entropy))
         return logp.view(B, T).clone(), entropy.view(B, T).clone()
@@ -425,7 +440,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def _weight_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index, dict).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index}: no 'weight_map' of tensor names to shard files")
         shards = sorted(set(weight_map.values()))
@@ -442,23 +457,12 @@ def _weight_files(path):
     return [single]
 
 
-def _read_json(file):
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: malformed JSON ({e})"[:300]) from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return d
-
-
 def load_config(path) -> ModelConfig:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{cfg_file} not found (a checkpoint directory needs config.json)")
     try:
-        return ModelConfig.from_hf(_read_json(cfg_file), source=cfg_file)
+        return ModelConfig.from_hf(read_json(cfg_file, dict), source=cfg_file)
     except TypeError as e:  # a field of the wrong type
         raise ValueError(f"{cfg_file}: {e}") from None
 

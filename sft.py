@@ -116,9 +116,8 @@ def parse_args(argv=None):
 
 def micro_batches(seqs, tokens_per_micro):
     """Group (ids, loss_mask) sequences by length into micro-batches of <= tokens_per_micro padded tokens."""
-    seqs = sorted(seqs, key=lambda s: len(s[0]))
     out, cur = [], []
-    for s in seqs:
+    for s in sorted(seqs, key=lambda s: len(s[0])):
         if cur and len(s[0]) * (len(cur) + 1) > tokens_per_micro:
             out.append(cur)
             cur = []
@@ -129,8 +128,7 @@ def micro_batches(seqs, tokens_per_micro):
 def pad_batch(seqs, pad_id, device):
     """-> input ids [B, T-1], targets [B, T-1], loss mask [B, T-1] (next-token shift, right padding)."""
     T = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.float)
+    ids, mask = torch.full((len(seqs), T), pad_id, dtype=torch.long), torch.zeros(len(seqs), T, dtype=torch.float)
     for i, (s, m) in enumerate(seqs):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)

@@ -45,7 +45,7 @@ def setup_distributed(cpu=False):
     if torch.cuda.is_available() and not cpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # what stays fp32 (the head's chunks, RoPE) uses TF32
+        torch.backends.cuda.matmul.allow_tf32 = True  # a matmul left in fp32 (none in the model itself) uses TF32
     else:
         device = torch.device("cpu")
     if uses_fsdp(world, device) and not dist.is_initialized():  # one GPU: a one-rank group (over a HashStore)
