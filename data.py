@@ -178,8 +178,7 @@ class ChatTokenizer:
         self.eos_token, self.pad_token = token(cfg.get("eos_token")), token(cfg.get("pad_token"))
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
         self.pad_id = self.tok.token_to_id(self.pad_token) if self.pad_token else self.eos_id
-        self.im_start_id = self.tok.token_to_id("<|im_start|>")
-        self.im_end_id = self.tok.token_to_id("<|im_end|>")
+        self.im_start_id, self.im_end_id = self.tok.token_to_id("<|im_start|>"), self.tok.token_to_id("<|im_end|>")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)  # ids beyond it are padding rows
         # generation stops at the end of the assistant turn (and at <|endoftext|> / the eos as a fallback)
         chatml = self.family in ("qwen2.5", "qwen3")
@@ -365,8 +364,7 @@ def need(row, key, where, kind=str, nonempty=True):
 
 
 def answer(row, key, where):
-    """An answer to judge: a string, taken as given. An empty or whitespace-only answer is a legitimate (bad)
-    answer that benchmarks contain; evaluation judges it, GRPO drops and counts it (has_empty_answer)."""
+    """An answer to judge, taken as given: an empty or blank one is a legitimate bad answer (judged; GRPO drops it)."""
     return need(row, key, where, nonempty=False)
 
 

@@ -67,8 +67,7 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temp
                                stop_ids=tokenizer.stop_ids, seed=seed, vocab_size=tokenizer.vocab_size, prompt_ids=idx)
         rows = []
         for i, out in zip(idx, outs):
-            text = tokenizer.decode(out)
-            truncated = tokenizer.cut_off(out)
+            text, truncated = tokenizer.decode(out), tokenizer.cut_off(out)
             rows.append(result_row(examples[i], len(prompt_ids[i]), text, None if truncated else parse_verdict(text), truncated))
         if progress:
             progress.update(len(rows))
@@ -364,10 +363,8 @@ def judge_into(f, args, model, tokenizer, mine, rank):
         if dropped:
             print(f"rank {rank}: {dropped} prompts longer than --max-prompt-len {args.max_prompt_len} are not judged "
                   "and count as wrong (unparsed), so the benchmark keeps its size")
-        kept_ids = {ex.id for ex in kept}
-        for ex in mine:
-            if ex.id not in kept_ids:  # too long to judge: counted as unparsed (wrong), never silently dropped
-                f.write(json.dumps(result_row(ex, -1, "", None)) + "\n")
+        kept_ids = {ex.id for ex in kept}  # the others are too long to judge: unparsed (wrong), never silently dropped
+        f.writelines(json.dumps(result_row(ex, -1, "", None)) + "\n" for ex in mine if ex.id not in kept_ids)
         from sampler import Sampler
         free, total = torch.cuda.mem_get_info() if model.lm_head.weight.is_cuda else (0, 1)  # this rank's GPU
         engine = Sampler(model, args.batch_size or (min(256, len(ids) or 1) if free else 8),

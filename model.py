@@ -304,7 +304,7 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # see _ChunkedWeightedLogProbSum
         for s in range(0, hidden.shape[0], ctx.chunk):
             h, c = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
-            # [chunk, V]; a sum's gradient comes expanded (stride 0): contiguous, for one compiled graph for both
+            # [chunk, V]; contiguous: a sum's gradient comes expanded (stride 0), which would compile a second graph
             g = _logit_grad(h @ weight.t(), targets[c], grad_logp[c].contiguous(), ctx.temperature)[1]
             if grad_hidden is not None:
                 grad_hidden[c] = g @ weight
@@ -323,9 +323,8 @@ class _ChunkedWeightedLogProbSum(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, weights, chunk, temperature):
         total = torch.zeros((), device=hidden.device, dtype=torch.float)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # the weight's gradient is summed over chunks in place in the weight's dtype, no weight-sized temporary (as Liger-
-        # Kernel's fused linear cross-entropy): a bf16 chunk's GEMM adds in fp32 and rounds the sum once. On an H100 the
-        # TF32 GEMM it replaced (over fp32 copies of g and h) was an SFT step's third-largest kernel, 9 ms of 174
+        # the weight's gradient is summed in place in its dtype (as Liger-Kernel's fused loss): a bf16 chunk's GEMM adds in
+        # fp32, rounds the sum once. The TF32 GEMM it replaced was an H100 SFT step's third-largest kernel (9 ms of 174)
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], chunk):
             h, w = hidden[s:s + chunk], weights[s:s + chunk]
@@ -341,8 +340,7 @@ class _ChunkedWeightedLogProbSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors  # in place: no second weight-sized buffer
-        # an fp32 scalar times a bf16 tensor is computed in fp32, then rounded once
+        grad_hidden, grad_weight = ctx.saved_tensors  # in place (no second weight-sized buffer); fp32 scalar x bf16: in fp32
         return (None if grad_hidden is None else grad_hidden.mul_(grad_total),
                 None if grad_weight is None else grad_weight.mul_(grad_total), None, None, None, None)
 
@@ -580,10 +578,9 @@ def copy_weights(src, dst):
 
 
 def compile_blocks(model, backend="inductor"):
-    """torch.compile each block for training (CUDA): RMSNorm + residual add, RoPE and SwiGLU fuse into a few kernels.
-    Blocks share their code and take tensors and the recompute flag (no layer index), so one graph serves all layers,
-    recomputing in its backward graph with checkpointing. Batch and sequence sizes are dynamic from the first call (see
-    forward; static first graphs, then one per size that changed, took GRPO past Dynamo's recompile limit). Before FSDP."""
+    """torch.compile each block for training (CUDA; before FSDP): norms, residual adds, RoPE and SwiGLU fuse. Blocks share
+    code and take only tensors and the recompute flag, so one graph (recomputing inside with checkpointing) serves all
+    layers; sizes are dynamic from the first call (see forward: static first graphs passed Dynamo's recompile limit)."""
     for layer in model.model.layers:
         layer.compile(backend=backend)
     return model

@@ -90,12 +90,11 @@ def sample_next(logits, u, temperature, top_p, top_k):
 class Sampler:
     def __init__(self, model, slots, max_len, compile=False, sync_every=None, backend="inductor", memory_frac=None,
                  prefill_tokens=32768, group=1):
-        """model: a plain (unsharded) Transformer; it gets a KV cache of `slots` x `max_len` (prompt + new
-        tokens). compile: torch.compile the decode step (fullgraph, CUDA graphs on GPUs); backend "eager"
-        lets CPU tests count compilations. sync_every: decode steps between host checks (CPU 1, CUDA 8).
-        memory_frac (GPUs): fewer slots where their cache would take more than this share of the GPU's memory, in
-        whole groups of `group` (GRPO's n: a prompt's n samples are admitted together, so a remainder would idle).
-        prefill_tokens: the most (padded) prompt tokens one prefill forward runs, so its activations stay bounded."""
+        """model: a plain (unsharded) Transformer; it gets a KV cache of `slots` x `max_len` (prompt + new tokens).
+        compile: torch.compile the decode step (fullgraph, CUDA graphs on GPUs; backend "eager" lets CPU tests count
+        compilations). sync_every: decode steps between host checks (CPU 1, CUDA 8). memory_frac (GPUs): fewer slots
+        where their cache would pass this share of the GPU's memory, in whole groups of `group` (GRPO's n samples of a
+        prompt are admitted together). prefill_tokens: the most (padded) prompt tokens one prefill forward runs."""
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         if memory_frac and device.type == "cuda":
             budget = memory_frac * torch.cuda.get_device_properties(device).total_memory

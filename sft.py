@@ -32,7 +32,7 @@ gradient reduction through FSDP2 on any number of GPUs (one included), fp32 on C
 each block is fully_shard-ed, then the root (one GPU that fits it: the root alone). Checkpoints: a Hugging Face
 layout model in the starting checkpoint's dtype (--save-dtype), written whole or not at all, and a resumable state
 per rank (local shards of weights and AdamW moments, step, RNG), loaded weights-only. --resume continues exactly
-where the last saved step left off, with the same settings and number of ranks. A non-finite loss or gradient norm
+where the last saved step left off, with the same settings, on any number of ranks. A non-finite loss or gradient norm
 stops the run before the optimizer step, without saving.
 """
 import argparse
@@ -176,8 +176,7 @@ def main(argv=None):
     steps_per_epoch = len(rows) // args.global_batch
     if steps_per_epoch == 0:
         raise DataError(f"{args.data}: {len(rows)} usable rows, fewer than --global-batch {args.global_batch}")
-    total = int(steps_per_epoch * args.epochs)
-    total = planned = min(total, args.max_steps) if args.max_steps else total
+    total = planned = min(int(steps_per_epoch * args.epochs), args.max_steps or float("inf"))
     if total == 0:
         raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
     compile = compile_wanted(args.compile, device)

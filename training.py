@@ -6,10 +6,10 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits)
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
-  RunDir              a run directory: refuse to clobber, resume checks, metrics, resumable state, safe swaps
-  stop_if_not_finite  divergence: stop before anything non-finite is saved
-  save_checkpoint     the output model and tokenizer, swapped in whole (replace_dir, recover_dir)
-  epoch_batch, lr_at, make_optimizer, check_vocab, cli
+  RunDir              a run directory: refuse to clobber, resume checks, metrics, safe swaps (replace_dir, recover_dir)
+  save/load_state     each rank's shards of weights and AdamW moments; any number of ranks resumes them
+  save_checkpoint     the output model and tokenizer, swapped in whole
+  stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab, cli
 
 The precision policy is the same for every world size. On CUDA: fp32 master weights and AdamW moments, bf16
 compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradient reduction; one GPU runs
@@ -252,31 +252,41 @@ def save_state(path, model, optimizer, step, rank, extra=None):
 
 
 def load_state(path, model, optimizer, rank):
-    """-> (step, extra). Weights are copied into this rank's shards; AdamW's state goes through
-    optimizer.load_state_dict, which puts `step` where the optimizer needs it (on the parameter's device for
-    fused AdamW)."""
-    file = os.path.join(path, f"rank{rank}.pt")
-    if not os.path.exists(file):
-        raise SystemExit(f"{file} not found: resume needs the same number of ranks as the saved run")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except Exception as e:
-        raise SystemExit(f"{file}: unreadable training state ({str(e)[:150]})") from None
+    """-> (step, extra). Weights go into this rank's shards; AdamW's state through optimizer.load_state_dict, which puts
+    `step` where the optimizer needs it (on the parameter's device for fused AdamW). Any number of ranks may resume: the
+    rank files are memory-mapped and a rank reads, of each saved tensor (its shards in rank order), the rows FSDP2 gives
+    it (torch.chunk on dim 0): with as many ranks as saved, exactly its own file's."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world = len([f for f in os.listdir(path) if f.startswith("rank") and f.endswith(".pt")]) or 1
+    states = []
+    for file in [os.path.join(path, f"rank{k}.pt") for k in range(saved_world)]:
+        try:  # weights only: never unpickle arbitrary objects
+            states.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise SystemExit(f"{file}: unreadable training state ({str(e)[:150]})") from None
+    state = states[rank if rank < saved_world else 0]  # this rank's step, RNG and extra
     params = dict(model.named_parameters())
     if set(state["model"]) != set(params):
-        raise SystemExit(f"{file}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
+        raise SystemExit(f"{path}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
+
+    def part(name, get):  # this rank's rows of the saved tensor whose shards are get(each rank's state)
+        shards, here = [get(s) for s in states], _local(params[name])
+        starts = [sum(len(t) for t in shards[:k]) for k in range(len(shards) + 1)]
+        lo = rank * -(-starts[-1] // world)  # FSDP2's rows per rank: ceil(rows / world)
+        saved = torch.cat([t[max(lo - a, 0):max(lo + len(here) - a, 0)] for t, a in zip(shards, starts)])
+        if saved.shape != here.shape:
+            raise SystemExit(f"{path}: tensor {name!r}: the saved state has {starts[-1]} rows in {saved_world} shard(s), "
+                             f"this rank's shard of the model is {list(here.shape)} (another model?)")
+        return saved
     with torch.no_grad():
         for n, p in params.items():
-            saved, here = state["model"][n], _local(p)
-            if saved.shape != here.shape:  # another number of ranks shards the tensors otherwise
-                raise SystemExit(f"{file}: tensor {n!r}: a {list(saved.shape)} shard saved, {list(here.shape)} here: "
-                                 "resume needs the same number of ranks as the saved run")
+            saved = part(n, lambda s: s["model"][n])
             if not torch.isfinite(saved).all():
-                raise SystemExit(f"{file}: tensor {n!r} has non-finite values")
-            here.copy_(saved)
+                raise SystemExit(f"{path}: tensor {n!r} has non-finite values")
+            _local(p).copy_(saved)
     index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
-    optim = {index[id(params[n])]: {k: (_local_like(params[n], v) if k != "step" else v) for k, v in s.items()}
-             for n, s in state["optim"].items()}
+    optim = {index[id(params[n])]: {k: (_local_like(params[n], part(n, lambda s: s["optim"][n][k])) if k != "step" else v)
+                                    for k, v in moments.items()} for n, moments in state["optim"].items()}
     optimizer.load_state_dict({"state": optim, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and torch.cuda.is_available():

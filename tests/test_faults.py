@@ -65,6 +65,30 @@ def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 
+def test_a_state_saved_by_any_number_of_ranks_resumes_on_any_other(tmp_path, monkeypatch):
+    # FSDP2 gives rank r rows [r c, (r + 1) c) of each tensor, c = ceil(rows / world): a state saved by 3 ranks (shards of
+    # 2, 2 and 1 rows; a 1-row tensor leaves ranks 1 and 2 empty) is read by 1, 2 and 4 ranks, each taking its rows
+    import torch.distributed as dist
+    full = {"a": torch.randn(5, 3), "b": torch.randn(1, 2)}
+    shard = lambda t, k, w: torch.tensor_split(t, [min(len(t), i * -(-len(t) // w)) for i in range(1, w)])[k]
+    for k in range(3):
+        moments = {n: {"step": torch.tensor(2.0), "exp_avg": shard(t, k, 3) + 1, "exp_avg_sq": shard(t, k, 3) + 2}
+                   for n, t in full.items()}
+        torch.save({"step": 7, "extra": {"k": k}, "rng_cpu": torch.get_rng_state(), "optim": moments,
+                    "model": {n: shard(t, k, 3) for n, t in full.items()}}, tmp_path / f"rank{k}.pt")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for world in (1, 2, 4):
+        monkeypatch.setattr(dist, "get_world_size", lambda: world)
+        for rank in range(world):
+            model = torch.nn.ParameterDict({n: torch.zeros_like(shard(t, rank, world)) for n, t in full.items()})
+            optimizer = torch.optim.AdamW(model.parameters())
+            extra = {"k": rank if rank < 3 else 0}  # its own rank's, or rank 0's
+            assert training.load_state(str(tmp_path), model, optimizer, rank) == (7, extra)
+            for n, t in full.items():
+                assert torch.equal(model[n].detach(), shard(t, rank, world))
+                assert torch.equal(optimizer.state[model[n]]["exp_avg_sq"], shard(t, rank, world) + 2)
+
+
 def test_resume_after_a_crash_truncates_metrics_to_the_saved_step(toy_paths, tmp_path, monkeypatch):
     sft.main(sft_args(toy_paths, tmp_path / "full"))
     real_save = sft.save_state

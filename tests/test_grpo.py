@@ -108,7 +108,7 @@ def grpo_args(toy_paths, out, *extra, policy=None):
             "--eval-limit", "4", *extra]
 
 
-def assert_same_run(one, two):
+def assert_same_run(one, two, batched_alike=True):
     """Two runs of the same GRPO job: identical rollouts, the same losses and weights up to reduction order."""
     m1, m2 = read_metrics(one), read_metrics(two)
     assert len(m1) == len(m2) == 3
@@ -118,8 +118,13 @@ def assert_same_run(one, two):
         for k in ("kl", "clip_frac", "entropy", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
     a, b = M.load_model(str(one / "model")), M.load_model(str(two / "model"))
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    start = M.load_model(json.load(open(one / "run.json"))["model"])
+    for s, p, q in zip(start.parameters(), a.parameters(), b.parameters()):
+        if batched_alike:
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+        else:  # Adam divides by sqrt(v): an element whose gradient is ~0 moves by ~lr on the rounding of another
+            # batching alone, and later steps carry that on; so the gap is measured against how far training moved
+            assert (p - q).norm() < 0.05 * (p - s).norm()
 
 
 def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
@@ -186,14 +191,16 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_matches_one_process(toy_paths, tmp_path, policy):
-    # the same job, batched differently: one process runs whole groups, 3 per micro-batch; each of 2 ranks takes
-    # every other rollout position (2 groups of each 4-prompt mini-batch), decodes 3 prompts at a time, and trains on
-    # slices of a group (--micro-seqs 2 < n = 3: 1 response, then 2), with checkpointing
+def test_torchrun_two_ranks_matches_one_process_and_resumes_a_one_rank_state(toy_paths, tmp_path, policy):
+    # the same job, batched differently: one process runs whole groups, 3 per micro-batch; the other run does step 1 in
+    # one process, then 2 ranks resume its state (each keeps its shard of the one rank's tensors) for steps 2-3: each
+    # rank takes every other rollout position (2 groups of each 4-prompt mini-batch), decodes 3 prompts at a time, and
+    # trains on slices of a group (--micro-seqs 2 < n = 3: 1 response, then 2), with checkpointing
     grpo.main(grpo_args(toy_paths, tmp_path / "one", "--gen-prompts", "3", policy=policy))
-    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", "--gen-prompts", "3", "--micro-seqs", "2", "--grad-ckpt",
-                                      policy=policy))  # same maths
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    sliced = ("--gen-prompts", "3", "--micro-seqs", "2", "--grad-ckpt")  # same maths
+    grpo.main(grpo_args(toy_paths, tmp_path / "two", *sliced, "--stop-after-steps", "1", policy=policy))
+    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *sliced, "--resume", policy=policy))
+    assert_same_run(tmp_path / "one", tmp_path / "two", batched_alike=False)
     s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
     assert s1["heldout_end"] == s2["heldout_end"]
 
