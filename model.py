@@ -269,15 +269,14 @@ def _logp_entropy(logits, targets, temperature):
 @_fused_on_gpu
 def _logit_grad(logits, targets, coef, temperature):
     """logits [c, V], targets [c], coef [c] -> (log p(targets) [c] fp32, g [c, V] in logits' dtype), where g =
-    d sum_t coef_t log p_t / d logits = coef / temperature * (onehot(targets) - softmax(logits / temperature)), its target
-    entry from log p (-expm1: no cancellation as p -> 1). fp32 logits are overwritten and become g (one chunk buffer)."""
+    d sum_t coef_t log p_t / d logits = coef / temperature * (onehot(targets) - softmax(logits / temperature)).
+    fp32 logits are overwritten and become g (the one chunk-sized buffer)."""
     z = logits.float().div_(temperature)
     target_logit = z.gather(1, targets[:, None])
     m = z.max(dim=-1, keepdim=True).values
-    sumexp = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # z is now exp(z - m)
-    logp, scale = target_logit - m - sumexp.log(), coef[:, None].float() / temperature  # [c, 1] each
-    g = z.mul_(-scale / sumexp).to(logits.dtype)  # -coef / temperature * softmax
-    return logp.squeeze(1), g.scatter_(1, targets[:, None], (-torch.expm1(logp) * scale).to(g.dtype))
+    sumexp = z.sub_(m).exp_().sum(dim=-1, keepdim=True)
+    g = z.div_(sumexp).neg_().scatter_add_(1, targets[:, None], torch.ones_like(target_logit))  # onehot - softmax
+    return (target_logit - (m + sumexp.log())).squeeze(1), g.mul_(coef[:, None].float() / temperature).to(logits.dtype)
 
 
 class _ChunkedTokenLogProb(torch.autograd.Function):
