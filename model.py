@@ -260,8 +260,8 @@ def _fused_on_gpu(fn):
 @_fused_on_gpu
 def _logp_entropy(logits, targets, temperature):
     """logits [c, V] (the GEMM's dtype), targets [c] -> log softmax(logits / temperature)[targets], entropy: [c] fp32.
-    fp32 logits are overwritten (the one chunk-sized buffer)."""
-    z = logits.float().div_(temperature)
+    z is a new buffer even for fp32 logits: torch 2.11's Inductor (CPU) got the log-probs wrong when it was the input."""
+    z = logits.float() / temperature
     z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log-probs, in place
     return z.gather(1, targets[:, None]).squeeze(1), -(z.exp() * z).sum(-1)
 
