@@ -252,7 +252,7 @@ FUSED_HEAD_DEVICES = ("cuda",)  # where the output head's per-chunk elementwise 
 
 def _fused_on_gpu(fn):
     """fn compiled on FUSED_HEAD_DEVICES, eager elsewhere. Eager, each in-place op is a pass over a [chunk, V] fp32 buffer
-    (about ten, of 0.6 GB each at 1,024 x 152k); Inductor fuses them into reductions and one pass. Dynamic: chunk sizes vary."""
+    (about ten, of 0.6 GB each at 1,024 x 152k); Inductor fuses them into a few kernels. Dynamic: chunk sizes vary."""
     compiled = torch.compile(fn, dynamic=True)
     return lambda logits, *args: (compiled if logits.device.type in FUSED_HEAD_DEVICES else fn)(logits, *args)
 
@@ -323,7 +323,7 @@ class _ChunkedWeightedLogProbSum(torch.autograd.Function):
         total = torch.zeros((), device=hidden.device, dtype=torch.float)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # the weight's gradient is summed in place in its dtype (as Liger-Kernel's fused loss): a bf16 chunk's GEMM adds in
-        # fp32, rounds the sum once. The TF32 GEMM it replaced was an H100 SFT step's third-largest kernel (9 ms of 174)
+        # fp32, then rounds the running sum. The TF32 GEMM it replaced was an H100 SFT step's third-largest kernel (9 ms)
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], chunk):
             h, w = hidden[s:s + chunk], weights[s:s + chunk]
