@@ -260,10 +260,11 @@ def _fused_on_gpu(fn):
 @_fused_on_gpu
 def _logp_entropy(logits, targets, temperature):
     """logits [c, V] (the GEMM's dtype), targets [c] -> log softmax(logits / temperature)[targets], entropy: [c] fp32.
-    z is a new buffer even for fp32 logits: torch 2.11's Inductor (CPU) got the log-probs wrong when it was the input."""
+    z is a new buffer even for fp32 logits (torch 2.11's Inductor, CPU, got the log-probs wrong when it updated its
+    input); the entropy's product is taken in place instead, so eager allocates as many [c, V] buffers as before."""
     z = logits.float() / temperature
     z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log-probs, in place
-    return z.gather(1, targets[:, None]).squeeze(1), -(z.exp() * z).sum(-1)
+    return z.gather(1, targets[:, None]).squeeze(1), -z.exp().mul_(z).sum(-1)
 
 
 @_fused_on_gpu
