@@ -178,11 +178,10 @@ class ChatTokenizer:
         self.eos_token, self.pad_token = token(cfg.get("eos_token")), token(cfg.get("pad_token"))
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None
         self.pad_id = self.tok.token_to_id(self.pad_token) if self.pad_token else self.eos_id
-        self.im_start_id, self.im_end_id = self.tok.token_to_id("<|im_start|>"), self.tok.token_to_id("<|im_end|>")
+        self.im_end_id = self.tok.token_to_id("<|im_end|>")
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)  # ids beyond it are padding rows
-        # generation stops at the end of the assistant turn (and at <|endoftext|> / the eos as a fallback)
         chatml = self.family in ("qwen2.5", "qwen3")
-        # the token that closes an assistant turn in the chat template (what SFT teaches a trace to end with)
+        # the token that closes an assistant turn (what SFT teaches a trace to end with); generation stops there too
         self.end_of_turn_id = self.im_end_id if chatml else self.eos_id  # DeepSeek-R1 ends a turn with its eos
         stops = [self.eos_id, self.end_of_turn_id] + ([self.im_end_id, self.tok.token_to_id("<|endoftext|>")] if chatml else [])
         self.stop_ids = sorted({s for s in stops if s is not None})

@@ -144,8 +144,7 @@ def score(bench, rows):
         for sub in sorted({sub for _, sub, _ in pairs.values() if sub}):
             s[sub] = pct(ok for ok, sb, _ in pairs.values() if sb == sub)
         s.update(rewardbench_sections(pairs))
-    s["unparsed"] = sum(r["verdict"] is None for r in rows)
-    s["judged"] = len(rows)
+    s.update(unparsed=sum(r["verdict"] is None for r in rows), judged=len(rows))
     if any("pair" in r["meta"] for r in rows):  # --both-orders: placement bias and consistency
         for label in "AB":
             s[f"accuracy_label_{label}"] = pct(r["correct"] for r in rows if r["label"] == label)

@@ -14,7 +14,7 @@ head *before* RoPE, and a head_dim decoupled from hidden_size / heads.
 Module names mirror the Hugging Face ones, so a state-dict key here is the key in the safetensors file.
 
 The forward runs the blocks one way and then one of four heads:
-    logits [B, T, V]            model(ids)                             (last_only=True: [B, 1, V])
+    logits [B, T, V]            model(ids)
     hidden states [B, T, H]     model(ids, head=False)
     token log-probs + entropy   model(ids, targets=t)                  (GRPO; SFT's loss_weights: a sum)
 The log-prob heads run the output head in chunks of tokens, so the full [tokens, vocab] fp32 logits (152k
@@ -94,10 +94,8 @@ class ModelConfig:
             raise ValueError(f"{source}: no RoPE base (rope_theta) found")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        kw["rope_theta"] = float(theta)
-        kw["attention_bias"] = d.get("attention_bias", mt == "qwen2")
-        kw["torch_dtype"] = d.get("torch_dtype") or d.get("dtype") or "bfloat16"
-        kw["head_dim"] = d.get("head_dim") or 0
+        kw.update(rope_theta=float(theta), attention_bias=d.get("attention_bias", mt == "qwen2"),
+                  head_dim=d.get("head_dim") or 0, torch_dtype=d.get("torch_dtype") or d.get("dtype") or "bfloat16")
         return cls(**kw)
 
     def to_hf(self) -> dict:
@@ -111,8 +109,7 @@ class ModelConfig:
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         x32 = x.float()
@@ -183,8 +180,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, hd)
-        k = self.k_proj(x).view(B, T, -1, hd)
+        q, k = self.q_proj(x).view(B, T, -1, hd), self.k_proj(x).view(B, T, -1, hd)
         v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
         if self.cfg.model_type == "qwen3":  # per-head q/k norm, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
@@ -365,15 +361,14 @@ class Transformer(nn.Module):
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
 
     def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, shared_prefix=None,
-                last_only=False, head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
+                head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
         """input_ids [B, T]; positions [B, T] (default 0..T-1).
         Cache (setup_cache first): cache_rows [B * k] prefills, decode=True decodes (see the module docstring);
         kv_len (decode) attends to the first kv_len cache positions instead of all of them.
         shared_prefix (a SharedPrefix) replaces the causal mask: rows are [prefix | n segments] (give positions).
-        Returns logits [B, T, V] ([B, 1, V] with last_only), or with head=False the final normed hidden states
-        [B, T, H], or with targets [B, T]: (log p(targets) [B, T], entropy [B, T]) in fp32, computed only where
-        token_mask [B, T] is set (0 elsewhere: prompt tokens never reach the output head), or with
-        loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped)."""
+        Returns logits [B, T, V]; with head=False the final normed hidden states [B, T, H]; with targets [B, T] the fp32
+        (log p(targets), entropy), each [B, T], only where token_mask is set (0 elsewhere: prompts skip the output head);
+        with loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -388,7 +383,7 @@ class Transformer(nn.Module):
                 x = layer.decode(x, cos, sin, None, None, decode_pos, kv_len)
             else:
                 x = layer(x, cos, sin, shared_prefix, cache_rows, recompute=recompute)
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        x = self.model.norm(x)
         if not head:
             return x
         if targets is None:
@@ -525,9 +520,7 @@ def full_state_dict_items(model):
     for name, p in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # Hugging Face expects tied models to carry only embed_tokens
-        if hasattr(p, "full_tensor"):
-            p = p.full_tensor()
-        yield name, p.detach().to("cpu")
+        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu")
 
 
 def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
@@ -548,16 +541,13 @@ def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
             shards.append(current)
             current, size = {}, 0
         current[name] = t.contiguous()
-        size += nbytes
-        total += nbytes
+        size, total = size + nbytes, total + nbytes
     if rank != 0:
         return
     shards.append(current)
     os.makedirs(path, exist_ok=True)
-    hf = model.config.to_hf()
-    hf["torch_dtype"] = str(dtype).replace("torch.", "")
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+        json.dump(dict(model.config.to_hf(), torch_dtype=str(dtype).replace("torch.", "")), f, indent=2)
     names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                                                              for i in range(len(shards))]
     for fname, shard in zip(names, shards):

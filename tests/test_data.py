@@ -61,7 +61,7 @@ def test_tokenizer_encodes_real_texts_like_transformers():
         assert ours.decode(ids) == text
     special = "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"
     assert ours.encode(special) == auto.encode(special, add_special_tokens=False)
-    assert (ours.eos_id, ours.pad_id, ours.im_start_id, ours.im_end_id) == (151645, 151643, 151644, 151645)
+    assert (ours.eos_id, ours.pad_id, ours.im_end_id, ours.end_of_turn_id) == (151645, 151643, 151645, 151645)
     assert ours.vocab_size == 151665
 
 
