@@ -61,9 +61,9 @@ from data import default_judge_family, describe_counts, load_judge_examples, loa
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
-from training import (RunDir, all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, end_distributed, epoch_batch, load_for_training, load_state, lr_at,
-                      make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab,
+                      cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch, load_for_training, load_state,
+                      lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -327,6 +327,7 @@ def update(job, step, ro, adv, micros, old, refs):
     n_tok, n_seq = max(mb_tokens, 1.0), max(mb_seqs, 1.0)
     totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
     for k, seqs in enumerate(micros):
+        accumulate_gradients(job.policy, last=k == len(micros) - 1)
         part = policy_update_step(job, ro, seqs, adv[seqs].to(job.device)[:, None], old[k],
                                   refs[k] if refs is not None else None, n_tok, n_seq)
         totals = {key: totals[key] + part[key] for key in totals}
@@ -410,7 +411,6 @@ def main(argv=None):
     if len(examples) < args.rollout_prompts:
         raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")
     total = args.steps or len(examples) // args.rollout_prompts
-
     compile = compile_wanted(args.compile, device)
     policy = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt)
     ref = load_for_training(args.model, world, device, trainable=False, compile=compile) if args.kl > 0 else None

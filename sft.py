@@ -49,9 +49,9 @@ import toy
 from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
-from training import (RunDir, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli, clip_grad_norm,
-                      compile_wanted, end_distributed, epoch_batch, idle_backward, load_for_training, load_state,
-                      lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
+                      clip_grad_norm, compile_wanted, end_distributed, epoch_batch, idle_backward, load_for_training,
+                      load_state, lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -246,9 +246,10 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     loss_sum = 0.0
     micros = micro_batches(batch[rank::world], args.tokens_per_micro)
     n_idle = int(all_reduce_max([len(micros)], device)[0]) - len(micros)  # before any forward: collectives in step
-    for mb in micros:
+    for k, mb in enumerate(micros):
         ids, targets, mask = pad_batch(mb, pad_id, device)
         nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
+        accumulate_gradients(model, last=k == len(micros) - 1)
         # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
         (nll / n_step * world).backward()
         loss_sum += nll.item()

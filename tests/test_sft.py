@@ -198,3 +198,39 @@ def test_saved_checkpoint_keeps_the_source_dtype(toy_paths, tmp_path):
         assert json.load(open(out / "model" / "config.json"))["torch_dtype"] == str(dtype)[6:]
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype="auto")
         assert hf.dtype == dtype
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_one_unit_accumulates_gathered_in_fp32_and_reduces_once(toy_paths, one_rank_fsdp, bf16):
+    """One GPU (one FSDP2 unit) keeps the weights gathered between an optimizer step's micro-batches and reduces the
+    gradients once, at the last; the gradients equal those of reducing after every micro-batch: in fp32 exactly, and
+    with bf16 compute (CUDA's policy, here on CPU) to fp32 rounding, so the unsharded accumulation is in fp32."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+    from torch.distributed.tensor import DTensor
+    import training
+    one_rank_fsdp()
+    _, world, device = training.setup_distributed()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (4, 3, 24))  # 4 micro-batches of 3 sequences
+
+    def grads(gathered):
+        model = training.load_for_training(toy_paths["init"], world, device)
+        assert model.accumulate_gathered  # one rank, and the model fits: one unit
+        if bf16:
+            model = M.load_model(toy_paths["init"])
+            mp = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            fsdp.fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        model.accumulate_gathered = gathered
+        for k, x in enumerate(ids):
+            training.accumulate_gradients(model, last=k == len(ids) - 1)
+            model(x, targets=x, loss_weights=torch.full(x.shape, -1.0)).backward()
+            gathered_now = not isinstance(next(model.parameters()), DTensor)
+            assert gathered_now == (gathered and k < len(ids) - 1)  # weights stay gathered until the last micro-batch
+        return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    try:
+        once, each = grads(True), grads(False)
+    finally:
+        dist.destroy_process_group()
+    for n in once:  # bf16 accumulation would be off by about 2^-9 of the gradient
+        torch.testing.assert_close(once[n], each[n], rtol=1e-6, atol=1e-7 if bf16 else 0, msg=lambda m: f"{n}: {m}")
