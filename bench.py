@@ -273,7 +273,7 @@ def bench_gpu(args, device, dtype):
         run("SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
         run("  where its time goes (profiler)", 20, lambda: _sft_profile(m, dev, smoke))
         run("  the head's chunks eager, not compiled", 20, lambda: _sft_head_eager(m, dev, flops_peak, smoke))
-        run("  no activation checkpointing", 25, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke, grad_ckpt=False))
+        run("  4 x 4k tokens a micro-batch (sft.py)", 40, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke, 4, 2))
         group = {"inputs": _grpo_group_inputs(m, dev, smoke)}
         run("GRPO group 1.5B: 2k prompt + 7 x 1k", 30, lambda: _grpo_group(m, dev, smoke, group))
         del m, opt
@@ -420,41 +420,47 @@ def _trainer_model(smoke):
     return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device
 
 
-def _sft_fwd_bwd(model, device, smoke):
-    """-> (one SFT forward+backward on a 4k-token sequence, its token count); the loss weighs tokens as sft.py."""
+def _sft_fwd_bwd(model, device, smoke, seqs=1):
+    """-> (one SFT forward+backward on `seqs` 4k-token sequences, its token count); the loss weighs tokens as sft.py."""
     T = 512 if smoke else 4096
-    ids = torch.randint(0, model.config.vocab_size, (1, T), device=device)
-    weights = torch.full((1, T), -1 / T, device=device)  # mean token NLL
-    return lambda: model(ids, targets=ids, loss_weights=weights).backward(), T
+    ids = torch.randint(0, model.config.vocab_size, (seqs, T), device=device)
+    weights = torch.full((seqs, T), -1 / T, device=device)  # mean token NLL
+    return lambda: model(ids, targets=ids, loss_weights=weights).backward(), T * seqs
 
 
-def _mfu(model, T, seconds, flops_peak):
+def _mfu(model, T, seconds, flops_peak, seqs=1):  # T tokens in `seqs` equal sequences
     cfg = model.config
-    flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2  # causal attention
+    flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2 / seqs  # causal attention
     return f"MFU {flops / seconds / flops_peak:.1%}" if flops_peak else "MFU n/a"
 
 
-def _sft_mfu(model, optimizer, device, flops_peak, smoke, grad_ckpt=True):
-    """One SFT step (forward, backward, AdamW) on a 4k-token sequence, as sft.py runs it; and forward+backward
-    alone, since sft.py's optimizer step comes once per global batch (128 sequences), not once per sequence."""
-    model.checkpoint_activations = grad_ckpt
-    fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
+def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
+    """SFT optimizer steps as sft.py runs them, on 4k-token sequences, `seqs` per micro-batch: `micros` micro-batches
+    then AdamW (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one
+    micro-batch then AdamW (the step this check timed before); forward+backward alone, reducing each time."""
+    import training
+    model.checkpoint_activations = True
+    fwd_bwd, T = _sft_fwd_bwd(model, device, smoke, seqs)
 
-    def sft_step():
-        fwd_bwd()
+    def sft_step(n):
+        for k in range(n):
+            training.accumulate_gradients(model, last=k == n - 1)
+            fwd_bwd()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     t = time.perf_counter()
-    sft_step()
+    sft_step(1)
     first = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t_step, t_fb = timeit(sft_step, 3, device), timeit(fwd_bwd, 3, device)
+    t_acc, t_one = timeit(lambda: sft_step(micros), 2, device) / micros, timeit(lambda: sft_step(1), 3, device)
+    t_fb = timeit(fwd_bwd, 3, device)
     optimizer.zero_grad(set_to_none=True)
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    return (f"{T / t_step:.0f} tok/s, {_mfu(model, T, t_step, flops_peak)} with AdamW; forward+backward alone {T / t_fb:.0f} "
-            f"tok/s, {_mfu(model, T, t_fb, flops_peak)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s")
+    rate = lambda t: f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak, seqs)}"
+    return (f"{micros} micro-batches + AdamW {rate(t_acc)}; 1 micro-batch + AdamW {rate(t_one)}; forward+backward alone "
+            f"{rate(t_fb)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s")
 
 
 def _sft_head_eager(model, device, flops_peak, smoke):
