@@ -257,7 +257,7 @@ def grpo_step(job, step):
     ro = rollout(job, step)
     rewards, correct = score(job, ro)
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
-    plan = micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n)
+    plan = micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
     t0 = time.time()
     old, refs = old_and_ref_logprobs(job, ro, plan)
     t_logprobs, t0 = time.time() - t0, time.time()
@@ -291,16 +291,18 @@ def score(job, ro):
     return rewards, (verdict_rewards > 0).float()
 
 
-def micro_batch_plan(positions, minibatch_prompts, micro_seqs, n):
+def micro_batch_plan(positions, minibatch_prompts, micro_seqs, n, lengths):
     """-> plan[m] = the micro-batches of mini-batch m in order, each a list of this rank's sequence indices g * n + j
-    (response j of group g): micro_seqs // n whole groups, or each group in k = ceil(n / micro_seqs) near-equal slices."""
+    (response j of group g): micro_seqs // n whole groups, or each group in k = ceil(n / micro_seqs) near-equal slices,
+    longest responses first (lengths [G * n]): a slice is padded to its longest, so like lengths go together."""
     plan, k = {}, -(-n // micro_seqs)
     for g, p in enumerate(positions):
         micros = plan.setdefault(p // minibatch_prompts, [])
         if k == 1 and micros and len(micros[-1]) + n <= micro_seqs:
             micros[-1] += range(g * n, (g + 1) * n)
         else:
-            micros += [list(range(g * n + i * n // k, g * n + (i + 1) * n // k)) for i in range(k)]
+            group = sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i] if k > 1 else 0)  # stable
+            micros += [group[i * n // k:(i + 1) * n // k] for i in range(k)]
     return [plan[m] for m in sorted(plan)]
 
 

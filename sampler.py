@@ -229,14 +229,12 @@ class Sampler:
         running = [s for s in range(self.slots) if owner[s] >= 0]
         if not running or self.fit(len(running)) * 4 > self.fit(running[-1] + 1) * 3:
             return
-        src = torch.tensor(running, device=self.tok.device)
-        dst = torch.arange(len(running), device=self.tok.device)
+        src, dst = torch.tensor(running, device=self.tok.device), torch.arange(len(running), device=self.tok.device)
         self.model.move_cache_rows(src, dst)
         for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out):
             t.index_copy_(0, dst, t.index_select(0, src))
         self.done[len(running):] = True
-        moved = [owner[s] for s in running]
-        owner[:] = moved + [-1] * (self.slots - len(moved))
+        owner[:] = [owner[s] for s in running] + [-1] * (self.slots - len(running))
 
     def collect(self, owner, b, outputs):
         """Host check: copy out the outputs of finished slots and free them -> the highest position still in use."""

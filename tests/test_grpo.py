@@ -288,7 +288,7 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
     job, ro = first_rollout(toy_paths, policy, "--micro-seqs", str(micro_seqs), dtype=dtype, compiled=compiled)
     args, model = job.args, job.policy
     assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
-    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n)
+    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
     assert len(plan[0]) == (2 if micro_seqs == 6 else 8)  # 4 groups: 2 per micro-batch, or each in 2 slices
     old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
     rewards, _ = grpo.score(job, ro)
@@ -301,12 +301,14 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
 
 
 def test_micro_batch_plan_by_hand():
-    # 4 groups of n = 3 in 2 mini-batches of 2 prompts; sequence g * 3 + j is response j of group g
-    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 6, 3) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]
-    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 5, 3) == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
-    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 2, 3) == [[[0], [1, 2], [3], [4, 5]], [[6], [7, 8], [9], [10, 11]]]
-    assert grpo.micro_batch_plan([1, 3, 5, 7], 4, 9, 3) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]  # rank 1 of 2
-    assert [len(s) for s in grpo.micro_batch_plan([0], 1, 4, 7)[0]] == [3, 4]  # near-equal slices, not 4 + 3 ... + 1
+    # 4 groups of n = 3 in 2 mini-batches of 2 prompts; sequence g * 3 + j is response j of group g, of length L[g * 3 + j]
+    L = [5, 9, 9, 1, 2, 3, 3, 2, 1, 7, 7, 7]
+    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 6, 3, L) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]
+    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 5, 3, L) == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+    # slices of a group: longest first (ties in order), so a slice's padding to its longest is as small as it gets
+    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 2, 3, L) == [[[1], [2, 0], [5], [4, 3]], [[6], [7, 8], [9], [10, 11]]]
+    assert grpo.micro_batch_plan([1, 3, 5, 7], 4, 9, 3, L) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]  # rank 1 of 2
+    assert [len(s) for s in grpo.micro_batch_plan([0], 1, 4, 7, [1] * 7)[0]] == [3, 4]  # near-equal slices, not 4 + 3
 
 
 def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
@@ -317,7 +319,7 @@ def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
     adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
     runs = {}
     for micro_seqs in (9, 2, 1):
-        plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n)
+        plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
         old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
         per_seq = {i: logp[row, :len(ro.responses[i])] for micros, olds in zip(plan, old)
                    for seqs, logp in zip(micros, olds) for row, i in enumerate(seqs)}
