@@ -66,7 +66,7 @@ def test_lr_schedule():
 def sft_args(toy_paths, out, *extra):
     return ["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
             "--out", str(out), "--global-batch", "16", "--tokens-per-micro", "400", "--lr", "3e-3",
-            "--max-steps", "4", "--eval-data", toy_paths["heldout"], "--eval-limit", "4", *extra]
+            "--max-steps", "4", "--eval-data", toy_paths["heldout"], "--eval-limit", "4", "--eval-max-new-tokens", "32", *extra]
 
 
 def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_paths, tmp_path):
