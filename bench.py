@@ -272,6 +272,7 @@ def bench_gpu(args, device, dtype):
         m, opt, dev = trainer["m"], trainer["o"], trainer["d"]
         run("SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
         run("  where its time goes (profiler)", 20, lambda: _sft_profile(m, dev, smoke))
+        run("  the same, inside a step (accumulating)", 20, lambda: _sft_profile(m, dev, smoke, accumulating=True))
         run("  the head's chunks eager, not compiled", 20, lambda: _sft_head_eager(m, dev, flops_peak, smoke))
         run("  4 x 4k tokens a micro-batch (sft.py)", 40, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke, 4, 2))
         group = {"inputs": _grpo_group_inputs(m, dev, smoke)}
@@ -476,12 +477,17 @@ def _sft_head_eager(model, device, flops_peak, smoke):
     return f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak)} (compare the forward+backward above)"
 
 
-def _sft_profile(model, device, smoke):
+def _sft_profile(model, device, smoke, accumulating=False):
     """Where one forward+backward's time goes: kernel time by kind, and the kernels' share of the wall time
-    (low: the GPU waits for the host)."""
+    (low: the GPU waits for the host). accumulating: a micro-batch inside an optimizer step, after the first
+    (training.accumulate_gradients: on one GPU, no regathering and no reduction)."""
+    import training
     from torch.profiler import ProfilerActivity, profile
     model.checkpoint_activations = True
     fwd_bwd, _ = _sft_fwd_bwd(model, device, smoke)
+    if accumulating:
+        training.accumulate_gradients(model, last=False)
+        fwd_bwd()  # the step's first micro-batch gathers the weights
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         t = time.perf_counter()
@@ -489,6 +495,7 @@ def _sft_profile(model, device, smoke):
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
+    training.accumulate_gradients(model, last=True)  # the next backward reduces what accumulated
     kinds = {"matmul": ("gemm", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm"),
              "attention": ("flash", "fmha", "attention", "sdpa"), "compiled": ("triton", "cpp_fused"),
              "copy/collective": ("memcpy", "memset", "nccl", "copy", "cat")}
