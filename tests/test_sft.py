@@ -203,8 +203,8 @@ def test_saved_checkpoint_keeps_the_source_dtype(toy_paths, tmp_path):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_one_unit_accumulates_gathered_in_fp32_and_reduces_once(toy_paths, one_rank_fsdp, bf16):
     """One GPU (one FSDP2 unit) keeps the weights gathered between an optimizer step's micro-batches and reduces the
-    gradients once, at the last; the gradients equal those of reducing after every micro-batch: in fp32 exactly, and
-    with bf16 compute (CUDA's policy, here on CPU) to fp32 rounding, so the unsharded accumulation is in fp32."""
+    gradients once, at the last; the gradients equal those of reducing after every micro-batch to fp32 rounding, also
+    with bf16 compute (CUDA's policy, here on CPU), so the unsharded accumulation is in fp32."""
     import torch.distributed as dist
     import torch.distributed.fsdp as fsdp
     from torch.distributed.tensor import DTensor
@@ -233,4 +233,4 @@ def test_one_unit_accumulates_gathered_in_fp32_and_reduces_once(toy_paths, one_r
     finally:
         dist.destroy_process_group()
     for n in once:  # bf16 accumulation would be off by about 2^-9 of the gradient
-        torch.testing.assert_close(once[n], each[n], rtol=1e-6, atol=1e-7 if bf16 else 0, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(once[n], each[n], rtol=1e-6, atol=1e-7, msg=lambda m: f"{n}: {m}")
