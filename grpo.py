@@ -301,7 +301,7 @@ def micro_batch_plan(positions, minibatch_prompts, micro_seqs, n, lengths):
         if k == 1 and micros and len(micros[-1]) + n <= micro_seqs:
             micros[-1] += range(g * n, (g + 1) * n)
         else:
-            group = sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i] if k > 1 else 0)  # stable
+            group = sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i] if k > 1 else 0)  # k = 1: j order
             micros += [group[i * n // k:(i + 1) * n // k] for i in range(k)]
     return [plan[m] for m in sorted(plan)]
 

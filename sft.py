@@ -247,9 +247,9 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     micros = micro_batches(batch[rank::world], args.tokens_per_micro)
     n_idle = int(all_reduce_max([len(micros)], device)[0]) - len(micros)  # before any forward: collectives in step
     for k, mb in enumerate(micros):
+        accumulate_gradients(model, last=k == len(micros) - 1)
         ids, targets, mask = pad_batch(mb, pad_id, device)
         nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
-        accumulate_gradients(model, last=k == len(micros) - 1)
         # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
         (nll / n_step * world).backward()
         loss_sum += nll.item()
