@@ -41,9 +41,6 @@ from dataclasses import dataclass, field
 from tokenizers import Tokenizer
 
 
-_REASONING_HEAD = ("Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
-                   "Chatbots to the Client question displayed below. \n")
-
 INSTRUCT_SYSTEM = """Please act as an impartial judge and evaluate the quality of the responses provided by two AI Chatbots to the Client's question displayed below.
 
 First, classify the task into one of two categories: <type>Reasoning</type> or <type>Chat</type>.
@@ -119,30 +116,13 @@ INSTRUCT_USER_MULTI = """[The Start of the Conversation between Chatbot A and th
 {conversation_2}
 [The End of the Conversation between Chatbot B and the Client]"""
 
-REASONING_USER_SINGLE = _REASONING_HEAD + """
-[Client Question]
-{question}
-
-[The Start of Chatbot A's Response]
-{answer_a}
-[The End of Chatbot A's Response]
-
-[The Start of Chatbot B's Response]
-{answer_b}
-[The End of Chatbot B's Response]
-
-Output your final verdict at last by strictly following this format: '<answer>[[A]]</answer>' if Chatbot A is better, or '<answer>[[B]]</answer>' if Chatbot B is better."""
-
-REASONING_USER_MULTI = _REASONING_HEAD + """
-[The Start of the Conversation between Chatbot A and the Client]
-{conversation_1}
-[The End of the Conversation between Chatbot A and the Client]
-
-[The Start of the Conversation between Chatbot B and the Client]
-{conversation_2}
-[The End of the Conversation between Chatbot B and the Client]
-
-Output your final verdict at last by strictly following this format: '<answer>[[A]]</answer>' if Chatbot A is better, or '<answer>[[B]]</answer>' if Chatbot B is better."""
+# the DeepSeek-R1-Distill family: the same user messages between a head and the verdict's format (no system message)
+_REASONING_HEAD = ("Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
+                   "Chatbots to the Client question displayed below. \n")
+_VERDICT_FORMAT = ("Output your final verdict at last by strictly following this format: '<answer>[[A]]</answer>' if "
+                   "Chatbot A is better, or '<answer>[[B]]</answer>' if Chatbot B is better.")
+REASONING_USER_SINGLE = _REASONING_HEAD + "\n" + INSTRUCT_USER_SINGLE + "\n\n" + _VERDICT_FORMAT
+REASONING_USER_MULTI = _REASONING_HEAD + "\n" + INSTRUCT_USER_MULTI + "\n\n" + _VERDICT_FORMAT
 
 QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 DS_BOS, DS_EOS, DS_USER, DS_ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
