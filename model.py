@@ -276,6 +276,26 @@ def _logit_grad(logits, targets, coef, temperature):
     return (target_logit - (m + sumexp.log())).squeeze(1), g.mul_(coef[:, None].float() / temperature).to(logits.dtype)
 
 
+def _chunked_head_grads(hidden, weight, targets, coef, chunk, temperature, need_hidden, need_weight):
+    """hidden [N, H], weight [V, H], targets [N], coef [N] -> log p(targets) [N] fp32 and the gradients of
+    sum_t coef_t log p_t with respect to hidden and weight (None where not needed), `chunk` tokens at a time: one
+    [chunk, V] buffer lives at once. The weight's gradient is summed in place in its dtype (as Liger-Kernel's fused
+    loss): a bf16 chunk's GEMM adds in fp32, then rounds the running sum. The TF32 GEMM it replaced was an H100 SFT
+    step's third-largest kernel (9 ms)."""
+    logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    for s in range(0, hidden.shape[0], chunk):
+        h, c = hidden[s:s + chunk], slice(s, s + chunk)
+        logp[c], g = _logit_grad(h @ weight.t(), targets[c], coef[c], temperature)  # g [chunk, V]: d sum / d logits
+        if grad_hidden is not None:
+            grad_hidden[c] = g @ weight
+        if grad_weight is not None:
+            grad_weight.addmm_(g.t(), h)
+        del g  # free this chunk before the next one is allocated
+    return logp, grad_hidden, grad_weight
+
+
 class _ChunkedTokenLogProb(torch.autograd.Function):
     """hidden [N, H], weight [V, H], targets [N] -> log softmax(h W^T / temperature)[target], entropy: [N] fp32 each,
     `chunk` tokens at a time. Forward keeps only [N] results; backward recomputes each chunk's logits:
@@ -295,18 +315,9 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, targets = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # see _ChunkedWeightedLogProbSum
-        for s in range(0, hidden.shape[0], ctx.chunk):
-            h, c = hidden[s:s + ctx.chunk], slice(s, s + ctx.chunk)
-            # [chunk, V]; contiguous: a sum's gradient comes expanded (stride 0), which would compile a second graph
-            g = _logit_grad(h @ weight.t(), targets[c], grad_logp[c].contiguous(), ctx.temperature)[1]
-            if grad_hidden is not None:
-                grad_hidden[c] = g @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(g.t(), h)
-            del g  # free this chunk before the next one is allocated
+        # contiguous: a sum's gradient comes expanded (stride 0), which would compile a second graph
+        _, grad_hidden, grad_weight = _chunked_head_grads(*ctx.saved_tensors, grad_logp.contiguous(), ctx.chunk,
+                                                          ctx.temperature, *ctx.needs_input_grad[:2])
         return grad_hidden, grad_weight, None, None, None
 
 
@@ -317,22 +328,11 @@ class _ChunkedWeightedLogProbSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, weights, chunk, temperature):
-        total = torch.zeros((), device=hidden.device, dtype=torch.float)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # the weight's gradient is summed in place in its dtype (as Liger-Kernel's fused loss): a bf16 chunk's GEMM adds in
-        # fp32, then rounds the running sum. The TF32 GEMM it replaced was an H100 SFT step's third-largest kernel (9 ms)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], chunk):
-            h, w = hidden[s:s + chunk], weights[s:s + chunk]
-            logp, g = _logit_grad(h @ weight.t(), targets[s:s + chunk], w, temperature)  # g [chunk, V]: d total / d logits
-            total += (w.float() * logp).sum()
-            if grad_hidden is not None:
-                grad_hidden[s:s + chunk] = g @ weight
-            if grad_weight is not None:
-                grad_weight.addmm_(g.t(), h)
-            del g  # free this chunk before the next one is allocated
+        logp, grad_hidden, grad_weight = _chunked_head_grads(hidden, weight, targets, weights, chunk, temperature,
+                                                             *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
+        zero = torch.zeros((), device=hidden.device, dtype=torch.float)  # summed a chunk at a time, as before the helper
+        return sum(((weights[s:s + chunk].float() * logp[s:s + chunk]).sum() for s in range(0, len(logp), chunk)), zero)
 
     @staticmethod
     def backward(ctx, grad_total):
