@@ -47,8 +47,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -61,7 +59,7 @@ from data import default_judge_family, describe_counts, load_judge_examples, loa
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab,
+from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab,
                       cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch, load_for_training, load_state,
                       lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
@@ -384,22 +382,12 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, seconds):
 
 # ----------------------------------------------------------------------------- the run
 
-def run_toy_sft_first(args, rank):
-    """The toy needs its SFT checkpoint: stage 1 runs as its own script (one process), as a user would run it."""
-    if rank == 0 and not os.path.exists(os.path.join(args.model, "model.safetensors")):
-        print("toy: no SFT checkpoint yet, running `python sft.py` first", flush=True)
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
-                        "--seed", str(args.seed)], env=env, check=True)
-    barrier()
-
-
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(cpu=args.toy)
     if args.toy:
         toy.setup(args.seed)
-        run_toy_sft_first(args, rank)
+        toy.run_sft_first(args.model, args.seed, rank)
     run = RunDir(args.out, args, rank, "grpo.py")
     run.start(args.resume, args.overwrite)
     torch.manual_seed(args.seed)

@@ -22,12 +22,15 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import model as M
 from data import QWEN_DEFAULT_SYSTEM, Pair, make_judge_example
+from training import barrier
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # The Qwen2.5 template without its tool branches, written into tokenizers this project trains (this toy)
@@ -144,6 +147,17 @@ def setup(seed):
     (within the README's band)."""
     torch.set_num_threads(2)
     return prepare(TOY_DIR, seed=seed)
+
+
+def run_sft_first(model_dir, seed, rank):
+    """grpo.py's toy starts from the SFT checkpoint in model_dir: without one, stage 1 runs first as its own script
+    (one process), as a user would run it."""
+    if rank == 0 and not os.path.exists(os.path.join(model_dir, "model.safetensors")):
+        print("toy: no SFT checkpoint yet, running `python sft.py` first", flush=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
+                        "--seed", str(seed)], env=env, check=True)
+    barrier()
 
 
 def init_weights(model, std=0.02, seed=0):
