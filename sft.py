@@ -252,11 +252,11 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
         nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
         # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
         (nll / n_step * world).backward()
-        loss_sum += nll.item()
+        loss_sum = loss_sum + nll.detach().double()  # on the device: reading it would wait for each micro-batch's backward
     for _ in range(n_idle):
         idle_backward(model, device)
     grad_norm = clip_grad_norm(model, args.grad_clip)
-    loss_sum, tokens = all_reduce_sum([loss_sum, sum(len(s) for s, _ in batch[rank::world])], device)
+    loss_sum, tokens = all_reduce_sum([float(loss_sum), sum(len(s) for s, _ in batch[rank::world])], device)
     stop_if_not_finite("sft.py", step + 1, state_dir, loss=loss_sum / n_step, grad_norm=grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
