@@ -270,7 +270,7 @@ def bench_gpu(args, device, dtype):
         "training")
     if trainer:
         m, opt, dev = trainer["m"], trainer["o"], trainer["d"]
-        run("SFT step 1.5B, 4k tokens", 60, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
+        run("SFT step 1.5B, 4k tokens", 90, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
         run("  where its time goes (profiler)", 20, lambda: _sft_profile(m, dev, smoke))
         run("  the same, inside a step (accumulating)", 20, lambda: _sft_profile(m, dev, smoke, accumulating=True))
         run("  the head's chunks eager, not compiled", 20, lambda: _sft_head_eager(m, dev, flops_peak, smoke))
@@ -417,7 +417,7 @@ def _trainer_model(smoke):
             p.data.normal_(0, 0.02)
     M.save_model(m, path)
     del m
-    model = training.load_for_training(path, world, device, compile=not smoke, grad_ckpt=True)
+    model = training.load_for_training(path, world, device, compile=not smoke, grad_ckpt="all")
     return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device
 
 
@@ -436,11 +436,12 @@ def _mfu(model, T, seconds, flops_peak, seqs=1):  # T tokens in `seqs` equal seq
 
 
 def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
-    """SFT optimizer steps as sft.py runs them, on 4k-token sequences, `seqs` per micro-batch: `micros` micro-batches
-    then AdamW (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one
-    micro-batch then AdamW (the step this check timed before); forward+backward alone, reducing each time."""
+    """SFT optimizer steps as sft.py runs them, on 4k-token sequences, `seqs` per micro-batch: two steps recomputing
+    every block, then --grad-ckpt auto's choice (training.fit_recompute); then timed, `micros` micro-batches then AdamW
+    (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one micro-batch then
+    AdamW (the step this check timed before); forward+backward alone, reducing each time."""
     import training
-    model.checkpoint_activations = True
+    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke, seqs)
 
     def sft_step(n):
@@ -450,9 +451,14 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if device.type == "cuda":  # the peak --grad-ckpt auto measures: this check's own
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     sft_step(1)
     first = time.perf_counter() - t
+    sft_step(1)
+    fitted = training.fit_recompute(model, "auto", 2, T, device) or "every block recomputes (--grad-ckpt auto on CUDA only)"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_acc, t_one = timeit(lambda: sft_step(micros), 2, device) / micros, timeit(lambda: sft_step(1), 3, device)
@@ -461,13 +467,13 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
     rate = lambda t: f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak, seqs)}"
     return (f"{micros} micro-batches + AdamW {rate(t_acc)}; 1 micro-batch + AdamW {rate(t_one)}; forward+backward alone "
-            f"{rate(t_fb)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s")
+            f"{rate(t_fb)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s; {fitted}")
 
 
 def _sft_head_eager(model, device, flops_peak, smoke):
     """The SFT step's forward+backward with the output head's per-chunk elementwise work eager (model.FUSED_HEAD_DEVICES
     emptied): about ten passes over a [1024, 152k] fp32 buffer per chunk instead of Inductor's fused kernels."""
-    model.checkpoint_activations = True
+    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
     fused, M.FUSED_HEAD_DEVICES = M.FUSED_HEAD_DEVICES, ()
     try:
@@ -483,7 +489,7 @@ def _sft_profile(model, device, smoke, accumulating=False):
     (training.accumulate_gradients: on one GPU, no regathering and no reduction)."""
     import training
     from torch.profiler import ProfilerActivity, profile
-    model.checkpoint_activations = True
+    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, _ = _sft_fwd_bwd(model, device, smoke)
     if accumulating:
         training.accumulate_gradients(model, last=False)
@@ -522,7 +528,7 @@ def _sft_plain(device, flops_peak, smoke):
         model = M.Transformer(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not smoke:
         M.compile_blocks(model)
-    model.checkpoint_activations = True
+    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
     t = timeit(fwd_bwd, 3, device)
     return f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak)} (activation checkpointing on)"
@@ -541,6 +547,7 @@ def _grpo_group(model, device, smoke, group):
     checkpointing). Returns the line and leaves the timing in group["t"] for the transformers comparison."""
     import grpo
     prompts, responses, adv = group["inputs"]
+    model.recompute_blocks = len(model.model.layers)  # as transformers' rows below (not --grad-ckpt auto's choice)
 
     def ours():
         logp, _, mask = grpo.response_logprobs(model, prompts, responses, len(responses), 0, device, 1.0)

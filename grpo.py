@@ -60,8 +60,9 @@ from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab,
-                      cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch, load_for_training, load_state,
-                      lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+                      cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
+                      load_for_training, load_state, lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed,
+                      stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -101,8 +102,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--max-prompt-len", type=int, default=None, help="[4096; toy 512]")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="[8192; toy 48]")
-    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
-                    help="activation checkpointing per block [on; toy off]")
+    ap.add_argument("--grad-ckpt", type=grad_ckpt_flag, default=None, help="blocks that recompute their activations in "
+                    "backward: all, none, N, or auto: all, then after two steps as few as memory needs [auto; toy none]")
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out accuracy")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=200)
@@ -116,7 +117,7 @@ def parse_args(argv=None):
     args.toy = toy.fill_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
                                             minibatch_prompts=(16, 128), micro_seqs=(112, 4), lr=(2e-4, 1e-6), save_every=(20, 5),
                                             max_prompt_len=(512, 4096), max_new_tokens=(48, 8192), format=("rm-r1", "rm-r1"),
-                                            lr_schedule=("cosine", "constant"), grad_ckpt=(False, True), steps=(180, 0)))
+                                            lr_schedule=("cosine", "constant"), grad_ckpt=("none", "auto"), steps=(180, 0)))
     if args.toy:
         paths, args.model, args.out = toy.files(), "runs/toy/sft/model", args.out or "runs/toy/grpo"
         args.data, args.eval_data = args.data or paths["rl"], args.eval_data or paths["heldout"]
@@ -429,12 +430,15 @@ def main(argv=None):
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
     run.open_metrics(step)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
-    stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
+    stop_at, start = min(total, step + args.stop_after_steps) if args.stop_after_steps else total, step
+    longest_micro = max(1, args.micro_seqs // args.n) * args.max_prompt_len + args.micro_seqs * args.max_new_tokens
     while step < stop_at:
         for group in optimizer.param_groups:
             group["lr"] = args.lr if args.lr_schedule == "constant" else lr_at(step, total, args.lr, 0, 0.0)
         rec = grpo_step(job, step)
         step += 1
+        if (fitted := fit_recompute(policy, args.grad_ckpt, step - start, longest_micro, device)) and rank == 0:
+            tqdm.write(f"grpo: {fitted}")
         if heldout and args.eval_every and step % args.eval_every == 0 and step < total:
             rec["heldout_accuracy"] = judge_heldout()
         run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")

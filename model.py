@@ -357,7 +357,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.checkpoint_activations = False  # recompute each block in backward (sft/grpo --grad-ckpt)
+        self.recompute_blocks = 0  # the first this many blocks recompute their activations in backward (--grad-ckpt)
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
 
     def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, shared_prefix=None,
@@ -375,14 +375,14 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         decode_pos = positions[:, 0] if decode else None
-        recompute = self.checkpoint_activations and torch.is_grad_enabled()
-        for t in (x, cos, sin) if not decode else ():  # batch and length change per call: dynamic in compiled blocks
-            torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2])
-        for layer in self.model.layers:
+        recompute = self.recompute_blocks if torch.is_grad_enabled() else 0
+        for i, layer in enumerate(self.model.layers):
             if decode:
                 x = layer.decode(x, cos, sin, None, None, decode_pos, kv_len)
-            else:
-                x = layer(x, cos, sin, shared_prefix, cache_rows, recompute=recompute)
+                continue
+            for t in (x, cos, sin):  # batch and length change per call: dynamic in compiled blocks, marked at every
+                torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2])  # layer (a graph may first run at any of them)
+            x = layer(x, cos, sin, shared_prefix, cache_rows, recompute=i < recompute)
         x = self.model.norm(x)
         if not head:
             return x
@@ -569,8 +569,9 @@ def copy_weights(src, dst):
 
 def compile_blocks(model, backend="inductor"):
     """torch.compile each block for training (CUDA; before FSDP): norms, residual adds, RoPE and SwiGLU fuse. Blocks share
-    code and take only tensors and the recompute flag, so one graph (recomputing inside with checkpointing) serves all
-    layers; sizes are dynamic from the first call (see forward: static first graphs passed Dynamo's recompile limit)."""
+    code and take only tensors and the recompute flag, so a graph per value of the flag (recomputing inside it with
+    checkpointing) serves all layers; sizes are dynamic from the first call (see forward: static first graphs passed
+    Dynamo's recompile limit)."""
     for layer in model.model.layers:
         layer.compile(backend=backend)
     return model

@@ -27,12 +27,11 @@ trace) or a plain chat format (messages ending with the assistant turn to learn)
 Each trace ends with the chat template's end-of-turn token (<|im_end|> for Qwen, whatever the tokenizer's
 eos), as the judge will write it. RM-R1 RL rows (winner model_a/model_b) carry no trace: counted and skipped.
 
-Precision and distribution (training.py): fp32 master weights and AdamW moments; on CUDA bf16 compute and fp32
-gradient reduction through FSDP2 on any number of GPUs (one included), fp32 on CPU. torchrun sets RANK/WORLD_SIZE;
-each block is fully_shard-ed, then the root (one GPU that fits it: the root alone). Checkpoints: a Hugging Face
-layout model in the starting checkpoint's dtype (--save-dtype), written whole or not at all, and a resumable state
-per rank (local shards of weights and AdamW moments, step, RNG), loaded weights-only. --resume continues exactly
-where the last saved step left off, with the same settings, on any number of ranks. A non-finite loss or gradient norm
+Precision, sharding and checkpoints as in training.py: fp32 master weights and AdamW moments, bf16 compute and fp32
+gradient reduction through FSDP2 on any number of GPUs (one included), fp32 on CPU; --grad-ckpt auto recomputes every
+block's activations in backward for two steps, then only as many blocks as the measured GPU memory needs. The model is
+saved in the starting checkpoint's dtype (--save-dtype), whole or not at all, beside a resumable state per rank
+(loaded weights-only) that --resume continues exactly, on any number of ranks. A non-finite loss or gradient norm
 stops the run before the optimizer step, without saving.
 """
 import argparse
@@ -50,8 +49,9 @@ from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
-                      clip_grad_norm, compile_wanted, end_distributed, epoch_batch, idle_backward, load_for_training,
-                      load_state, lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+                      clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
+                      idle_backward, load_for_training, load_state, lr_at, make_optimizer, save_checkpoint, save_state,
+                      setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -73,8 +73,8 @@ def parse_args(argv=None):
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
-                    help="activation checkpointing per block [on; toy off]")
+    ap.add_argument("--grad-ckpt", type=grad_ckpt_flag, default=None, help="blocks that recompute their activations in "
+                    "backward: all, none, N, or auto: all, then after two steps as few as memory needs [auto; toy none]")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -92,7 +92,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.toy = toy.fill_defaults(args, dict(max_len=(512, 12288), epochs=(5.0, 1.0), global_batch=(32, 128),
                                             tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6), eval_max_new_tokens=(64, 8192),
-                                            stop_at_accuracy=(72.0, 0.0), grad_ckpt=(False, True)))
+                                            stop_at_accuracy=(72.0, 0.0), grad_ckpt=("none", "auto")))
     if args.toy:
         paths = toy.files()
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
@@ -202,12 +202,14 @@ def main(argv=None):
 
     warmup = max(1, int(args.warmup * total))
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
-    rec = {}
+    rec, start, longest_micro = {}, step, max(args.tokens_per_micro, args.max_len)  # a longer row is a micro-batch alone
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
     while step < stop_at:
         lr = lr_at(step, total, args.lr, warmup, args.min_lr_ratio)
         rec = train_step(args, model, optimizer, rows, step, lr, tokenizer.pad_id or 0, rank, world, device, run.state)
         step += 1
+        if (fitted := fit_recompute(model, args.grad_ckpt, step - start, longest_micro, device)) and rank == 0:
+            tqdm.write(f"sft: {fitted}")
         if "val" in judges and step % args.val_every == 0:
             rec["val_accuracy"] = judge("val")[0]
             if args.stop_at_accuracy and rec["val_accuracy"] >= args.stop_at_accuracy:

@@ -4,6 +4,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   setup_distributed   rank, world size and device; a process group whenever FSDP runs (NCCL, or gloo on CPU)
   load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits)
+  grad_ckpt_flag, fit_recompute  which blocks recompute their activations in backward (auto: as memory needs)
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
@@ -17,6 +18,7 @@ compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradi
 FSDP2 over a one-rank process group (one unit where it fits), so single-GPU and multi-GPU runs take the same
 code path. On CPU: fp32 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
 """
+import argparse
 import functools
 import json
 import math
@@ -55,7 +57,7 @@ def setup_distributed(cpu=False):
     return rank, world, device
 
 
-def load_for_training(path, world, device, trainable=True, compile=False, grad_ckpt=False):
+def load_for_training(path, world, device, trainable=True, compile=False, grad_ckpt="none"):
     """Load a checkpoint under the precision policy above. With FSDP the model is built on the meta device,
     sharded (each block, then the root), allocated on the device, and each rank reads the safetensors one
     tensor at a time and keeps only its shard: no rank ever holds a full fp32 copy. A frozen model
@@ -88,8 +90,30 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
         M.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
                                                                          p.placements, src_data_rank=None))
         model.accumulate_gathered = one_unit and trainable  # see accumulate_gradients
-    model.checkpoint_activations = grad_ckpt
+    layers = len(model.model.layers)
+    model.recompute_blocks = min(layers, {"none": 0, "all": layers, "auto": layers}.get(grad_ckpt, grad_ckpt))
     return model.train(trainable).requires_grad_(trainable)
+
+
+def grad_ckpt_flag(value):  # --grad-ckpt: all, none, auto (see fit_recompute) or how many blocks recompute
+    if value not in ("all", "none", "auto") and not value.isdigit():
+        raise argparse.ArgumentTypeError(f"all, none, auto or a number of blocks, got {value!r}")
+    return int(value) if value.isdigit() else value
+
+
+def fit_recompute(model, flag, steps_run, max_tokens, device, frac=0.9):
+    """--grad-ckpt auto, once a run has taken two steps (recomputing every block, AdamW's moments allocated): keep the
+    activations of as many blocks as fit in frac of the GPU beside the peak so far, micro-batches of max_tokens. A kept
+    block holds 3 x intermediate + 6 x hidden bf16 values a token compiled, 5 x + 4 x eager (measured on CPU at 1.5B's
+    widths); this counts 5 x + 8 x. -> a line for the log when it decides, else None."""
+    if flag != "auto" or device.type != "cuda" or steps_run != 2:
+        return None
+    layers, total, peak = len(model.model.layers), torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_reserved(device)
+    per_block = max_tokens * 2 * (5 * model.config.intermediate_size + 8 * model.config.hidden_size)
+    keep = -all_reduce_max([-max(0, (frac * total - peak) // per_block)], device)[0]  # the fewest any rank can keep
+    model.recompute_blocks = max(0, layers - int(keep))
+    return (f"--grad-ckpt auto: {model.recompute_blocks} of {layers} blocks recompute (peak {peak / 2**30:.1f} of "
+            f"{total / 2**30:.0f} GiB after two steps, {per_block / 2**30:.2f} GiB a block kept at {max_tokens} tokens)")
 
 
 def accumulate_gradients(model, last):
@@ -167,7 +191,7 @@ def _local(t):
 # ----------------------------------------------------------------------------- run directories
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
-RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "eval_every", "val_every"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every"}
 
 
 class RunDir:
@@ -214,8 +238,9 @@ class RunDir:
             saved = json.load(open(file))
         except (OSError, json.JSONDecodeError):
             raise SystemExit(f"{self.script}: --resume: cannot check the settings, {file} is missing or unreadable") from None
-        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {v!r}" for k, v in self.settings.items() if saved.get(k) != v]
-        changed += [f"--{k.replace('_', '-')} {v!r} -> (unset)" for k, v in saved.items() if k not in self.settings]
+        keys = sorted((set(saved) | set(self.settings)) - RESUME_MAY_CHANGE)  # an older run.json may hold such a flag
+        changed = [f"--{k.replace('_', '-')} {saved.get(k, '(unset)')!r} -> {self.settings.get(k, '(unset)')!r}"
+                   for k in keys if saved.get(k, "(unset)") != self.settings.get(k, "(unset)")]
         if changed:
             raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
                              f"{self.out} used the old ones. Resume with them, or start a new --out")

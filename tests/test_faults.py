@@ -61,7 +61,9 @@ def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
     with pytest.raises(SystemExit) as e:
         sft.main(sft_args(toy_paths, tmp_path / "run", "--resume"))  # another script's settings
     assert "changed settings" in exit_message(e)
-    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--save-every", "5"))  # when to save may change
+    run_json = tmp_path / "run" / "run.json"  # as written before --grad-ckpt could change on a resume: it held the flag
+    json.dump(dict(json.load(open(run_json)), grad_ckpt=True), open(run_json, "w"))
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--save-every", "5", "--grad-ckpt", "1"))  # these may change
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
 

@@ -93,7 +93,7 @@ def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_
 def test_torchrun_two_ranks_matches_one_process_and_resumes_in_one(toy_paths, tmp_path):
     # 3 sequences per step, 1 per micro-batch: rank 0 runs 2 micro-batches, rank 1 only 1 (and idles once). Two ranks run
     # steps 1-2 and save their shards; one process resumes that state (put together from both ranks' files) for 3-4
-    uneven = ("--global-batch", "3", "--tokens-per-micro", "100", "--grad-ckpt")  # recomputing: same maths
+    uneven = ("--global-batch", "3", "--tokens-per-micro", "100", "--grad-ckpt", "all")  # recomputing: same maths
     one = sft.main(sft_args(toy_paths, tmp_path / "one", *uneven))
     run_torchrun("sft.py", sft_args(toy_paths, tmp_path / "two", *uneven, "--stop-after-steps", "2"))
     assert len(list((tmp_path / "two" / "state").glob("rank*.pt"))) == 2
@@ -193,7 +193,7 @@ def test_saved_checkpoint_keeps_the_source_dtype(toy_paths, tmp_path):
     for extra, dtype in [((), torch.bfloat16), (("--save-dtype", "float32"), torch.float32)]:
         out = tmp_path / f"out-{dtype}"
         sft.main(["--model", str(tmp_path / "bf16"), "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
-                  "--out", str(out), "--global-batch", "16", "--max-steps", "1", "--eval-limit", "0", "--no-grad-ckpt", *extra])
+                  "--out", str(out), "--global-batch", "16", "--max-steps", "1", "--eval-limit", "0", "--grad-ckpt", "none", *extra])
         assert {t.dtype for t in load_file(str(out / "model" / "model.safetensors")).values()} == {dtype}
         assert json.load(open(out / "model" / "config.json"))["torch_dtype"] == str(dtype)[6:]
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "model"), dtype="auto")
@@ -234,3 +234,37 @@ def test_one_unit_accumulates_gathered_in_fp32_and_reduces_once(toy_paths, one_r
         dist.destroy_process_group()
     for n in once:  # bf16 accumulation would be off by about 2^-9 of the gradient
         torch.testing.assert_close(once[n], each[n], rtol=1e-6, atol=1e-7, msg=lambda m: f"{n}: {m}")
+
+
+def test_grad_ckpt_auto_keeps_as_many_blocks_as_the_measured_memory_fits(toy_paths, monkeypatch):
+    # --grad-ckpt auto recomputes every block for two steps, then keeps the activations of as many blocks as fit
+    # beside the measured peak: by hand at the 1.5B shape (28 blocks, hidden 1536, intermediate 8960) on an 80 GiB
+    # GPU, 16,384 tokens a micro-batch: a kept block counts 16384 x 2 x (5 x 8960 + 8 x 1536) = 1,870,659,584 bytes;
+    # 0.9 x 80 GiB - 40 GiB of peak = 34,359,738,368 bytes spare: 18 blocks kept, 10 recompute
+    import training
+    cfg = M.ModelConfig(vocab_size=64, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2)
+    with torch.device("meta"):
+        model = M.Transformer(cfg)
+    gpu, peak = torch.device("cuda"), [40 * 2**30]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (0, 80 * 2**30))  # (free, total)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda d: peak[0])
+    monkeypatch.setattr(training, "all_reduce_max", lambda values, device: values)  # one rank
+    model.recompute_blocks = 28
+    for flag, steps, device in (("auto", 1, gpu), ("auto", 3, gpu), ("all", 2, gpu), (8, 2, gpu), ("auto", 2, "cpu")):
+        assert training.fit_recompute(model, flag, steps, 16384, torch.device(device)) is None  # nothing decided
+    assert model.recompute_blocks == 28
+    line = training.fit_recompute(model, "auto", 2, 16384, gpu)
+    assert model.recompute_blocks == 10 and line.startswith("--grad-ckpt auto: 10 of 28 blocks recompute"), line
+    assert training.fit_recompute(model, "auto", 2, 4096, gpu) and model.recompute_blocks == 0  # 4k tokens: all fit
+    peak[0] = 75 * 2**30  # past 90% already: every block recomputes
+    assert training.fit_recompute(model, "auto", 2, 4096, gpu) and model.recompute_blocks == 28
+    # the flag: all, none, auto or a number of blocks (more than the model has: all of them)
+    s = sft.parse_args(["--model", "m", "--data", "d", "--out", "o", "--grad-ckpt", "3"])
+    assert s.grad_ckpt == 3 and sft.parse_args(["--model", "m", "--data", "d", "--out", "o"]).grad_ckpt == "auto"
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--model", "m", "--data", "d", "--out", "o", "--grad-ckpt", "half"])
+    cpu = torch.device("cpu")
+    blocks = lambda flag: training.load_for_training(toy_paths["init"], 1, cpu, grad_ckpt=flag).recompute_blocks
+    layers = M.load_config(toy_paths["init"]).num_hidden_layers
+    assert [blocks(f) for f in ("none", "all", "auto", 1, 99)] == [0, layers, layers, 1, layers]
