@@ -259,6 +259,9 @@ def test_grad_ckpt_auto_keeps_as_many_blocks_as_the_measured_memory_fits(toy_pat
     assert training.fit_recompute(model, "auto", 2, 4096, gpu) and model.recompute_blocks == 0  # 4k tokens: all fit
     peak[0] = 75 * 2**30  # past 90% already: every block recomputes
     assert training.fit_recompute(model, "auto", 2, 4096, gpu) and model.recompute_blocks == 28
+    peak[0] = 40 * 2**30  # another rank has room for only 5 blocks (all_reduce_max of the negated counts): all keep 5
+    monkeypatch.setattr(training, "all_reduce_max", lambda values, device: [max(values[0], -5.0)])
+    assert training.fit_recompute(model, "auto", 2, 4096, gpu) and model.recompute_blocks == 23
     # the flag: all, none, auto or a number of blocks (more than the model has: all of them)
     s = sft.parse_args(["--model", "m", "--data", "d", "--out", "o", "--grad-ckpt", "3"])
     assert s.grad_ckpt == 3 and sft.parse_args(["--model", "m", "--data", "d", "--out", "o"]).grad_ckpt == "auto"
