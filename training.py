@@ -102,18 +102,19 @@ def grad_ckpt_flag(value):  # --grad-ckpt: all, none, auto (see fit_recompute) o
 
 
 def fit_recompute(model, flag, steps_run, max_tokens, device, frac=0.9):
-    """--grad-ckpt auto, once a run has taken two steps (recomputing every block, AdamW's moments allocated): keep the
-    activations of as many blocks as fit in frac of the GPU beside the peak so far, micro-batches of max_tokens. A kept
-    block holds 3 x intermediate + 6 x hidden bf16 values a token compiled, 5 x + 4 x eager (measured on CPU at 1.5B's
-    widths); this counts 5 x + 8 x. -> a line for the log when it decides, else None."""
+    """--grad-ckpt auto, after a run's first two steps (every block recomputed, AdamW's moments allocated): keep as many
+    blocks' activations as fit in frac of the GPU beside their peak, less the hidden states and one block's recompute
+    again at max_tokens (the longest micro-batch: theirs may have been shorter). A kept block holds 3 x intermediate +
+    6 x hidden bf16 values a token compiled, 5 x + 4 x eager (CPU, 1.5B's widths); this counts 5 x + 8 x. -> log line|None"""
     if flag != "auto" or device.type != "cuda" or steps_run != 2:
         return None
-    layers, total, peak = len(model.model.layers), torch.cuda.mem_get_info(device)[1], torch.cuda.max_memory_reserved(device)
-    per_block = max_tokens * 2 * (5 * model.config.intermediate_size + 8 * model.config.hidden_size)
-    keep = -all_reduce_max([-max(0, (frac * total - peak) // per_block)], device)[0]  # the fewest any rank can keep
+    cfg, layers, peak = model.config, len(model.model.layers), torch.cuda.max_memory_reserved(device)
+    per_block = max_tokens * 2 * (5 * cfg.intermediate_size + 8 * cfg.hidden_size)
+    spare = frac * torch.cuda.mem_get_info(device)[1] - peak - per_block - max_tokens * 2 * layers * cfg.hidden_size
+    keep = -all_reduce_max([-max(0, spare // per_block)], device)[0]  # the fewest any rank can keep
     model.recompute_blocks = max(0, layers - int(keep))
-    return (f"--grad-ckpt auto: {model.recompute_blocks} of {layers} blocks recompute (peak {peak / 2**30:.1f} of "
-            f"{total / 2**30:.0f} GiB after two steps, {per_block / 2**30:.2f} GiB a block kept at {max_tokens} tokens)")
+    return (f"--grad-ckpt auto: {model.recompute_blocks} of {layers} blocks recompute (peak {peak / 2**30:.1f} GiB after "
+            f"two steps, {per_block / 2**30:.2f} GiB a block kept at {max_tokens} tokens)")
 
 
 def accumulate_gradients(model, last):
@@ -278,8 +279,7 @@ def save_state(path, model, optimizer, step, rank, extra=None):
              "model": {n: _local(p.detach()).clone() for n, p in params.items()},
              "optim": {n: {k: _local(v).clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
                        for n, p in params.items() if p in optimizer.state}}
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state()
+    state["rng_cuda"] = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     torch.save(state, os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
     if rank == 0:
@@ -325,7 +325,7 @@ def load_state(path, model, optimizer, rank):
                                     for k, v in moments.items()} for n, moments in state["optim"].items()}
     optimizer.load_state_dict({"state": optim, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(state["rng_cpu"])
-    if "rng_cuda" in state and torch.cuda.is_available():
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng_cuda"])
     return state["step"], state["extra"]
 
