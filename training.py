@@ -105,7 +105,7 @@ def fit_recompute(model, flag, steps_run, max_tokens, device, frac=0.9):
     """--grad-ckpt auto, after a run's first two steps (every block recomputed, AdamW's moments allocated): keep as many
     blocks' activations as fit in frac of the GPU beside their peak, less the hidden states and one block's recompute
     again at max_tokens (the longest micro-batch: theirs may have been shorter). A kept block holds 3 x intermediate +
-    6 x hidden bf16 values a token compiled, 5 x + 4 x eager (CPU, 1.5B's widths); this counts 5 x + 8 x. -> log line|None"""
+    6.5 x hidden bf16 values a token compiled, 5 x + 4.7 x eager (CPU, 1.5B's widths); this counts 5 x + 8 x. -> line|None"""
     if flag != "auto" or device.type != "cuda" or steps_run != 2:
         return None
     cfg, layers, peak = model.config, len(model.model.layers), torch.cuda.max_memory_reserved(device)
