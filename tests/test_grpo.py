@@ -370,3 +370,14 @@ def test_real_runs_default_to_the_papers_settings():
     s = sft.parse_args(["--model", "m", "--data", "d", "--out", "o"])
     assert (s.epochs, s.global_batch, s.lr, s.warmup, s.min_lr_ratio, s.grad_clip, s.max_len, s.grad_ckpt) == \
         (1.0, 128, 5e-6, 0.03, 0.1, 1.0, 12288, "auto")
+
+
+def test_grpo_fits_recompute_after_its_second_step_for_its_longest_micro_batch(toy_paths, tmp_path, monkeypatch, capsys):
+    # as sft.py: a micro-batch holds --micro-seqs 9 // n 3 = 3 groups, each a prompt of up to --max-prompt-len 4096 and
+    # 3 responses of up to --max-new-tokens 12: at most 3 x 4096 + 9 x 12 = 12,396 tokens
+    calls = []
+    monkeypatch.setattr(grpo, "fit_recompute", lambda model, flag, steps_run, max_tokens, device: calls.append(
+        (flag, steps_run, max_tokens)) or ("fitted: 1 of 2" if steps_run == 2 else None))
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--eval-limit", "0"))
+    assert calls == [("auto", k, 12396) for k in (1, 2, 3)]
+    assert capsys.readouterr().out.count("grpo: fitted: 1 of 2") == 1

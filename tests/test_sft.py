@@ -272,3 +272,15 @@ def test_grad_ckpt_auto_keeps_as_many_blocks_as_the_measured_memory_fits(toy_pat
     blocks = lambda flag: training.load_for_training(toy_paths["init"], 1, cpu, grad_ckpt=flag).recompute_blocks
     layers = M.load_config(toy_paths["init"]).num_hidden_layers
     assert [blocks(f) for f in ("none", "all", "auto", 1, 99)] == [0, layers, layers, 1, layers]
+
+
+def test_sft_fits_recompute_after_its_second_step_for_its_longest_micro_batch(toy_paths, tmp_path, monkeypatch, capsys):
+    # the trainer's side of --grad-ckpt auto (training.fit_recompute decides only on CUDA): asked after every step with
+    # the steps this run has taken and the longest micro-batch the flags allow (a row up to --max-len 12288 runs alone,
+    # over --tokens-per-micro 400); its line is printed
+    calls = []
+    monkeypatch.setattr(sft, "fit_recompute", lambda model, flag, steps_run, max_tokens, device: calls.append(
+        (flag, steps_run, max_tokens, device.type)) or ("fitted: 1 of 2" if steps_run == 2 else None))
+    sft.main(sft_args(toy_paths, tmp_path / "run", "--max-steps", "3", "--eval-limit", "0"))
+    assert calls == [("auto", k, 12288, "cpu") for k in (1, 2, 3)]
+    assert capsys.readouterr().out.count("sft: fitted: 1 of 2") == 1
