@@ -436,10 +436,10 @@ def _mfu(model, T, seconds, flops_peak, seqs=1):  # T tokens in `seqs` equal seq
 
 
 def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
-    """SFT optimizer steps as sft.py runs them, on 4k-token sequences, `seqs` per micro-batch: two steps recomputing
-    every block, then --grad-ckpt auto's choice (training.fit_recompute); then timed, `micros` micro-batches then AdamW
-    (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one micro-batch then
-    AdamW (the step this check timed before); forward+backward alone, reducing each time."""
+    """SFT optimizer steps as sft.py runs them, on 4k-token sequences, `seqs` per micro-batch: steps recomputing every
+    block (the last one timed), then --grad-ckpt auto's choice (training.fit_recompute), timed: `micros` micro-batches
+    then AdamW (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one
+    micro-batch then AdamW (the step this check timed before); forward+backward alone, reducing each time."""
     import training
     model.recompute_blocks = len(model.model.layers)
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke, seqs)
@@ -457,7 +457,7 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
     t = time.perf_counter()
     sft_step(1)
     first = time.perf_counter() - t
-    sft_step(1)
+    t_all = timeit(lambda: sft_step(micros), 1, device) / micros  # a step, then one timed: every block recomputes
     fitted = training.fit_recompute(model, "auto", 2, T, device) or "every block recomputes (--grad-ckpt auto on CUDA only)"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -467,7 +467,8 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
     rate = lambda t: f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak, seqs)}"
     return (f"{micros} micro-batches + AdamW {rate(t_acc)}; 1 micro-batch + AdamW {rate(t_one)}; forward+backward alone "
-            f"{rate(t_fb)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s; {fitted}")
+            f"{rate(t_fb)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s; {fitted}; before that, "
+            f"every block recomputing: {micros} micro-batches + AdamW {rate(t_all)}")
 
 
 def _sft_head_eager(model, device, flops_peak, smoke):
