@@ -90,8 +90,8 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
         M.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
                                                                          p.placements, src_data_rank=None))
         model.accumulate_gathered = one_unit and trainable  # see accumulate_gradients
-    layers = len(model.model.layers)
-    model.recompute_blocks = min(layers, {"none": 0, "all": layers, "auto": layers}.get(grad_ckpt, grad_ckpt))
+    layers, blocks = len(model.model.layers), grad_ckpt_flag(str(grad_ckpt))  # refuses a bool (True would be 1 block)
+    model.recompute_blocks = min(layers, {"none": 0, "all": layers, "auto": layers}.get(blocks, blocks))
     return model.train(trainable).requires_grad_(trainable)
 
 

@@ -1,4 +1,5 @@
 """sft.py: loss masking, normalisation, distributed equivalence, resume, saved checkpoints, bad data."""
+import argparse
 import json
 
 import pytest
@@ -272,6 +273,8 @@ def test_grad_ckpt_auto_keeps_as_many_blocks_as_the_measured_memory_fits(toy_pat
     blocks = lambda flag: training.load_for_training(toy_paths["init"], 1, cpu, grad_ckpt=flag).recompute_blocks
     layers = M.load_config(toy_paths["init"]).num_hidden_layers
     assert [blocks(f) for f in ("none", "all", "auto", 1, 99)] == [0, layers, layers, 1, layers]
+    with pytest.raises(argparse.ArgumentTypeError, match="got .True."):  # the old bool API: an error, not one block (True == 1)
+        blocks(True)
 
 
 def test_sft_fits_recompute_after_its_second_step_for_its_longest_micro_batch(toy_paths, tmp_path, monkeypatch, capsys):
