@@ -430,7 +430,7 @@ def main(argv=None):
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
     run.open_metrics(step)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
-    stop_at, start = min(total, step + args.stop_after_steps) if args.stop_after_steps else total, step
+    start, stop_at = step, (min(total, step + args.stop_after_steps) if args.stop_after_steps else total)
     longest_micro = max(1, args.micro_seqs // args.n) * args.max_prompt_len + args.micro_seqs * args.max_new_tokens
     while step < stop_at:
         for group in optimizer.param_groups:
