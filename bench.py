@@ -422,7 +422,9 @@ def _trainer_model(smoke):
 
 
 def _sft_fwd_bwd(model, device, smoke, seqs=1):
-    """-> (one SFT forward+backward on `seqs` 4k-token sequences, its token count); the loss weighs tokens as sft.py."""
+    """-> (one SFT forward+backward on `seqs` 4k-token sequences, its token count); the loss weighs tokens as sft.py.
+    Every block recomputes, as in the README table's rows (_sft_mfu then takes --grad-ckpt auto's choice)."""
+    model.recompute_blocks = len(model.model.layers)
     T = 512 if smoke else 4096
     ids = torch.randint(0, model.config.vocab_size, (seqs, T), device=device)
     weights = torch.full((seqs, T), -1 / T, device=device)  # mean token NLL
@@ -441,7 +443,6 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
     then AdamW (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one
     micro-batch then AdamW (the step this check timed before); forward+backward alone, reducing each time."""
     import training
-    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke, seqs)
 
     def sft_step(n):
@@ -474,7 +475,6 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
 def _sft_head_eager(model, device, flops_peak, smoke):
     """The SFT step's forward+backward with the output head's per-chunk elementwise work eager (model.FUSED_HEAD_DEVICES
     emptied): about ten passes over a [1024, 152k] fp32 buffer per chunk instead of Inductor's fused kernels."""
-    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
     fused, M.FUSED_HEAD_DEVICES = M.FUSED_HEAD_DEVICES, ()
     try:
@@ -490,7 +490,6 @@ def _sft_profile(model, device, smoke, accumulating=False):
     (training.accumulate_gradients: on one GPU, no regathering and no reduction)."""
     import training
     from torch.profiler import ProfilerActivity, profile
-    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, _ = _sft_fwd_bwd(model, device, smoke)
     if accumulating:
         training.accumulate_gradients(model, last=False)
@@ -529,7 +528,6 @@ def _sft_plain(device, flops_peak, smoke):
         model = M.Transformer(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not smoke:
         M.compile_blocks(model)
-    model.recompute_blocks = len(model.model.layers)
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
     t = timeit(fwd_bwd, 3, device)
     return f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak)} (activation checkpointing on)"
