@@ -331,7 +331,7 @@ class _ChunkedWeightedLogProbSum(torch.autograd.Function):
         logp, grad_hidden, grad_weight = _chunked_head_grads(hidden, weight, targets, weights, chunk, temperature,
                                                              *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_hidden, grad_weight)
-        zero = torch.zeros((), device=hidden.device, dtype=torch.float)  # summed a chunk at a time, as before the helper
+        zero = torch.zeros((), device=hidden.device, dtype=torch.float)  # chunk sums: one sum of all N rounds otherwise
         return sum(((weights[s:s + chunk].float() * logp[s:s + chunk]).sum() for s in range(0, len(logp), chunk)), zero)
 
     @staticmethod
