@@ -326,12 +326,13 @@ def update(job, step, ro, adv, micros, old, refs):
     # the mini-batch's global token and sequence counts, so the loss aggregation over micro-batches and ranks is exact
     mb_tokens, mb_seqs = all_reduce_sum([sum(len(ro.responses[i]) for s in micros for i in s), sum(map(len, micros))], job.device)
     n_tok, n_seq = max(mb_tokens, 1.0), max(mb_seqs, 1.0)
-    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0.0}
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0}
     for k, seqs in enumerate(micros):
         accumulate_gradients(job.policy, last=k == len(micros) - 1)
         part = policy_update_step(job, ro, seqs, adv[seqs].to(job.device)[:, None], old[k],
                                   refs[k] if refs is not None else None, n_tok, n_seq)
         totals = {key: totals[key] + part[key] for key in totals}
+    totals = {key: float(value) for key, value in totals.items()}  # the device's sums, read once after the backwards
     totals.update(zip(("loss", "kl"), all_reduce_sum([totals["loss"], totals["kl"]], job.device)))
     grad_norm = clip_grad_norm(job.policy, job.args.grad_clip)
     stop_if_not_finite("grpo.py", step + 1, os.path.join(job.args.out, "state"), loss=totals["loss"], grad_norm=grad_norm,
@@ -349,16 +350,13 @@ def policy_update_step(job, ro, seqs, adv, old_logp, ref_logp, n_tok, n_seq):
     logp, entropy, mask = response_logprobs(job.policy, prompts, responses, per_prompt, job.tokenizer.pad_id or 0,
                                             job.device, args.temperature)  # [S, R] each
     loss_tok, clipped = policy_loss_terms(logp, old_logp, adv, args.clip, args.clip_high)
-    kl_sum = 0.0
-    if ref_logp is not None:
-        kl = k3_kl(logp, ref_logp)
-        loss_tok = loss_tok + args.kl * kl
-        kl_sum = (kl.detach() * mask).sum().item()
-    loss = aggregate(loss_tok, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # --kl 0 loads no reference model
+    loss = aggregate(loss_tok + args.kl * kl, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
     (loss * job.world).backward()  # FSDP averages over ranks; the aggregate is already global
-    tokens = sum(map(len, prompts)) + mask.sum().item()  # a prompt runs once per micro-batch
-    return {"loss": loss.item(), "kl": kl_sum / n_tok, "clipped": (clipped * mask).sum().item() / n_tok,
-            "entropy": (entropy.detach() * mask).sum().item() / n_tok, "tokens": tokens}
+    # the statistics stay on the device (fp64), unread: the host builds the next micro-batch while this one runs
+    per_token = lambda t: (t.detach() * mask).sum().double() / n_tok
+    return {"loss": loss.detach().double(), "kl": per_token(kl), "clipped": per_token(clipped),
+            "entropy": per_token(entropy), "tokens": sum(map(len, prompts + responses))}  # a prompt: once per micro-batch
 
 
 def step_metrics(job, step, ro, rewards, correct, zero_std, updates, seconds):

@@ -333,6 +333,26 @@ def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
             assert runs[micro_seqs][1][key] == pytest.approx(stats[key], rel=1e-5, abs=1e-7), key
 
 
+def test_update_reads_the_device_once_a_minibatch_not_once_a_micro_batch(toy_paths, policy, monkeypatch):
+    """A host read of a device value (.item(), float(), .tolist()) waits for the GPU. Inside the micro-batch loop it
+    would idle the GPU while the host builds the next micro-batch: the update's reads do not grow with micro-batches."""
+    job, ro = first_rollout(toy_paths, policy)
+    args = job.args
+    adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
+    reads = {}
+    for micro_seqs in (9, 1):
+        plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
+        old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+        count = []
+        for name in ("item", "__float__", "tolist"):
+            read = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda t, *a, read=read: count.append(1) or read(t, *a))
+        grpo.update(job, 0, ro, adv, plan[0], old[0], None)
+        monkeypatch.undo()
+        reads[len(plan[0])] = len(count)
+    assert len(reads) == 2 and len(set(reads.values())) == 1, reads  # {micro-batches: host reads}
+
+
 def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     # the toy's numbers are tuned in fp32 on CPU kernels; the GPU policy (bf16 compute and rollouts), simulated on
     # CPU, took it from 63.5% to only 78.5% (README). Real runs (--model) take the GPU.
