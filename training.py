@@ -20,6 +20,7 @@ code path. On CPU: fp32 throughout (FSDP2 over gloo with more than one rank, the
 """
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -307,7 +308,7 @@ def load_state(path, model, optimizer, rank):
 
     def part(name, get):  # this rank's rows of the saved tensor whose shards are get(each rank's state)
         shards, here = [get(s) for s in states], _local(params[name])
-        starts = [sum(len(t) for t in shards[:k]) for k in range(len(shards) + 1)]
+        starts = list(itertools.accumulate(map(len, shards), initial=0))  # each saved shard's first row, then the total
         lo = rank * -(-starts[-1] // world)  # FSDP2's rows per rank: ceil(rows / world)
         saved = torch.cat([t[max(lo - a, 0):max(lo + len(here) - a, 0)] for t, a in zip(shards, starts)])
         if saved.shape != here.shape:
