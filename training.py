@@ -125,6 +125,7 @@ def accumulate_gradients(model, last):
     if getattr(model, "accumulate_gathered", False):
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
+        model.gradients_unreduced = not last  # clip_grad_norm refuses a step whose last backward did not reduce
 
 
 def barrier():  # every rank waits here; nothing to wait for without a process group
@@ -151,6 +152,7 @@ def idle_backward(model, device):
 
 def clip_grad_norm(model, max_norm):
     """Clip gradients to max_norm (global over ranks) -> the norm before clipping, as a float."""
+    assert not getattr(model, "gradients_unreduced", False), "accumulate_gradients(model, last=True) never came this step"
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return float(_local(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
 
@@ -204,8 +206,7 @@ class RunDir:
 
     def __init__(self, out, args, rank, script):
         self.out, self.rank, self.script = out, rank, script
-        self.state = os.path.join(out, "state")
-        self.metrics_path = os.path.join(out, "metrics.jsonl")
+        self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
 
     def start(self, resume, overwrite):

@@ -205,7 +205,8 @@ def test_saved_checkpoint_keeps_the_source_dtype(toy_paths, tmp_path):
 def test_one_unit_accumulates_gathered_in_fp32_and_reduces_once(toy_paths, one_rank_fsdp, bf16):
     """One GPU (one FSDP2 unit) keeps the weights gathered between an optimizer step's micro-batches and reduces the
     gradients once, at the last; the gradients equal those of reducing after every micro-batch to fp32 rounding, also
-    with bf16 compute (CUDA's policy, here on CPU), so the unsharded accumulation is in fp32."""
+    with bf16 compute (CUDA's policy, here on CPU), so the unsharded accumulation is in fp32. A step whose last
+    micro-batch was not marked last is refused at clipping: its gradients were never reduced (the step would be a no-op)."""
     import torch.distributed as dist
     import torch.distributed.fsdp as fsdp
     from torch.distributed.tensor import DTensor
@@ -231,6 +232,11 @@ def test_one_unit_accumulates_gathered_in_fp32_and_reduces_once(toy_paths, one_r
         return {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     try:
         once, each = grads(True), grads(False)
+        model = training.load_for_training(toy_paths["init"], world, device)  # a step whose last backward is not marked
+        training.accumulate_gradients(model, last=False)
+        model(ids[0], targets=ids[0], loss_weights=torch.full(ids[0].shape, -1.0)).backward()
+        with pytest.raises(AssertionError, match="last=True"):  # nothing was reduced: clipping (and the step) is refused
+            training.clip_grad_norm(model, 1.0)
     finally:
         dist.destroy_process_group()
     for n in once:  # bf16 accumulation would be off by about 2^-9 of the gradient
