@@ -11,7 +11,8 @@ The algorithm, per step:
    policy's weights are copied into a plain (unsharded) rollout model, in bf16 on GPUs, and the sampler
    (sampler.py: static KV cache, continuous batching, compiled decode step) draws a group of G = --n traces
    o_1..o_G per prompt (temperature 1, top-p 1; the prefill is shared by the group). The draws are keyed
-   by (step, prompt, sample), so they do not depend on the number of ranks.
+   by (step, prompt, sample), so they do not depend on the number of ranks. The sampler also returns each
+   token's log-prob under its own forward, log mu(o_i,t) (other kernels, and bf16 on GPUs).
 2. Reward. r_i = +1 if o_i ends with the verdict matching the label, -1 otherwise (rewards.judge_reward;
    a trace cut at --max-new-tokens gets -1). With --format-reward: format (0/1) + correct (0/1).
 3. Advantage, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-6) (unbiased std; --no-std-norm drops the
@@ -23,13 +24,18 @@ The algorithm, per step:
    a group's prompt once for its G responses (model.SharedPrefix: each response attends to the prompt and to
    itself), which gives the same log-probs as G separate [prompt, o_i] rows at a fraction of the cost when
    prompts are long; with --micro-seqs < G, once per slice of the group's responses (less memory per forward).
+   The sampler-trainer mismatch log pi_old - log mu is logged every step (mean and max |delta|, k3 KL(mu || pi_old)).
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
        rho = exp(log pi - log pi_old)
-       L_pg  = -min(rho A, clip(rho, 1 - clip, 1 + clip_high) A)
+       w   = min(exp(log pi_old - log mu), cap)       truncated importance sampling (--rollout-is token; sequence:
+                                                      the sum over o_i's tokens in the exponent; none: w = 1)
+       L_pg  = -w min(rho A, clip(rho, 1 - clip, 1 + clip_high) A)
        L_kl  = k3 = exp(d) - d - 1,  d = clamp(log pi_ref - log pi, -20, 20), then clamp(k3, -10, 10)
        L_tok = L_pg + kl * L_kl
-   aggregated over the mini-batch (all micro-batches, all ranks) as
+   w corrects for the rollout coming from mu, not pi_old: the sampler's copy differs from the trainer's forward (in
+   bf16 by far more than in fp32), and without w the update is off-policy by that much.
+   Aggregated over the mini-batch (all micro-batches, all ranks) as
        token-mean            sum L_tok / (number of response tokens)                    [reference]
        seq-mean-token-mean   mean over sequences of (mean over the sequence's tokens)
        dr-grpo               sum L_tok / (number of sequences * max_new_tokens)
@@ -45,6 +51,7 @@ old_and_ref_logprobs, update -> policy_update_step, which holds the PPO loss), t
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -61,8 +68,8 @@ from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab,
                       cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
-                      load_for_training, load_state, lr_at, make_optimizer, save_checkpoint, save_state, setup_distributed,
-                      stop_if_not_finite)
+                      load_for_training, load_state, lr_at, make_optimizer, precision_of, save_checkpoint, save_state,
+                      setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -95,6 +102,12 @@ def parse_args(argv=None):
     ap.add_argument("--clip-high", type=float, default=None, help="upper clip (default: --clip)")
     ap.add_argument("--kl", type=float, default=None, help="k3 KL coefficient; 0 loads no reference model [0.001; toy 0.05]")
     ap.add_argument("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "dr-grpo"])
+    ap.add_argument("--rollout-is", default="token", choices=["token", "sequence", "none"],
+                    help="truncated importance sampling of the policy loss by pi_old / sampler, per token or sequence")
+    ap.add_argument("--rollout-is-cap", type=float, default=2.0, help="the most an importance weight may be (>= 1)")
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                    help="bf16: compute and rollouts in bf16 over fp32 master weights (CUDA's default; on CPU it "
+                         "simulates a GPU run's numerics); fp32: fp32 throughout (the CPU's default)")
     ap.add_argument("--no-std-norm", action="store_true", help="advantage r - mean(r), without / std")
     ap.add_argument("--format-reward", action="store_true", help="cold-start reward: format + correct")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -129,6 +142,8 @@ def parse_args(argv=None):
                              "eval_limit", "stop_after_steps"))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
+    if not args.rollout_is_cap >= 1:  # `not`: NaN too
+        ap.error(f"--rollout-is-cap must be >= 1 (a weight below 1 everywhere only shrinks the step), got {args.rollout_is_cap}")
     if not 0 < args.top_p <= 1:
         ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.rollout_prompts % args.minibatch_prompts:
@@ -158,6 +173,23 @@ def k3_kl(logp, ref_logp):
     """Low-variance KL estimate of KL(pi || pi_ref) per token, clamped as the reference."""
     d = (ref_logp - logp).clamp(-20, 20)
     return (d.exp() - d - 1).clamp(-10, 10)
+
+
+def rollout_is_weights(old_logp, rollout_logp, mask, mode, cap):
+    """Truncated importance sampling: old_logp, rollout_logp (the sampler's), mask [S, R] -> weights of the policy
+    loss, min(pi_old / mu, cap): [S, R] per token, [S, 1] per sequence (the product over its tokens), 1 for none."""
+    if mode == "none":
+        return torch.ones_like(old_logp[:, :1])
+    d = (old_logp - rollout_logp) * mask
+    d = d.sum(1, keepdim=True) if mode == "sequence" else d
+    return d.clamp(-20, math.log(cap)).exp()
+
+
+def rollout_mismatch(old_logp, rollout_logp, mask):
+    """How far the sampler's log-probs are from the trainer's over the masked tokens -> on-device sums and max:
+    |log pi_old - log mu| summed and maxed, k3 KL(mu || pi_old) summed (d = log pi_old - log mu, exp(d) - d - 1)."""
+    d = (old_logp - rollout_logp) * mask
+    return torch.stack([d.abs().sum(), d.abs().max(), (k3_kl(rollout_logp, old_logp) * mask).sum()]).double()
 
 
 def policy_loss_terms(logp, old_logp, adv, clip_low, clip_high):
@@ -216,7 +248,7 @@ def group_batch(prompts, responses, n, pad_id, device, dtype):
 
 def response_logprobs(model, prompts, responses, n, pad_id, device, temperature):
     """-> log-probs, entropies and mask of the G*n responses, each [G*n, R] (one forward, prompts shared)."""
-    dtype = M.compute_dtype(device, next(model.parameters()).dtype)
+    dtype = M.compute_dtype(model)
     ids, positions, targets, mask, shared, unpack = group_batch(prompts, responses, n, pad_id, device, dtype)
     logp, entropy = model(ids, positions, targets=targets, temperature=temperature, token_mask=mask, shared_prefix=shared)
     return unpack(logp), unpack(entropy), unpack(mask)
@@ -244,6 +276,7 @@ class Rollout:  # this rank's groups of one step: group g is prompts[g] with res
     positions: list  # rollout position of each group (which mini-batch it belongs to)
     prompts: list
     responses: list
+    rollout_logps: list  # the sampler's log-prob of each response token
     texts: list
     labels: list
     truncated: list
@@ -258,10 +291,11 @@ def grpo_step(job, step):
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
     plan = micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
     t0 = time.time()
-    old, refs = old_and_ref_logprobs(job, ro, plan)
+    old, refs, behaviour, mismatch = old_and_ref_logprobs(job, ro, plan)
     t_logprobs, t0 = time.time() - t0, time.time()
-    updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None) for m, part in enumerate(plan)]
-    return step_metrics(job, step, ro, rewards, correct, zero_std, updates,
+    updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, behaviour[m])
+               for m, part in enumerate(plan)]
+    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch,
                         {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
 
 
@@ -273,12 +307,12 @@ def rollout(job, step):
     prompts = [job.prompt_ids[batch[p]] for p in positions]
     job.engine.load_weights(job.policy)
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
-    responses = job.engine.generate(prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.n,
-                                    job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
-                                    vocab_size=job.tokenizer.vocab_size, prompt_ids=positions)
+    responses, logps = job.engine.generate(prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.n,
+                                           job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
+                                           vocab_size=job.tokenizer.vocab_size, prompt_ids=positions, logprobs=True)
     truncated = [job.tokenizer.cut_off(r) for r in responses]
     labels = [job.examples[batch[p]].label for p in positions for _ in range(args.n)]
-    return Rollout(positions, prompts, responses, [job.tokenizer.decode(r) for r in responses], labels, truncated,
+    return Rollout(positions, prompts, responses, logps, [job.tokenizer.decode(r) for r in responses], labels, truncated,
                    time.time() - t0)
 
 
@@ -314,23 +348,40 @@ def micro_rows(ro, seqs, n):
 @torch.no_grad()
 def old_and_ref_logprobs(job, ro, plan):
     """4. log pi_old and log pi_ref of every response, one tensor [groups * n, R] per micro-batch of the plan:
-    the same batches (so the same padding and kernels) as the update, so the first ratio is exactly 1."""
+    the same batches (so the same padding and kernels) as the update, so the first ratio is exactly 1. Also the
+    sampler's log-probs laid out the same way, and its mismatch with pi_old (rollout_mismatch, summed over them)."""
     args, pad = job.args, job.tokenizer.pad_id or 0
     run = lambda model: [[response_logprobs(model, *micro_rows(ro, seqs, args.n), pad, job.device, args.temperature)[0]
                           for seqs in micros] for micros in plan]
-    return run(job.policy), run(job.ref) if job.ref is not None else None
+    old, behaviour, mismatch = run(job.policy), [], []
+    for micros, olds in zip(plan, old):
+        behaviour.append([])
+        for seqs, o in zip(micros, olds):
+            rollout_logp, mask = sampler_logprobs(ro, seqs, o.shape[1], job.device)
+            behaviour[-1].append(rollout_logp)
+            mismatch.append(rollout_mismatch(o, rollout_logp, mask))
+    return old, run(job.ref) if job.ref is not None else None, behaviour, mismatch
 
 
-def update(job, step, ro, adv, micros, old, refs):
+def sampler_logprobs(ro, seqs, width, device):
+    """The sampler's log-probs of responses seqs -> [S, width] fp32 (zero-padded on the right) and their mask."""
+    logp, mask = torch.zeros(len(seqs), width), torch.zeros(len(seqs), width)
+    for row, i in enumerate(seqs):
+        logp[row, :len(ro.rollout_logps[i])] = torch.tensor(ro.rollout_logps[i])
+        mask[row, :len(ro.rollout_logps[i])] = 1
+    return logp.to(device), mask.to(device)
+
+
+def update(job, step, ro, adv, micros, old, refs, behaviour):
     """5. One optimizer step on one mini-batch (this rank's micro-batches of it) -> its statistics."""
     # the mini-batch's global token and sequence counts, so the loss aggregation over micro-batches and ranks is exact
     mb_tokens, mb_seqs = all_reduce_sum([sum(len(ro.responses[i]) for s in micros for i in s), sum(map(len, micros))], job.device)
     n_tok, n_seq = max(mb_tokens, 1.0), max(mb_seqs, 1.0)
-    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "tokens": 0}
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "is_capped": 0.0, "tokens": 0}
     for k, seqs in enumerate(micros):
         accumulate_gradients(job.policy, last=k == len(micros) - 1)
         part = policy_update_step(job, ro, seqs, adv[seqs].to(job.device)[:, None], old[k],
-                                  refs[k] if refs is not None else None, n_tok, n_seq)
+                                  refs[k] if refs is not None else None, behaviour[k], n_tok, n_seq)
         totals = {key: totals[key] + part[key] for key in totals}
     totals = {key: float(value) for key, value in totals.items()}  # the device's sums, read once after the backwards
     totals.update(zip(("loss", "kl"), all_reduce_sum([totals["loss"], totals["kl"]], job.device)))
@@ -342,31 +393,36 @@ def update(job, step, ro, adv, micros, old, refs):
     return {**totals, "grad_norm": grad_norm, "n_tok": n_tok}
 
 
-def policy_update_step(job, ro, seqs, adv, old_logp, ref_logp, n_tok, n_seq):
-    """The PPO loss of one micro-batch, backpropagated: clipped surrogate + kl * k3, aggregated as --loss-agg.
-    adv [S, 1] for its S sequences; old_logp, ref_logp [S, R] from old_and_ref_logprobs."""
+def policy_update_step(job, ro, seqs, adv, old_logp, ref_logp, rollout_logp, n_tok, n_seq):
+    """The PPO loss of one micro-batch, backpropagated: w x clipped surrogate + kl * k3, aggregated as --loss-agg.
+    adv [S, 1] for its S sequences; old_logp, ref_logp, rollout_logp [S, R] from old_and_ref_logprobs."""
     args = job.args
     prompts, responses, per_prompt = micro_rows(ro, seqs, args.n)
     logp, entropy, mask = response_logprobs(job.policy, prompts, responses, per_prompt, job.tokenizer.pad_id or 0,
                                             job.device, args.temperature)  # [S, R] each
     loss_tok, clipped = policy_loss_terms(logp, old_logp, adv, args.clip, args.clip_high)
+    is_weight = rollout_is_weights(old_logp, rollout_logp, mask, args.rollout_is, args.rollout_is_cap)  # [S, R] or [S, 1]
     kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)  # --kl 0 loads no reference model
-    loss = aggregate(loss_tok + args.kl * kl, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
+    loss = aggregate(is_weight * loss_tok + args.kl * kl, mask, args.loss_agg, n_tok, n_seq, args.max_new_tokens)
     (loss * job.world).backward()  # FSDP averages over ranks; the aggregate is already global
     # the statistics stay on the device (fp64), unread: the host builds the next micro-batch while this one runs
     per_token = lambda t: (t.detach() * mask).sum().double() / n_tok
     return {"loss": loss.detach().double(), "kl": per_token(kl), "clipped": per_token(clipped),
-            "entropy": per_token(entropy), "tokens": sum(map(len, prompts + responses))}  # a prompt: once per micro-batch
+            "entropy": per_token(entropy), "is_capped": per_token((is_weight >= args.rollout_is_cap).expand_as(mask))
+            if args.rollout_is != "none" else torch.zeros((), dtype=torch.float64, device=job.device),
+            "tokens": sum(map(len, prompts + responses))}  # a prompt: once per micro-batch
 
 
-def step_metrics(job, step, ro, rewards, correct, zero_std, updates, seconds):
+def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, seconds):
     """Sums over ranks of named per-trace statistics -> the step's record (means over all traces and groups)."""
     lengths = [len(r) for r in ro.responses]
+    logp_diff, logp_diff_max, rollout_kl = torch.stack(mismatch).T.tolist() if mismatch else ([0.0], [0.0], [0.0])
     unparsed = [tr or parse_verdict(t) is None for t, tr in zip(ro.texts, ro.truncated)]
     local = {"reward": rewards.sum().item(), "correct": correct.sum().item(), "unparsed": sum(unparsed),
              "length": sum(lengths), "truncated": sum(ro.truncated), "zero_std_groups": zero_std * len(ro.prompts),
              "traces": len(ro.responses), "groups": len(ro.prompts), "train_tokens": sum(u["tokens"] for u in updates),
-             "clipped": sum(u["clipped"] for u in updates), "entropy": sum(u["entropy"] for u in updates)}
+             "clipped": sum(u["clipped"] for u in updates), "entropy": sum(u["entropy"] for u in updates),
+             "is_capped": sum(u["is_capped"] for u in updates), "logp_diff": sum(logp_diff), "rollout_kl": sum(rollout_kl)}
     total = dict(zip(local, all_reduce_sum(list(local.values()), job.device)))
     n_mb, traces = len(updates), total["traces"]
     return {"step": step + 1, "reward_mean": total["reward"] / traces, "accuracy": total["correct"] / traces,
@@ -375,6 +431,10 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, seconds):
             "truncated_frac": total["truncated"] / traces, "zero_std_frac": total["zero_std_groups"] / total["groups"],
             "kl": sum(u["kl"] for u in updates) / n_mb, "clip_frac": total["clipped"] / n_mb,
             "entropy": total["entropy"] / n_mb, "grad_norm": sum(u["grad_norm"] for u in updates) / n_mb,
+            # the sampler vs the trainer (pi_old), per response token: mean and max |delta log-prob|, k3 KL(mu || pi_old)
+            "rollout_logp_diff_mean": total["logp_diff"] / max(total["length"], 1),
+            "rollout_logp_diff_max": all_reduce_max([max(logp_diff_max)], job.device)[0],
+            "rollout_kl": total["rollout_kl"] / max(total["length"], 1), "rollout_is_capped_frac": total["is_capped"] / n_mb,
             "rollout_tokens_per_s": total["length"] / max(seconds["rollout_s"], 1e-9),
             "train_tokens_per_s": total["train_tokens"] / max(seconds["train_s"], 1e-9), **seconds}
 
@@ -383,10 +443,11 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(cpu=args.toy)
+    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision)
+    args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
         toy.setup(args.seed)
-        toy.run_sft_first(args.model, args.seed, rank)
+        toy.run_sft_first(args.model, args.seed, rank, args.precision)
     run = RunDir(args.out, args, rank, "grpo.py")
     run.start(args.resume, args.overwrite)
     torch.manual_seed(args.seed)
@@ -401,8 +462,9 @@ def main(argv=None):
         raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")
     total = args.steps or len(examples) // args.rollout_prompts
     compile = compile_wanted(args.compile, device)
-    policy = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt)
-    ref = load_for_training(args.model, world, device, trainable=False, compile=compile) if args.kl > 0 else None
+    policy = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt, precision=args.precision)
+    ref = load_for_training(args.model, world, device, trainable=False, compile=compile, precision=args.precision) \
+        if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
     heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
@@ -421,7 +483,7 @@ def main(argv=None):
     step, history = load_state(run.state, policy, optimizer, rank) if args.resume else (0, {})
     if rank == 0:
         print(f"grpo: {described}, {total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
-              f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type}, start at step {step}")
+              f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type} in {args.precision}, start at step {step}")
     if heldout and "heldout_start" not in history:
         history["heldout_start"] = judge_heldout()
         if rank == 0:

@@ -243,6 +243,17 @@ class Block(nn.Module):
     decode = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(forward)
 
 
+def head_logits(hidden, weight):
+    """hidden [N, H] @ weight [V, H]^T -> logits [N, V] in fp32, never rounded to bf16 on the way: a bf16 logit near 20
+    is off by up to 0.06, as large as the log-prob changes GRPO's ratio and clip act on (bf16 logits made the log-probs'
+    error 2.6-3.5x larger). bf16 inputs: products exact in fp32, fp32 sums (what CUDA's mm with out_dtype computes)."""
+    if hidden.dtype == torch.float32 and weight.dtype == torch.float32:
+        return hidden @ weight.t()
+    if hidden.is_cuda:
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    return hidden.float() @ weight.float().t()
+
+
 FUSED_HEAD_DEVICES = ("cuda",)  # where the output head's per-chunk elementwise work runs compiled (tests add "cpu")
 
 
@@ -255,7 +266,7 @@ def _fused_on_gpu(fn):
 
 @_fused_on_gpu
 def _logp_entropy(logits, targets, temperature):
-    """logits [c, V] (the GEMM's dtype), targets [c] -> log softmax(logits / temperature)[targets], entropy: [c] fp32.
+    """logits [c, V] fp32, targets [c] -> log softmax(logits / temperature)[targets], entropy: [c] fp32.
     z is a new buffer even for fp32 logits (torch 2.11's Inductor, CPU, got the log-probs wrong when it updated its
     input); the entropy's product is taken in place instead, so eager allocates as many [c, V] buffers as before."""
     z = logits.float() / temperature
@@ -264,16 +275,16 @@ def _logp_entropy(logits, targets, temperature):
 
 
 @_fused_on_gpu
-def _logit_grad(logits, targets, coef, temperature):
-    """logits [c, V], targets [c], coef [c] -> (log p(targets) [c] fp32, g [c, V] in logits' dtype), where g =
-    d sum_t coef_t log p_t / d logits = coef / temperature * (onehot(targets) - softmax(logits / temperature)).
-    fp32 logits are overwritten and become g (the one chunk-sized buffer)."""
-    z = logits.float().div_(temperature)
+def _logit_grad(logits, targets, coef, temperature, grad_dtype):
+    """logits [c, V] fp32, targets [c], coef [c] -> (log p(targets) [c] fp32, g [c, V] in grad_dtype (the hidden
+    states', for the two gradient GEMMs)), where g = d sum_t coef_t log p_t / d logits
+    = coef / temperature * (onehot(targets) - softmax(logits / temperature)). logits are overwritten and become g."""
+    z = logits.div_(temperature)
     target_logit = z.gather(1, targets[:, None])
     m = z.max(dim=-1, keepdim=True).values
     sumexp = z.sub_(m).exp_().sum(dim=-1, keepdim=True)
     g = z.div_(sumexp).neg_().scatter_add_(1, targets[:, None], torch.ones_like(target_logit))  # onehot - softmax
-    return (target_logit - (m + sumexp.log())).squeeze(1), g.mul_(coef[:, None].float() / temperature).to(logits.dtype)
+    return (target_logit - (m + sumexp.log())).squeeze(1), g.mul_(coef[:, None].float() / temperature).to(grad_dtype)
 
 
 def _chunked_head_grads(hidden, weight, targets, coef, chunk, temperature, need_hidden, need_weight):
@@ -287,7 +298,7 @@ def _chunked_head_grads(hidden, weight, targets, coef, chunk, temperature, need_
     grad_weight = torch.zeros_like(weight) if need_weight else None
     for s in range(0, hidden.shape[0], chunk):
         h, c = hidden[s:s + chunk], slice(s, s + chunk)
-        logp[c], g = _logit_grad(h @ weight.t(), targets[c], coef[c], temperature)  # g [chunk, V]: d sum / d logits
+        logp[c], g = _logit_grad(head_logits(h, weight), targets[c], coef[c], temperature, h.dtype)  # g [chunk, V]
         if grad_hidden is not None:
             grad_hidden[c] = g @ weight
         if grad_weight is not None:
@@ -306,8 +317,8 @@ class _ChunkedTokenLogProb(torch.autograd.Function):
         logp = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float)
         entropy = torch.empty_like(logp)
         for s in range(0, hidden.shape[0], chunk):
-            logp[s:s + chunk], entropy[s:s + chunk] = _logp_entropy(hidden[s:s + chunk] @ weight.t(), targets[s:s + chunk],
-                                                                    temperature)
+            logp[s:s + chunk], entropy[s:s + chunk] = _logp_entropy(head_logits(hidden[s:s + chunk], weight),
+                                                                    targets[s:s + chunk], temperature)
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk, ctx.temperature = chunk, temperature
         ctx.mark_non_differentiable(entropy)
@@ -358,6 +369,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.recompute_blocks = 0  # the first this many blocks recompute their activations in backward (--grad-ckpt)
+        self.compute_dtype = None  # the precision policy's, where it is not the weights' (see compute_dtype)
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
 
     def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, shared_prefix=None,
@@ -387,7 +399,7 @@ class Transformer(nn.Module):
         if not head:
             return x
         if targets is None:
-            return self.lm_head(x)
+            return head_logits(x.flatten(0, -2), self.lm_head.weight).unflatten(0, x.shape[:-1])  # fp32
         return self._token_logprobs(x, targets, temperature, token_mask, loss_weights)
 
     def _token_logprobs(self, x, targets, temperature, token_mask, loss_weights):
@@ -577,9 +589,10 @@ def compile_blocks(model, backend="inductor"):
     return model
 
 
-def compute_dtype(device, weights_dtype):
-    """The precision policy's compute dtype (training.py): bf16 on CUDA, else the weights' own."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else weights_dtype
+def compute_dtype(model):
+    """The dtype model's forward computes in: the precision policy's (training.load_for_training sets it; bf16 over fp32
+    master weights), else its weights' own."""
+    return model.compute_dtype or next(model.parameters()).dtype
 
 
 def num_params(model):

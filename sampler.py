@@ -28,7 +28,10 @@ Temperature 0 is greedy. Ids at or beyond the tokenizer's vocabulary (Qwen pads 
 rows) are never sampled.
 
 Returns the generated ids of every sample, the stop id kept, in prompt-major order (prompt i, sample j at
-index i*n + j); for greedy decoding they are the same whatever S, the order of admission or the buckets.
+index i*n + j); for greedy decoding they are the same whatever S, the order of admission or the buckets. With
+logprobs=True also each sampled token's log-prob under the engine's own forward, log softmax(logits / temperature)
+[token] (before top-k / top-p, the quantity GRPO's training forward computes): GRPO measures the sampler-trainer
+mismatch with it and corrects for it (grpo.rollout_is_weights).
 """
 from collections import deque
 
@@ -62,6 +65,12 @@ def cumsum(x: torch.Tensor) -> torch.Tensor:
 
 
 cumsum.register_fake(torch.empty_like)  # its output's shape and dtype, for tracing
+
+
+def token_logprob(logits, tok, temperature):
+    """logits [R, V] fp32, tok [R] -> log softmax(logits / temperature)[tok] [R] (temperature 0: of the logits)."""
+    z = logits / temperature if temperature not in (0, 1) else logits
+    return z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)
 
 
 def sample_next(logits, u, temperature, top_p, top_k):
@@ -107,8 +116,9 @@ class Sampler:
         self.tok, self.pos, self.n_out, self.seq = zeros(torch.long), zeros(torch.long), zeros(torch.long), zeros(torch.long)
         self.done = torch.ones(slots, dtype=torch.bool, device=device)
         self.out = torch.zeros(slots, max_len + 1, dtype=torch.long, device=device)  # last column: finished rows' sink
+        self.out_logp = torch.zeros(slots, max_len + 1, device=device)  # each output token's log-prob (fp32)
         self.seed, self.budget = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device)
-        for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.seed, self.budget):
+        for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.out_logp, self.seed, self.budget):
             torch._dynamo.mark_static_address(t)
         self.compiled, self.kv_spans = compile, [max_len >> k for k in (3, 2, 1, 0)]  # max_len / 8, / 4, / 2, max_len
         self.step = self.decode_step
@@ -120,11 +130,11 @@ class Sampler:
 
     @classmethod
     def for_policy(cls, policy, slots, max_len, compile=False, **engine_kw):
-        """An engine over a plain copy of a training policy (possibly FSDP-sharded), in bf16 on GPUs: the
+        """An engine over a plain copy of a training policy (possibly FSDP-sharded), in its compute dtype (bf16 on GPUs): the
         compiled step never meets FSDP hooks, and sampling reads the weights once per token, not per layer
         gather. load_weights refreshes the copy."""
         p = next(policy.parameters())
-        return cls(M.empty_model(policy.config, p.device, M.compute_dtype(p.device, p.dtype)), slots, max_len, compile, **engine_kw)
+        return cls(M.empty_model(policy.config, p.device, M.compute_dtype(policy)), slots, max_len, compile, **engine_kw)
 
     def load_weights(self, policy):
         M.copy_weights(policy, self.model)  # under FSDP every rank calls this (one all-gather per tensor)
@@ -138,13 +148,15 @@ class Sampler:
 
     def decode_step(self, b, stop, temperature, top_p, top_k, vocab_size, kv_len=None):
         """One token for slots 0..b-1, entirely on the device (no host sync)."""
-        logits = self.model(self.tok[:b, None], self.pos[:b, None], decode=True, kv_len=kv_len)[:, -1].float()  # [b, V]
+        logits = self.model(self.tok[:b, None], self.pos[:b, None], decode=True, kv_len=kv_len)[:, -1]  # [b, V] fp32
         if vocab_size < logits.shape[-1]:
             logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size, float("-inf"))
         tok = sample_next(logits, uniforms(self.seed, self.seq[:b], self.n_out[:b]), temperature, top_p, top_k)
         live = ~self.done[:b]
         column = torch.where(live, self.n_out[:b], self.out.shape[1] - 1)
-        self.out[torch.arange(b, device=tok.device), column] = tok  # indexed: compiled in place, not a copy of out
+        rows = torch.arange(b, device=tok.device)
+        self.out[rows, column] = tok  # indexed: compiled in place, not a copy of out
+        self.out_logp[rows, column] = token_logprob(logits, tok, temperature)
         self.n_out[:b] += live
         self.done[:b] |= (tok[:, None] == stop).any(-1) | (self.n_out[:b] >= self.budget)
         self.tok[:b] = tok
@@ -152,10 +164,10 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
-                 vocab_size=None, prompt_ids=None, continuous=True):
+                 vocab_size=None, prompt_ids=None, continuous=True, logprobs=False):
         """prompt_ids: a global index per prompt (default 0..len-1): sample j of prompt i is sequence
         prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
-        is free (static batching, for comparison)."""
+        is free (static batching, for comparison). -> token lists (logprobs: and their log-prob lists)."""
         longest = max((len(p) for p in prompts), default=0)
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
@@ -173,6 +185,7 @@ class Sampler:
         ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
         waiting, owner = deque(range(len(prompts))), [-1] * self.slots  # owner: the output index a slot fills
         outputs, hi = [None] * (len(prompts) * n), 0  # hi: an upper bound on the positions in use
+        out_logps = [None] * len(outputs)
         while waiting or max(owner) >= 0:
             free = [s for s in range(self.slots) if owner[s] < 0]
             if waiting and len(free) >= n and (continuous or len(free) == self.slots):
@@ -190,9 +203,9 @@ class Sampler:
             for _ in range(self.sync_every):
                 hi = min(hi + 1, self.max_len)
                 self.step(b, stop, temperature, top_p, top_k, vocab_size, self.kv_span(hi))
-            hi = self.collect(owner, b, outputs)
+            hi = self.collect(owner, b, outputs, out_logps)
         self.model.train(was_training)
-        return outputs
+        return (outputs, out_logps) if logprobs else outputs
 
     def kv_span(self, hi):
         """Cache positions a step attends to, covering those in use (< hi): hi eager, the smallest kv_span compiled."""
@@ -212,7 +225,7 @@ class Sampler:
         rows_t, per = torch.tensor(rows, device=device), max(1, self.prefill_tokens // ids.shape[1])  # prompts per forward
         last = [self.model(ids[s:s + per].to(device), cache_rows=rows_t[s * n:(s + per) * n], head=False)  # [p, T, H]
                 [torch.arange(len(ids[s:s + per]), device=device), lengths[s:s + per] - 1] for s in range(0, len(prompts), per)]
-        logits = self.model.lm_head(torch.cat(last)).float()  # [P, V] at each prompt's last token
+        logits = M.head_logits(torch.cat(last), self.model.lm_head.weight)  # [P, V] fp32 at each prompt's last token
         logits = logits.masked_fill(torch.arange(logits.shape[-1], device=device) >= vocab_size, float("-inf"))
         seq = (torch.tensor(prompt_ids, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
         first = sample_next(logits.repeat_interleave(n, 0), uniforms(self.seed, seq, torch.zeros_like(seq)),
@@ -222,6 +235,7 @@ class Sampler:
         self.seq.index_copy_(0, rows_t, seq)
         self.n_out.index_fill_(0, rows_t, 1)
         self.out[:, 0].index_copy_(0, rows_t, first)
+        self.out_logp[:, 0].index_copy_(0, rows_t, token_logprob(logits.repeat_interleave(n, 0), first, temperature))
         self.done.index_copy_(0, rows_t, (first[:, None] == stop).any(-1) | (self.budget <= 1))
 
     def pack(self, owner):
@@ -231,12 +245,12 @@ class Sampler:
             return
         src, dst = torch.tensor(running, device=self.tok.device), torch.arange(len(running), device=self.tok.device)
         self.model.move_cache_rows(src, dst)
-        for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out):
+        for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.out_logp):
             t.index_copy_(0, dst, t.index_select(0, src))
         self.done[len(running):] = True
         owner[:] = [owner[s] for s in running] + [-1] * (self.slots - len(running))
 
-    def collect(self, owner, b, outputs):
+    def collect(self, owner, b, outputs, out_logps):
         """Host check: copy out the outputs of finished slots and free them -> the highest position still in use."""
         done, pos = torch.stack([self.done[:b].long(), self.pos[:b]]).tolist()  # one device -> host copy
         finished = [s for s in range(b) if owner[s] >= 0 and done[s]]
@@ -244,8 +258,9 @@ class Sampler:
             rows = torch.tensor(finished, device=self.tok.device)
             counts = self.n_out.index_select(0, rows).tolist()
             tokens = self.out.index_select(0, rows)[:, :max(counts)].tolist()
-            for s, c, t in zip(finished, counts, tokens):
-                outputs[owner[s]] = t[:c]
+            logps = self.out_logp.index_select(0, rows)[:, :max(counts)].tolist()
+            for s, c, t, lp in zip(finished, counts, tokens, logps):
+                outputs[owner[s]], out_logps[owner[s]] = t[:c], lp[:c]
                 owner[s] = -1
         return max((pos[s] for s in range(b) if owner[s] >= 0), default=0)
 

@@ -50,8 +50,8 @@ from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
                       clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
-                      idle_backward, load_for_training, load_state, lr_at, make_optimizer, save_checkpoint, save_state,
-                      setup_distributed, stop_if_not_finite)
+                      idle_backward, load_for_training, load_state, lr_at, make_optimizer, precision_of, save_checkpoint,
+                      save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -82,6 +82,9 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                    help="bf16: compute in bf16 over fp32 master weights (CUDA's default; on CPU it simulates a GPU "
+                         "run's numerics); fp32: fp32 throughout (the CPU's default)")
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out judge accuracy at the end (toy: its held-out set)")
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="token budget of each judgement [8192; toy 64]")
@@ -163,7 +166,8 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(cpu=args.toy)
+    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision)
+    args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
         toy.setup(args.seed)
     run = RunDir(args.out, args, rank, "sft.py")
@@ -180,7 +184,7 @@ def main(argv=None):
     if total == 0:
         raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
     compile = compile_wanted(args.compile, device)
-    model = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt)
+    model = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt, precision=args.precision)
     optimizer = make_optimizer(model, args.lr, (0.9, 0.95), args.weight_decay)
     step = 0
     if args.resume:
@@ -188,7 +192,7 @@ def main(argv=None):
         total = step if extra.get("target_met") else total  # a run that met --stop-at-accuracy stays finished
     if rank == 0:
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
-              f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type}, {total} steps of "
+              f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
     run.open_metrics(step)
     judges = {k: load_heldout(path, tokenizer, args.eval_limit, args.seed) for k, path in

@@ -24,6 +24,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -149,15 +150,47 @@ def setup(seed):
     return prepare(TOY_DIR, seed=seed)
 
 
-def run_sft_first(model_dir, seed, rank):
+def run_sft_first(model_dir, seed, rank, precision):
     """grpo.py's toy starts from the SFT checkpoint in model_dir: without one, stage 1 runs first as its own script
-    (one process), as a user would run it."""
+    (one process, in grpo.py's --precision), as a user would run it."""
     if rank == 0 and not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         print("toy: no SFT checkpoint yet, running `python sft.py` first", flush=True)
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
-                        "--seed", str(seed)], env=env, check=True)
+                        "--seed", str(seed), "--precision", precision], env=env, check=True)
     barrier()
+
+
+def grid(seeds, conditions, out_dir="runs/grid"):
+    """The toy under both precision policies: for each seed and condition "SFT/GRPO" (fp32 or bf16 each), SFT then GRPO
+    as `python grpo.py` runs them, in a fresh directory per seed and SFT precision (the GRPO runs share its SFT). A
+    condition whose summary exists is not run again, so an interrupted grid continues. -> rows, also in grid.jsonl."""
+    here, rows = os.path.dirname(os.path.abspath(__file__)), []
+    for seed in seeds:
+        for sft_p, grpo_p in (c.split("/") for c in conditions):
+            cwd = os.path.join(out_dir, f"seed{seed}-sft-{sft_p}")
+            grpo_out = os.path.join(cwd, TOY_DIR, f"grpo-{grpo_p}")
+            os.makedirs(cwd, exist_ok=True)
+            t0 = time.time()
+            if not os.path.exists(os.path.join(cwd, TOY_DIR, "sft", "summary.json")):
+                subprocess.run([sys.executable, os.path.join(here, "sft.py"), "--seed", str(seed), "--precision", sft_p,
+                                "--overwrite"], cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+            if not os.path.exists(os.path.join(grpo_out, "summary.json")):
+                subprocess.run([sys.executable, os.path.join(here, "grpo.py"), "--seed", str(seed), "--precision", grpo_p,
+                                "--out", os.path.relpath(grpo_out, cwd), "--overwrite"], cwd=cwd, check=True,
+                               stdout=subprocess.DEVNULL)
+            sft = json.load(open(os.path.join(cwd, TOY_DIR, "sft", "summary.json")))
+            end = json.load(open(os.path.join(grpo_out, "summary.json")))
+            metrics = [json.loads(line) for line in open(os.path.join(grpo_out, "metrics.jsonl"))]
+            rows.append(dict(seed=seed, sft=sft_p, grpo=grpo_p, sft_steps=sft["steps"], start=end["heldout_start"],
+                             end=end["heldout_end"], gain=end["heldout_end"] - end["heldout_start"],
+                             logp_diff=sum(m["rollout_logp_diff_mean"] for m in metrics) / len(metrics),
+                             minutes=(time.time() - t0) / 60))
+            print("| {seed} | {sft} | {grpo} | {sft_steps} | {start:.1f}% | {end:.1f}% | {gain:+.1f} | {logp_diff:.2e} | "
+                  "{minutes:.1f} |".format(**rows[-1]), flush=True)
+            with open(os.path.join(out_dir, "grid.jsonl"), "a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+    return rows
 
 
 def init_weights(model, std=0.02, seed=0):
@@ -173,3 +206,16 @@ def init_weights(model, std=0.02, seed=0):
                 s = std / math.sqrt(2 * n) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=g) * s)
     return model
+
+
+if __name__ == "__main__":  # python toy.py --seeds 0 1 2 3 4: the precision grid (docs/measurements.md has its table)
+    import argparse
+    ap = argparse.ArgumentParser(description="the toy under fp32 and bf16 (the GPU's policy, simulated on CPU)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--conditions", nargs="+", default=["fp32/fp32", "fp32/bf16", "bf16/fp32", "bf16/bf16"],
+                    choices=["fp32/fp32", "fp32/bf16", "bf16/fp32", "bf16/bf16"], help="SFT/GRPO precision")
+    ap.add_argument("--out", default="runs/grid")
+    args = ap.parse_args()
+    print("| seed | SFT | GRPO | SFT steps | held-out after SFT | after GRPO | gain | mean abs sampler-trainer "
+          "log-prob diff | minutes |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    grid(args.seeds, args.conditions, args.out)

@@ -2,6 +2,7 @@
 training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no trainer imports another.
 
   setup_distributed   rank, world size and device; a process group whenever FSDP runs (NCCL, or gloo on CPU)
+  precision_of        --precision: bf16 (the GPU policy below; default on CUDA) or fp32 (default elsewhere)
   load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits)
   grad_ckpt_flag, fit_recompute  which blocks recompute their activations in backward (auto: as memory needs)
@@ -13,10 +14,13 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   save_checkpoint     the output model and tokenizer, swapped in whole
   stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab, cli
 
-The precision policy is the same for every world size. On CUDA: fp32 master weights and AdamW moments, bf16
-compute (FSDP2's MixedPrecisionPolicy casts the gathered weights) and fp32 gradient reduction; one GPU runs
-FSDP2 over a one-rank process group (one unit where it fits), so single-GPU and multi-GPU runs take the same
-code path. On CPU: fp32 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
+The precision policy is the same for every world size. bf16 (CUDA's default): fp32 master weights and AdamW
+moments, bf16 compute (FSDP2's MixedPrecisionPolicy casts the gathered weights), fp32 gradient reduction, a bf16
+rollout copy, and fp32 logits straight from the output head's matmul (model.head_logits); one GPU runs FSDP2 over a
+one-rank process group (one unit where it fits), so single-GPU and multi-GPU runs take the same code path. fp32
+(the CPU's default): fp32 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
+`--precision bf16` on CPU runs the GPU policy there (one-rank FSDP2 over gloo), so its numerics can be studied
+without a GPU (toy.py's grid).
 """
 import argparse
 import functools
@@ -34,15 +38,19 @@ import torch.distributed as dist
 import model as M
 
 
-def uses_fsdp(world, device):
-    return world > 1 or device.type == "cuda"
+def precision_of(flag, device):  # --precision's default: the GPU policy on CUDA, fp32 elsewhere
+    return flag or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def uses_fsdp(world, device, precision=None):  # bf16 on one CPU process too: its mixed precision is FSDP2's
+    return world > 1 or device.type == "cuda" or precision_of(precision, device) == "bf16"
 
 
 def compile_wanted(flag, device):
     return flag if flag is not None else device.type == "cuda"  # --compile's default: on with CUDA
 
 
-def setup_distributed(cpu=False):
+def setup_distributed(cpu=False, precision=None):
     """-> (rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1.
     cpu: stay on the CPU where CUDA is available too (the toy: tuned in fp32 on CPU kernels, see toy.py)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -52,18 +60,19 @@ def setup_distributed(cpu=False):
         torch.backends.cuda.matmul.allow_tf32 = True  # a matmul left in fp32 (none in the model itself) uses TF32
     else:
         device = torch.device("cpu")
-    if uses_fsdp(world, device) and not dist.is_initialized():  # one GPU: a one-rank group (over a HashStore)
+    if uses_fsdp(world, device, precision) and not dist.is_initialized():  # one GPU: a one-rank group (over a HashStore)
         store = dict(store=dist.HashStore(), rank=0, world_size=1) if world == 1 else {}
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **store)
     return rank, world, device
 
 
-def load_for_training(path, world, device, trainable=True, compile=False, grad_ckpt="none"):
-    """Load a checkpoint under the precision policy above. With FSDP the model is built on the meta device,
-    sharded (each block, then the root), allocated on the device, and each rank reads the safetensors one
-    tensor at a time and keeps only its shard: no rank ever holds a full fp32 copy. A frozen model
-    (trainable=False, GRPO's reference) keeps its shards in bf16 on CUDA: it is computed in bf16 anyway."""
-    if not uses_fsdp(world, device):
+def load_for_training(path, world, device, trainable=True, compile=False, grad_ckpt="none", precision=None):
+    """Load a checkpoint under the precision policy above (precision: the --precision flag). With FSDP the model is
+    built on the meta device, sharded (each block, then the root), allocated on the device, and each rank reads the
+    safetensors one tensor at a time and keeps only its shard: no rank ever holds a full fp32 copy. A frozen model
+    (trainable=False, GRPO's reference) keeps its shards in bf16 under bf16: it is computed in bf16 anyway."""
+    bf16 = precision_of(precision, device) == "bf16"
+    if not uses_fsdp(world, device, precision):
         model = M.load_model(path, device, torch.float32)
         if compile:
             M.compile_blocks(model)
@@ -72,7 +81,7 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
         from torch.distributed.tensor import distribute_tensor
         with torch.device("meta"):
             model = M.Transformer(M.load_config(path))
-        if device.type == "cuda":
+        if bf16:
             model = model.to(torch.float32 if trainable else torch.bfloat16)
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
@@ -91,6 +100,7 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
         M.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
                                                                          p.placements, src_data_rank=None))
         model.accumulate_gathered = one_unit and trainable  # see accumulate_gradients
+    model.compute_dtype = torch.bfloat16 if bf16 else torch.float32  # what the forward runs in (model.compute_dtype)
     layers, blocks = len(model.model.layers), grad_ckpt_flag(str(grad_ckpt))  # refuses a bool (True would be 1 block)
     model.recompute_blocks = min(layers, {"none": 0, "all": layers, "auto": layers}.get(blocks, blocks))
     return model.train(trainable).requires_grad_(trainable)

@@ -41,6 +41,23 @@ def test_k3_kl_by_hand_with_clamping():
     assert torch.isfinite(grpo.k3_kl(torch.tensor([-1e4]), torch.tensor([0.0]))).all()
 
 
+def test_truncated_importance_weights_and_mismatch_by_hand():
+    # w = min(pi_old / mu, cap): per token, or per sequence from the sum of its tokens' log-ratios (padding left out)
+    old = torch.log(torch.tensor([[0.5, 0.9, 0.2], [0.4, 0.8, 0.7]]))
+    mu = torch.log(torch.tensor([[1.0, 0.3, 0.2], [0.8, 0.4, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 1's last token is padding
+    tok = grpo.rollout_is_weights(old, mu, mask, "token", 2.0)
+    torch.testing.assert_close(tok, torch.tensor([[0.5, 2.0, 1.0], [0.5, 2.0, 1.0]]))  # 3 -> 2; padding: 1
+    seq = grpo.rollout_is_weights(old, mu, mask, "sequence", 2.0)
+    torch.testing.assert_close(seq, torch.tensor([[1.5], [1.0]]))  # 0.5 x 3 x 1; 0.5 x 2
+    torch.testing.assert_close(grpo.rollout_is_weights(old, mu, mask, "sequence", 1.2), torch.tensor([[1.2], [1.0]]))
+    assert grpo.rollout_is_weights(old, mu, mask, "none", 2.0).tolist() == [[1.0], [1.0]]
+    total_abs, max_abs, kl = grpo.rollout_mismatch(old, mu, mask).tolist()
+    d = [math.log(0.5), math.log(3), 0.0, math.log(0.5), math.log(2)]
+    assert total_abs == pytest.approx(sum(map(abs, d)), rel=1e-6) and max_abs == pytest.approx(math.log(3), rel=1e-6)
+    assert kl == pytest.approx(sum(math.exp(x) - x - 1 for x in d), rel=1e-5)  # k3 of KL(mu || pi_old), samples from mu
+
+
 def test_three_aggregations_by_hand_and_over_micro_batches():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
@@ -254,7 +271,9 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
     for extra, flag in [(("--minibatch-prompts", "3"), "--rollout-prompts 8 must be a multiple of --minibatch-prompts 3"),
                         (("--temperature", "0"), "--temperature must be > 0"), (("--top-p", "0"), "--top-p"),
                         (("--rollout-prompts", "0"), "--rollout-prompts must be > 0"),
-                        (("--eval-limit", "-1"), "--eval-limit must be >= 0"), (("--steps", "-2"), "--steps must be >= 0")]:
+                        (("--eval-limit", "-1"), "--eval-limit must be >= 0"), (("--steps", "-2"), "--steps must be >= 0"),
+                        (("--rollout-is-cap", "0.5"), "--rollout-is-cap must be >= 1"),
+                        (("--rollout-is-cap", "nan"), "--rollout-is-cap must be >= 1")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(grpo_args(toy_paths, tmp_path / "x", *extra))
         assert flag in capsys.readouterr().err
@@ -298,6 +317,32 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
         assert torch.equal(logp.detach(), old[0][k])  # ratio exp(logp - old) == 1 exactly
     stats = grpo.update(job, 0, ro, adv, plan[0], old[0], None)
     assert stats["clipped"] == 0
+
+
+def test_importance_weights_scale_the_policy_loss(toy_paths, policy):
+    # the update's loss with --rollout-is: the policy term of each token times its weight, from the sampler's log-probs
+    # as the rollout returned them; with mu = pi_old every weight is 1 and the loss is that of --rollout-is none
+    job, ro = first_rollout(toy_paths, policy)
+    args = job.args
+    adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
+    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
+    old, _, behaviour, mismatch = grpo.old_and_ref_logprobs(job, ro, plan)
+    assert all(m[0] > 0 and m[1] < 1e-4 for m in mismatch)  # fp32: the sampler's kernels differ, barely
+    losses = []
+    for mode, shift in (("none", None), ("token", 0.0), ("token", -0.05), ("token", 0.05), ("token", -1.0), ("sequence", -0.01)):
+        args.rollout_is = mode
+        rollout_logp = behaviour[0] if shift is None else [o + shift for o in old[0]]  # mu = pi_old + shift
+        losses.append(grpo.update(job, 0, ro, adv, plan[0], old[0], None, rollout_logp)["loss"])
+    lengths = torch.tensor([len(ro.responses[i]) for seqs in plan[0] for i in seqs], dtype=torch.float)
+    assert losses[1] == losses[0] != 0  # mu = pi_old: every weight is exactly 1
+    assert losses[2] == pytest.approx(losses[0] * math.exp(0.05), rel=1e-5)
+    assert losses[3] == pytest.approx(losses[0] * math.exp(-0.05), rel=1e-5)
+    assert losses[4] == pytest.approx(losses[0] * 2.0, rel=1e-5)  # e^1 capped at 2
+    # ratio 1 (SGD at LR 0), token-mean: sequence s adds -A_s x len_s / tokens; per sequence it is weighted by
+    # min(e^(0.01 x len_s), 2) (the sum of its tokens' log-ratios)
+    per_seq = -adv[[i for seqs in plan[0] for i in seqs]] * lengths / lengths.sum()
+    assert losses[0] == pytest.approx(per_seq.sum().item(), rel=1e-5)
+    assert losses[5] == pytest.approx((per_seq * (0.01 * lengths).exp().clamp(max=2)).sum().item(), rel=1e-5)
 
 
 def test_micro_batch_plan_by_hand():

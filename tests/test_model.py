@@ -66,9 +66,30 @@ def test_logits_match_transformers_bf16(tmp_path):
     assert m.lm_head.weight.dtype == torch.bfloat16  # dtype=None keeps the checkpoint's dtype
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
-        a, b = m(ids).float(), hf(ids).logits.float()
+        a, b = m(ids), hf(ids).logits.float()
+    assert a.dtype == torch.float32  # straight from the matmul (head_logits); transformers rounds its to bf16
     assert (a - b).abs().max() < 0.05 * b.abs().max()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_head_logits_are_fp32_from_the_matmul_not_rounded_to_bf16():
+    # bf16 hidden states and weights: the logits are the exact products summed in fp32 (what CUDA's mm with out_dtype
+    # gives), never rounded to bf16; rounding them (the old path) loses 2^-9 of each logit, here many times more error
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 96, generator=g).bfloat16(), torch.randn(500, 96, generator=g).bfloat16()
+    exact = h.double() @ w.double().t()
+    logits = M.head_logits(h, w)
+    assert logits.dtype == torch.float32
+    err, rounded_err = (logits.double() - exact).abs().max(), ((h @ w.t()).double() - exact).abs().max()
+    assert err < 1e-4 and rounded_err > 20 * err
+    lp = lambda x: torch.log_softmax(x.double(), -1)
+    assert (lp(logits) - lp(exact)).abs().max() * 20 < (lp(h @ w.t()) - lp(exact)).abs().max()
+    with torch.no_grad():  # and the model's own logits, through it
+        m = M.Transformer(M.ModelConfig(vocab_size=500, hidden_size=96, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).bfloat16()
+        ids = torch.randint(0, 500, (2, 5), generator=g)
+        hidden = m(ids, head=False)
+        torch.testing.assert_close(m(ids), M.head_logits(hidden.flatten(0, 1), m.lm_head.weight).view(2, 5, 500))
 
 
 def test_load_into_other_dtype(tmp_path):
@@ -188,6 +209,23 @@ def test_cached_decoding_equals_recompute(ckpt):
         for _ in range(10):
             seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
     assert out == seq[len(p):]
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0, 0.7])
+def test_sampler_logprobs_are_the_full_forwards(ckpt, temperature):
+    # each generated token's log-prob as the sampler reports it (its cached decode, fp32 here) equals log softmax of
+    # a full forward over [prompt, output] at that token, tempered: what GRPO compares with the trainer's
+    path, _, _ = ckpt
+    m = M.load_model(path)
+    prompts = ragged_batch([5, 9], seed=6)
+    outs, logps = Sampler(m, slots=4, max_len=32).generate(prompts, 10, temperature, n=2, seed=3, logprobs=True)
+    for i, (o, lp) in enumerate(zip(outs, logps)):
+        p = prompts[i // 2]
+        with torch.no_grad():
+            logits = m(torch.tensor([p + o]))[0, len(p) - 1:-1] / (temperature or 1)
+        ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(o)[:, None]).squeeze(1)
+        assert len(lp) == len(o)
+        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-5, rtol=0)
 
 
 def test_ragged_batch_equals_one_by_one(ckpt):
