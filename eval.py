@@ -35,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
-from training import all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted, end_distributed, setup_distributed
+from training import (all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted, end_distributed, fingerprint,
+                      read_json_file, setup_distributed)
 from rewards import parse_verdict
 
 BASELINES = ("longer", "shorter", "random")
@@ -245,21 +246,6 @@ def read_rows(path):
     return rows, corrupt
 
 
-def fingerprint(path):
-    """A judge checkpoint's or a data set's identity: its absolute path and a hash of each file's name, size and
-    first and last MiB (cheap on multi-GB weights, changed by any retraining)."""
-    import hashlib
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
-                                                       for f in fs if f.endswith((".json", ".jsonl", ".gz", ".safetensors")))
-    h = hashlib.sha256()
-    for file in files:
-        with open(file, "rb") as f:
-            h.update(f"{os.path.relpath(file, path)}:{os.path.getsize(file)}".encode() + f.read(2**20))
-            f.seek(max(0, os.path.getsize(file) - 2**20))
-            h.update(f.read())
-    return f"{os.path.abspath(path)} sha256:{h.hexdigest()[:16]}"
-
-
 # the settings that decide a verdict; --limit, --batch-size and --compile may change between runs
 PROVENANCE = ("bench", "family", "seed", "max_new_tokens", "max_prompt_len", "temperature", "both_orders", "dtype")
 
@@ -267,11 +253,18 @@ PROVENANCE = ("bench", "family", "seed", "max_new_tokens", "max_prompt_len", "te
 def claim_out_dir(args, rank, world):
     """An output directory belongs to one judge, data set and setting (recorded in run.json): a rerun with the
     same ones resumes from the outputs, another is refused (with --overwrite, the old outputs are removed)."""
-    run = {"judge": args.judge if args.judge in BASELINES else fingerprint(args.judge),
-           "tokenizer": fingerprint(args.tokenizer) if args.tokenizer else None, "data": fingerprint(args.data),
+    identity = lambda path: f"{os.path.abspath(path)} {fingerprint(path)}"  # where, and the contents' hash
+    run = {"judge": args.judge if args.judge in BASELINES else identity(args.judge),
+           "tokenizer": identity(args.tokenizer) if args.tokenizer else None, "data": identity(args.data),
            **{k: getattr(args, k) for k in PROVENANCE}}
     file = os.path.join(args.out, "run.json")
-    saved = json.load(open(file)) if os.path.exists(file) and not args.overwrite else run  # every rank checks
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"eval.py: --out {args.out} is a file, not a directory")
+    outputs = [f for f in os.listdir(args.out) if f.startswith("outputs.")] if os.path.isdir(args.out) else []
+    if outputs and not os.path.exists(file) and not args.overwrite:  # whose verdicts they are is unknown
+        raise SystemExit(f"eval.py: {args.out} holds {', '.join(sorted(outputs))} but no run.json saying which judge and "
+                         "data made them: use another --out, or --overwrite to discard them")
+    saved = read_json_file(file, "eval.py") if os.path.exists(file) and not args.overwrite else run  # every rank checks
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in run.items() if saved.get(k) != v]
     if changed:
         raise SystemExit(f"eval.py: {args.out} holds outputs of another judge or setting ({'; '.join(changed)}): "
@@ -362,6 +355,11 @@ def judge_into(f, args, model, tokenizer, mine, rank):
         if dropped:
             print(f"rank {rank}: {dropped} prompts longer than --max-prompt-len {args.max_prompt_len} are not judged "
                   "and count as wrong (unparsed), so the benchmark keeps its size")
+        context = model.config.max_position_embeddings
+        beyond = sum(len(p) + args.max_new_tokens > context for p in ids)
+        if beyond:  # judged as given: RoPE past the trained length degrades, it does not fail
+            print(f"rank {rank}: {beyond} prompts plus --max-new-tokens {args.max_new_tokens} pass the judge's context of "
+                  f"{context} positions (max_position_embeddings): judged as given, past what it was trained on")
         kept_ids = {ex.id for ex in kept}  # the others are too long to judge: unparsed (wrong), never silently dropped
         f.writelines(json.dumps(result_row(ex, -1, "", None)) + "\n" for ex in mine if ex.id not in kept_ids)
         from sampler import Sampler

@@ -67,7 +67,7 @@ from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab,
-                      cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
+                      cli, clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
                       load_for_training, load_state, lr_at, make_optimizer, precision_of, save_checkpoint, save_state,
                       setup_distributed, stop_if_not_finite)
 
@@ -137,9 +137,9 @@ def parse_args(argv=None):
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
-                                    "max_prompt_len", "max_new_tokens", "save_every", "kv_cache_frac"),
+                                    "max_prompt_len", "max_new_tokens", "save_every"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every",
-                             "eval_limit", "stop_after_steps"))
+                             "eval_limit", "stop_after_steps"), fractions=("kv_cache_frac",))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
@@ -449,7 +449,8 @@ def main(argv=None):
         toy.setup(args.seed)
         toy.run_sft_first(args.model, args.seed, rank, args.precision)
     run = RunDir(args.out, args, rank, "grpo.py")
-    run.start(args.resume, args.overwrite)
+    if (finished := run.start(args.resume, args.overwrite)) is not None:
+        return done_already(args.out, finished, rank)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -467,6 +468,8 @@ def main(argv=None):
         if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
     heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
+    if args.eval_data and not args.eval_limit and rank == 0:
+        print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
     engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n)
     if engine.slots < args.n:

@@ -495,7 +495,7 @@ def load_weights(model, path, place=None):
     values. place(param, full_tensor) -> what to copy into param (training.py keeps an FSDP rank's shard)."""
     cfg = model.config
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
-    seen = set()
+    seen, where = set(), {}
     for file in _weight_files(path):
         try:
             f = safe_open(file, framework="pt", device="cpu")
@@ -503,8 +503,9 @@ def load_weights(model, path, place=None):
             raise ValueError(f"{file}: not a readable safetensors file ({str(e)[:120]})") from None
         with f:
             for name in f.keys():
+                where[name] = file
                 if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue  # some tied checkpoints still carry an (equal) copy of the head
+                    continue  # some tied checkpoints still carry an (equal) copy of the head: checked below
                 if name not in expected:
                     raise ValueError(f"{file}: unexpected tensor {name!r} for a {cfg.model_type} model with this config")
                 try:
@@ -519,11 +520,25 @@ def load_weights(model, path, place=None):
                 with torch.no_grad():
                     expected[name].copy_(place(expected[name], t) if place else t)
                 seen.add(name)
+    if cfg.tie_word_embeddings and "lm_head.weight" in where:
+        _check_tied_copy(where["lm_head.weight"], where.get("model.embed_tokens.weight"))
     missing = sorted(set(expected) - seen)
     if missing:
         raise ValueError(f"{path}: checkpoint is missing tensors: {', '.join(missing[:10])}"
                          + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
     return model
+
+
+def _check_tied_copy(head_file, embed_file):
+    """A config with tied embeddings whose files also hold a head: it must equal the embedding (it is not loaded)."""
+    with safe_open(head_file, framework="pt", device="cpu") as f:
+        head = f.get_tensor("lm_head.weight")
+    if embed_file:
+        with safe_open(embed_file, framework="pt", device="cpu") as f:
+            if torch.equal(head, f.get_tensor("model.embed_tokens.weight")):
+                return
+    raise ValueError(f"{head_file}: tensor 'lm_head.weight' differs from 'model.embed_tokens.weight', but config.json "
+                     "says tie_word_embeddings: it would be ignored (set tie_word_embeddings false to load it)")
 
 
 def full_state_dict_items(model):

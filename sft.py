@@ -50,7 +50,7 @@ from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
-                      clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
+                      clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
                       idle_backward, load_for_training, load_state, lr_at, make_optimizer, precision_of, save_checkpoint,
                       save_state, setup_distributed, stop_if_not_finite)
 
@@ -110,8 +110,8 @@ def parse_args(argv=None):
                              "eval_limit", "stop_at_accuracy"))
     if args.warmup >= 1 or args.min_lr_ratio > 1:
         ap.error("--warmup is a fraction of the steps (< 1) and --min-lr-ratio at most 1")
-    if args.stop_at_accuracy and not args.val_data:
-        ap.error("--stop-at-accuracy needs --val-data")
+    if args.stop_at_accuracy and not (args.val_data and args.eval_limit):
+        ap.error("--stop-at-accuracy needs --val-data and an --eval-limit above 0 (the pairs judged)")
     if args.global_batch < int(os.environ.get("WORLD_SIZE", 1)):
         ap.error(f"--global-batch {args.global_batch} leaves ranks with no sequences ({os.environ['WORLD_SIZE']} ranks)")
     args.tokenizer = args.tokenizer or args.model
@@ -172,7 +172,8 @@ def main(argv=None):
     if args.toy:
         toy.setup(args.seed)
     run = RunDir(args.out, args, rank, "sft.py")
-    run.start(args.resume, args.overwrite)
+    if (finished := run.start(args.resume, args.overwrite)) is not None:
+        return done_already(args.out, finished, rank)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -198,6 +199,8 @@ def main(argv=None):
     run.open_metrics(step)
     judges = {k: load_heldout(path, tokenizer, args.eval_limit, args.seed) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
+    if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
+        print("sft: --eval-limit 0: no validation or held-out judging")
     longest = max((len(p) for _, ids in judges.values() for p in ids), default=0)  # greedy judgements: a plain copy's sampler
     engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
 

@@ -9,7 +9,8 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
-  RunDir              a run directory: refuse to clobber, resume checks, metrics, safe swaps (replace_dir, recover_dir)
+  RunDir              a run directory: refuse to clobber, resume checks (settings and inputs' contents), metrics, safe
+                      swaps (replace_dir, recover_dir); fingerprint: a file's or directory's content hash
   save/load_state     each rank's shards of weights and AdamW moments; any number of ranks resumes them
   save_checkpoint     the output model and tokenizer, swapped in whole
   stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab, cli
@@ -24,6 +25,7 @@ without a GPU (toy.py's grid).
 """
 import argparse
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -206,6 +208,21 @@ def _local(t):
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every"}
+INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
+
+
+def fingerprint(path):
+    """sha256 of a file's bytes, or of a directory's weight, JSON and data files (names and bytes): any edit, anywhere in
+    a file, changes it. About 10 s for 15 GB of weights, once per run start."""
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
+                                                       for f in fs if f.endswith((".json", ".jsonl", ".gz", ".safetensors")))
+    h = hashlib.sha256()
+    for file in files:
+        h.update(os.path.relpath(file, path).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(2**24):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
 
 
 class RunDir:
@@ -218,12 +235,25 @@ class RunDir:
         self.out, self.rank, self.script = out, rank, script
         self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
+        self.inputs = {k: v for k, v in self.settings.items() if k in INPUTS and v}
 
     def start(self, resume, overwrite):
-        """Check the directory (every rank), then prepare it (rank 0). Call before any training work."""
+        """Check the directory (every rank), then prepare it (rank 0). Call before any training work. -> the summary of
+        a finished run that --resume finds (nothing left to do), else None."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise SystemExit(f"{self.script}: --out {self.out} is a file, not a directory")
         # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
         ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
                 if os.path.exists(os.path.join(self.out, f))]
+        under = lambda path, top: os.path.commonpath([os.path.realpath(path), os.path.realpath(top)]) == os.path.realpath(top)
+        inside = [f"--{k.replace('_', '-')} {v}" for k, v in self.inputs.items() for f in ours if under(v, os.path.join(self.out, f))]
+        if overwrite and inside:
+            raise SystemExit(f"{self.script}: {', '.join(inside)} lies inside {self.out}, which --overwrite would delete "
+                             "before reading it: copy it elsewhere first, or use another --out")
+        self.fingerprints = {k: fingerprint(v) for k, v in self.inputs.items() if os.path.exists(v)}
+        if resume and os.path.exists(os.path.join(self.out, "summary.json")):
+            self._check_settings()
+            return read_json_file(os.path.join(self.out, "summary.json"), self.script)
         if resume:
             recovered = recover_dir(self.state) if self.rank == 0 else None
             barrier()
@@ -242,8 +272,9 @@ class RunDir:
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
             os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, "run.json"), "w") as f:
-                json.dump(self.settings, f, indent=2)
+                json.dump({**self.settings, "inputs": self.fingerprints}, f, indent=2)
         barrier()
+        return None
 
     def _check_settings(self):
         file = os.path.join(self.out, "run.json")
@@ -251,9 +282,12 @@ class RunDir:
             saved = json.load(open(file))
         except (OSError, json.JSONDecodeError):
             raise SystemExit(f"{self.script}: --resume: cannot check the settings, {file} is missing or unreadable") from None
+        saved_inputs = saved.pop("inputs", {}) if isinstance(saved, dict) else {}
         keys = sorted((set(saved) | set(self.settings)) - RESUME_MAY_CHANGE)  # an older run.json may hold such a flag
         changed = [f"--{k.replace('_', '-')} {saved.get(k, '(unset)')!r} -> {self.settings.get(k, '(unset)')!r}"
                    for k in keys if saved.get(k, "(unset)") != self.settings.get(k, "(unset)")]
+        changed += [f"--{k.replace('_', '-')} {self.inputs[k]}: its contents changed ({saved_inputs.get(k)} -> {v})"
+                    for k, v in self.fingerprints.items() if saved_inputs.get(k) not in (None, v)]
         if changed:
             raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
                              f"{self.out} used the old ones. Resume with them, or start a new --out")
@@ -275,6 +309,23 @@ class RunDir:
             self.metrics.flush()
             bar.set_postfix(**postfix)
             bar.update(1)
+
+
+def done_already(out, summary, rank):
+    """--resume on a run that finished: nothing to do, and nothing rewritten. -> its summary."""
+    if rank == 0:
+        print(f"{out} finished already (its summary.json: {json.dumps(summary)}): nothing to resume")
+    end_distributed()
+    return summary
+
+
+def read_json_file(path, script):
+    """A JSON file this project wrote (run.json, summary.json) -> its contents, or a one-line error naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{script}: {path} is unreadable ({str(e)[:100]}): move it aside, or use another --out") from None
 
 
 def save_state(path, model, optimizer, step, rank, extra=None):
@@ -409,21 +460,26 @@ def check_vocab(tokenizer, model_path, tokenizer_path):
                          f"{cfg.vocab_size} rows of {model_path}'s embedding (vocab_size in its config.json)")
 
 
-def check_flags(ap, args, positive=(), nonnegative=()):
-    """argparse-style errors for counts and sizes that must be > 0 (or >= 0), before any work."""
-    for k, strict in [(k, True) for k in positive] + [(k, False) for k in nonnegative]:
+def check_flags(ap, args, positive=(), nonnegative=(), fractions=()):
+    """argparse-style errors for counts and sizes that must be finite and > 0 (or >= 0, or in (0, 1]), before any work."""
+    for k, strict in [(k, True) for k in positive + fractions] + [(k, False) for k in nonnegative]:
         v = getattr(args, k)
-        if v is not None and not (v > 0 if strict else v >= 0):  # `not` also catches NaN
-            ap.error(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} 0, got {v}")
+        if v is not None and not (math.isfinite(v) and (v > 0 if strict else v >= 0)):  # `not` also catches NaN
+            ap.error(f"--{k.replace('_', '-')} must be {'>' if strict else '>='} 0 and finite, got {v}")
+        if k in fractions and v is not None and v > 1:
+            ap.error(f"--{k.replace('_', '-')} is a fraction, at most 1, got {v}")
 
 
 def cli(main):
     """Run a script's main: bad input (data, checkpoint, tokenizer files) ends in one line naming the file,
     not a traceback. Only errors raised by this project's own checks: one raised inside a library is a bug to
-    debug, and keeps its traceback."""
+    debug, and keeps its traceback. The system's errors (disk full, a read-only or missing path, a directory where
+    a file belongs) are one line wherever they come from: the OS names the path."""
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except OSError as e:
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+    except ValueError as e:
         raised_in = traceback.extract_tb(e.__traceback__)[-1].filename
         if os.path.dirname(os.path.abspath(raised_in)) != os.path.dirname(os.path.abspath(__file__)):
             raise

@@ -120,6 +120,7 @@ def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
     assert full["judged"] == 4 and full["unparsed"] == 4  # a random model writes no verdict: counted, and wrong
     # resume: keep 2 rows plus half a line (an interruption mid-write), rerun, same scores and outputs
     os.makedirs(tmp_path / "cut")
+    shutil.copy(tmp_path / "full" / "run.json", tmp_path / "cut" / "run.json")  # claimed before the first output
     lines = open(tmp_path / "full" / "outputs.jsonl").read().splitlines(True)
     open(tmp_path / "cut" / "outputs.jsonl", "w").write("".join(lines[:2]) + lines[2][:30])
     resumed = E.main(args + ["--out", str(tmp_path / "cut")])

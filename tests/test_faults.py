@@ -248,7 +248,11 @@ def test_the_users_format_flag_wins_in_toy_mode(tmp_path):
     ("grpo", ("--max-new-tokens", "0"), "--max-new-tokens must be > 0"),
     ("grpo", ("--micro-seqs", "-1"), "--micro-seqs must be > 0"),
     ("grpo", ("--save-every", "-1"), "--save-every must be > 0"),
-    ("grpo", ("--kl", "-0.1"), "--kl must be >= 0")])
+    ("grpo", ("--kl", "-0.1"), "--kl must be >= 0"),
+    ("grpo", ("--temperature", "inf"), "--temperature must be > 0 and finite"),
+    ("grpo", ("--lr", "nan"), "--lr must be > 0"),
+    ("grpo", ("--kv-cache-frac", "5"), "--kv-cache-frac is a fraction, at most 1"),
+    ("sft", ("--eval-limit", "0", "--val-data", "v.jsonl", "--stop-at-accuracy", "50"), "--eval-limit above 0")])
 def test_bad_flags_are_refused_before_any_work(toy_paths, tmp_path, capsys, script, extra, flag):
     main, args = (sft.main, sft_args) if script == "sft" else (grpo.main, grpo_args)
     with pytest.raises(SystemExit) as e:
@@ -341,3 +345,94 @@ def test_one_line_errors_only_for_our_own_checks(tmp_path):
         training.cli(lambda: load_judge_examples(str(tmp_path / "missing.jsonl"), "pairs"))
     with pytest.raises(json.JSONDecodeError):
         training.cli(lambda: json.loads("{"))
+
+
+# ----------------------------------------------------------------------------- nothing lost, nothing reused
+
+def test_overwrite_never_deletes_the_checkpoint_it_reads(toy_paths, tmp_path):
+    sft.main(sft_args(toy_paths, tmp_path / "run"))
+    with pytest.raises(SystemExit) as e:  # the run's own output as --model, into the same --out
+        sft.main(sft_args(toy_paths, tmp_path / "run", "--model", str(tmp_path / "run" / "model"), "--overwrite"))
+    assert "--model" in exit_message(e) and "which --overwrite would delete" in exit_message(e)
+    assert M.load_model(str(tmp_path / "run" / "model"))  # still there, whole
+
+
+def test_resume_checks_the_inputs_contents_not_only_their_paths(toy_paths, tmp_path):
+    data = tmp_path / "rl.jsonl"
+    shutil.copy(toy_paths["rl"], data)
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--data", str(data), "--stop-after-steps", "1"))
+    rows = open(data).read().splitlines(True)
+    open(data, "w").writelines(rows[:3] + [rows[4], rows[3]] + rows[5:])  # same path, same size, two rows swapped
+    with pytest.raises(SystemExit) as e:
+        grpo.main(grpo_args(toy_paths, tmp_path / "run", "--data", str(data), "--resume"))
+    assert f"--data {data}: its contents changed" in exit_message(e)
+
+
+def test_a_fingerprint_sees_an_edit_in_the_middle_of_a_large_file(tmp_path):
+    big = tmp_path / "weights.safetensors"
+    data = bytearray(5 * 2**20)
+    big.write_bytes(bytes(data))
+    before = training.fingerprint(str(tmp_path))
+    data[len(data) // 2] = 1  # size, first and last MiB unchanged
+    big.write_bytes(bytes(data))
+    assert training.fingerprint(str(tmp_path)) != before
+
+
+def test_resume_of_a_finished_run_changes_nothing(toy_paths, tmp_path, capsys):
+    summary = sft.main(sft_args(toy_paths, tmp_path / "run"))
+    before = {f: open(tmp_path / "run" / f).read() for f in ("summary.json", "metrics.jsonl", "run.json")}
+    assert sft.main(sft_args(toy_paths, tmp_path / "run", "--resume")) == summary
+    assert "finished already" in capsys.readouterr().out
+    assert {f: open(tmp_path / "run" / f).read() for f in before} == before
+    assert json.load(open(tmp_path / "run" / "summary.json"))["final_loss"] is not None
+
+
+def test_system_errors_are_one_line_naming_the_path(toy_paths, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match="--out .*afile is a file, not a directory"):
+        sft.main(sft_args(toy_paths, tmp_path / "afile"))
+    with pytest.raises(SystemExit, match=r"error: \[Errno 21\] Is a directory: .*'"):  # a directory as --data
+        training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "out1", "--data", str(tmp_path))))
+    full = OSError(28, "No space left on device")  # the disk fills while the state is saved: one line, nothing half-written
+    monkeypatch.setattr(training.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(28, full.strerror, f)))
+    with pytest.raises(SystemExit, match=r"error: \[Errno 28\] No space left on device: .*rank0.pt"):
+        training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "out2")))
+    assert not os.path.exists(tmp_path / "out2" / "state")
+
+
+def test_eval_never_reuses_verdicts_it_cannot_attribute(tmp_path, capsys):
+    data, out = _pairs(tmp_path), tmp_path / "out"
+    E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", str(out)])
+    os.remove(out / "run.json")  # outputs whose judge is unknown
+    with pytest.raises(SystemExit) as e:
+        E.main(["--judge", "shorter", "--bench", "pairs", "--data", data, "--out", str(out)])
+    assert "no run.json" in exit_message(e)
+    assert E.main(["--judge", "shorter", "--bench", "pairs", "--data", data, "--out", str(out), "--overwrite"])["overall"] == 0
+    open(out / "run.json", "w").write("{")  # corrupt
+    with pytest.raises(SystemExit, match=r"run.json is unreadable"):
+        E.main(["--judge", "shorter", "--bench", "pairs", "--data", data, "--out", str(out)])
+
+
+def test_a_tied_config_with_a_different_head_in_the_file_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    make_hf_checkpoint(str(tmp_path), "qwen2-tied")
+    file = str(tmp_path / "model.safetensors")
+    tensors = load_file(file)
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, file, metadata={"format": "pt"})
+    M.load_model(str(tmp_path))  # an equal copy of the head loads
+    save_file({**tensors, "lm_head.weight": torch.zeros_like(tensors["model.embed_tokens.weight"])}, file,
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'lm_head.weight' differs .* tie_word_embeddings"):
+        M.load_model(str(tmp_path))
+
+
+def test_prompts_past_the_judges_context_are_judged_with_a_warning(toy_paths, tmp_path, capsys):
+    # the toy's model has 1,024 positions; a budget of 1,000 new tokens takes every prompt past them
+    E.main(["--judge", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--bench", "pairs", "--data",
+            toy_paths["heldout"], "--out", str(tmp_path / "out"), "--limit", "2", "--max-new-tokens", "1000"])
+    assert "2 prompts plus --max-new-tokens 1000 pass the judge's context of 1024 positions" in capsys.readouterr().out
+
+
+def test_eval_limit_zero_says_nothing_is_judged(toy_paths, tmp_path, capsys):
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--steps", "1", "--eval-data", toy_paths["heldout"], "--eval-limit", "0"))
+    assert "--eval-limit 0: " + toy_paths["heldout"] + " is not judged" in capsys.readouterr().out
