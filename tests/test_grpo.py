@@ -193,6 +193,20 @@ def test_the_single_gpu_code_path_runs_compiled_on_cpu(toy_paths, tmp_path, poli
     assert all(r["kl"] > 0 and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in metrics)
 
 
+def test_precision_bf16_runs_the_gpus_policy_on_the_cpu(toy_paths, tmp_path, policy):
+    # --precision bf16 on CPU: one-rank FSDP2 with bf16 compute over fp32 master weights, a bf16 rollout copy. The
+    # sampler-trainer gap it logs is bf16's (kernels and rounding), far above fp32's (kernels only), and the run learns
+    # as fp32 does: the same rollouts to start with, losses close
+    runs = {p: read_metrics(grpo.main(grpo_args(toy_paths, tmp_path / p, "--precision", p, "--steps", "2", policy=policy))
+                            and tmp_path / p) for p in ("fp32", "bf16")}
+    assert json.load(open(tmp_path / "bf16" / "run.json"))["precision"] == "bf16"
+    fp32, bf16 = runs["fp32"][0], runs["bf16"][0]
+    assert fp32["rollout_logp_diff_mean"] < 1e-6 and 30 * fp32["rollout_logp_diff_mean"] < bf16["rollout_logp_diff_mean"] < 0.1
+    assert 0 <= fp32["rollout_kl"] < bf16["rollout_kl"]
+    saved = M.load_model(str(tmp_path / "bf16" / "model"))
+    assert saved.lm_head.weight.dtype == torch.float32  # the fp32 master weights were trained and saved
+
+
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
     calls = []
     orig = M.load_model
@@ -309,13 +323,13 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
     assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
     plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
     assert len(plan[0]) == (2 if micro_seqs == 6 else 8)  # 4 groups: 2 per micro-batch, or each in 2 slices
-    old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+    old, _, behaviour, _ = grpo.old_and_ref_logprobs(job, ro, plan)
     rewards, _ = grpo.score(job, ro)
     adv, _ = grpo.group_advantages(rewards, args.n)
     for k, seqs in enumerate(plan[0]):
         logp, _, mask = grpo.response_logprobs(model, *grpo.micro_rows(ro, seqs, args.n), 0, "cpu", 1.0)
         assert torch.equal(logp.detach(), old[0][k])  # ratio exp(logp - old) == 1 exactly
-    stats = grpo.update(job, 0, ro, adv, plan[0], old[0], None)
+    stats = grpo.update(job, 0, ro, adv, plan[0], old[0], None, behaviour[0])
     assert stats["clipped"] == 0
 
 
@@ -365,10 +379,10 @@ def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
     runs = {}
     for micro_seqs in (9, 2, 1):
         plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
-        old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+        old, _, behaviour, _ = grpo.old_and_ref_logprobs(job, ro, plan)
         per_seq = {i: logp[row, :len(ro.responses[i])] for micros, olds in zip(plan, old)
                    for seqs, logp in zip(micros, olds) for row, i in enumerate(seqs)}
-        runs[micro_seqs] = per_seq, grpo.update(job, 0, ro, adv, plan[0], old[0], None)
+        runs[micro_seqs] = per_seq, grpo.update(job, 0, ro, adv, plan[0], old[0], None, behaviour[0])
     whole, stats = runs[9]
     assert len(whole) == len(ro.responses)
     for micro_seqs in (2, 1):
@@ -387,20 +401,20 @@ def test_update_reads_the_device_once_a_minibatch_not_once_a_micro_batch(toy_pat
     reads = {}
     for micro_seqs in (9, 1):
         plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
-        old, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+        old, _, behaviour, _ = grpo.old_and_ref_logprobs(job, ro, plan)
         count = []
         for name in ("item", "__float__", "tolist"):
             read = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, lambda t, *a, read=read: count.append(1) or read(t, *a))
-        grpo.update(job, 0, ro, adv, plan[0], old[0], None)
+        grpo.update(job, 0, ro, adv, plan[0], old[0], None, behaviour[0])
         monkeypatch.undo()
         reads[len(plan[0])] = len(count)
     assert len(reads) == 2 and len(set(reads.values())) == 1, reads  # {micro-batches: host reads}
 
 
 def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
-    # the toy's numbers are tuned in fp32 on CPU kernels; the GPU policy (bf16 compute and rollouts), simulated on
-    # CPU, took it from 63.5% to only 78.5% (README). Real runs (--model) take the GPU.
+    # the toy's numbers are tuned in fp32 on CPU kernels (--precision bf16 simulates the GPU's policy there, toy.py's
+    # grid); real runs (--model) take the GPU
     import sft
     import training
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -410,7 +424,7 @@ def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     class Stop(Exception):
         pass
 
-    def record(cpu=False):
+    def record(cpu=False, precision=None):
         seen.append(cpu)
         raise Stop  # main stops here: nothing else runs
 
