@@ -192,6 +192,12 @@ def bench_decode(args, device, dtype):
     N = P * n * args.new_tokens
     print(f"sampled rollout, {P} prompts x n={n}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, {device.type}: "
           f"this project {N / t_ours:.0f} tok/s, transformers {N / t_hf:.0f} tok/s, ratio {t_hf / t_ours:.2f}x")
+    # the rollout copy's fused projections (GPUs' default) against the plain model, the same rollout
+    fused = M.fuse_projections(M.empty_model(ours.config, device, dtype), devices=(device.type,))
+    M.copy_weights(ours, fused)
+    t_fused = timeit(lambda: generate(fused, prompts.tolist(), args.new_tokens, n=n, seed=0), 1, device)
+    print(f"the same rollout, q/k/v and gate/up fused (model.fuse_projections): {N / t_fused:.0f} tok/s, "
+          f"{t_ours / t_fused:.2f}x unfused")
 
 
 # ----------------------------------------------------------------------------- GPU checks (one command)

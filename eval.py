@@ -305,10 +305,10 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     model = tokenizer = None
     if args.judge not in BASELINES:
-        from model import load_model
+        from model import fuse_projections, load_model  # fused: q/k/v and gate/up one GEMM each, on GPUs
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
-        model = load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        model = fuse_projections(load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None))
     args.family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
     examples, counts = load_judge_examples(args.data, args.bench, args.family, args.seed, both_orders=args.both_orders)
     examples = examples[:args.limit] if args.limit else examples

@@ -66,10 +66,10 @@ from data import default_judge_family, describe_counts, load_judge_examples, loa
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab,
-                      cli, clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
-                      load_for_training, load_state, lr_at, make_optimizer, precision_of, save_checkpoint, save_state,
-                      setup_distributed, stop_if_not_finite)
+from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
+                      clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute,
+                      grad_ckpt_flag, load_for_training, load_state, lr_at, make_optimizer, precision_of,
+                      save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):

@@ -180,8 +180,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
-        q, k = self.q_proj(x).view(B, T, -1, hd), self.k_proj(x).view(B, T, -1, hd)
-        v = self.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):  # fused (fuse_projections): one GEMM
+            q, k, v = self.qkv_proj(x).split(self.fused_split, -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd).transpose(1, 2)
         if self.cfg.model_type == "qwen3":  # per-head q/k norm, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
@@ -222,7 +225,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, -1) if hasattr(self, "gate_up_proj") else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -587,11 +591,46 @@ def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
 
 @torch.no_grad()
 def copy_weights(src, dst):
-    """dst's parameters <- src's (dtype cast on the way). src may be FSDP-sharded: each tensor is
-    all-gathered on its own (every rank must call), so no rank holds more than dst plus one full tensor."""
-    dst_params = dict(dst.named_parameters())
+    """dst's parameters <- src's (dtype cast on the way; into their rows of dst's fused projections). src may be
+    FSDP-sharded: each tensor is all-gathered on its own (every rank must call), so no rank holds more than dst plus
+    one full tensor."""
+    dst_params, fused = dict(dst.named_parameters()), getattr(dst, "fused_rows", {})
     for name, p in src.named_parameters():
-        dst_params[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        target, row = fused.get(name, (name, 0))
+        dst_params[target][row:row + len(full)].copy_(full)
+
+
+FUSED_PROJECTION_DEVICES = ("cuda",)  # where fuse_projections fuses (tests and bench.py add "cpu")
+
+
+@torch.no_grad()
+def fuse_projections(model, devices=None):
+    """For decoding (the rollout copy, eval's judge): q/k/v and gate/up become one Linear each (qkv_proj, gate_up_proj,
+    their weights stacked by rows), so a decode step reads x once and launches one GEMM where it launched three and
+    two. copy_weights fills their rows by the checkpoint's names (model.fused_rows). Only on FUSED_PROJECTION_DEVICES:
+    elsewhere (the toy's CPU) the decode keeps the training forward's GEMMs and rounding."""
+    if model.lm_head.weight.device.type not in (devices or FUSED_PROJECTION_DEVICES):
+        return model
+    model.fused_rows = {}  # a checkpoint tensor's name -> (its fused parameter's name, first row)
+    for i, layer in enumerate(model.model.layers):
+        for owner, where, parts, fused in ((layer.self_attn, "self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                           (layer.mlp, "mlp", ("gate_proj", "up_proj"), "gate_up_proj")):
+            linears = [getattr(owner, p) for p in parts]
+            w = linears[0].weight
+            one = nn.Linear(w.shape[1], sum(l.out_features for l in linears), bias=linears[0].bias is not None,
+                            device="meta", dtype=w.dtype).to_empty(device=w.device)
+            row = 0
+            for part, lin in zip(parts, linears):
+                for kind, t in (("weight", lin.weight), ("bias", lin.bias)):
+                    if t is not None:
+                        getattr(one, kind)[row:row + len(t)].copy_(t)
+                        model.fused_rows[f"model.layers.{i}.{where}.{part}.{kind}"] = (f"model.layers.{i}.{where}.{fused}.{kind}", row)
+                row += lin.out_features
+                delattr(owner, part)
+            setattr(owner, fused, one)
+            owner.fused_split = [lin.out_features for lin in linears]  # its outputs' widths, in order
+    return model
 
 
 def compile_blocks(model, backend="inductor"):

@@ -50,9 +50,9 @@ from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
-                      clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute, grad_ckpt_flag,
-                      idle_backward, load_for_training, load_state, lr_at, make_optimizer, precision_of, save_checkpoint,
-                      save_state, setup_distributed, stop_if_not_finite)
+                      clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute,
+                      grad_ckpt_flag, idle_backward, load_for_training, load_state, lr_at, make_optimizer,
+                      precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
