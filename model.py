@@ -253,9 +253,12 @@ def head_logits(hidden, weight):
     error 2.6-3.5x larger). bf16 inputs: products exact in fp32, fp32 sums (what CUDA's mm with out_dtype computes)."""
     if hidden.dtype not in (torch.bfloat16, torch.float16):
         return (hidden @ weight.t()).float()  # fp32 (fp64: the tests' reference) as before
-    if hidden.is_cuda:
+    if hidden.is_cuda and _MM_OUT_DTYPE:
         return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     return hidden.float() @ weight.float().t()
+
+
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # mm(..., out_dtype=): CUDA kernels in recent torch
 
 
 FUSED_HEAD_DEVICES = ("cuda",)  # where the output head's per-chunk elementwise work runs compiled (tests add "cpu")
