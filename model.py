@@ -249,8 +249,8 @@ class Block(nn.Module):
 
 def head_logits(hidden, weight):
     """hidden [N, H] @ weight [V, H]^T -> logits [N, V] in fp32, never rounded to bf16 on the way: a bf16 logit near 20
-    is off by up to 0.06, as large as the log-prob changes GRPO's ratio and clip act on (bf16 logits made the log-probs'
-    error 2.6-3.5x larger). bf16 inputs: products exact in fp32, fp32 sums (what CUDA's mm with out_dtype computes)."""
+    is off by up to 0.06, as large as the log-prob changes GRPO's ratio and clip act on, and the sampler's and the
+    trainer's logits would round apart. bf16 inputs: products exact in fp32, fp32 sums (CUDA's mm with out_dtype)."""
     if hidden.dtype not in (torch.bfloat16, torch.float16):
         return (hidden @ weight.t()).float()  # fp32 (fp64: the tests' reference) as before
     if hidden.is_cuda and _MM_OUT_DTYPE:

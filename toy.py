@@ -13,7 +13,8 @@ RM-R1 distillation / RL formats and the generic pairs format; the model is a tin
 Hugging Face checkpoint. SFT stops once greedy judge accuracy on a validation split reaches a target, so GRPO
 starts from a comparable point on every machine (3 fixed epochs landed anywhere from 68.5% to 94%). The toy
 runs on the CPU where a GPU is available too (training.setup_distributed(cpu=True)): its recipe is tuned in
-fp32, and the GPU's bf16 compute, simulated on CPU, left it well below its target (README).
+fp32. `--precision bf16` runs it under the GPU's policy, simulated on the CPU, and `python toy.py` runs the grid of
+fp32 / bf16 SFT x fp32 / bf16 GRPO over seeds (grid(); docs/measurements.md has its table).
 The tokenizer is a byte-level BPE trained with `tokenizers` on the generated
 corpus, with digits split one per token (so arithmetic stays learnable) and enough merges that the long
 fixed judge instructions shrink to a few dozen tokens (so a laptop CPU can train on them).
