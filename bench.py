@@ -406,7 +406,8 @@ def _grpo_two_steps(ours, smoke, timeout_s):
     recs = [json.loads(line) for line in open(os.path.join(tmp, "out", "metrics.jsonl"))]
     limit = sum("recompile_limit" in line for line in p.stderr.splitlines())  # Dynamo's warning: code runs eager from then
     parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s), old/ref "
-                      f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s" for r in recs)
+                      f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s, sampler-trainer |d log p| mean "
+                      f"{r['rollout_logp_diff_mean']:.1e} max {r['rollout_logp_diff_max']:.2f}" for r in recs)
     return f"{parts}; whole run {time.time() - t:.0f} s; recompile-limit warnings {limit}"
 
 

@@ -30,8 +30,8 @@ rows) are never sampled.
 Returns the generated ids of every sample, the stop id kept, in prompt-major order (prompt i, sample j at
 index i*n + j); for greedy decoding they are the same whatever S, the order of admission or the buckets. With
 logprobs=True also each sampled token's log-prob under the engine's own forward, log softmax(logits / temperature)
-[token] (before top-k / top-p, the quantity GRPO's training forward computes): GRPO measures the sampler-trainer
-mismatch with it and corrects for it (grpo.rollout_is_weights).
+[token] over the model's whole vocabulary (before top-k / top-p and the tokenizer's limit: the quantity GRPO's training
+forward computes): GRPO measures the sampler-trainer mismatch with it and corrects for it (grpo.rollout_is_weights).
 """
 from collections import deque
 
@@ -150,9 +150,10 @@ class Sampler:
     def decode_step(self, b, stop, temperature, top_p, top_k, vocab_size, kv_len=None):
         """One token for slots 0..b-1, entirely on the device (no host sync)."""
         logits = self.model(self.tok[:b, None], self.pos[:b, None], decode=True, kv_len=kv_len)[:, -1]  # [b, V] fp32
+        drawable = logits
         if vocab_size < logits.shape[-1]:
-            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size, float("-inf"))
-        tok = sample_next(logits, uniforms(self.seed, self.seq[:b], self.n_out[:b]), temperature, top_p, top_k)
+            drawable = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_size, float("-inf"))
+        tok = sample_next(drawable, uniforms(self.seed, self.seq[:b], self.n_out[:b]), temperature, top_p, top_k)
         live = ~self.done[:b]
         column = torch.where(live, self.n_out[:b], self.out.shape[1] - 1)
         rows = torch.arange(b, device=tok.device)
@@ -227,9 +228,9 @@ class Sampler:
         last = [self.model(ids[s:s + per].to(device), cache_rows=rows_t[s * n:(s + per) * n], head=False)  # [p, T, H]
                 [torch.arange(len(ids[s:s + per]), device=device), lengths[s:s + per] - 1] for s in range(0, len(prompts), per)]
         logits = M.head_logits(torch.cat(last), self.model.lm_head.weight)  # [P, V] fp32 at each prompt's last token
-        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=device) >= vocab_size, float("-inf"))
+        drawable = logits.masked_fill(torch.arange(logits.shape[-1], device=device) >= vocab_size, float("-inf"))
         seq = (torch.tensor(prompt_ids, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
-        first = sample_next(logits.repeat_interleave(n, 0), uniforms(self.seed, seq, torch.zeros_like(seq)),
+        first = sample_next(drawable.repeat_interleave(n, 0), uniforms(self.seed, seq, torch.zeros_like(seq)),
                             temperature, top_p, top_k)
         self.tok.index_copy_(0, rows_t, first)
         self.pos.index_copy_(0, rows_t, lengths.repeat_interleave(n))

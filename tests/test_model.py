@@ -214,11 +214,14 @@ def test_cached_decoding_equals_recompute(ckpt):
 @pytest.mark.parametrize("temperature", [0, 1.0, 0.7])
 def test_sampler_logprobs_are_the_full_forwards(ckpt, temperature):
     # each generated token's log-prob as the sampler reports it (its cached decode, fp32 here) equals log softmax of
-    # a full forward over [prompt, output] at that token, tempered: what GRPO compares with the trainer's
+    # a full forward over [prompt, output] at that token, tempered: what GRPO compares with the trainer's. Ids past the
+    # tokenizer's vocabulary (100 of the embedding's 128 here) are never drawn but stay in the normaliser, as there
     path, _, _ = ckpt
     m = M.load_model(path)
     prompts = ragged_batch([5, 9], seed=6)
-    outs, logps = Sampler(m, slots=4, max_len=32).generate(prompts, 10, temperature, n=2, seed=3, logprobs=True)
+    outs, logps = Sampler(m, slots=4, max_len=32).generate(prompts, 10, temperature, n=2, seed=3, logprobs=True,
+                                                           vocab_size=100)
+    assert max(max(o) for o in outs) < 100
     for i, (o, lp) in enumerate(zip(outs, logps)):
         p = prompts[i // 2]
         with torch.no_grad():
