@@ -393,6 +393,11 @@ def test_system_errors_are_one_line_naming_the_path(toy_paths, tmp_path, monkeyp
         sft.main(sft_args(toy_paths, tmp_path / "afile"))
     with pytest.raises(SystemExit, match=r"error: \[Errno 21\] Is a directory: .*'"):  # a directory as --data
         training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "out1", "--data", str(tmp_path))))
+    read_only = lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(tmp_path / "ro")))
+    with monkeypatch.context() as m:  # a read-only --out (root ignores file modes, so the OS's refusal is simulated)
+        m.setattr(training.os, "makedirs", read_only)
+        with pytest.raises(SystemExit, match=r"error: \[Errno 13\] Permission denied: .*ro'"):
+            training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "ro")))
     full = OSError(28, "No space left on device")  # the disk fills while the state is saved: one line, nothing half-written
     monkeypatch.setattr(training.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(28, full.strerror, f)))
     with pytest.raises(SystemExit, match=r"error: \[Errno 28\] No space left on device: .*rank0.pt"):
