@@ -432,10 +432,14 @@ def test_a_tied_config_with_a_different_head_in_the_file_is_refused(tmp_path):
 
 
 def test_prompts_past_the_judges_context_are_judged_with_a_warning(toy_paths, tmp_path, capsys):
-    # the toy's model has 1,024 positions; a budget of 1,000 new tokens takes every prompt past them
-    E.main(["--judge", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--bench", "pairs", "--data",
-            toy_paths["heldout"], "--out", str(tmp_path / "out"), "--limit", "2", "--max-new-tokens", "1000"])
-    assert "2 prompts plus --max-new-tokens 1000 pass the judge's context of 1024 positions" in capsys.readouterr().out
+    # the toy's model with a context of 64 positions: its judge prompts (over 64 tokens) pass it
+    judge = tmp_path / "judge"
+    shutil.copytree(toy_paths["init"], judge)
+    cfg = json.load(open(judge / "config.json"))
+    json.dump({**cfg, "max_position_embeddings": 64}, open(judge / "config.json", "w"))
+    E.main(["--judge", str(judge), "--tokenizer", toy_paths["tokenizer"], "--bench", "pairs", "--data",
+            toy_paths["heldout"], "--out", str(tmp_path / "out"), "--limit", "2", "--max-new-tokens", "4"])
+    assert "2 prompts plus --max-new-tokens 4 pass the judge's context of 64 positions" in capsys.readouterr().out
 
 
 def test_eval_limit_zero_says_nothing_is_judged(toy_paths, tmp_path, capsys):

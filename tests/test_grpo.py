@@ -197,8 +197,8 @@ def test_precision_bf16_runs_the_gpus_policy_on_the_cpu(toy_paths, tmp_path, pol
     # --precision bf16 on CPU: one-rank FSDP2 with bf16 compute over fp32 master weights, a bf16 rollout copy. The
     # sampler-trainer gap it logs is bf16's (kernels and rounding), far above fp32's (kernels only), and the run learns
     # as fp32 does: the same rollouts to start with, losses close
-    runs = {p: read_metrics(grpo.main(grpo_args(toy_paths, tmp_path / p, "--precision", p, "--steps", "2", policy=policy))
-                            and tmp_path / p) for p in ("fp32", "bf16")}
+    runs = {p: read_metrics(grpo.main(grpo_args(toy_paths, tmp_path / p, "--precision", p, "--steps", "1", "--eval-limit",
+                                                "0", policy=policy)) and tmp_path / p) for p in ("fp32", "bf16")}
     assert json.load(open(tmp_path / "bf16" / "run.json"))["precision"] == "bf16"
     fp32, bf16 = runs["fp32"][0], runs["bf16"][0]
     assert fp32["rollout_logp_diff_mean"] < 1e-6 and 30 * fp32["rollout_logp_diff_mean"] < bf16["rollout_logp_diff_mean"] < 0.1
