@@ -193,11 +193,17 @@ def bench_decode(args, device, dtype):
     print(f"sampled rollout, {P} prompts x n={n}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, {device.type}: "
           f"this project {N / t_ours:.0f} tok/s, transformers {N / t_hf:.0f} tok/s, ratio {t_hf / t_ours:.2f}x")
     # the rollout copy's fused projections (GPUs' default) against the plain model, the same rollout
-    fused = M.fuse_projections(M.empty_model(ours.config, device, dtype), devices=(device.type,))
-    M.copy_weights(ours, fused)
+    from sampler import copy_weights, fuse_projections
+    fused = fuse_projections(M.empty_model(ours.config, device, dtype), devices=(device.type,))
+    copy_weights(ours, fused)
     t_fused = timeit(lambda: generate(fused, prompts.tolist(), args.new_tokens, n=n, seed=0), 1, device)
-    print(f"the same rollout, q/k/v and gate/up fused (model.fuse_projections): {N / t_fused:.0f} tok/s, "
+    print(f"the same rollout, q/k/v and gate/up fused (sampler.fuse_projections): {N / t_fused:.0f} tok/s, "
           f"{t_ours / t_fused:.2f}x unfused")
+    # the same rollout through a paged KV cache (eager FlexAttention here: unfused, it scores the whole pool)
+    from sampler import Sampler
+    paged = Sampler(ours, P * n, args.prompt_len + args.new_tokens, page_size=16)
+    t_paged = timeit(lambda: paged.generate(prompts.tolist(), args.new_tokens, n=n, seed=0), 1, device)
+    print(f"the same rollout, paged KV cache (pages of 16 positions): {N / t_paged:.0f} tok/s, {t_ours / t_paged:.2f}x dense")
 
 
 # ----------------------------------------------------------------------------- GPU checks (one command)
@@ -239,7 +245,7 @@ def check(log, name, cap_s, fn, deadline=None):
     log.flush()
 
 
-GPU_CHECKS = ("training", "rollout", "ragged", "decode", "grpo")  # bench_gpu's groups of checks, in their order
+GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "grpo")  # bench_gpu's groups of checks, in their order
 # what fits the 5 minutes (on an H100 the training rows took about 2 minutes, the 8 x 8 rollout 40 s); the ragged
 # rollout (8 decode graphs at 13-17 s each) and the 2-step grpo.py run (139 s, most of it compiling) are a second call's
 DEFAULT_GPU_CHECKS = "training,rollout,decode"
@@ -295,6 +301,12 @@ def bench_gpu(args, device, dtype):
         run("ragged rollout: continuous vs static", 150, lambda: _ragged(rollout, device, smoke), "ragged")  # 400 stops: 8 graphs
         del rollout
     run("decode batch 1 vs transformers", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend), "decode")
+    page = 16 if smoke else 128  # FlexAttention's block: a page is one block of the kernel's mask
+    run("decode batch 1, paged KV cache", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page), "paged")
+    if "paged" in want:  # the ragged rollout through pages: slots hold what their traces fill, a step reads only that
+        paged = Sampler(ours, 64, 2048, compile=True, backend=backend, page_size=page)
+        run("ragged rollout, paged KV cache", 150, lambda: _ragged(paged, device, smoke), "paged")
+        del paged
     run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5), "grpo")
     del ours, hf
     if torch.cuda.device_count() > 1:
@@ -316,16 +328,16 @@ def _parity(ours, hf, device):
             f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}")
 
 
-def _decode_batch1(ours, hf, device, bw_peak, smoke, backend):
+def _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page_size=0):
     from sampler import Sampler, generate
     V, n_new = ours.config.vocab_size, 32 if smoke else 256
     prompt = torch.randint(0, V, (1, 128), device=device)
-    e = Sampler(ours, 1, 128 + n_new, compile=True, backend=backend)
+    e = Sampler(ours, 1, 128 + n_new, compile=True, backend=backend, page_size=page_size)
     compile_s, shapes, graphs = _compile_graphs(e, 128, 128 + n_new, temperature=0)
     t_ours = timeit(lambda: e.generate(prompt.tolist(), n_new, temperature=0), 1, device)
     t_hf = timeit(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0), 1, device)
     compiled = e.generate(prompt.tolist(), n_new, temperature=0)[0]
-    eager = generate(ours, prompt.tolist(), n_new, temperature=0)[0]
+    eager = generate(ours, prompt.tolist(), n_new, temperature=0)[0]  # (a dense cache, of its own)
     agree = next((i for i, (x, y) in enumerate(zip(compiled, eager)) if x != y), len(eager))
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""

@@ -299,13 +299,17 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--both-orders", action="store_true", help="judge each pair in both placements")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    ap.add_argument("--kv-page-size", type=int, default=0, help="positions per page of a paged KV cache (0: a dense "
+                    "max-length row per sequence): sequences hold only the pages they fill, and a step reads only those")
     args = ap.parse_args(argv)
-    check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"), nonnegative=("limit", "temperature"))
+    check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
+                nonnegative=("limit", "temperature", "kv_page_size"))
 
     rank, world, device = setup_distributed()
     model = tokenizer = None
     if args.judge not in BASELINES:
-        from model import fuse_projections, load_model  # fused: q/k/v and gate/up one GEMM each, on GPUs
+        from model import load_model
+        from sampler import fuse_projections  # q/k/v and gate/up one GEMM each, on GPUs
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
         model = fuse_projections(load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None))
@@ -366,9 +370,11 @@ def judge_into(f, args, model, tokenizer, mine, rank):
         free, total = torch.cuda.mem_get_info() if model.lm_head.weight.is_cuda else (0, 1)  # this rank's GPU
         engine = Sampler(model, args.batch_size or (min(256, len(ids) or 1) if free else 8),
                          max(map(len, ids), default=0) + args.max_new_tokens, memory_frac=None if args.batch_size else 0.7 * free / total,
-                         compile=compile_wanted(args.compile, model.lm_head.weight.device))
+                         compile=compile_wanted(args.compile, model.lm_head.weight.device), page_size=args.kv_page_size)
         if free and not args.batch_size and rank == 0:  # the default on a GPU: as many as 70% of its free memory holds
-            print(f"eval: {engine.slots} sequences decoded at once (their KV cache fits 70% of the free GPU memory)")
+            print(f"eval: {engine.slots} sequences decoded at once (their KV cache fits 70% of the free GPU memory)"
+                  if not engine.pages else f"eval: up to {engine.slots} sequences at once in {len(engine.pages.free)} KV "
+                  f"pages of {args.kv_page_size} positions (70% of the free GPU memory)")
         for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed, progress):
             f.writelines(json.dumps(r) + "\n" for r in batch)
             f.flush()

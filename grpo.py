@@ -91,6 +91,8 @@ def parse_args(argv=None):
                     help="prompts decoded at once per rank: the sampler has gen-prompts x n slots [32, fewer if the KV "
                          "cache would pass --kv-cache-frac of the GPU; toy 64]")
     ap.add_argument("--kv-cache-frac", type=float, default=0.25, help="most of a GPU's memory the rollout KV cache may take")
+    ap.add_argument("--kv-page-size", type=int, default=0, help="positions per page of a paged rollout KV cache (0: a dense "
+                    "max-length row per slot): slots hold only the pages their sequences fill, and a step reads only those")
     ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward (below --n: slices of a group) [4; toy 112]")
     ap.add_argument("--steps", type=int, default=None, help="rollout steps [one epoch over the data; toy 180]")
     ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 2e-4]")
@@ -139,7 +141,7 @@ def parse_args(argv=None):
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
                                     "max_prompt_len", "max_new_tokens", "save_every"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every",
-                             "eval_limit", "stop_after_steps"), fractions=("kv_cache_frac",))
+                             "eval_limit", "stop_after_steps", "kv_page_size"), fractions=("kv_cache_frac",))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
@@ -281,6 +283,7 @@ class Rollout:  # this rank's groups of one step: group g is prompts[g] with res
     labels: list
     truncated: list
     seconds: float
+    preempted: int = 0  # samples the paged KV cache sent back to the queue (re-prefilled later)
 
 
 def grpo_step(job, step):
@@ -306,6 +309,7 @@ def rollout(job, step):
     positions = rank_positions(args.rollout_prompts, job.world, job.rank)
     prompts = [job.prompt_ids[batch[p]] for p in positions]
     job.engine.load_weights(job.policy)
+    preempted = job.engine.preemptions
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
     responses, logps = job.engine.generate(prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.n,
                                            job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
@@ -313,7 +317,7 @@ def rollout(job, step):
     truncated = [job.tokenizer.cut_off(r) for r in responses]
     labels = [job.examples[batch[p]].label for p in positions for _ in range(args.n)]
     return Rollout(positions, prompts, responses, logps, [job.tokenizer.decode(r) for r in responses], labels, truncated,
-                   time.time() - t0)
+                   time.time() - t0, job.engine.preemptions - preempted)
 
 
 def score(job, ro):
@@ -422,7 +426,8 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, s
              "length": sum(lengths), "truncated": sum(ro.truncated), "zero_std_groups": zero_std * len(ro.prompts),
              "traces": len(ro.responses), "groups": len(ro.prompts), "train_tokens": sum(u["tokens"] for u in updates),
              "clipped": sum(u["clipped"] for u in updates), "entropy": sum(u["entropy"] for u in updates),
-             "is_capped": sum(u["is_capped"] for u in updates), "logp_diff": sum(logp_diff), "rollout_kl": sum(rollout_kl)}
+             "is_capped": sum(u["is_capped"] for u in updates), "logp_diff": sum(logp_diff), "rollout_kl": sum(rollout_kl),
+             "preempted": ro.preempted}
     total = dict(zip(local, all_reduce_sum(list(local.values()), job.device)))
     n_mb, traces = len(updates), total["traces"]
     return {"step": step + 1, "reward_mean": total["reward"] / traces, "accuracy": total["correct"] / traces,
@@ -435,6 +440,7 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, s
             "rollout_logp_diff_mean": total["logp_diff"] / max(total["length"], 1),
             "rollout_logp_diff_max": all_reduce_max([max(logp_diff_max)], job.device)[0],
             "rollout_kl": total["rollout_kl"] / max(total["length"], 1), "rollout_is_capped_frac": total["is_capped"] / n_mb,
+            "rollout_preempted": int(total["preempted"]),
             "rollout_tokens_per_s": total["length"] / max(seconds["rollout_s"], 1e-9),
             "train_tokens_per_s": total["train_tokens"] / max(seconds["train_s"], 1e-9), **seconds}
 
@@ -471,7 +477,12 @@ def main(argv=None):
     if args.eval_data and not args.eval_limit and rank == 0:
         print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
-    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n)
+    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n,
+                                page_size=args.kv_page_size)
+    if engine.pages and not engine.pages.can_progress(args.n, min(max_len - args.max_new_tokens + engine.sync_every, max_len),
+                                                      max_len):
+        raise SystemExit(f"grpo.py: --kv-cache-frac {args.kv_cache_frac} holds {len(engine.pages.free)} KV pages of "
+                         f"{args.kv_page_size} positions: too few for one group's prompts or one {max_len}-position sequence")
     if engine.slots < args.n:
         raise SystemExit(f"grpo.py: one prompt's {args.n} x {max_len}-position KV cache exceeds --kv-cache-frac {args.kv_cache_frac}")
     if engine.slots < args.gen_prompts * args.n and rank == 0:

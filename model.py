@@ -27,7 +27,11 @@ the same addresses on every call (CUDA graphs replay only then). Two cached mode
                                              row b's K/V also go to cache rows r[b*k:(b+1)*k], k = len(r) / B
     decode    model(tok, pos, decode=True)   one token per cache row 0..B-1, written at position pos[b],
                                              attending to that row's positions <= pos[b]
+setup_cache(..., page_size=P, pages=N) makes the cache a pool of N pages of P positions instead, [kv_heads, N * P,
+head_dim] per layer, with a page table that maps each row's position p to its page p // P (the sampler assigns pages):
+rows hold only what they fill, and a decode step attends through FlexAttention over each row's own pages.
 """
+import inspect
 import json
 import os
 from dataclasses import dataclass, fields
@@ -37,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from data import read_json  # JSON files, with errors that name the file
 
@@ -177,7 +182,7 @@ class Attention(nn.Module):
         if cfg.model_type == "qwen3":
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None):
+    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, decode_mask=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         if hasattr(self, "qkv_proj"):  # fused (fuse_projections): one GEMM
@@ -189,13 +194,24 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, heads, T, hd]
         k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, kv_heads, T, hd]
-        if decode_pos is not None:  # decode: row b of the cache takes this token at position decode_pos[b]
-            rows = torch.arange(B, device=x.device)  # indexed writes stay in place compiled (scatter_ copied the cache)
-            self.k_cache[rows, :, decode_pos] = k[:, :, 0].to(self.k_cache.dtype)
-            self.v_cache[rows, :, decode_pos] = v[:, :, 0].to(self.v_cache.dtype)
-            y = decode_attention(q, self.k_cache[:B, :, :kv_len], self.v_cache[:B, :, :kv_len], decode_pos)
+        paged = getattr(self, "k_cache", None) is not None and self.k_cache.dim() == 3  # pages [kv_heads, pages*P, hd]
+        if decode_pos is not None:  # decode: this token's K/V at decode_pos[b] (its cache row's position, or pool slot)
+            if paged:
+                self.k_cache[:, decode_pos] = k[:, :, 0].transpose(0, 1).to(self.k_cache.dtype)  # [kv_heads, B, hd]
+                self.v_cache[:, decode_pos] = v[:, :, 0].transpose(0, 1).to(self.v_cache.dtype)
+                y = flex_attention(q, self.k_cache[None], self.v_cache[None], block_mask=decode_mask, enable_gqa=True)
+            else:
+                rows = torch.arange(B, device=x.device)  # indexed writes stay in place compiled (scatter_ copied the cache)
+                self.k_cache[rows, :, decode_pos] = k[:, :, 0].to(self.k_cache.dtype)
+                self.v_cache[rows, :, decode_pos] = v[:, :, 0].to(self.v_cache.dtype)
+                L = decode_mask.shape[-1]
+                y = decode_attention(q, self.k_cache[:B, :, :L], self.v_cache[:B, :, :L], decode_mask)
         else:
-            if cache_rows is not None:  # prefill: each row's K/V to its cache rows (the n samples of a prompt)
+            if cache_rows is not None and paged:  # prefill, paged: cache_rows [B * k, T] are pool positions
+                copies = cache_rows.shape[0] // B
+                for cache, t in ((self.k_cache, k), (self.v_cache, v)):
+                    cache[:, cache_rows.flatten()] = t.to(cache.dtype).repeat_interleave(copies, 0).transpose(0, 1).flatten(1, 2)
+            elif cache_rows is not None:  # prefill: each row's K/V to its cache rows (the n samples of a prompt)
                 copies = cache_rows.numel() // B
                 self.k_cache[:, :, :T].index_copy_(0, cache_rows, k.to(self.k_cache.dtype).repeat_interleave(copies, 0))
                 self.v_cache[:, :, :T].index_copy_(0, cache_rows, v.to(self.v_cache.dtype).repeat_interleave(copies, 0))
@@ -206,13 +222,12 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def decode_attention(q, k, v, pos):
-    """q [B, heads, 1, hd], k, v [B, kv_heads, L, hd], pos [B] -> [B, heads, 1, hd]: row b attends to its
-    keys at positions <= pos[b]. The query heads that share a KV head are folded into the query-length
-    dimension ([B, kv_heads, heads/kv_heads, hd]), so SDPA needs no enable_gqa: with a mask, enable_gqa
-    would rule out the flash and memory-efficient kernels and leave the math kernel."""
+def decode_attention(q, k, v, keep):
+    """q [B, heads, 1, hd], k, v [B, kv_heads, L, hd], keep [B, 1, 1, L] (row b's positions <= its own) ->
+    [B, heads, 1, hd]. The query heads that share a KV head are folded into the query-length dimension
+    ([B, kv_heads, heads/kv_heads, hd]), so SDPA needs no enable_gqa: with a mask, enable_gqa would rule out
+    the flash and memory-efficient kernels and leave the math kernel."""
     B, H, _, hd = q.shape
-    keep = (torch.arange(k.shape[2], device=q.device) <= pos[:, None])[:, None, None, :]  # [B, 1, 1, L]
     y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], hd), k, v, attn_mask=keep)
     return y.reshape(B, H, 1, hd)
 
@@ -237,10 +252,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, kv_len=None, recompute=False):
+    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, decode_mask=None, recompute=False):
         if recompute:  # activation checkpointing inside the block: a compiled block recomputes in its backward graph
             return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, shared_prefix, use_reentrant=False)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, kv_len)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, decode_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     # the decode step's call: eager, forward; compiled, one block's code for every layer (torch >= 2.8), not unrolled
@@ -378,12 +393,13 @@ class Transformer(nn.Module):
         self.recompute_blocks = 0  # the first this many blocks recompute their activations in backward (--grad-ckpt)
         self.compute_dtype = None  # the precision policy's, where it is not the weights' (see compute_dtype)
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
+        self.page_size = 0  # the KV cache's page size; 0: dense (setup_cache)
 
     def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, shared_prefix=None,
                 head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
         """input_ids [B, T]; positions [B, T] (default 0..T-1).
         Cache (setup_cache first): cache_rows [B * k] prefills, decode=True decodes (see the module docstring);
-        kv_len (decode) attends to the first kv_len cache positions instead of all of them.
+        kv_len (decode, dense cache) attends to the first kv_len cache positions instead of all of them.
         shared_prefix (a SharedPrefix) replaces the causal mask: rows are [prefix | n segments] (give positions).
         Returns logits [B, T, V]; with head=False the final normed hidden states [B, T, H]; with targets [B, T] the fp32
         (log p(targets), entropy), each [B, T], only where token_mask is set (0 elsewhere: prompts skip the output head);
@@ -393,15 +409,19 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        decode_pos = positions[:, 0] if decode else None
-        recompute = self.recompute_blocks if torch.is_grad_enabled() else 0
-        for i, layer in enumerate(self.model.layers):
-            if decode:
-                x = layer.decode(x, cos, sin, None, None, decode_pos, kv_len)
-                continue
-            for t in (x, cos, sin):  # batch and length change per call: dynamic in compiled blocks, marked at every
-                torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2])  # layer (a graph may first run at any of them)
-            x = layer(x, cos, sin, shared_prefix, cache_rows, recompute=i < recompute)
+        if decode:  # where each row's K/V goes and what it attends to: built once, for every layer
+            decode_pos, decode_mask = self.decode_addressing(positions[:, 0], kv_len)
+            for layer in self.model.layers:
+                x = layer.decode(x, cos, sin, None, None, decode_pos, decode_mask)
+        else:
+            if cache_rows is not None and self.page_size:  # paged: rows' positions 0..T-1 -> pool positions [B * k, T]
+                at = torch.arange(T, device=x.device)
+                cache_rows = self.page_table[cache_rows][:, at // self.page_size] * self.page_size + at % self.page_size
+            recompute = self.recompute_blocks if torch.is_grad_enabled() else 0
+            for i, layer in enumerate(self.model.layers):
+                for t in (x, cos, sin):  # batch and length change per call: dynamic in compiled blocks, marked at every
+                    torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2])  # layer (a graph may first run at any of them)
+                x = layer(x, cos, sin, shared_prefix, cache_rows, recompute=i < recompute)
         x = self.model.norm(x)
         if not head:
             return x
@@ -424,12 +444,23 @@ class Transformer(nn.Module):
             logp, entropy = (torch.zeros(B * T, device=x.device).index_put((rows,), t) for t in (logp, entropy))
         return logp.view(B, T).clone(), entropy.view(B, T).clone()
 
-    def setup_cache(self, slots, max_len, dtype=None):
-        """Give every attention module a static KV cache [slots, kv_heads, max_len, head_dim] (reused when
-        the shape is unchanged). Marked as static addresses: a compiled decode step writes into them in
-        place, and CUDA graphs are recorded only over tensors that never move."""
+    def setup_cache(self, slots, max_len, dtype=None, page_size=0, pages=0):
+        """Give every attention module a static KV cache (reused when the shape is unchanged), marked as static
+        addresses: a compiled decode step writes into it in place, and CUDA graphs are recorded only over tensors that
+        never move. Dense (page_size 0): [slots, kv_heads, max_len, head_dim], a row per slot. Paged: a pool of `pages`
+        pages of page_size positions, [kv_heads, pages * page_size, head_dim], shared by the slots through page_table
+        [slots, max_len / page_size] (logical page j of slot s is pool page page_table[s, j]; page 0 is a sink that
+        unassigned entries point at), with page_owner / page_index [pages], the slot holding each page (-1: none) and
+        its logical index there. The sampler assigns pages (sampler.Pages); decoding reads only a slot's own pages."""
         cfg, p = self.config, self.lm_head.weight
-        shape, dtype = (slots, cfg.num_key_value_heads, max_len, cfg.head_dim), dtype or p.dtype
+        dtype, kv = dtype or p.dtype, (cfg.num_key_value_heads, cfg.head_dim)
+        shape = (kv[0], pages * page_size, kv[1]) if page_size else (slots, kv[0], max_len, kv[1])
+        self.page_size = page_size
+        if page_size:
+            for name, size in (("page_table", (slots, -(-max_len // page_size))), ("page_owner", (pages,)), ("page_index", (pages,))):
+                self.register_buffer(name, torch.zeros(size, dtype=torch.long, device=p.device), persistent=False)
+                torch._dynamo.mark_static_address(getattr(self, name))
+            self.page_owner.fill_(-1)
         for layer in self.model.layers:
             attn = layer.self_attn
             if getattr(attn, "k_cache", None) is None or attn.k_cache.shape != shape or attn.k_cache.dtype != dtype:
@@ -437,11 +468,35 @@ class Transformer(nn.Module):
                     attn.register_buffer(name, torch.zeros(shape, device=p.device, dtype=dtype), persistent=False)
                     torch._dynamo.mark_static_address(getattr(attn, name))
 
+    def decode_addressing(self, pos, kv_len=None):
+        """pos [B]: the position each decoding row writes -> (where its K/V goes, the mask its query attends with).
+        Dense: (pos, keep [B, 1, 1, kv_len]: positions <= pos). Paged: (pool positions [B], a BlockMask over the pool
+        whose blocks are pages: row b reads only its pages 0..pos[b] / P, in their pool order, and within them the
+        positions <= pos[b], so what a step reads grows with each row's own length, not the longest's)."""
+        if not self.page_size:
+            kv_len = kv_len or self.model.layers[0].self_attn.k_cache.shape[2]
+            return pos, (torch.arange(kv_len, device=pos.device) <= pos[:, None])[:, None, None, :]
+        P, table, owner, index = self.page_size, self.page_table[:pos.shape[0]], self.page_owner, self.page_index
+        page = table.gather(1, (pos // P)[:, None]).squeeze(1)
+
+        def visible(b, h, q_idx, kv_idx):  # kv_idx: a pool position; row b sees its own positions <= pos[b]
+            return (owner[kv_idx // P] == b) & (index[kv_idx // P] * P + kv_idx % P <= pos[b])
+        pages = owner.shape[0]  # the block mask's indices span the pool (a slot never holds more than pages - 1)
+        indices = F.pad(table, (0, pages - table.shape[1])) if pages > table.shape[1] else table[:, :pages]
+        mask = BlockMask.from_kv_blocks((pos // P + 1).int()[:, None, None], indices.int()[:, None, None], BLOCK_SIZE=(128, P),
+                                        mask_mod=visible, seq_lengths=(1, pages * P), **_NO_Q_BLOCKS)
+        return page * P + pos % P, mask
+
     def move_cache_rows(self, src, dst):
-        """Copy cache rows src -> dst (LongTensors) in every layer: the sampler packs running rows to the front."""
+        """Copy cache rows src -> dst (LongTensors) in every (dense) layer: the sampler packs running rows to the front."""
         for layer in self.model.layers:
             for c in (layer.self_attn.k_cache, layer.self_attn.v_cache):
                 c.index_copy_(0, dst, c.index_select(0, src))
+
+
+# BlockMask.from_kv_blocks also derives the transposed (query-block) indices that only a backward needs; newer torch
+# lets decoding skip that
+_NO_Q_BLOCKS = {"compute_q_blocks": False} if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {}
 
 
 # ----------------------------------------------------------------------------- checkpoints (HF layout)
@@ -590,50 +645,6 @@ def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
         weight_map = {k: fname for fname, shard in zip(names, shards) for k in shard}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-
-
-@torch.no_grad()
-def copy_weights(src, dst):
-    """dst's parameters <- src's (dtype cast on the way; into their rows of dst's fused projections). src may be
-    FSDP-sharded: each tensor is all-gathered on its own (every rank must call), so no rank holds more than dst plus
-    one full tensor."""
-    dst_params, fused = dict(dst.named_parameters()), getattr(dst, "fused_rows", {})
-    for name, p in src.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        target, row = fused.get(name, (name, 0))
-        dst_params[target][row:row + len(full)].copy_(full)
-
-
-FUSED_PROJECTION_DEVICES = ("cuda",)  # where fuse_projections fuses (tests and bench.py add "cpu")
-
-
-@torch.no_grad()
-def fuse_projections(model, devices=None):
-    """For decoding (the rollout copy, eval's judge): q/k/v and gate/up become one Linear each (qkv_proj, gate_up_proj,
-    their weights stacked by rows), so a decode step reads x once and launches one GEMM where it launched three and
-    two. copy_weights fills their rows by the checkpoint's names (model.fused_rows). Only on FUSED_PROJECTION_DEVICES:
-    elsewhere (the toy's CPU) the decode keeps the training forward's GEMMs and rounding."""
-    if model.lm_head.weight.device.type not in (devices or FUSED_PROJECTION_DEVICES):
-        return model
-    model.fused_rows = {}  # a checkpoint tensor's name -> (its fused parameter's name, first row)
-    for i, layer in enumerate(model.model.layers):
-        for owner, where, parts, fused in ((layer.self_attn, "self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                                           (layer.mlp, "mlp", ("gate_proj", "up_proj"), "gate_up_proj")):
-            linears = [getattr(owner, p) for p in parts]
-            w = linears[0].weight
-            one = nn.Linear(w.shape[1], sum(l.out_features for l in linears), bias=linears[0].bias is not None,
-                            device="meta", dtype=w.dtype).to_empty(device=w.device)
-            row = 0
-            for part, lin in zip(parts, linears):
-                for kind, t in (("weight", lin.weight), ("bias", lin.bias)):
-                    if t is not None:
-                        getattr(one, kind)[row:row + len(t)].copy_(t)
-                        model.fused_rows[f"model.layers.{i}.{where}.{part}.{kind}"] = (f"model.layers.{i}.{where}.{fused}.{kind}", row)
-                row += lin.out_features
-                delattr(owner, part)
-            setattr(owner, fused, one)
-            owner.fused_split = [lin.out_features for lin in linears]  # its outputs' widths, in order
-    return model
 
 
 def compile_blocks(model, backend="inductor"):

@@ -20,6 +20,13 @@ How it works (S slots, each holding one sequence in a static KV cache of L posit
    batch). When nothing waits and the running slots fit a smaller bucket, they are moved to the front and
    the step runs on that bucket: S, S/4, S/16, ... (>= 8) when compiled, so a run makes a few graphs, never
    one per batch size; the exact running count when eager (no graphs to keep).
+4. Paged cache (page_size > 0, as vLLM's): the cache is a pool of pages of page_size positions, and a slot holds only
+   the pages its sequence has filled (Pages, on the host; the model reads them through a page table), so a short trace
+   does not reserve max_len positions and a step reads each slot's own pages (FlexAttention, with the pages as the
+   blocks of its mask), not the longest slot's span. At each host check every running slot gets the pages of its next
+   sync_every positions; when the pool runs dry the newest admitted sample is preempted: its pages are freed and it
+   waits at the front of the queue with its tokens, which are prefilled again when it returns. Its later draws are
+   those it would have made (they are keyed by token index), so preemption changes no output.
 
 Sampling: logits / temperature, optional top-k and top-p (nucleus), then the inverse CDF at one uniform
 number per token. The uniform is a counter-based hash of (seed, sequence index, token index), drawn inside
@@ -33,6 +40,7 @@ logprobs=True also each sampled token's log-prob under the engine's own forward,
 [token] over the model's whole vocabulary (before top-k / top-p and the tokenizer's limit: the quantity GRPO's training
 forward computes): GRPO measures the sampler-trainer mismatch with it and corrects for it (grpo.rollout_is_weights).
 """
+import itertools
 from collections import deque
 
 import torch
@@ -98,19 +106,27 @@ def sample_next(logits, u, temperature, top_p, top_k):
 
 class Sampler:
     def __init__(self, model, slots, max_len, compile=False, sync_every=None, backend="inductor", memory_frac=None,
-                 prefill_tokens=32768, group=1):
-        """model: a plain (unsharded) Transformer; it gets a KV cache of `slots` x `max_len` (prompt + new tokens).
-        compile: torch.compile the decode step (fullgraph, CUDA graphs on GPUs; backend "eager" lets CPU tests count
-        compilations). sync_every: decode steps between host checks (CPU 1, CUDA 8). memory_frac (GPUs): fewer slots
-        where their cache would pass this share of the GPU's memory, in whole groups of `group` (GRPO's n samples of a
-        prompt are admitted together). prefill_tokens: the most (padded) prompt tokens one prefill forward runs."""
+                 prefill_tokens=32768, group=1, page_size=0, pages=None):
+        """model: a plain (unsharded) Transformer; it gets a KV cache for `slots` sequences of up to `max_len` positions
+        (prompt + new tokens). compile: torch.compile the decode step (fullgraph, CUDA graphs on GPUs; backend "eager"
+        lets CPU tests count compilations). sync_every: decode steps between host checks (CPU 1, CUDA 8). memory_frac
+        (GPUs): the share of the GPU's memory the cache may take: dense, fewer slots, in whole groups of `group` (GRPO's
+        n samples of a prompt are admitted together); paged, that many pages. prefill_tokens: the most (padded) prompt
+        tokens one prefill forward runs. page_size > 0: a paged cache (see Pages) of `pages` pages (default: as many
+        positions as the dense cache would hold), read through FlexAttention."""
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        if memory_frac and device.type == "cuda":
-            budget = memory_frac * torch.cuda.get_device_properties(device).total_memory
+        budget = memory_frac * torch.cuda.get_device_properties(device).total_memory if memory_frac and device.type == "cuda" else 0
+        if page_size:
+            pages = pages or (int(budget // page_bytes(model.config, page_size, dtype)) if budget else
+                              slots * -(-max_len // page_size) + 1)
+        elif budget:
             slots = min(slots, slots_that_fit(budget, model.config, max_len, dtype, group))
         self.model, self.slots, self.max_len, self.prefill_tokens = model, slots, max_len, prefill_tokens
         self.sync_every = sync_every or (8 if device.type == "cuda" else 1)
-        model.setup_cache(slots, max_len)
+        model.setup_cache(slots, max_len, page_size=page_size, pages=pages or 0)
+        self.pages = Pages(model, slots) if page_size else None
+        self.admitted, self.admissions = [0] * slots, itertools.count(1)  # each slot's admission order (preemption)
+        self.preemptions = 0  # samples sent back to the queue for want of pages, over the engine's life
         # per-slot state, written in place by the decode step: static addresses, like the cache
         zeros = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)
         self.tok, self.pos, self.n_out, self.seq = zeros(torch.long), zeros(torch.long), zeros(torch.long), zeros(torch.long)
@@ -120,7 +136,8 @@ class Sampler:
         self.seed, self.budget = torch.zeros((), dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device)
         for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.out_logp, self.seed, self.budget):
             torch._dynamo.mark_static_address(t)
-        self.compiled, self.kv_spans = compile, [max_len >> k for k in (3, 2, 1, 0)]  # max_len / 8, / 4, / 2, max_len
+        # attention spans of a dense cache: max_len / 8, / 4, / 2, max_len (a paged cache reads each slot's own pages)
+        self.compiled, self.kv_spans = compile, [None] if page_size else [max_len >> k for k in (3, 2, 1, 0)]
         self.step = self.decode_step
         if compile:
             mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
@@ -131,14 +148,14 @@ class Sampler:
     @classmethod
     def for_policy(cls, policy, slots, max_len, compile=False, **engine_kw):
         """An engine over a plain copy of a training policy (possibly FSDP-sharded), in its compute dtype (bf16 on GPUs),
-        with fused projections on GPUs (model.fuse_projections): the compiled step never meets FSDP hooks, and sampling
+        with fused projections on GPUs (fuse_projections): the compiled step never meets FSDP hooks, and sampling
         reads the weights once per token, not per layer gather. load_weights refreshes the copy."""
         p = next(policy.parameters())
-        copy = M.fuse_projections(M.empty_model(policy.config, p.device, M.compute_dtype(policy)))
+        copy = fuse_projections(M.empty_model(policy.config, p.device, M.compute_dtype(policy)))
         return cls(copy, slots, max_len, compile, **engine_kw)
 
     def load_weights(self, policy):
-        M.copy_weights(policy, self.model)  # under FSDP every rank calls this (one all-gather per tensor)
+        copy_weights(policy, self.model)  # under FSDP every rank calls this (one all-gather per tensor)
 
     def buckets(self):
         sizes, b = [self.slots], self.slots // 4
@@ -176,58 +193,89 @@ class Sampler:
         if longest + max_new_tokens > self.max_len or n > self.slots:
             raise ValueError(f"generate: prompts up to {longest} tokens + {max_new_tokens} new and n={n} do not fit "
                              f"{self.slots} slots of {self.max_len} positions")
+        ahead = lambda length: min(length + self.sync_every, self.max_len)  # the pages a sequence asks for at a check
+        if self.pages and not self.pages.can_progress(n, ahead(longest), ahead(longest + max_new_tokens)):
+            raise ValueError(f"generate: {len(self.pages.free)} free KV pages hold neither a group of {n} prompts of "
+                             f"{longest} tokens nor one sequence of {longest + max_new_tokens} positions")
         was_training = self.model.training
         self.model.eval()
         device = self.tok.device
-        vocab_size = vocab_size or self.model.config.vocab_size
+        draw = (temperature, top_p, top_k, vocab_size or self.model.config.vocab_size)
         self.seed.fill_(seed)
         self.budget.fill_(max_new_tokens)
         self.done.fill_(True)
         stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
         ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+        # waiting: a prompt's index (n samples to start), or a preempted sample (output index, tokens, log-probs)
         waiting, owner = deque(range(len(prompts))), [-1] * self.slots  # owner: the output index a slot fills
-        outputs, hi = [None] * (len(prompts) * n), 0  # hi: an upper bound on the positions in use
+        outputs, hi, pos = [None] * (len(prompts) * n), 0, [0] * self.slots  # hi: an upper bound on positions in use
         out_logps = [None] * len(outputs)
         while waiting or max(owner) >= 0:
             free = [s for s in range(self.slots) if owner[s] < 0]
-            if waiting and len(free) >= n and (continuous or len(free) == self.slots):
-                take = [waiting.popleft() for _ in range(min(len(waiting), len(free) // n))]
-                rows = free[:len(take) * n]
-                self.admit([prompts[i] for i in take], [ids[i] for i in take], rows, n, temperature, top_p, top_k,
-                           vocab_size, stop)
-                for k, i in enumerate(take):
-                    for j in range(n):
-                        owner[rows[k * n + j]] = i * n + j
-                hi = max(hi, max(len(prompts[i]) for i in take))
-            elif not waiting:
+            if waiting and (continuous or len(free) == self.slots):
+                hi = max(hi, self.admit_waiting(waiting, free, owner, prompts, ids, n, draw, stop))
+            if not waiting:
                 self.pack(owner)
             b = self.fit(max(s for s in range(self.slots) if owner[s] >= 0) + 1)
             for _ in range(self.sync_every):
                 hi = min(hi + 1, self.max_len)
-                self.step(b, stop, temperature, top_p, top_k, vocab_size, self.kv_span(hi))
-            hi = self.collect(owner, b, outputs, out_logps)
+                self.step(b, stop, *draw, self.kv_span(hi))
+            hi = self.collect(owner, b, outputs, out_logps, pos)
+            if self.pages:
+                self.reserve(owner, pos, waiting)
         self.model.train(was_training)
         return (outputs, out_logps) if logprobs else outputs
 
     def kv_span(self, hi):
-        """Cache positions a step attends to, covering those in use (< hi): hi eager, the smallest kv_span compiled."""
-        return next(s for s in self.kv_spans if s >= hi) if self.compiled else hi
+        """Dense cache positions a step attends to, covering those in use (< hi): hi eager, the smallest kv_span compiled."""
+        return None if self.pages else next(s for s in self.kv_spans if s >= hi) if self.compiled else hi
 
     def fit(self, k):
         """Slots the step runs on to cover slots 0..k-1: exactly k eager, the smallest bucket >= k compiled."""
         return min(x for x in self.buckets() if x >= k) if self.compiled else k
 
-    def admit(self, prompts, prompt_ids, rows, n, temperature, top_p, top_k, vocab_size, stop):
-        """Prefill prompts (right-padded, one forward) into slots `rows` (n per prompt) and draw first tokens."""
+    def admit_waiting(self, waiting, free, owner, prompts, ids, n, draw, stop):
+        """Admit waiting work in order while free slots (and KV pages) last: a prompt takes n slots and one prefill, a
+        preempted sample one slot -> the longest sequence admitted (0: none)."""
+        new, resumed, longest = [], [], 0
+        while waiting and len(free) >= (n if isinstance(waiting[0], int) else 1):
+            item = waiting[0]
+            length = len(prompts[item]) if isinstance(item, int) else len(prompts[item[0] // n]) + len(item[1]) - 1
+            rows, grow_to = free[:n if isinstance(item, int) else 1], min(length + self.sync_every, self.max_len)
+            if self.pages and not self.pages.grow(rows, grow_to):
+                break
+            waiting.popleft()
+            free, longest = free[len(rows):], max(longest, length)
+            (new if isinstance(item, int) else resumed).append((item, rows))
+            for j, s in enumerate(rows):
+                owner[s] = item * n + j if isinstance(item, int) else item[0]
+                self.admitted[s] = next(self.admissions)
+        if self.pages:
+            self.pages.flush()
+        if new:
+            self.admit([prompts[i] for i, _ in new], [ids[i] for i, _ in new], [s for _, r in new for s in r], n, *draw, stop)
+        for (o, tokens, logps), (s,) in resumed:
+            self.resume(s, prompts[o // n] + tokens[:-1], tokens, logps, ids[o // n] * n + o % n)
+        return longest
+
+    def prefill(self, seqs, rows, n):
+        """Run sequences right-padded (at most prefill_tokens per forward), each one's K/V to its n cache rows `rows`
+        [len(seqs) * n] -> each sequence's last hidden state [len(seqs), H]."""
         device = self.tok.device
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-        for i, p in enumerate(prompts):
+        lengths = torch.tensor([len(p) for p in seqs], device=device)
+        ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
+        for i, p in enumerate(seqs):
             ids[i, :len(p)] = torch.tensor(p)
-        rows_t, per = torch.tensor(rows, device=device), max(1, self.prefill_tokens // ids.shape[1])  # prompts per forward
-        last = [self.model(ids[s:s + per].to(device), cache_rows=rows_t[s * n:(s + per) * n], head=False)  # [p, T, H]
-                [torch.arange(len(ids[s:s + per]), device=device), lengths[s:s + per] - 1] for s in range(0, len(prompts), per)]
-        logits = M.head_logits(torch.cat(last), self.model.lm_head.weight)  # [P, V] fp32 at each prompt's last token
+        per = max(1, self.prefill_tokens // ids.shape[1])  # sequences per forward
+        return torch.cat([self.model(ids[s:s + per].to(device), cache_rows=rows[s * n:(s + per) * n], head=False)  # [p, T, H]
+                          [torch.arange(len(ids[s:s + per]), device=device), lengths[s:s + per] - 1]
+                          for s in range(0, len(seqs), per)])
+
+    def admit(self, prompts, prompt_ids, rows, n, temperature, top_p, top_k, vocab_size, stop):
+        """Prefill prompts into slots `rows` (n per prompt: one prefill for the n samples) and draw first tokens."""
+        device = self.tok.device
+        rows_t, lengths = torch.tensor(rows, device=device), torch.tensor([len(p) for p in prompts], device=device)
+        logits = M.head_logits(self.prefill(prompts, rows_t, n), self.model.lm_head.weight)  # [P, V] fp32, last tokens
         drawable = logits.masked_fill(torch.arange(logits.shape[-1], device=device) >= vocab_size, float("-inf"))
         seq = (torch.tensor(prompt_ids, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
         first = sample_next(drawable.repeat_interleave(n, 0), uniforms(self.seed, seq, torch.zeros_like(seq)),
@@ -240,21 +288,37 @@ class Sampler:
         self.out_logp[:, 0].index_copy_(0, rows_t, token_logprob(logits.repeat_interleave(n, 0), first, temperature))
         self.done.index_copy_(0, rows_t, (first[:, None] == stop).any(-1) | (self.budget <= 1))
 
+    def resume(self, slot, seq_ids, tokens, logps, seq):
+        """A preempted sample back into `slot`: its prompt and tokens but the last (seq_ids) are prefilled, and the step
+        goes on from its last drawn token, as if it had never left (its random draws are keyed by token index)."""
+        self.prefill([seq_ids], torch.tensor([slot], device=self.tok.device), 1)
+        k = len(tokens)
+        for t, value in ((self.tok, tokens[-1]), (self.pos, len(seq_ids)), (self.n_out, k), (self.seq, seq), (self.done, False)):
+            t[slot] = value
+        self.out[slot, :k] = torch.tensor(tokens)
+        self.out_logp[slot, :k] = torch.tensor(logps)
+
     def pack(self, owner):
         """Nothing waits: move the running slots to the front when that shrinks the step by a quarter or more."""
         running = [s for s in range(self.slots) if owner[s] >= 0]
         if not running or self.fit(len(running)) * 4 > self.fit(running[-1] + 1) * 3:
             return
         src, dst = torch.tensor(running, device=self.tok.device), torch.arange(len(running), device=self.tok.device)
-        self.model.move_cache_rows(src, dst)
+        if self.pages:  # a paged slot's K/V stays where it is: only its pages change hands
+            self.pages.move(running)
+            self.pages.flush()
+        else:
+            self.model.move_cache_rows(src, dst)
         for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.out_logp):
             t.index_copy_(0, dst, t.index_select(0, src))
         self.done[len(running):] = True
         owner[:] = [owner[s] for s in running] + [-1] * (self.slots - len(running))
+        self.admitted[:] = [self.admitted[s] for s in running] + [0] * (self.slots - len(running))
 
-    def collect(self, owner, b, outputs, out_logps):
-        """Host check: copy out the outputs of finished slots and free them -> the highest position still in use."""
-        done, pos = torch.stack([self.done[:b].long(), self.pos[:b]]).tolist()  # one device -> host copy
+    def collect(self, owner, b, outputs, out_logps, pos):
+        """Host check: copy out the outputs of finished slots and free them (and their pages); pos[s] <- each slot's
+        position -> the highest position still in use."""
+        done, pos[:b] = torch.stack([self.done[:b].long(), self.pos[:b]]).tolist()  # one device -> host copy
         finished = [s for s in range(b) if owner[s] >= 0 and done[s]]
         if finished:
             rows = torch.tensor(finished, device=self.tok.device)
@@ -264,7 +328,132 @@ class Sampler:
             for s, c, t, lp in zip(finished, counts, tokens, logps):
                 outputs[owner[s]], out_logps[owner[s]] = t[:c], lp[:c]
                 owner[s] = -1
+                if self.pages:
+                    self.pages.release(s)
         return max((pos[s] for s in range(b) if owner[s] >= 0), default=0)
+
+    def reserve(self, owner, pos, waiting):
+        """Paged: pages for every running slot's next sync_every positions, oldest admitted first. Where the pool runs
+        dry, the newest admitted sample goes back to the front of the queue with its tokens so far (preempted; resume
+        re-prefills them), until the rest fit: the oldest always go on, and one sequence always fits (can_progress)."""
+        running = sorted((s for s in range(self.slots) if owner[s] >= 0), key=lambda s: self.admitted[s])
+        for s in running:
+            while owner[s] >= 0 and not self.pages.grow([s], min(pos[s] + self.sync_every, self.max_len)):
+                victim = max((r for r in running if owner[r] >= 0), key=lambda r: self.admitted[r])
+                k = int(self.n_out[victim])
+                waiting.appendleft((owner[victim], self.out[victim, :k].tolist(), self.out_logp[victim, :k].tolist()))
+                owner[victim], self.preemptions = -1, self.preemptions + 1
+                self.done[victim] = True
+                self.pages.release(victim)
+        self.pages.flush()
+
+
+class Pages:
+    """The host's bookkeeping of a paged KV cache (model.setup_cache with page_size P): which pool pages are free and
+    which each slot holds, in order (slot s's position p lives in its page p // P at offset p % P). Changes go to the
+    model's page_table / page_owner / page_index in flush(), once per host check. Page 0 is never handed out:
+    unassigned table entries point at it, so a finished slot that still steps writes there, harmlessly."""
+
+    def __init__(self, model, slots):
+        self.model, self.size = model, model.page_size
+        self.free = list(range(model.page_owner.shape[0] - 1, 0, -1))  # popped from the end: lowest first
+        self.held = [[] for _ in range(slots)]
+        self.rows, self.owners = set(), {}  # to write: slots' table rows; page -> (owner slot or -1, its index there)
+
+    def can_progress(self, n, first_len, longest):
+        """Whether the whole pool holds n samples of first_len positions, and one sequence of longest positions: then
+        an empty pool always admits the next prompt or preempted sample, and one sequence can always run to its end."""
+        need, pool = (lambda length: -(-length // self.size)), len(self.free) + sum(map(len, self.held))
+        return pool >= max(n * need(first_len), need(longest))
+
+    def grow(self, slots, length):
+        """Give each slot the pages for its positions < length -> False, and nothing given, where too few are free."""
+        needs = [max(0, -(-length // self.size) - len(self.held[s])) for s in slots]
+        if sum(needs) > len(self.free):
+            return False
+        for s, k in zip(slots, needs):
+            for _ in range(k):
+                self.owners[self.free[-1]] = (s, len(self.held[s]))
+                self.held[s].append(self.free.pop())
+            self.rows.add(s)
+        return True
+
+    def release(self, slot):
+        self.owners.update((p, (-1, 0)) for p in self.held[slot])
+        self.free += reversed(self.held[slot])
+        self.held[slot] = []
+        self.rows.add(slot)
+
+    def move(self, running):
+        """Slot running[i] -> slot i (the sampler packing), with its pages."""
+        self.held = [self.held[s] for s in running] + [[] for _ in range(len(self.held) - len(running))]
+        self.owners.update((p, (s, j)) for s in range(len(running)) for j, p in enumerate(self.held[s]))
+        self.rows.update(range(max(running) + 1))
+
+    def flush(self):
+        """Write what changed to the device: the slots' table rows and their pages' owners (a copy each)."""
+        m = self.model
+        if self.rows:
+            slots, cols = sorted(self.rows), m.page_table.shape[1]
+            rows = torch.tensor([self.held[s] + [0] * (cols - len(self.held[s])) for s in slots])
+            m.page_table.index_copy_(0, torch.tensor(slots, device=m.page_table.device), rows.to(m.page_table.device))
+        if self.owners:
+            pages = torch.tensor(list(self.owners), device=m.page_owner.device)
+            owner_index = torch.tensor(list(self.owners.values()), device=m.page_owner.device)  # [pages, 2]
+            m.page_owner.index_copy_(0, pages, owner_index[:, 0])
+            m.page_index.index_copy_(0, pages, owner_index[:, 1])
+        self.rows, self.owners = set(), {}
+
+
+# ----------------------------------------------------------------------------- the rollout copy's weights
+
+@torch.no_grad()
+def copy_weights(src, dst):
+    """dst's parameters <- src's (dtype cast on the way; into their rows of dst's fused projections). src may be
+    FSDP-sharded: each tensor is all-gathered on its own (every rank must call), so no rank holds more than dst plus
+    one full tensor."""
+    dst_params, fused = dict(dst.named_parameters()), getattr(dst, "fused_rows", {})
+    for name, p in src.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        target, row = fused.get(name, (name, 0))
+        dst_params[target][row:row + len(full)].copy_(full)
+
+
+FUSED_PROJECTION_DEVICES = ("cuda",)  # where fuse_projections fuses (tests and bench.py add "cpu")
+
+
+@torch.no_grad()
+def fuse_projections(model, devices=None):
+    """For decoding (the rollout copy, eval's judge): q/k/v and gate/up become one Linear each (qkv_proj, gate_up_proj,
+    their weights stacked by rows), so a decode step reads x once and launches one GEMM where it launched three and
+    two. copy_weights fills their rows by the checkpoint's names (model.fused_rows). Only on FUSED_PROJECTION_DEVICES:
+    elsewhere (the toy's CPU) the decode keeps the training forward's GEMMs and rounding."""
+    if model.lm_head.weight.device.type not in (devices or FUSED_PROJECTION_DEVICES):
+        return model
+    model.fused_rows = {}  # a checkpoint tensor's name -> (its fused parameter's name, first row)
+    for i, layer in enumerate(model.model.layers):
+        for owner, where, parts, fused in ((layer.self_attn, "self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                           (layer.mlp, "mlp", ("gate_proj", "up_proj"), "gate_up_proj")):
+            linears = [getattr(owner, p) for p in parts]
+            w = linears[0].weight
+            one = torch.nn.Linear(w.shape[1], sum(l.out_features for l in linears), bias=linears[0].bias is not None,
+                            device="meta", dtype=w.dtype).to_empty(device=w.device)
+            row = 0
+            for part, lin in zip(parts, linears):
+                for kind, t in (("weight", lin.weight), ("bias", lin.bias)):
+                    if t is not None:
+                        getattr(one, kind)[row:row + len(t)].copy_(t)
+                        model.fused_rows[f"model.layers.{i}.{where}.{part}.{kind}"] = (f"model.layers.{i}.{where}.{fused}.{kind}", row)
+                row += lin.out_features
+                delattr(owner, part)
+            setattr(owner, fused, one)
+            owner.fused_split = [lin.out_features for lin in linears]  # its outputs' widths, in order
+    return model
+
+
+def page_bytes(cfg, page_size, dtype):
+    """One KV page's size: K and V, every layer, page_size positions."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * page_size * dtype.itemsize
 
 
 def slots_that_fit(budget_bytes, cfg, max_len, dtype, group=1):

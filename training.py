@@ -207,7 +207,8 @@ def _local(t):
 # ----------------------------------------------------------------------------- run directories
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
-RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every",
+                     "kv_page_size"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
 
 

@@ -207,6 +207,19 @@ def test_precision_bf16_runs_the_gpus_policy_on_the_cpu(toy_paths, tmp_path, pol
     assert saved.lm_head.weight.dtype == torch.float32  # the fp32 master weights were trained and saved
 
 
+def test_a_paged_rollout_cache_gives_the_dense_caches_run(toy_paths, tmp_path, policy):
+    # --kv-page-size: the rollouts are the dense cache's token for token (tests/test_model.py: preemption, log-probs),
+    # so the step's rewards and lengths are equal, and its losses equal up to the log-probs' rounding
+    runs = {name: read_metrics(grpo.main(grpo_args(toy_paths, tmp_path / name, *extra, "--steps", "1", "--eval-limit", "0",
+                                                   policy=policy)) and tmp_path / name)[0]
+            for name, extra in (("dense", ()), ("paged", ("--kv-page-size", "16")))}
+    for k in ("reward_mean", "accuracy", "response_len_mean", "response_len_max", "zero_std_frac"):
+        assert runs["paged"][k] == runs["dense"][k], k
+    for k in ("kl", "entropy", "grad_norm"):
+        assert runs["paged"][k] == pytest.approx(runs["dense"][k], rel=1e-4), k
+    assert runs["paged"]["rollout_preempted"] == runs["dense"]["rollout_preempted"] == 0
+
+
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
     calls = []
     orig = M.load_model
@@ -287,7 +300,8 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
                         (("--rollout-prompts", "0"), "--rollout-prompts must be > 0"),
                         (("--eval-limit", "-1"), "--eval-limit must be >= 0"), (("--steps", "-2"), "--steps must be >= 0"),
                         (("--rollout-is-cap", "0.5"), "--rollout-is-cap must be >= 1"),
-                        (("--rollout-is-cap", "nan"), "--rollout-is-cap must be >= 1")]:
+                        (("--rollout-is-cap", "nan"), "--rollout-is-cap must be >= 1"),
+                        (("--kv-page-size", "-8"), "--kv-page-size must be >= 0")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(grpo_args(toy_paths, tmp_path / "x", *extra))
         assert flag in capsys.readouterr().err

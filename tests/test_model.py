@@ -1,4 +1,5 @@
 """model.py and sampler.py against transformers (the reference implementation) on tiny random checkpoints."""
+import copy
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import model as M
+import sampler
 import toy
 from conftest import make_hf_checkpoint
 from sampler import Sampler, generate, slots_that_fit
@@ -235,7 +237,7 @@ def test_fused_projections_decode_as_the_model_does(ckpt, monkeypatch):
     # the rollout copy on GPUs (forced here on CPU): q/k/v and gate/up as one GEMM each, filled by copy_weights from
     # the plain model's names; the same logits to fp32 rounding, and the same greedy and sampled generations
     path, _, _ = ckpt
-    monkeypatch.setattr(M, "FUSED_PROJECTION_DEVICES", ("cpu",))
+    monkeypatch.setattr(sampler, "FUSED_PROJECTION_DEVICES", ("cpu",))
     m = M.load_model(path)
     engine = Sampler.for_policy(m, slots=4, max_len=40)
     engine.load_weights(m)
@@ -250,7 +252,7 @@ def test_fused_projections_decode_as_the_model_does(ckpt, monkeypatch):
     assert engine.generate(prompts, 10, n=2, seed=5) == generate(m, prompts, 10, n=2, seed=5)
     compiled = Sampler(engine.model, slots=4, max_len=40, compile=True, backend="eager")  # traced as the GPU's step is
     assert compiled.generate(prompts, 10, temperature=0) == generate(m, prompts, 10, temperature=0)
-    loaded = M.fuse_projections(M.load_model(path))  # a loaded judge (eval.py) keeps its weights when fused
+    loaded = sampler.fuse_projections(M.load_model(path))  # a loaded judge (eval.py) keeps its weights when fused
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), m(ids), atol=1e-5, rtol=1e-5)
 
@@ -507,7 +509,6 @@ def test_sampling_distribution_and_vocab_limit(tmp_path):
 
 
 def test_uniforms_are_uniform_and_keyed_by_sequence_and_token():
-    import sampler
     seq, t = torch.arange(100000), torch.zeros(100000, dtype=torch.long)
     u = sampler.uniforms(torch.tensor(3), seq, t)
     assert 0 <= u.min() and u.max() < 1
@@ -520,7 +521,6 @@ def test_uniforms_are_uniform_and_keyed_by_sequence_and_token():
 
 
 def test_sampling_never_draws_a_zero_probability_token():
-    import sampler
     logits = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf"), float("-inf")]] * 3)
     u = sampler.uniforms(torch.tensor(0), torch.arange(12000), torch.zeros(12000, dtype=torch.long))
     counts = torch.bincount(sampler.sample_next(logits.repeat(4000, 1), u, 1.0, 1.0, 0), minlength=5)
@@ -665,3 +665,80 @@ def test_compiled_decode_agrees_with_eager(tmp_path):
     stop = {eager[0][1]}
     cut = [o[:next((i + 1 for i, t in enumerate(o) if t in stop), len(o))] for o in eager]
     assert generate(m, prompts, max_new_tokens=8, temperature=0, stop_ids=stop, compile=True) == cut
+
+
+def test_paged_cache_generates_what_the_dense_one_does(ckpt):
+    # a paged KV cache (pages of 8 positions, read through FlexAttention) gives the dense cache's tokens and log-probs,
+    # greedy and sampled, with continuous batching and packing; a pool of 12 pages cannot hold every running sample,
+    # so samples are preempted and resumed (re-prefilled from their tokens) and still draw the same tokens
+    path, _, _ = ckpt
+    m = M.load_model(path)
+    prompts = ragged_batch([3, 20, 9, 1, 14, 6, 11], seed=12)
+    stop = list(range(12))  # ragged lengths: about one token in ten stops
+    for temperature in (0.0, 1.0):
+        dense, dense_logps = Sampler(m, slots=6, max_len=48).generate(prompts, 24, temperature, n=2, stop_ids=stop, seed=4,
+                                                                        logprobs=True)
+        assert len({len(o) for o in dense}) > (3 if temperature else 1)
+        for pages in (None, 12):
+            engine = Sampler(m, slots=6, max_len=48, page_size=8, pages=pages)
+            out, logps = engine.generate(prompts, 24, temperature, n=2, stop_ids=stop, seed=4, logprobs=True)
+            assert out == dense
+            assert max(abs(a - b) for x, y in zip(logps, dense_logps) for a, b in zip(x, y)) < 1e-4
+            assert (engine.preemptions > 0) == (pages == 12)
+            # every page is back in the pool, and the device's tables say so
+            assert sorted(engine.pages.free) == list(range(1, m.page_owner.shape[0])) and (m.page_owner == -1).all()
+            assert (m.page_table == 0).all()
+
+
+def test_paged_decode_reads_only_each_rows_own_pages():
+    # the block mask a paged step attends with: row b's blocks are its own pages 0..pos[b] / P (what the kernel reads
+    # grows with the row's length, not the longest row's), and within them the positions <= pos[b]
+    cfg = M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2)
+    m = M.Transformer(cfg)
+    m.setup_cache(slots=3, max_len=32, page_size=4, pages=10)
+    held = [[7, 2, 9], [1], [3, 8, 4, 5]]  # slot -> its pages in order
+    for s, pages in enumerate(held):
+        m.page_table[s, :len(pages)] = torch.tensor(pages)
+        for j, p in enumerate(pages):
+            m.page_owner[p], m.page_index[p] = s, j
+    pos = torch.tensor([9, 2, 15])
+    where, mask = m.decode_addressing(pos)
+    assert where.tolist() == [9 * 4 + 1, 1 * 4 + 2, 5 * 4 + 3]  # pool positions of logical 9, 2, 15
+    assert mask.kv_num_blocks.flatten().tolist() == [3, 1, 4]
+    for b in range(3):
+        assert mask.kv_indices[b, 0, 0, :len(held[b])].tolist() == held[b]
+        expected = torch.zeros(40, dtype=torch.bool)
+        for p in range(int(pos[b]) + 1):
+            expected[held[b][p // 4] * 4 + p % 4] = True
+        dense = torch.tensor([[mask.mask_mod(torch.tensor(b), 0, 0, torch.tensor(kv)) for kv in range(40)]])
+        assert torch.equal(dense.flatten(), expected)
+
+
+def test_paged_decode_compiles_a_graph_per_bucket():
+    # compiled (eager backend), the paged step is one graph per (bucket, greedy or sampled): no span of the cache, and
+    # no recompile as pages change hands or samples are preempted; the tokens are the eager engine's
+    from torch._dynamo.utils import counters
+    cfg = M.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=256)
+    m = toy.init_weights(M.Transformer(cfg), seed=0)
+    plain = copy.deepcopy(m)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Sampler(m, slots=32, max_len=64, page_size=8, pages=40, compile=True, backend="eager")
+    g = torch.Generator().manual_seed(1)
+    for call, temperature in enumerate((1.0, 0.0)):
+        prompts = [torch.randint(1, 97, (int(L),), generator=g).tolist() for L in torch.randint(1, 30, (8,), generator=g)]
+        out = engine.generate(prompts, 24, temperature, n=2, stop_ids=[5, 7], seed=call)
+        assert out == Sampler(plain, slots=8, max_len=64).generate(prompts, 24, temperature, n=2, stop_ids=[5, 7], seed=call)
+    assert engine.preemptions > 0
+    assert counters["stats"]["unique_graphs"] <= 2 * len(engine.buckets())
+
+
+def test_a_pool_too_small_for_one_sequence_is_refused():
+    m = M.Transformer(M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    engine = Sampler(m, slots=4, max_len=64, page_size=8, pages=5)  # 4 pages to hand out: 32 positions
+    with pytest.raises(ValueError, match="free KV pages"):
+        engine.generate([[1, 2, 3]], 40)
+    assert len(engine.generate([[1, 2, 3]], 20)[0]) == 20
