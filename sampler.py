@@ -193,8 +193,7 @@ class Sampler:
         if longest + max_new_tokens > self.max_len or n > self.slots:
             raise ValueError(f"generate: prompts up to {longest} tokens + {max_new_tokens} new and n={n} do not fit "
                              f"{self.slots} slots of {self.max_len} positions")
-        ahead = lambda length: min(length + self.sync_every, self.max_len)  # the pages a sequence asks for at a check
-        if self.pages and not self.pages.can_progress(n, ahead(longest), ahead(longest + max_new_tokens)):
+        if self.pages and not self.pages.can_progress(n, self.ahead(longest), self.ahead(longest + max_new_tokens)):
             raise ValueError(f"generate: {len(self.pages.free)} free KV pages hold neither a group of {n} prompts of "
                              f"{longest} tokens nor one sequence of {longest + max_new_tokens} positions")
         was_training = self.model.training
@@ -226,6 +225,10 @@ class Sampler:
         self.model.train(was_training)
         return (outputs, out_logps) if logprobs else outputs
 
+    def ahead(self, length):
+        """Paged: the positions a sequence of `length` needs pages for until the next host check."""
+        return min(length + self.sync_every, self.max_len)
+
     def kv_span(self, hi):
         """Dense cache positions a step attends to, covering those in use (< hi): hi eager, the smallest kv_span compiled."""
         return None if self.pages else next(s for s in self.kv_spans if s >= hi) if self.compiled else hi
@@ -241,8 +244,8 @@ class Sampler:
         while waiting and len(free) >= (n if isinstance(waiting[0], int) else 1):
             item = waiting[0]
             length = len(prompts[item]) if isinstance(item, int) else len(prompts[item[0] // n]) + len(item[1]) - 1
-            rows, grow_to = free[:n if isinstance(item, int) else 1], min(length + self.sync_every, self.max_len)
-            if self.pages and not self.pages.grow(rows, grow_to):
+            rows = free[:n if isinstance(item, int) else 1]
+            if self.pages and not self.pages.grow(rows, self.ahead(length)):
                 break
             waiting.popleft()
             free, longest = free[len(rows):], max(longest, length)
@@ -338,7 +341,7 @@ class Sampler:
         re-prefills them), until the rest fit: the oldest always go on, and one sequence always fits (can_progress)."""
         running = sorted((s for s in range(self.slots) if owner[s] >= 0), key=lambda s: self.admitted[s])
         for s in running:
-            while owner[s] >= 0 and not self.pages.grow([s], min(pos[s] + self.sync_every, self.max_len)):
+            while owner[s] >= 0 and not self.pages.grow([s], self.ahead(pos[s])):
                 victim = max((r for r in running if owner[r] >= 0), key=lambda r: self.admitted[r])
                 k = int(self.n_out[victim])
                 waiting.appendleft((owner[victim], self.out[victim, :k].tolist(), self.out_logp[victim, :k].tolist()))
