@@ -92,11 +92,11 @@ def parse_args(argv=None):
     ap.add_argument("--val-data", default=None, help="pairs JSONL judged every --val-every steps (toy: its validation set)")
     ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--stop-at-accuracy", type=float, default=None,
-                    help="end training once validation judge accuracy (%%) reaches this [0 = off; toy 72]")
+                    help="end training once validation judge accuracy (%%) reaches this [0 = off; toy 78]")
     args = ap.parse_args(argv)
     args.toy = toy.fill_defaults(args, dict(max_len=(512, 12288), epochs=(5.0, 1.0), global_batch=(32, 128),
                                             tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6), eval_max_new_tokens=(64, 8192),
-                                            stop_at_accuracy=(72.0, 0.0), grad_ckpt=("none", "auto")))
+                                            stop_at_accuracy=(78.0, 0.0), grad_ckpt=("none", "auto")))
     if args.toy:
         paths = toy.files()
         args.model, args.tokenizer, args.data = paths["init"], paths["tokenizer"], args.data or paths["sft"]
