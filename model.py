@@ -258,7 +258,8 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, decode_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    # the decode step's call: eager, forward; compiled, one block's code for every layer (torch >= 2.8), not unrolled
+    # the compiled decode step's call: one block's code for every layer (torch >= 2.8), not unrolled (eager, it would
+    # only add a wrapper's cost to each call: about 10% of a toy-sized block's)
     decode = getattr(torch.compiler, "nested_compile_region", lambda fn: fn)(forward)
 
 
@@ -281,9 +282,17 @@ FUSED_HEAD_DEVICES = ("cuda",)  # where the output head's per-chunk elementwise 
 
 def _fused_on_gpu(fn):
     """fn compiled on FUSED_HEAD_DEVICES, eager elsewhere. Eager, each in-place op is a pass over a [chunk, V] fp32 buffer
-    (about ten, of 0.6 GB each at 1,024 x 152k); Inductor fuses them into a few kernels. Dynamic: chunk sizes vary."""
-    compiled = torch.compile(fn, dynamic=True)
-    return lambda logits, *args: (compiled if logits.device.type in FUSED_HEAD_DEVICES else fn)(logits, *args)
+    (about ten, of 0.6 GB each at 1,024 x 152k); Inductor fuses them into a few kernels. Dynamic: chunk sizes vary.
+    Compiled on first use: torch.compile's imports take seconds, and a CPU process never needs them."""
+    compiled = []
+
+    def call(logits, *args):
+        if logits.device.type not in FUSED_HEAD_DEVICES:
+            return fn(logits, *args)
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=True))
+        return compiled[0](logits, *args)
+    return call
 
 
 @_fused_on_gpu
@@ -411,8 +420,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         if decode:  # where each row's K/V goes and what it attends to: built once, for every layer
             decode_pos, decode_mask = self.decode_addressing(positions[:, 0], kv_len)
-            for layer in self.model.layers:
-                x = layer.decode(x, cos, sin, None, None, decode_pos, decode_mask)
+            for layer in self.model.layers:  # compiled, one block's code for all (Block.decode); eager, without its wrapper
+                x = (layer.decode if torch.compiler.is_compiling() else layer)(x, cos, sin, None, None, decode_pos, decode_mask)
         else:
             if cache_rows is not None and self.page_size:  # paged: rows' positions 0..T-1 -> pool positions [B * k, T]
                 at = torch.arange(T, device=x.device)
