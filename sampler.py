@@ -194,8 +194,8 @@ class Sampler:
             raise ValueError(f"generate: prompts up to {longest} tokens + {max_new_tokens} new and n={n} do not fit "
                              f"{self.slots} slots of {self.max_len} positions")
         if self.pages and not self.pages.can_progress(n, self.ahead(longest), self.ahead(longest + max_new_tokens)):
-            raise ValueError(f"generate: {len(self.pages.free)} free KV pages hold neither a group of {n} prompts of "
-                             f"{longest} tokens nor one sequence of {longest + max_new_tokens} positions")
+            raise ValueError(f"generate: {len(self.pages.free)} free KV pages of {self.pages.size} positions are too few for "
+                             f"{n} samples of a {longest}-token prompt, or for one sequence of {longest + max_new_tokens}")
         was_training = self.model.training
         self.model.eval()
         device = self.tok.device
