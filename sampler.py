@@ -241,17 +241,18 @@ class Sampler:
         """Admit waiting work in order while free slots (and KV pages) last: a prompt takes n slots and one prefill, a
         preempted sample one slot -> the longest sequence admitted (0: none)."""
         new, resumed, longest = [], [], 0
-        while waiting and len(free) >= (n if isinstance(waiting[0], int) else 1):
+        while waiting:
             item = waiting[0]
-            length = len(prompts[item]) if isinstance(item, int) else len(prompts[item[0] // n]) + len(item[1]) - 1
-            rows = free[:n if isinstance(item, int) else 1]
-            if self.pages and not self.pages.grow(rows, self.ahead(length)):
+            fresh = isinstance(item, int)  # a prompt's index, else a preempted sample (output index, tokens, log-probs)
+            length = len(prompts[item]) if fresh else len(prompts[item[0] // n]) + len(item[1]) - 1
+            rows = free[:n if fresh else 1]
+            if len(rows) < (n if fresh else 1) or (self.pages and not self.pages.grow(rows, self.ahead(length))):
                 break
             waiting.popleft()
             free, longest = free[len(rows):], max(longest, length)
-            (new if isinstance(item, int) else resumed).append((item, rows))
+            (new if fresh else resumed).append((item, rows))
             for j, s in enumerate(rows):
-                owner[s] = item * n + j if isinstance(item, int) else item[0]
+                owner[s] = item * n + j if fresh else item[0]
                 self.admitted[s] = next(self.admissions)
         if self.pages:
             self.pages.flush()
