@@ -21,9 +21,10 @@ The algorithm, per step:
 4. Old log-probs log pi_old(o_i,t) are computed once with the training forward (not the sampler's) on
    exactly the micro-batches the update will use (so the first mini-batch's ratio is exactly 1), and
    reference log-probs log pi_ref with the frozen starting policy when --kl > 0. Every training forward runs
-   a group's prompt once for its G responses (model.SharedPrefix: each response attends to the prompt and to
-   itself), which gives the same log-probs as G separate [prompt, o_i] rows at a fraction of the cost when
-   prompts are long; with --micro-seqs < G, once per slice of the group's responses (less memory per forward).
+   a group's prompt once for its G responses, packed back to back in one row (model.PackedRows: each response
+   attends to the prompt and to itself; no padding between responses), which gives the same log-probs as G
+   separate [prompt, o_i] rows at a fraction of the cost when prompts are long; with --micro-seqs < G, once per
+   slice of the group's responses (less memory per forward).
    The sampler-trainer mismatch log pi_old - log mu is logged every step (mean and max |delta|, k3 KL(mu || pi_old)).
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
@@ -224,35 +225,43 @@ def rank_positions(rollout_prompts, world, rank):
 # ----------------------------------------------------------------------------- the training forward
 
 def group_batch(prompts, responses, n, pad_id, device, dtype):
-    """G prompts and their G*n responses (prompt-major) -> one row per group, [prompt[:-1] | n segments], where
-    segment j = [last prompt token, o_j[:-1]] with targets o_j: the prompt runs once for its whole group
-    (model.SharedPrefix, its mask in the compute dtype), and each response is scored exactly as in [prompt, o_j].
-    Returns ids, positions, targets, response mask (all [G, P + n*R]), the SharedPrefix, and `unpack`,
-    which turns a [G, P + n*R] result into per-response rows [G*n, R]."""
-    G, P, R = len(prompts), max(len(p) for p in prompts) - 1, max(len(r) for r in responses)
-    ids = torch.full((G, P + n * R), pad_id, dtype=torch.long)
-    targets, mask = torch.full_like(ids, pad_id), torch.zeros(G, P + n * R)
-    positions = torch.arange(P + n * R).repeat(G, 1)
-    prefix_valid = torch.zeros(G, P, dtype=torch.bool)
+    """G prompts and their G*n responses (prompt-major) -> one packed row per group, [prompt[:-1] | seg_1 | ... | seg_n]
+    where seg_j = [last prompt token, o_j[:-1]] with targets o_j, each exactly len(o_j) long: the prompt runs once for its
+    whole group (model.PackedRows, doc 0; seg_j is doc j), and each response is scored exactly as in [prompt, o_j].
+    Rows are right-padded to the longest, T = max_g (len(prompt_g) - 1 + sum_j len(o_gj)). Returns ids, positions,
+    targets, response mask (all [G, T]), the layout, and `unpack`, which turns a [G, T] result into per-response rows
+    [G*n, R] (R = the longest response; zero past each response's end)."""
+    G, R = len(prompts), max(len(r) for r in responses)
+    T = max(len(p) - 1 + sum(len(o) for o in responses[i * n:(i + 1) * n]) for i, p in enumerate(prompts))
+    ids, targets = torch.full((G, T), pad_id, dtype=torch.long), torch.full((G, T), pad_id, dtype=torch.long)
+    positions, doc, mask = torch.zeros(G, T, dtype=torch.long), torch.full((G, T), -1, dtype=torch.long), torch.zeros(G, T)
+    src_row, src_col, dst_row, dst_col = [], [], [], []  # response token (dst_row, dst_col) is row/column (src) of the batch
     for i, p in enumerate(prompts):
-        ids[i, :len(p) - 1] = torch.tensor(p[:-1])
-        prefix_valid[i, :len(p) - 1] = True
+        P = len(p) - 1
+        ids[i, :P], positions[i, :P], doc[i, :P] = torch.tensor(p[:-1], dtype=torch.long), torch.arange(P), 0
+        c = P
         for j in range(n):
-            o, c = responses[i * n + j], P + j * R
+            o = responses[i * n + j]
             ids[i, c:c + len(o)] = torch.tensor(p[-1:] + o[:-1])
-            targets[i, c:c + len(o)] = torch.tensor(o)
-            mask[i, c:c + len(o)] = 1
-            positions[i, c:c + R] = torch.arange(len(p) - 1, len(p) - 1 + R)
-    unpack = lambda t: t[:, P:].reshape(G * n, R)
+            targets[i, c:c + len(o)], mask[i, c:c + len(o)], doc[i, c:c + len(o)] = torch.tensor(o), 1, j + 1
+            positions[i, c:c + len(o)] = torch.arange(P, P + len(o))
+            src_row += [i] * len(o)
+            src_col += range(c, c + len(o))
+            dst_row += [i * n + j] * len(o)
+            dst_col += range(len(o))
+            c += len(o)
+    src, dst = (torch.tensor(src_row, device=device), torch.tensor(src_col, device=device)), \
+        (torch.tensor(dst_row, device=device), torch.tensor(dst_col, device=device))
+    unpack = lambda t: t.new_zeros(G * n, R).index_put(dst, t[src])
     return (ids.to(device), positions.to(device), targets.to(device), mask.to(device),
-            M.SharedPrefix(prefix_valid.to(device), n, R, dtype), unpack)
+            M.PackedRows(doc.to(device), dtype), unpack)
 
 
 def response_logprobs(model, prompts, responses, n, pad_id, device, temperature):
     """-> log-probs, entropies and mask of the G*n responses, each [G*n, R] (one forward, prompts shared)."""
     dtype = M.compute_dtype(model)
-    ids, positions, targets, mask, shared, unpack = group_batch(prompts, responses, n, pad_id, device, dtype)
-    logp, entropy = model(ids, positions, targets=targets, temperature=temperature, token_mask=mask, shared_prefix=shared)
+    ids, positions, targets, mask, packed, unpack = group_batch(prompts, responses, n, pad_id, device, dtype)
+    logp, entropy = model(ids, positions, targets=targets, temperature=temperature, token_mask=mask, packed=packed)
     return unpack(logp), unpack(entropy), unpack(mask)
 
 
@@ -330,16 +339,23 @@ def score(job, ro):
 
 def micro_batch_plan(positions, minibatch_prompts, micro_seqs, n, lengths):
     """-> plan[m] = the micro-batches of mini-batch m in order, each a list of this rank's sequence indices g * n + j
-    (response j of group g): micro_seqs // n whole groups, or each group in k = ceil(n / micro_seqs) near-equal slices,
-    longest responses first (lengths [G * n]): a slice is padded to its longest, so like lengths go together."""
+    (response j of group g): micro_seqs // n whole groups, or each group in k = ceil(n / micro_seqs) slices of at most
+    ceil(n / k) responses and near-equal token counts (lengths [G * n]; longest first, each to the slice with the fewest
+    tokens so far): a packed row costs its tokens, so the largest slice sets the peak memory."""
     plan, k = {}, -(-n // micro_seqs)
     for g, p in enumerate(positions):
         micros = plan.setdefault(p // minibatch_prompts, [])
         if k == 1 and micros and len(micros[-1]) + n <= micro_seqs:
             micros[-1] += range(g * n, (g + 1) * n)
+        elif k == 1:
+            micros.append(list(range(g * n, (g + 1) * n)))
         else:
-            group = sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i] if k > 1 else 0)  # k = 1: j order
-            micros += [group[i * n // k:(i + 1) * n // k] for i in range(k)]
+            slices, tokens = [[] for _ in range(k)], [0] * k
+            for i in sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i]):
+                s = min((s for s in range(k) if len(slices[s]) < -(-n // k)), key=lambda s: tokens[s])
+                slices[s].append(i)
+                tokens[s] += lengths[i]
+            micros += [sorted(s) for s in slices]
     return [plan[m] for m in sorted(plan)]
 
 

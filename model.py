@@ -8,7 +8,7 @@ One block, applied num_hidden_layers times (pre-norm residual):
     RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)   (computed in fp32, as the reference does)
     RoPE, rotate-half layout: x * cos(p * f) + rotate_half(x) * sin(p * f),  f_i = theta^(-2i/d)
 Attention is grouped-query (num_key_value_heads <= num_attention_heads) through
-F.scaled_dot_product_attention. Qwen2 has a bias on q/k/v only; Qwen3 has none, but RMSNorms q and k per
+F.scaled_dot_product_attention (causal), or a PackedRows layout (training rows that hold several sequences). Qwen2 has a bias on q/k/v only; Qwen3 has none, but RMSNorms q and k per
 head *before* RoPE, and a head_dim decoupled from hidden_size / heads.
 
 Module names mirror the Hugging Face ones, so a state-dict key here is the key in the safetensors file.
@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from data import read_json  # JSON files, with errors that name the file
 
@@ -134,40 +134,52 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class SharedPrefix:
-    """Attention layout that scores n continuations of a prompt with the prompt run once (GRPO's groups).
-    Row g of the input is [prefix | segment 1 | ... | segment n]: a prefix of P columns (right-padded;
-    prefix_valid [G, P] marks real tokens) then n segments of R columns each. Prefix tokens attend causally
-    among themselves; a segment token attends to the real prefix tokens of its row and causally within its
-    own segment, never to another segment. So each segment's outputs equal those of [prefix, segment] run
-    alone (the caller gives positions continuing the prefix's), at 1/n of the prefix's cost."""
+class PackedRows:
+    """Attention layout of rows that hold several sequences back to back, with no padding between them (packing):
+    SFT's traces, or GRPO's group [prompt | response 1 | ... | response n] with the prompt run once for all n.
+    doc [B, T] says which sequence each token belongs to: 0 = the row's shared prefix (every sequence of the row sees
+    it: GRPO's prompt), 1, 2, ... = the sequences, -1 = the row's right padding. Query t sees key s iff
+        s <= t  and  (doc[s] == doc[t]  or  doc[s] == 0)
+    so each sequence's outputs equal those of [prefix, sequence] run alone (the caller gives each sequence its own
+    positions, continuing the prefix's), and a pad sees only the prefix and pads. Built once per forward, for every
+    layer, one kernel per device:
+      CUDA  a FlexAttention BlockMask (128 x 128 blocks: pairs of blocks no query sees are skipped, cost grows with the
+            sequences' own lengths, not the row's) -> flex_attention, compiled (fused forward and backward)
+      CPU   a dense additive mask [B, 1, T, T] in the compute dtype -> SDPA (FlexAttention has no backward on CPU)."""
 
-    def __init__(self, prefix_valid, n, seg_len, dtype=torch.float32):
-        G, P = prefix_valid.shape
-        causal = torch.ones(seg_len, seg_len, dtype=torch.bool, device=prefix_valid.device).tril()
-        keep = torch.cat([prefix_valid[:, None].expand(G, seg_len, P), causal.expand(G, seg_len, seg_len)], -1)
-        # additive, in the compute dtype, built once for all layers (SDPA would convert a bool mask per call)
-        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
-        self.seg_mask = mask.repeat_interleave(n, 0)[:, None]  # [G*n, 1, R, P+R]: P, n, R are read from its shape
-        torch._dynamo.maybe_mark_dynamic(self.seg_mask, [0, 2, 3])  # sizes that change per micro-batch (compile_blocks)
+    def __init__(self, doc, dtype=torch.float32, flex=None):
+        B, T = doc.shape
+        self.flex = doc.is_cuda if flex is None else flex  # flex=True on CPU: the tests' check of the CUDA layout
+        if self.flex:
+            def same_sequence_or_prefix(b, h, q_idx, kv_idx):
+                return (kv_idx <= q_idx) & ((doc[b, kv_idx] == doc[b, q_idx]) | (doc[b, kv_idx] == 0))
+            # compiled on CUDA, so the [B, T, T] mask never exists (only its block summary)
+            self.block_mask = create_block_mask(same_sequence_or_prefix, B, None, T, T, device=doc.device,
+                                                _compile=doc.is_cuda)
+        else:
+            t = torch.arange(T, device=doc.device)
+            keep = (t[:, None] >= t) & ((doc[:, None, :] == doc[:, :, None]) | (doc[:, None, :] == 0))  # [B, T, T]
+            # additive, built once for all layers (SDPA would convert a bool mask per call)
+            self.mask = torch.zeros(keep.shape, dtype=dtype, device=doc.device).masked_fill_(~keep, float("-inf"))[:, None]
+            torch._dynamo.maybe_mark_dynamic(self.mask, [0, 2, 3])  # sizes that change per micro-batch (compile_blocks)
 
     def attend(self, q, k, v):
-        """q [G, heads, P+n*R, hd], k, v [G, kv_heads, P+n*R, hd] -> [G, heads, P+n*R, hd]"""
-        Gn, _, R, P_plus_R = self.seg_mask.shape  # sizes read from the mask: dynamic when compiled
-        n, P = Gn // q.shape[0], P_plus_R - R
-        segs = lambda t: t[:, :, P:].unflatten(2, (n, R)).transpose(1, 2).flatten(0, 1)  # [G*n, h, R, hd]
-        # keys/values per segment: the prefix's, then its own. On CUDA the KV heads are repeated to the query
-        # heads here: a masked SDPA with enable_gqa may fall back to the math kernel, which materialises scores
-        rep = q.shape[1] // k.shape[1] if q.is_cuda else 1
-        with_prefix = lambda t: torch.cat([t[:, :, :P].repeat_interleave(n, 0), segs(t)], 2).repeat_interleave(rep, 1)
-        y = F.scaled_dot_product_attention(segs(q), with_prefix(k), with_prefix(v), attn_mask=self.seg_mask.to(q.dtype),
-                                           enable_gqa=rep == 1)  # [G*n, h, R, hd]
-        y = y.unflatten(0, (-1, n)).transpose(1, 2).flatten(2, 3)  # [G, heads, n*R, hd]
-        if P == 0:
-            return y
-        # right padding: a real prefix token never sees a pad, so the plain causal (flash) path is exact
-        y_prefix = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=True)
-        return torch.cat([y_prefix, y], 2)
+        """q [B, heads, T, hd], k, v [B, kv_heads, T, hd] -> [B, heads, T, hd]"""
+        if self.flex:
+            return flex(q, k, v, self.block_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask.to(q.dtype), enable_gqa=True)
+
+
+def flex(q, k, v, block_mask):
+    """flex_attention, compiled on CUDA where the caller is not (eager, it is a reference that materialises every score)."""
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    if not _FLEX_COMPILED:
+        _FLEX_COMPILED.append(torch.compile(flex_attention, dynamic=True))
+    return _FLEX_COMPILED[0](q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+_FLEX_COMPILED = []  # compiled on first use: a CPU process never needs torch.compile's imports
 
 
 class Attention(nn.Module):
@@ -182,7 +194,7 @@ class Attention(nn.Module):
         if cfg.model_type == "qwen3":
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, decode_mask=None):
+    def forward(self, x, cos, sin, packed=None, cache_rows=None, decode_pos=None, decode_mask=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         if hasattr(self, "qkv_proj"):  # fused (fuse_projections): one GEMM
@@ -199,7 +211,7 @@ class Attention(nn.Module):
             if paged:
                 self.k_cache[:, decode_pos] = k[:, :, 0].transpose(0, 1).to(self.k_cache.dtype)  # [kv_heads, B, hd]
                 self.v_cache[:, decode_pos] = v[:, :, 0].transpose(0, 1).to(self.v_cache.dtype)
-                y = flex_attention(q, self.k_cache[None], self.v_cache[None], block_mask=decode_mask, enable_gqa=True)
+                y = flex(q, self.k_cache[None], self.v_cache[None], decode_mask)
             else:
                 rows = torch.arange(B, device=x.device)  # indexed writes stay in place compiled (scatter_ copied the cache)
                 self.k_cache[rows, :, decode_pos] = k[:, :, 0].to(self.k_cache.dtype)
@@ -215,8 +227,8 @@ class Attention(nn.Module):
                 copies = cache_rows.numel() // B
                 self.k_cache[:, :, :T].index_copy_(0, cache_rows, k.to(self.k_cache.dtype).repeat_interleave(copies, 0))
                 self.v_cache[:, :, :T].index_copy_(0, cache_rows, v.to(self.v_cache.dtype).repeat_interleave(copies, 0))
-            if shared_prefix is not None:
-                y = shared_prefix.attend(q, k, v)
+            if packed is not None:
+                y = packed.attend(q, k, v)
             else:  # causal; right padding never leaks into real tokens, so no mask: the flash kernel applies
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -252,10 +264,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, shared_prefix=None, cache_rows=None, decode_pos=None, decode_mask=None, recompute=False):
+    def forward(self, x, cos, sin, packed=None, cache_rows=None, decode_pos=None, decode_mask=None, recompute=False):
         if recompute:  # activation checkpointing inside the block: a compiled block recomputes in its backward graph
-            return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, shared_prefix, use_reentrant=False)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, shared_prefix, cache_rows, decode_pos, decode_mask)
+            return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, packed, use_reentrant=False)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packed, cache_rows, decode_pos, decode_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     # the compiled decode step's call: one block's code for every layer (torch >= 2.8), not unrolled (eager, it would
@@ -404,12 +416,12 @@ class Transformer(nn.Module):
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
         self.page_size = 0  # the KV cache's page size; 0: dense (setup_cache)
 
-    def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, shared_prefix=None,
+    def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, packed=None,
                 head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
         """input_ids [B, T]; positions [B, T] (default 0..T-1).
         Cache (setup_cache first): cache_rows [B * k] prefills, decode=True decodes (see the module docstring);
         kv_len (decode, dense cache) attends to the first kv_len cache positions instead of all of them.
-        shared_prefix (a SharedPrefix) replaces the causal mask: rows are [prefix | n segments] (give positions).
+        packed (a PackedRows) replaces the causal mask: rows of sequences back to back (give their positions).
         Returns logits [B, T, V]; with head=False the final normed hidden states [B, T, H]; with targets [B, T] the fp32
         (log p(targets), entropy), each [B, T], only where token_mask is set (0 elsewhere: prompts skip the output head);
         with loss_weights [B, T] the scalar sum(loss_weights * log p(targets)) (zero weights skipped)."""
@@ -430,7 +442,7 @@ class Transformer(nn.Module):
             for i, layer in enumerate(self.model.layers):
                 for t in (x, cos, sin):  # batch and length change per call: dynamic in compiled blocks, marked at every
                     torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2])  # layer (a graph may first run at any of them)
-                x = layer(x, cos, sin, shared_prefix, cache_rows, recompute=i < recompute)
+                x = layer(x, cos, sin, packed, cache_rows, recompute=i < recompute)
         x = self.model.norm(x)
         if not head:
             return x

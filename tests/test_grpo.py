@@ -237,12 +237,15 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_one_process_and_resumes_a_one_rank_state(toy_paths, tmp_path, policy):
-    # the same job, batched differently: one process runs whole groups, 3 per micro-batch; the other run does step 1 in
-    # one process, then 2 ranks resume its state (each keeps its shard of the one rank's tensors) for steps 2-3: each
-    # rank takes every other rollout position (2 groups of each 4-prompt mini-batch), decodes 3 prompts at a time, and
-    # trains on slices of a group (--micro-seqs 2 < n = 3: 1 response, then 2), with its first block recomputing
-    grpo.main(grpo_args(toy_paths, tmp_path / "one", "--gen-prompts", "3", policy=policy))
-    sliced = ("--gen-prompts", "3", "--micro-seqs", "2", "--grad-ckpt", "1")  # the first block recomputes: same maths
+    # the same job, run differently: one process; and a run that does step 1 in one process, then 2 ranks resume its
+    # state (each keeps its shard of the one rank's tensors) for steps 2-3: each rank takes every other rollout position
+    # (2 groups of each 4-prompt mini-batch), with its first block recomputing. Both train on slices of a group
+    # (--micro-seqs 2 < n = 3), as micro-batches of whole groups round differently, and at this LR AdamW turns the
+    # rounding of near-zero gradients into visible weight differences by step 3 (test_slices_of_a_group_give_the_update_
+    # of_whole_groups compares the two layouts on one update)
+    sliced = ("--gen-prompts", "3", "--micro-seqs", "2")
+    grpo.main(grpo_args(toy_paths, tmp_path / "one", *sliced, policy=policy))
+    sliced += ("--grad-ckpt", "1")  # the first block recomputes: same maths
     grpo.main(grpo_args(toy_paths, tmp_path / "two", *sliced, "--stop-after-steps", "1", policy=policy))
     run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *sliced, "--resume", policy=policy))
     assert_same_run(tmp_path / "one", tmp_path / "two", batched_alike=False)
@@ -379,10 +382,12 @@ def test_micro_batch_plan_by_hand():
     L = [5, 9, 9, 1, 2, 3, 3, 2, 1, 7, 7, 7]
     assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 6, 3, L) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]
     assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 5, 3, L) == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
-    # slices of a group: longest first (ties in order), so a slice's padding to its longest is as small as it gets
-    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 2, 3, L) == [[[1], [2, 0], [5], [4, 3]], [[6], [7, 8], [9], [10, 11]]]
+    # slices of a group: near-equal tokens (longest first, each to the slice with fewer tokens; ties to the first);
+    # group 0 (5, 9, 9) -> 14 + 9 tokens, not 5 + 18
+    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 2, 3, L) == [[[0, 1], [2], [5], [3, 4]], [[6], [7, 8], [9, 11], [10]]]
     assert grpo.micro_batch_plan([1, 3, 5, 7], 4, 9, 3, L) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]  # rank 1 of 2
-    assert [len(s) for s in grpo.micro_batch_plan([0], 1, 4, 7, [1] * 7)[0]] == [3, 4]  # near-equal slices, not 4 + 3
+    assert [len(s) for s in grpo.micro_batch_plan([0], 1, 4, 7, [1] * 7)[0]] == [4, 3]  # at most ceil(7 / 2) a slice
+    assert grpo.micro_batch_plan([0], 1, 4, 7, [9, 1, 1, 8, 1, 1, 1])[0] == [[0, 2, 5], [1, 3, 4, 6]]  # 11 + 11 tokens
 
 
 def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):

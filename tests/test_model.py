@@ -742,3 +742,25 @@ def test_a_pool_too_small_for_one_sequence_is_refused():
     with pytest.raises(ValueError, match="free KV pages"):
         engine.generate([[1, 2, 3]], 40)
     assert len(engine.generate([[1, 2, 3]], 20)[0]) == 20
+
+
+def test_packed_rows_mask_by_hand_and_both_kernels_agree():
+    # row 0: a 3-token prefix, then sequences of 2 and 3 tokens, then 2 pads; row 1: two sequences and no prefix
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, -1, -1], [1, 1, 1, 1, 2, 2, 2, 2, 2, 2]])
+    dense = M.PackedRows(doc)
+    keep = dense.mask[:, 0] == 0  # [B, T, T]: query t sees key s
+    assert keep[0, 4].tolist() == [1, 1, 1, 1, 1, 0, 0, 0, 0, 0]  # sequence 1 sees the prefix and itself, causally
+    assert keep[0, 6].tolist() == [1, 1, 1, 0, 0, 1, 1, 0, 0, 0]  # sequence 2: the prefix, not sequence 1
+    assert keep[0, 9].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 1, 1]  # a pad: the prefix and pads, nothing real after it
+    assert keep[1, 5].tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 0, 0]  # no prefix: a sequence sees only itself
+    assert not keep[0, :8, 8:].any()  # no real token ever sees a pad
+    # the CUDA kernel's BlockMask (FlexAttention, run eagerly here) gives the dense kernel's outputs, GQA included
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g), torch.randn(2, 2, 10, 8, generator=g)
+    torch.testing.assert_close(M.PackedRows(doc, flex=True).attend(q, k, v), dense.attend(q, k, v), atol=1e-5, rtol=1e-5)
+    # its blocks (128 x 128): a 128-token prefix (block 0), sequence 1 of 256 (blocks 1-2), sequence 2 of 128 (block 3).
+    # Each query block reads its diagonal block under the mask, the blocks it sees whole without it, and skips the rest
+    flex = M.PackedRows(torch.tensor([0] * 128 + [1] * 256 + [2] * 128)[None], flex=True).block_mask
+    partial = [flex.kv_indices[0, 0, i, :n].tolist() for i, n in enumerate(flex.kv_num_blocks[0, 0].tolist())]
+    whole = [sorted(flex.full_kv_indices[0, 0, i, :n].tolist()) for i, n in enumerate(flex.full_kv_num_blocks[0, 0].tolist())]
+    assert partial == [[0], [1], [2], [3]] and whole == [[], [0], [0, 1], [0]]  # sequence 2 skips sequence 1's blocks
