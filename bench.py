@@ -98,6 +98,7 @@ def bench_train(args, device, dtype):
         t_ours, t_hf = timeit(step_ours, args.reps, device), timeit(step_hf, args.reps, device)
         print(f"  loss on {100 - 100 * prompt_frac:.0f}% of tokens: this project {n / t_ours:8.0f} tokens/s, "
               f"transformers {n / t_hf:8.0f} tokens/s, ratio {t_hf / t_ours:.2f}x")
+    bench_sft_packed(args, ours, hf, device)
     bench_grpo_step(args, ours, hf, device)
     mem = {way: loss_memory(way, args) for way in ("chunked", "full")}
     print(f"peak memory of the loss alone ({args.loss_tokens} tokens x {hf_cfg['vocab_size']} vocab, hidden {hf_cfg['hidden_size']}, fp32):")
@@ -106,15 +107,58 @@ def bench_train(args, device, dtype):
     print(f"  ratio          {mem['chunked'] / mem['full']:10.3f}")
 
 
+def bench_sft_packed(args, ours, hf, device):
+    """SFT's forward+backward on 8 traces of ragged lengths (mean --seq / 4): this project packs them into rows as long as
+    the longest (sft.micro_batches, one micro-batch); transformers runs them as rows padded to the longest."""
+    import sft
+    seqs = [(torch.randint(0, 151000, (n,)).tolist(), [1] * n) for n in ragged_lengths(args.seq // 4, 8)]
+    rows, attn, _ = padded_rows([], [s for s, _ in seqs], device)
+    n_loss = sum(len(s) - 1 for s, _ in seqs)
+
+    def step_ours():
+        for micro in sft.micro_batches(seqs, 10**9):
+            ids, positions, targets, weights, packed = sft.pack_batch(micro, 0, device, M.compute_dtype(ours))
+            (-ours(ids, positions, targets=targets, loss_weights=weights, packed=packed) / n_loss).backward()
+
+    def step_hf():
+        logits = hf(rows[:, :-1], attention_mask=attn[:, :-1]).logits.float()
+        labels = rows[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").div(n_loss).backward()
+
+    t_ours, t_hf = timeit(step_ours, args.reps, device), timeit(step_hf, args.reps, device)
+    n = sum(len(s) for s, _ in seqs)
+    lengths = [len(s) for s, _ in seqs]
+    print(f"  SFT step, 8 traces of {min(lengths)}-{max(lengths)} tokens: this project (packed rows) {n / t_ours:8.0f} "
+          f"tokens/s, transformers padded rows {n / t_hf:8.0f} tokens/s, ratio {t_hf / t_ours:.2f}x")
+
+
+def ragged_lengths(mean, n):
+    """n response lengths spread evenly around `mean` (1/n to 2 - 1/n times it), as a group's traces vary."""
+    return [max(1, mean * (2 * j + 1) // n) for j in range(n)]
+
+
+def padded_rows(prompt, responses, device):
+    """transformers' way (as TRL's GRPOTrainer): [prompt, response] rows right-padded to the longest, with an attention
+    mask and a mask of the response tokens -> (rows, attention mask, response mask [G, R])."""
+    T = len(prompt) + max(map(len, responses))
+    rows = torch.zeros(len(responses), T, dtype=torch.long)
+    attn = torch.zeros(len(responses), T, dtype=torch.long)
+    for i, r in enumerate(responses):
+        rows[i, :len(prompt) + len(r)] = torch.tensor(prompt + r)
+        attn[i, :len(prompt) + len(r)] = 1
+    return rows.to(device), attn.to(device), attn[:, len(prompt):].to(device)
+
+
 def bench_grpo_step(args, ours, hf, device):
-    """GRPO's policy-gradient forward+backward for one group: G responses to one prompt. This project runs the
-    prompt once for the group (grpo.response_logprobs); the per-row way (as TRL's GRPOTrainer) runs G rows of
-    [prompt, response] through transformers and takes log-probs of the response tokens from full logits."""
+    """GRPO's policy-gradient forward+backward for one group: G responses of ragged lengths to one prompt. This project
+    packs the group into one row, the prompt once (grpo.response_logprobs); the per-row way (as TRL's GRPOTrainer) runs
+    G rows of [prompt, response] through transformers, padded to the longest, and takes log-probs of the response tokens
+    from full logits."""
     import grpo
     G, P, R = args.group, args.grpo_prompt, args.grpo_response
     prompt = torch.randint(0, 151000, (P,)).tolist()
-    responses = [torch.randint(0, 151000, (R,)).tolist() for _ in range(G)]
-    rows = torch.tensor([prompt + r for r in responses], device=device)
+    responses = [torch.randint(0, 151000, (n,)).tolist() for n in ragged_lengths(R, G)]
+    rows, attn, resp_mask = padded_rows(prompt, responses, device)
     adv = torch.randn(G, 1, device=device)
 
     def step_ours():
@@ -122,14 +166,15 @@ def bench_grpo_step(args, ours, hf, device):
         (-(adv * logp * mask).sum() / mask.sum()).backward()
 
     def step_hf():
-        logits = hf(rows[:, :-1]).logits[:, P - 1:].float()
+        logits = hf(rows[:, :-1], attention_mask=attn[:, :-1]).logits[:, P - 1:].float()
         logp = torch.log_softmax(logits, -1).gather(-1, rows[:, P:, None]).squeeze(-1)
-        (-(adv * logp).mean()).backward()
+        (-(adv * logp * resp_mask).sum() / resp_mask.sum()).backward()
 
     t_ours, t_hf = timeit(step_ours, args.reps, device), timeit(step_hf, args.reps, device)
-    n = G * (P + R)
-    print(f"  GRPO step, a group of {G} responses of {R} tokens to one {P}-token prompt: this project {n / t_ours:8.0f} "
-          f"tokens/s, transformers rows {n / t_hf:8.0f} tokens/s, ratio {t_hf / t_ours:.2f}x")
+    n = G * P + sum(map(len, responses))  # the real tokens of the G rows [prompt, response]
+    print(f"  GRPO step, a group of {G} responses of {min(map(len, responses))}-{max(map(len, responses))} tokens "
+          f"(mean {R}) to one {P}-token prompt: this project {n / t_ours:8.0f} tokens/s, transformers padded rows "
+          f"{n / t_hf:8.0f} tokens/s, ratio {t_hf / t_ours:.2f}x")
 
 
 def loss_memory(way, args):
@@ -288,12 +333,12 @@ def bench_gpu(args, device, dtype):
         run("  the head's chunks eager, not compiled", 20, lambda: _sft_head_eager(m, dev, flops_peak, smoke))
         run("  4 x 4k tokens a micro-batch (sft.py)", 40, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke, 4, 2))
         group = {"inputs": _grpo_group_inputs(m, dev, smoke)}
-        run("GRPO group 1.5B: 2k prompt + 7 x 1k", 30, lambda: _grpo_group(m, dev, smoke, group))
+        run("GRPO group 1.5B: 2k prompt + 7 responses of 146-1901", 30, lambda: _grpo_group(m, dev, smoke, group))
         del m, opt
         trainer.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        run("  transformers, the same 7 rows", 30, lambda: _grpo_group_hf(device, smoke, group))
+        run("  transformers, the same 7 rows padded", 30, lambda: _grpo_group_hf(device, smoke, group))
         run("SFT fwd+bwd 1.5B, plain bf16 model, no FSDP", 30, lambda: _sft_plain(dev, flops_peak, smoke))
     if want & {"rollout", "ragged"}:  # one engine (and its graphs) for both rollouts
         rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)
@@ -553,10 +598,10 @@ def _sft_plain(device, flops_peak, smoke):
 
 
 def _grpo_group_inputs(model, device, smoke):
-    """A group: a 2k-token prompt and 7 responses of 1k tokens (smoke: tiny), and advantages."""
+    """A group: a 2k-token prompt and 7 responses of 146-1901 tokens, 1k on average (smoke: tiny), and advantages."""
     P, R, G = (64, 32, 7) if smoke else (2048, 1024, 7)
     V = model.config.vocab_size
-    return [torch.randint(0, V, (P,)).tolist()], [torch.randint(0, V, (R,)).tolist() for _ in range(G)], \
+    return [torch.randint(0, V, (P,)).tolist()], [torch.randint(0, V, (n,)).tolist() for n in ragged_lengths(R, G)], \
         torch.randn(G, 1, device=device)
 
 
@@ -577,14 +622,14 @@ def _grpo_group(model, device, smoke, group):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     group["t"] = timeit(ours, 2, device)
-    n = len(responses) * (len(prompts[0]) + len(responses[0]))
+    n = len(responses) * len(prompts[0]) + sum(map(len, responses))
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (with fp32 weights, grads, AdamW state)" \
         if device.type == "cuda" else ""
     return f"{n / group['t']:.0f} tok/s (rows of prompt + response){mem}; first call {t_first:.0f} s"
 
 
 def _grpo_group_hf(device, smoke, group):
-    """transformers' forward+backward of the same 7 rows [prompt, response] in bf16, with its gradient
+    """transformers' forward+backward of the same 7 rows [prompt, response] in bf16, padded to the longest, with its gradient
     checkpointing (without it, 7 x 3k tokens of 1.5B activations do not fit 80 GB next to our trainer)."""
     import transformers
     prompts, responses, adv = group["inputs"]
@@ -594,18 +639,18 @@ def _grpo_group_hf(device, smoke, group):
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw)).to(torch.bfloat16)
     hf.gradient_checkpointing_enable()
     hf.train()
-    rows = torch.tensor([prompts[0] + r for r in responses], device=device)
+    rows, attn, resp_mask = padded_rows(prompts[0], responses, device)
 
     def theirs():
-        logits = hf(rows[:, :-1]).logits[:, P - 1:].float()
+        logits = hf(rows[:, :-1], attention_mask=attn[:, :-1]).logits[:, P - 1:].float()
         logp = torch.log_softmax(logits, -1).gather(-1, rows[:, P:, None]).squeeze(-1)
-        (-(adv * logp).mean()).backward()
+        (-(adv * logp * resp_mask).sum() / resp_mask.sum()).backward()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t_hf = timeit(theirs, 2, device)
     mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    n = rows.numel()
+    n = len(responses) * P + sum(map(len, responses))  # real tokens, as ours counts them
     ratio = f": ours {t_hf / group['t']:.2f}x" if "t" in group else ""
     return f"{n / t_hf:.0f} tok/s{mem}{ratio}"
 

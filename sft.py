@@ -12,9 +12,10 @@ through the end-of-turn token), normalised over the whole optimizer step:
 where N_step counts the supervised tokens of the global batch across all micro-batches and all ranks (a
 mean of per-micro-batch means would weight short sequences more). log p comes from model.py's chunked
 output head, so the [tokens, vocab] fp32 logits never exist. Each optimizer step takes --global-batch
-sequences from a seeded per-epoch permutation; each rank takes every world-th of them and groups them by
-length into micro-batches of about --tokens-per-micro tokens (right-padded; causal attention keeps pads
-out of real tokens). AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 1.0.
+sequences from a seeded per-epoch permutation; each rank takes every world-th of them and packs them back to
+back into rows as long as the longest (model.PackedRows: each sequence attends only to itself, from position 0),
+about --tokens-per-micro tokens of rows per micro-batch: no padding between sequences, and on CUDA attention costs
+each sequence's own length (FlexAttention skips the blocks of other sequences). AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 1.0.
 
 With --val-data the greedy judge accuracy on those pairs is measured every --val-every steps (logged as
 val_accuracy), and --stop-at-accuracy ends training at the first check that reaches it (the toy uses this
@@ -119,24 +120,38 @@ def parse_args(argv=None):
 
 
 def micro_batches(seqs, tokens_per_micro):
-    """Group (ids, loss_mask) sequences by length into micro-batches of <= tokens_per_micro padded tokens."""
-    out, cur = [], []
-    for s in sorted(seqs, key=lambda s: len(s[0])):
-        if cur and len(s[0]) * (len(cur) + 1) > tokens_per_micro:
-            out.append(cur)
-            cur = []
-        cur.append(s)
-    return out + ([cur] if cur else [])
+    """(ids, loss_mask) sequences -> micro-batches, each a list of rows, each row a list of sequences packed back to back.
+    Rows are as long as the longest sequence (minus the next-token shift), filled first-fit in decreasing length, so no
+    row wastes more than padding to the longest would; a micro-batch holds tokens_per_micro // row length rows (>= 1)."""
+    row_len = max(len(ids) for ids, _ in seqs) - 1
+    rows, room = [], []
+    for s in sorted(seqs, key=lambda s: -len(s[0])):
+        r = next((r for r, free in enumerate(room) if len(s[0]) - 1 <= free), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(row_len)
+        rows[r].append(s)
+        room[r] -= len(s[0]) - 1
+    per_micro = max(1, tokens_per_micro // row_len)
+    return [rows[i:i + per_micro] for i in range(0, len(rows), per_micro)]
 
 
-def pad_batch(seqs, pad_id, device):
-    """-> input ids [B, T-1], targets [B, T-1], loss mask [B, T-1] (next-token shift, right padding)."""
-    T = max(len(ids) for ids, _ in seqs)
-    ids, mask = torch.full((len(seqs), T), pad_id, dtype=torch.long), torch.zeros(len(seqs), T, dtype=torch.float)
-    for i, (s, m) in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(m)] = torch.tensor(m, dtype=torch.float)
-    return ids[:, :-1].to(device), ids[:, 1:].to(device), mask[:, 1:].to(device)
+def pack_batch(rows, pad_id, device, dtype):
+    """Rows of sequences -> input ids, positions, targets, loss mask (all [B, T]) and their model.PackedRows: sequence
+    (ids, mask) of a row becomes ids[:-1] with targets ids[1:] and loss mask mask[1:], positions from 0, attending only
+    to itself; rows are right-padded to the longest."""
+    T = max(sum(len(s) - 1 for s, _ in row) for row in rows)
+    ids, targets = torch.full((len(rows), T), pad_id, dtype=torch.long), torch.full((len(rows), T), pad_id, dtype=torch.long)
+    positions, doc, weights = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros(len(rows), T)
+    for b, row in enumerate(rows):
+        c = 0
+        for j, (s, m) in enumerate(row):
+            n = len(s) - 1
+            ids[b, c:c + n], targets[b, c:c + n] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+            weights[b, c:c + n], positions[b, c:c + n], doc[b, c:c + n] = torch.tensor(m[1:], dtype=torch.float), torch.arange(n), j + 1
+            c += n
+    return (ids.to(device), positions.to(device), targets.to(device), weights.to(device),
+            M.PackedRows(doc.to(device), dtype))
 
 
 # ----------------------------------------------------------------------------- data
@@ -256,10 +271,10 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     loss_sum = 0.0
     micros = micro_batches(batch[rank::world], args.tokens_per_micro)
     n_idle = int(all_reduce_max([len(micros)], device)[0]) - len(micros)  # before any forward: collectives in step
-    for k, mb in enumerate(micros):
+    for k, rows in enumerate(micros):
         accumulate_gradients(model, last=k == len(micros) - 1)
-        ids, targets, mask = pad_batch(mb, pad_id, device)
-        nll = -model(ids, targets=targets, loss_weights=mask)  # sum of -log p over supervised tokens
+        ids, positions, targets, weights, packed = pack_batch(rows, pad_id, device, M.compute_dtype(model))
+        nll = -model(ids, positions, targets=targets, loss_weights=weights, packed=packed)  # sum of -log p, supervised tokens
         # FSDP averages gradients over ranks; * world turns that into the sum over the global batch
         (nll / n_step * world).backward()
         loss_sum = loss_sum + nll.detach().double()  # on the device: reading it would wait for each micro-batch's backward

@@ -36,26 +36,48 @@ def test_long_rows_dropped_or_truncated(toy_paths):
     assert dropped == 0 and all(len(i) <= limit and i[-1] == tok.end_of_turn_id for i, _ in cut)
 
 
-def test_accumulation_over_unequal_micro_batches_equals_one_batch(toy_paths):
+def test_packing_by_hand():
+    # rows as long as the longest sequence minus the shift (9), each sequence taking its length minus 1, first-fit in
+    # decreasing length: 10 | 7 (6), then 5 (4) opens a row, 4 (3) fills 7's, 3 and 2 join 5's; 18 // 9 = 2 rows a micro
+    seqs = [([0] * n, [1] * n) for n in (3, 10, 2, 5, 7, 4)]
+    micros = sft.micro_batches(seqs, tokens_per_micro=18)
+    assert [[[len(s) for s, _ in row] for row in mb] for mb in micros] == [[[10], [7, 4]], [[5, 3, 2]]]
+    ids, positions, targets, weights, packed = sft.pack_batch(micros[1], 0, "cpu", torch.float32)
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 0]] and weights.tolist() == [[1] * 7]
+    assert (packed.mask[0, 0, 5] == 0).tolist() == [0, 0, 0, 0, 1, 1, 0]  # the 2nd sequence sees only itself
+
+
+def test_packed_micro_batches_give_the_loss_and_gradient_of_each_sequence_alone(toy_paths):
     tok = load_tokenizer(toy_paths["tokenizer"])
     rows, _, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
     batch = rows[:6]
-    batch[1] = (batch[1][0][:-6], batch[1][1][:-6])  # unequal lengths and supervised counts
-    batch[4] = (batch[4][0][:-3], batch[4][1][:-3])
+    for i, cut in ((1, 45), (3, 40), (4, 3)):  # unequal lengths and supervised counts: rows hold 1 to 3 sequences
+        batch[i] = (batch[i][0][:-cut], batch[i][1][:-cut])
     n_total = sum(sum(m[1:]) for _, m in batch)
     model = M.load_model(toy_paths["init"])
 
-    def grads(micro_batches):
+    def loss_and_grads(micro_batches):
         model.zero_grad()
+        total = 0.0
         for mb in micro_batches:
-            ids, tgt, mask = sft.pad_batch(mb, 0, "cpu")
-            (-(model(ids, targets=tgt)[0] * mask).sum() / n_total).backward()
-        return [p.grad.clone() for p in model.parameters()]
+            ids, positions, targets, weights, packed = sft.pack_batch(mb, 0, "cpu", torch.float32)
+            loss = -model(ids, positions, targets=targets, loss_weights=weights, packed=packed) / n_total
+            loss.backward()
+            total += loss.item()
+        return total, [p.grad.clone() for p in model.parameters()]
 
     micros = sft.micro_batches(batch, tokens_per_micro=200)
-    assert len(micros) > 1 and len({sum(sum(m[1:]) for _, m in mb) for mb in micros}) > 1
-    for a, b in zip(grads(micros), grads([batch])):
+    assert len(micros) > 1 and max(len(row) for mb in micros for row in mb) > 1  # packed rows, several micro-batches
+    packed_loss, packed_grads = loss_and_grads(micros)
+    alone_loss, alone_grads = loss_and_grads([[[s]] for s in batch])  # each sequence its own row: plain causal
+    assert packed_loss == pytest.approx(alone_loss, rel=1e-6)
+    for a, b in zip(packed_grads, alone_grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # and a row of one sequence is the plain causal forward
+    s, m = batch[0]
+    ids = torch.tensor([s])
+    plain = -(model(ids[:, :-1], targets=ids[:, 1:])[0] * torch.tensor(m[1:])).sum() / n_total
+    assert plain.item() == pytest.approx(loss_and_grads([[[batch[0]]]])[0], rel=1e-6)
 
 
 def test_lr_schedule():
