@@ -488,11 +488,16 @@ def _trainer_model(smoke):
 def _sft_fwd_bwd(model, device, smoke, seqs=1):
     """-> (one SFT forward+backward on `seqs` 4k-token sequences, its token count); the loss weighs tokens as sft.py.
     Every block recomputes, as in the README table's rows (_sft_mfu then takes --grad-ckpt auto's choice)."""
+    import sft
     model.recompute_blocks = len(model.model.layers)
     T = 512 if smoke else 4096
-    ids = torch.randint(0, model.config.vocab_size, (seqs, T), device=device)
-    weights = torch.full((seqs, T), -1 / T, device=device)  # mean token NLL
-    return lambda: model(ids, targets=ids, loss_weights=weights).backward(), T * seqs
+    traces = [(torch.randint(0, model.config.vocab_size, (T + 1,)).tolist(), [1] * (T + 1)) for _ in range(seqs)]
+
+    def fwd_bwd():  # sft.train_step's micro-batch: packed rows (here one trace a row), FlexAttention on CUDA
+        (rows,) = sft.micro_batches(traces, T * seqs)
+        ids, positions, targets, weights, packed = sft.pack_batch(rows, 0, device, M.compute_dtype(model))
+        (-model(ids, positions, targets=targets, loss_weights=weights, packed=packed) / (T * seqs)).backward()
+    return fwd_bwd, T * seqs
 
 
 def _mfu(model, T, seconds, flops_peak, seqs=1):  # T tokens in `seqs` equal sequences
