@@ -235,7 +235,7 @@ def group_batch(prompts, responses, n, pad_id, device, dtype):
     T = max(len(p) - 1 + sum(len(o) for o in responses[i * n:(i + 1) * n]) for i, p in enumerate(prompts))
     ids, targets = torch.full((G, T), pad_id, dtype=torch.long), torch.full((G, T), pad_id, dtype=torch.long)
     positions, doc, mask = torch.zeros(G, T, dtype=torch.long), torch.full((G, T), -1, dtype=torch.long), torch.zeros(G, T)
-    src_row, src_col, dst_row, dst_col = [], [], [], []  # response token (dst_row, dst_col) is row/column (src) of the batch
+    where = torch.full((G * n, R), G * T)  # response token -> its flat index in a [G, T] result (G * T: a zero after it)
     for i, p in enumerate(prompts):
         P = len(p) - 1
         ids[i, :P], positions[i, :P], doc[i, :P] = torch.tensor(p[:-1], dtype=torch.long), torch.arange(P), 0
@@ -245,14 +245,10 @@ def group_batch(prompts, responses, n, pad_id, device, dtype):
             ids[i, c:c + len(o)] = torch.tensor(p[-1:] + o[:-1])
             targets[i, c:c + len(o)], mask[i, c:c + len(o)], doc[i, c:c + len(o)] = torch.tensor(o), 1, j + 1
             positions[i, c:c + len(o)] = torch.arange(P, P + len(o))
-            src_row += [i] * len(o)
-            src_col += range(c, c + len(o))
-            dst_row += [i * n + j] * len(o)
-            dst_col += range(len(o))
+            where[i * n + j, :len(o)] = torch.arange(i * T + c, i * T + c + len(o))
             c += len(o)
-    src, dst = (torch.tensor(src_row, device=device), torch.tensor(src_col, device=device)), \
-        (torch.tensor(dst_row, device=device), torch.tensor(dst_col, device=device))
-    unpack = lambda t: t.new_zeros(G * n, R).index_put(dst, t[src])
+    where = where.to(device)
+    unpack = lambda t: torch.cat([t.flatten(), t.new_zeros(1)])[where]
     return (ids.to(device), positions.to(device), targets.to(device), mask.to(device),
             M.PackedRows(doc.to(device), dtype), unpack)
 
@@ -303,9 +299,9 @@ def grpo_step(job, step):
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
     plan = micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
     t0 = time.time()
-    old, refs, behaviour, mismatch = old_and_ref_logprobs(job, ro, plan)
+    old, refs, sampler_logp, mismatch = old_and_ref_logprobs(job, ro, plan)
     t_logprobs, t0 = time.time() - t0, time.time()
-    updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, behaviour[m])
+    updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, sampler_logp[m])
                for m, part in enumerate(plan)]
     return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch,
                         {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
@@ -368,19 +364,19 @@ def micro_rows(ro, seqs, n):
 @torch.no_grad()
 def old_and_ref_logprobs(job, ro, plan):
     """4. log pi_old and log pi_ref of every response, one tensor [groups * n, R] per micro-batch of the plan:
-    the same batches (so the same padding and kernels) as the update, so the first ratio is exactly 1. Also the
+    the same packed rows (so the same kernels and rounding) as the update, so the first ratio is exactly 1. Also the
     sampler's log-probs laid out the same way, and its mismatch with pi_old (rollout_mismatch, summed over them)."""
     args, pad = job.args, job.tokenizer.pad_id or 0
     run = lambda model: [[response_logprobs(model, *micro_rows(ro, seqs, args.n), pad, job.device, args.temperature)[0]
                           for seqs in micros] for micros in plan]
-    old, behaviour, mismatch = run(job.policy), [], []
+    old, sampler_logp, mismatch = run(job.policy), [], []
     for micros, olds in zip(plan, old):
-        behaviour.append([])
+        sampler_logp.append([])
         for seqs, o in zip(micros, olds):
             rollout_logp, mask = sampler_logprobs(ro, seqs, o.shape[1], job.device)
-            behaviour[-1].append(rollout_logp)
+            sampler_logp[-1].append(rollout_logp)
             mismatch.append(rollout_mismatch(o, rollout_logp, mask))
-    return old, run(job.ref) if job.ref is not None else None, behaviour, mismatch
+    return old, run(job.ref) if job.ref is not None else None, sampler_logp, mismatch
 
 
 def sampler_logprobs(ro, seqs, width, device):
@@ -392,7 +388,7 @@ def sampler_logprobs(ro, seqs, width, device):
     return logp.to(device), mask.to(device)
 
 
-def update(job, step, ro, adv, micros, old, refs, behaviour):
+def update(job, step, ro, adv, micros, old, refs, sampler_logp):
     """5. One optimizer step on one mini-batch (this rank's micro-batches of it) -> its statistics."""
     # the mini-batch's global token and sequence counts, so the loss aggregation over micro-batches and ranks is exact
     mb_tokens, mb_seqs = all_reduce_sum([sum(len(ro.responses[i]) for s in micros for i in s), sum(map(len, micros))], job.device)
@@ -401,7 +397,7 @@ def update(job, step, ro, adv, micros, old, refs, behaviour):
     for k, seqs in enumerate(micros):
         accumulate_gradients(job.policy, last=k == len(micros) - 1)
         part = policy_update_step(job, ro, seqs, adv[seqs].to(job.device)[:, None], old[k],
-                                  refs[k] if refs is not None else None, behaviour[k], n_tok, n_seq)
+                                  refs[k] if refs is not None else None, sampler_logp[k], n_tok, n_seq)
         totals = {key: totals[key] + part[key] for key in totals}
     totals = {key: float(value) for key, value in totals.items()}  # the device's sums, read once after the backwards
     totals.update(zip(("loss", "kl"), all_reduce_sum([totals["loss"], totals["kl"]], job.device)))

@@ -69,7 +69,7 @@ def parse_args(argv=None):
     ap.add_argument("--truncate", action="store_true", help="cut long rows instead of dropping them")
     ap.add_argument("--epochs", type=float, default=None, help="[1; toy 5, ended early by --stop-at-accuracy]")
     ap.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step [128; toy 32]")
-    ap.add_argument("--tokens-per-micro", type=int, default=None, help="padded tokens per micro-batch [16384; toy 4096]")
+    ap.add_argument("--tokens-per-micro", type=int, default=None, help="tokens per micro-batch, in packed rows [16384; toy 4096]")
     ap.add_argument("--lr", type=float, default=None, help="[5e-6; toy 3e-3]")
     ap.add_argument("--warmup", type=float, default=0.03, help="warm-up fraction of the steps")
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)

@@ -341,13 +341,13 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
     assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
     plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
     assert len(plan[0]) == (2 if micro_seqs == 6 else 8)  # 4 groups: 2 per micro-batch, or each in 2 slices
-    old, _, behaviour, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+    old, _, sampler_logp, _ = grpo.old_and_ref_logprobs(job, ro, plan)
     rewards, _ = grpo.score(job, ro)
     adv, _ = grpo.group_advantages(rewards, args.n)
     for k, seqs in enumerate(plan[0]):
         logp, _, mask = grpo.response_logprobs(model, *grpo.micro_rows(ro, seqs, args.n), 0, "cpu", 1.0)
         assert torch.equal(logp.detach(), old[0][k])  # ratio exp(logp - old) == 1 exactly
-    stats = grpo.update(job, 0, ro, adv, plan[0], old[0], None, behaviour[0])
+    stats = grpo.update(job, 0, ro, adv, plan[0], old[0], None, sampler_logp[0])
     assert stats["clipped"] == 0
 
 
@@ -358,12 +358,12 @@ def test_importance_weights_scale_the_policy_loss(toy_paths, policy):
     args = job.args
     adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
     plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
-    old, _, behaviour, mismatch = grpo.old_and_ref_logprobs(job, ro, plan)
+    old, _, sampler_logp, mismatch = grpo.old_and_ref_logprobs(job, ro, plan)
     assert all(m[0] > 0 and m[1] < 1e-4 for m in mismatch)  # fp32: the sampler's kernels differ, barely
     losses = []
     for mode, shift in (("none", None), ("token", 0.0), ("token", -0.05), ("token", 0.05), ("token", -1.0), ("sequence", -0.01)):
         args.rollout_is = mode
-        rollout_logp = behaviour[0] if shift is None else [o + shift for o in old[0]]  # mu = pi_old + shift
+        rollout_logp = sampler_logp[0] if shift is None else [o + shift for o in old[0]]  # mu = pi_old + shift
         losses.append(grpo.update(job, 0, ro, adv, plan[0], old[0], None, rollout_logp)["loss"])
     lengths = torch.tensor([len(ro.responses[i]) for seqs in plan[0] for i in seqs], dtype=torch.float)
     assert losses[1] == losses[0] != 0  # mu = pi_old: every weight is exactly 1
@@ -399,10 +399,10 @@ def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
     runs = {}
     for micro_seqs in (9, 2, 1):
         plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
-        old, _, behaviour, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+        old, _, sampler_logp, _ = grpo.old_and_ref_logprobs(job, ro, plan)
         per_seq = {i: logp[row, :len(ro.responses[i])] for micros, olds in zip(plan, old)
                    for seqs, logp in zip(micros, olds) for row, i in enumerate(seqs)}
-        runs[micro_seqs] = per_seq, grpo.update(job, 0, ro, adv, plan[0], old[0], None, behaviour[0])
+        runs[micro_seqs] = per_seq, grpo.update(job, 0, ro, adv, plan[0], old[0], None, sampler_logp[0])
     whole, stats = runs[9]
     assert len(whole) == len(ro.responses)
     for micro_seqs in (2, 1):
@@ -421,12 +421,12 @@ def test_update_reads_the_device_once_a_minibatch_not_once_a_micro_batch(toy_pat
     reads = {}
     for micro_seqs in (9, 1):
         plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
-        old, _, behaviour, _ = grpo.old_and_ref_logprobs(job, ro, plan)
+        old, _, sampler_logp, _ = grpo.old_and_ref_logprobs(job, ro, plan)
         count = []
         for name in ("item", "__float__", "tolist"):
             read = getattr(torch.Tensor, name)
             monkeypatch.setattr(torch.Tensor, name, lambda t, *a, read=read: count.append(1) or read(t, *a))
-        grpo.update(job, 0, ro, adv, plan[0], old[0], None, behaviour[0])
+        grpo.update(job, 0, ro, adv, plan[0], old[0], None, sampler_logp[0])
         monkeypatch.undo()
         reads[len(plan[0])] = len(count)
     assert len(reads) == 2 and len(set(reads.values())) == 1, reads  # {micro-batches: host reads}
