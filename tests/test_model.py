@@ -356,6 +356,7 @@ def test_compiles_are_bounded_and_not_per_layer():
     # (bucket, span of the cache, greedy or sampled) whatever the calls, prompt lengths and batch sizes; the compiled blocks
     # are not recompiled per layer (4 layers here) nor per sequence length (dynamic from the first call)
     import grpo
+    import sft
     from torch._dynamo.utils import counters
     cfg = M.ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=False,
@@ -378,10 +379,12 @@ def test_compiles_are_bounded_and_not_per_layer():
     for P, R in [(5, 7), (9, 3), (12, 11), (3, 4), (8, 8)]:
         prompts = [torch.randint(1, 97, (P,), generator=g).tolist() for _ in range(2)]
         responses = [torch.randint(1, 97, (R,), generator=g).tolist() for _ in range(6)]
-        grpo.response_logprobs(m, prompts, responses, 3, 0, "cpu", 1.0)[0].sum().backward()  # GRPO's shared prompt
-        ids = torch.randint(1, 97, (2, P + R))
-        m(ids[:, :-1], targets=ids[:, 1:], loss_weights=torch.ones(2, P + R - 1)).backward()  # SFT's causal forward
-    assert counters["stats"]["unique_graphs"] <= 2  # 2 layouts (GRPO's shared prompt, SFT's causal), all 4 layers
+        grpo.response_logprobs(m, prompts, responses, 3, 0, "cpu", 1.0)[0].sum().backward()  # GRPO's packed group
+        traces = [(torch.randint(1, 97, (n,), generator=g).tolist(), [1] * n) for n in (P + R, P, R, 2)]
+        for rows in sft.micro_batches(traces, 2 * (P + R)):  # SFT's packed rows: the same layout
+            ids, positions, targets, weights, packed = sft.pack_batch(rows, 0, "cpu", torch.float32)
+            m(ids, positions, targets=targets, loss_weights=weights, packed=packed).backward()
+    assert counters["stats"]["unique_graphs"] <= 1  # one layout for every training forward, all 4 layers
 
 
 def test_decode_step_compiles_one_block_for_all_layers():
@@ -445,7 +448,7 @@ def test_checkpointing_inside_compiled_blocks(tmp_path):
         assert kept[L] < kept[L // 2] < kept[0] and abs(kept[L // 2] - (kept[L] + kept[0]) / 2) < kept[0] / 8, kept
         # training.fit_recompute's estimate of a kept block's values a token (Qwen's intermediate / hidden ratio)
         assert kept[0] / (L * tokens * 4) < 5 * I + 8 * H, (compiled, kept[0] / (L * tokens * 4))
-    # GRPO's layout (a SharedPrefix goes through the checkpoint into the compiled block)
+    # GRPO's layout (a PackedRows goes through the checkpoint into the compiled block)
     import grpo
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (5, 9)]
