@@ -7,9 +7,9 @@ One block, applied num_hidden_layers times (pre-norm residual):
     x = h + down_proj(silu(gate_proj(y)) * up_proj(y))   y = RMSNorm(h)
     RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)   (computed in fp32, as the reference does)
     RoPE, rotate-half layout: x * cos(p * f) + rotate_half(x) * sin(p * f),  f_i = theta^(-2i/d)
-Attention is grouped-query (num_key_value_heads <= num_attention_heads) through
-F.scaled_dot_product_attention (causal), or a PackedRows layout (training rows that hold several sequences). Qwen2 has a bias on q/k/v only; Qwen3 has none, but RMSNorms q and k per
-head *before* RoPE, and a head_dim decoupled from hidden_size / heads.
+Attention is grouped-query (num_key_value_heads <= num_attention_heads) through F.scaled_dot_product_attention
+(causal), or a PackedRows layout (training rows that hold several sequences). Qwen2 has a bias on q/k/v only; Qwen3
+has none, but RMSNorms q and k per head *before* RoPE, and a head_dim decoupled from hidden_size / heads.
 
 Module names mirror the Hugging Face ones, so a state-dict key here is the key in the safetensors file.
 
