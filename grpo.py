@@ -233,24 +233,18 @@ def group_batch(prompts, responses, n, pad_id, device, dtype):
     [G*n, R] (R = the longest response; zero past each response's end)."""
     G, R = len(prompts), max(len(r) for r in responses)
     T = max(len(p) - 1 + sum(len(o) for o in responses[i * n:(i + 1) * n]) for i, p in enumerate(prompts))
-    ids, targets = torch.full((G, T), pad_id, dtype=torch.long), torch.full((G, T), pad_id, dtype=torch.long)
-    positions, doc, mask = torch.zeros(G, T, dtype=torch.long), torch.full((G, T), -1, dtype=torch.long), torch.zeros(G, T)
-    where = torch.full((G * n, R), G * T)  # response token -> its flat index in a [G, T] result (G * T: a zero after it)
+    rows, where = [], torch.full((G * n, R), G * T)  # response token -> its flat index in a [G, T] result (G * T: a zero after it)
     for i, p in enumerate(prompts):
-        P = len(p) - 1
-        ids[i, :P], positions[i, :P], doc[i, :P] = torch.tensor(p[:-1], dtype=torch.long), torch.arange(P), 0
-        c = P
+        P = c = len(p) - 1
+        rows.append([(p[:-1], [pad_id] * P, [0] * P, 0, 0)])  # the prompt less its last token: doc 0, not scored
         for j in range(n):
             o = responses[i * n + j]
-            ids[i, c:c + len(o)] = torch.tensor(p[-1:] + o[:-1])
-            targets[i, c:c + len(o)], mask[i, c:c + len(o)], doc[i, c:c + len(o)] = torch.tensor(o), 1, j + 1
-            positions[i, c:c + len(o)] = torch.arange(P, P + len(o))
+            rows[-1].append((p[-1:] + o[:-1], o, [1] * len(o), P, j + 1))
             where[i * n + j, :len(o)] = torch.arange(i * T + c, i * T + c + len(o))
             c += len(o)
     where = where.to(device)
     unpack = lambda t: torch.cat([t.flatten(), t.new_zeros(1)])[where]
-    return (ids.to(device), positions.to(device), targets.to(device), mask.to(device),
-            M.PackedRows(doc.to(device), dtype), unpack)
+    return (*M.pack_rows(rows, pad_id, device, dtype), unpack)
 
 
 def response_logprobs(model, prompts, responses, n, pad_id, device, temperature):

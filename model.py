@@ -170,6 +170,25 @@ class PackedRows:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask.to(q.dtype), enable_gqa=True)
 
 
+def pack_rows(rows, pad_id, device, dtype):
+    """Rows of segments -> input ids, positions, targets, loss weights (all [B, T], right-padded with pad_id, weight 0)
+    and their PackedRows. A segment is (ids, targets, weights, first position, doc): its tokens go back to back after
+    the row's earlier segments, at positions first, first + 1, ..., with doc as PackedRows reads it (0: a prefix)."""
+    T = max(sum(len(seg[0]) for seg in row) for row in rows)
+    ids, targets = torch.full((len(rows), T), pad_id, dtype=torch.long), torch.full((len(rows), T), pad_id, dtype=torch.long)
+    positions, doc, weights = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros(len(rows), T)
+    for b, row in enumerate(rows):
+        c = 0
+        for seg_ids, seg_targets, seg_weights, first, seg_doc in row:
+            n = len(seg_ids)
+            ids[b, c:c + n], targets[b, c:c + n] = torch.tensor(seg_ids, dtype=torch.long), torch.tensor(seg_targets, dtype=torch.long)
+            weights[b, c:c + n], positions[b, c:c + n] = torch.tensor(seg_weights, dtype=torch.float), torch.arange(first, first + n)
+            doc[b, c:c + n] = seg_doc
+            c += n
+    return (ids.to(device), positions.to(device), targets.to(device), weights.to(device),
+            PackedRows(doc.to(device), dtype))
+
+
 def flex(q, k, v, block_mask):
     """flex_attention, compiled on CUDA where the caller is not (eager, it is a reference that materialises every score)."""
     if not q.is_cuda or torch.compiler.is_compiling():

@@ -138,21 +138,11 @@ def micro_batches(seqs, tokens_per_micro):
 
 
 def pack_batch(rows, pad_id, device, dtype):
-    """Rows of sequences -> input ids, positions, targets, loss mask (all [B, T]) and their model.PackedRows: sequence
-    (ids, mask) of a row becomes ids[:-1] with targets ids[1:] and loss mask mask[1:], positions from 0, attending only
-    to itself; rows are right-padded to the longest."""
-    T = max(sum(len(s) - 1 for s, _ in row) for row in rows)
-    ids, targets = torch.full((len(rows), T), pad_id, dtype=torch.long), torch.full((len(rows), T), pad_id, dtype=torch.long)
-    positions, doc, weights = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros(len(rows), T)
-    for b, row in enumerate(rows):
-        c = 0
-        for j, (s, m) in enumerate(row):
-            n = len(s) - 1
-            ids[b, c:c + n], targets[b, c:c + n] = torch.tensor(s[:-1]), torch.tensor(s[1:])
-            weights[b, c:c + n], positions[b, c:c + n], doc[b, c:c + n] = torch.tensor(m[1:], dtype=torch.float), torch.arange(n), j + 1
-            c += n
-    return (ids.to(device), positions.to(device), targets.to(device), weights.to(device),
-            M.PackedRows(doc.to(device), dtype))
+    """Rows of sequences -> input ids, positions, targets, loss mask (all [B, T]) and their model.PackedRows (model.pack_rows):
+    sequence (ids, mask) of a row becomes ids[:-1] with targets ids[1:] and loss mask mask[1:], positions from 0,
+    attending only to itself; rows are right-padded to the longest."""
+    return M.pack_rows([[(s[:-1], s[1:], m[1:], 0, j + 1) for j, (s, m) in enumerate(row)] for row in rows],
+                       pad_id, device, dtype)
 
 
 # ----------------------------------------------------------------------------- data
