@@ -248,7 +248,9 @@ def bench_decode(args, device, dtype):
     from sampler import Sampler
     paged = Sampler(ours, P * n, args.prompt_len + args.new_tokens, page_size=16)
     t_paged = timeit(lambda: paged.generate(prompts.tolist(), args.new_tokens, n=n, seed=0), 1, device)
-    print(f"the same rollout, paged KV cache (pages of 16 positions): {N / t_paged:.0f} tok/s, {t_ours / t_paged:.2f}x dense")
+    print(f"the same rollout, paged KV cache (pages of 16 positions): {N / t_paged:.0f} tok/s, {t_ours / t_paged:.2f}x dense; "
+          f"{paged.pages.peak * 16} positions in use at most (the prompts' full pages once a group), where the dense cache "
+          f"reserves {P * n * (args.prompt_len + args.new_tokens)}")
 
 
 # ----------------------------------------------------------------------------- GPU checks (one command)
@@ -438,9 +440,10 @@ def _ragged(e, device, smoke):
         res[continuous] = (sum(map(len, outs)), time.perf_counter() - t)
     (tok, tc), (_, ts) = res[True], res[False]
     during = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    paged = f"; KV positions in use at most {e.pages.peak * e.pages.size}" if e.pages else ""
     return (f"continuous {tok / tc:.0f} tok/s, static {tok / ts:.0f} tok/s: {ts / tc:.2f}x ({tok} tokens, mean trace "
             f"{tok / 512:.0f}, slots 64); compile {compile_s:.0f} s ({graphs} graphs, {shapes} shapes), {during} more graphs "
-            f"during the timings")
+            f"during the timings{paged}")
 
 
 def _grpo_two_steps(ours, smoke, timeout_s):

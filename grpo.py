@@ -485,7 +485,7 @@ def main(argv=None):
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
     engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n,
                                 page_size=args.kv_page_size)
-    if engine.pages and not engine.pages.can_progress(args.n, engine.ahead(max_len - args.max_new_tokens), max_len):
+    if engine.pages and not engine.pages.can_progress(args.n, max_len - args.max_new_tokens, engine.sync_every, max_len):
         raise SystemExit(f"grpo.py: --kv-cache-frac {args.kv_cache_frac} holds {len(engine.pages.free)} KV pages of "
                          f"{args.kv_page_size} positions: too few for one group's prompts or one {max_len}-position sequence")
     if engine.slots < args.n:

@@ -29,7 +29,8 @@ the same addresses on every call (CUDA graphs replay only then). Two cached mode
                                              attending to that row's positions <= pos[b]
 setup_cache(..., page_size=P, pages=N) makes the cache a pool of N pages of P positions instead, [kv_heads, N * P,
 head_dim] per layer, with a page table that maps each row's position p to its page p // P (the sampler assigns pages):
-rows hold only what they fill, and a decode step attends through FlexAttention over each row's own pages.
+rows hold only what they fill (the samples of one prompt hold its full pages once), and a decode step attends through
+FlexAttention over each row's own pages.
 """
 import inspect
 import json
@@ -490,17 +491,17 @@ class Transformer(nn.Module):
         never move. Dense (page_size 0): [slots, kv_heads, max_len, head_dim], a row per slot. Paged: a pool of `pages`
         pages of page_size positions, [kv_heads, pages * page_size, head_dim], shared by the slots through page_table
         [slots, max_len / page_size] (logical page j of slot s is pool page page_table[s, j]; page 0 is a sink that
-        unassigned entries point at), with page_owner / page_index [pages], the slot holding each page (-1: none) and
-        its logical index there. The sampler assigns pages (sampler.Pages); decoding reads only a slot's own pages."""
+        unassigned entries point at), with page_index [pages], each page's logical index in the slots that hold it (a
+        prompt's full pages are held by all its samples, at the same index). The sampler assigns pages (sampler.Pages);
+        decoding reads only a slot's own pages."""
         cfg, p = self.config, self.lm_head.weight
         dtype, kv = dtype or p.dtype, (cfg.num_key_value_heads, cfg.head_dim)
         shape = (kv[0], pages * page_size, kv[1]) if page_size else (slots, kv[0], max_len, kv[1])
         self.page_size = page_size
         if page_size:
-            for name, size in (("page_table", (slots, -(-max_len // page_size))), ("page_owner", (pages,)), ("page_index", (pages,))):
+            for name, size in (("page_table", (slots, -(-max_len // page_size))), ("page_index", (pages,))):
                 self.register_buffer(name, torch.zeros(size, dtype=torch.long, device=p.device), persistent=False)
                 torch._dynamo.mark_static_address(getattr(self, name))
-            self.page_owner.fill_(-1)
         for layer in self.model.layers:
             attn = layer.self_attn
             if getattr(attn, "k_cache", None) is None or attn.k_cache.shape != shape or attn.k_cache.dtype != dtype:
@@ -516,12 +517,13 @@ class Transformer(nn.Module):
         if not self.page_size:
             kv_len = kv_len or self.model.layers[0].self_attn.k_cache.shape[2]
             return pos, (torch.arange(kv_len, device=pos.device) <= pos[:, None])[:, None, None, :]
-        P, table, owner, index = self.page_size, self.page_table[:pos.shape[0]], self.page_owner, self.page_index
+        P, table, index = self.page_size, self.page_table[:pos.shape[0]], self.page_index
         page = table.gather(1, (pos // P)[:, None]).squeeze(1)
 
         def visible(b, h, q_idx, kv_idx):  # kv_idx: a pool position; row b sees its own positions <= pos[b]
-            return (owner[kv_idx // P] == b) & (index[kv_idx // P] * P + kv_idx % P <= pos[b])
-        pages = owner.shape[0]  # the block mask's indices span the pool (a slot never holds more than pages - 1)
+            j = index[kv_idx // P]  # the page's logical index; row b holds the page iff its table says so there
+            return (table[b, j] == kv_idx // P) & (j * P + kv_idx % P <= pos[b])
+        pages = index.shape[0]  # the block mask's indices span the pool (a slot never holds more than pages - 1)
         indices = F.pad(table, (0, pages - table.shape[1])) if pages > table.shape[1] else table[:, :pages]
         mask = BlockMask.from_kv_blocks((pos // P + 1).int()[:, None, None], indices.int()[:, None, None], BLOCK_SIZE=(128, P),
                                         mask_mod=visible, seq_lengths=(1, pages * P), **_NO_Q_BLOCKS)

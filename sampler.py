@@ -23,9 +23,11 @@ How it works (S slots, each holding one sequence in a static KV cache of L posit
 4. Paged cache (page_size > 0, as vLLM's): the cache is a pool of pages of page_size positions, and a slot holds only
    the pages its sequence has filled (Pages, on the host; the model reads them through a page table), so a short trace
    does not reserve max_len positions and a step reads each slot's own pages (FlexAttention, with the pages as the
-   blocks of its mask), not the longest slot's span. At each host check every running slot gets the pages of its next
-   sync_every positions; when the pool runs dry the newest admitted sample is preempted: its pages are freed and it
-   waits at the front of the queue with its tokens, which are prefilled again when it returns. Its later draws are
+   blocks of its mask), not the longest slot's span. The n samples of a prompt hold the pages its prompt fills whole
+   once (GRPO's 7 samples of a 2k-token prompt: 2k positions of prompt, not 14k). At each host check every running
+   slot gets the pages of its next sync_every positions; when the pool runs dry the newest admitted sample is
+   preempted: it lets go of its pages (those it shared go back when their last holder does) and waits at the front of
+   the queue with its tokens, which are prefilled again, into pages of its own, when it returns. Its later draws are
    those it would have made (they are keyed by token index), so preemption changes no output.
 
 Sampling: logits / temperature, optional top-k and top-p (nucleus), then the inverse CDF at one uniform
@@ -193,8 +195,8 @@ class Sampler:
         if longest + max_new_tokens > self.max_len or n > self.slots:
             raise ValueError(f"generate: prompts up to {longest} tokens + {max_new_tokens} new and n={n} do not fit "
                              f"{self.slots} slots of {self.max_len} positions")
-        if self.pages and not self.pages.can_progress(n, self.ahead(longest), self.ahead(longest + max_new_tokens)):
-            raise ValueError(f"generate: {len(self.pages.free)} free KV pages of {self.pages.size} positions are too few for "
+        if self.pages and not self.pages.can_progress(n, longest, self.sync_every, self.ahead(longest + max_new_tokens)):
+            raise ValueError(f"generate: a pool of {self.pages.pool} KV pages of {self.pages.size} positions is too small for "
                              f"{n} samples of a {longest}-token prompt, or for one sequence of {longest + max_new_tokens}")
         was_training = self.model.training
         self.model.eval()
@@ -246,7 +248,8 @@ class Sampler:
             fresh = isinstance(item, int)  # a prompt's index, else a preempted sample (output index, tokens, log-probs)
             length = len(prompts[item]) if fresh else len(prompts[item[0] // n]) + len(item[1]) - 1
             rows = free[:n if fresh else 1]
-            if len(rows) < (n if fresh else 1) or (self.pages and not self.pages.grow(rows, self.ahead(length))):
+            shared = length // self.pages.size if self.pages and fresh else 0  # the prompt's full pages, held once
+            if len(rows) < (n if fresh else 1) or (self.pages and not self.pages.grow(rows, self.ahead(length), shared)):
                 break
             waiting.popleft()
             free, longest = free[len(rows):], max(longest, length)
@@ -354,59 +357,72 @@ class Sampler:
 
 class Pages:
     """The host's bookkeeping of a paged KV cache (model.setup_cache with page_size P): which pool pages are free and
-    which each slot holds, in order (slot s's position p lives in its page p // P at offset p % P). Changes go to the
-    model's page_table / page_owner / page_index in flush(), once per host check. Page 0 is never handed out:
-    unassigned table entries point at it, so a finished slot that still steps writes there, harmlessly."""
+    which each slot holds, in order (slot s's position p lives in its page p // P at offset p % P). The n samples of a
+    prompt hold its full pages (positions < (prompt length // P) * P, the same K/V for all) as one set of pages, each
+    with n holders; the page the prompt ends in and those after it are each sample's own. A page returns to the pool
+    when its last holder releases it. Changes go to the model's page_table / page_index in flush(), once per host
+    check. Page 0 is never handed out: unassigned table entries point at it, so a finished slot that still steps
+    writes there, harmlessly."""
 
     def __init__(self, model, slots):
         self.model, self.size = model, model.page_size
-        self.free = list(range(model.page_owner.shape[0] - 1, 0, -1))  # popped from the end: lowest first
-        self.held = [[] for _ in range(slots)]
-        self.rows, self.owners = set(), {}  # to write: slots' table rows; page -> (owner slot or -1, its index there)
+        self.pool = model.page_index.shape[0] - 1  # pages to hand out
+        self.free = list(range(self.pool, 0, -1))  # popped from the end: lowest first
+        self.held, self.holders = [[] for _ in range(slots)], [0] * (self.pool + 1)  # holders: slots holding each page
+        self.rows, self.placed = set(), {}  # to write: slots' table rows; page -> its logical index
+        self.peak = 0  # the most pages in use at once, over the engine's life (bench.py reports it)
 
-    def can_progress(self, n, first_len, longest):
-        """Whether the whole pool holds n samples of first_len positions, and one sequence of longest positions: then
-        an empty pool always admits the next prompt or preempted sample, and one sequence can always run to its end."""
-        need, pool = (lambda length: -(-length // self.size)), len(self.free) + sum(map(len, self.held))
-        return pool >= max(n * need(first_len), need(longest))
+    def can_progress(self, n, prompt_len, ahead, longest):
+        """Whether the whole pool holds n samples of a prompt of up to prompt_len tokens with `ahead` positions each
+        past it (the pages a prompt of L = aP + r tokens takes, a + n * ceil((r + ahead) / P), are at most
+        prompt_len // P + n * ceil((P - 1 + ahead) / P)), and one sequence of longest positions: then an empty pool
+        always admits the next prompt or preempted sample, and one sequence can always run to its end."""
+        group = prompt_len // self.size + n * -(-(self.size - 1 + ahead) // self.size)
+        return self.pool >= max(group, -(-longest // self.size))
 
-    def grow(self, slots, length):
-        """Give each slot the pages for its positions < length -> False, and nothing given, where too few are free."""
-        needs = [max(0, -(-length // self.size) - len(self.held[s])) for s in slots]
-        if sum(needs) > len(self.free):
+    def grow(self, slots, length, shared=0):
+        """Give each slot the pages for its positions < length -> False, and nothing given, where too few are free.
+        shared: the slots hold nothing yet (a prompt's samples), and their first `shared` pages are one set for all."""
+        needs = [max(0, -(-length // self.size) - len(self.held[s]) - shared) for s in slots]
+        if shared + sum(needs) > len(self.free):
             return False
+        for j in range(shared):
+            self.placed[self.free[-1]], self.holders[self.free[-1]] = j, len(slots)
+            page = self.free.pop()
+            for s in slots:
+                self.held[s].append(page)
         for s, k in zip(slots, needs):
             for _ in range(k):
-                self.owners[self.free[-1]] = (s, len(self.held[s]))
+                self.placed[self.free[-1]], self.holders[self.free[-1]] = len(self.held[s]), 1
                 self.held[s].append(self.free.pop())
             self.rows.add(s)
+        self.peak = max(self.peak, self.pool - len(self.free))
         return True
 
     def release(self, slot):
-        self.owners.update((p, (-1, 0)) for p in self.held[slot])
-        self.free += reversed(self.held[slot])
+        for page in reversed(self.held[slot]):
+            self.holders[page] -= 1
+            if not self.holders[page]:
+                self.free.append(page)
         self.held[slot] = []
         self.rows.add(slot)
 
     def move(self, running):
-        """Slot running[i] -> slot i (the sampler packing), with its pages."""
+        """Slot running[i] -> slot i (the sampler packing), with its pages (a page's logical index stays)."""
         self.held = [self.held[s] for s in running] + [[] for _ in range(len(self.held) - len(running))]
-        self.owners.update((p, (s, j)) for s in range(len(running)) for j, p in enumerate(self.held[s]))
         self.rows.update(range(max(running) + 1))
 
     def flush(self):
-        """Write what changed to the device: the slots' table rows and their pages' owners (a copy each)."""
+        """Write what changed to the device: the slots' table rows and new pages' logical indices (a copy each)."""
         m = self.model
         if self.rows:
             slots, cols = sorted(self.rows), m.page_table.shape[1]
             rows = torch.tensor([self.held[s] + [0] * (cols - len(self.held[s])) for s in slots])
             m.page_table.index_copy_(0, torch.tensor(slots, device=m.page_table.device), rows.to(m.page_table.device))
-        if self.owners:
-            pages = torch.tensor(list(self.owners), device=m.page_owner.device)
-            owner_index = torch.tensor(list(self.owners.values()), device=m.page_owner.device)  # [pages, 2]
-            m.page_owner.index_copy_(0, pages, owner_index[:, 0])
-            m.page_index.index_copy_(0, pages, owner_index[:, 1])
-        self.rows, self.owners = set(), {}
+        if self.placed:
+            pages, index = torch.tensor(list(self.placed)), torch.tensor(list(self.placed.values()))
+            m.page_index.index_copy_(0, pages.to(m.page_index.device), index.to(m.page_index.device))
+        self.rows, self.placed = set(), {}
 
 
 # ----------------------------------------------------------------------------- the rollout copy's weights

@@ -689,26 +689,27 @@ def test_paged_cache_generates_what_the_dense_one_does(ckpt):
             assert max(abs(a - b) for x, y in zip(logps, dense_logps) for a, b in zip(x, y)) < 1e-4
             assert (engine.preemptions > 0) == (pages == 12)
             # every page is back in the pool, and the device's tables say so
-            assert sorted(engine.pages.free) == list(range(1, m.page_owner.shape[0])) and (m.page_owner == -1).all()
+            assert sorted(engine.pages.free) == list(range(1, m.page_index.shape[0])) and not any(engine.pages.holders)
             assert (m.page_table == 0).all()
 
 
 def test_paged_decode_reads_only_each_rows_own_pages():
     # the block mask a paged step attends with: row b's blocks are its own pages 0..pos[b] / P (what the kernel reads
-    # grows with the row's length, not the longest row's), and within them the positions <= pos[b]
+    # grows with the row's length, not the longest row's), and within them the positions <= pos[b]. Rows 0 and 1 are
+    # two samples of one prompt: they share its two full pages (7, 2), then each has its own
     cfg = M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2)
     m = M.Transformer(cfg)
     m.setup_cache(slots=3, max_len=32, page_size=4, pages=10)
-    held = [[7, 2, 9], [1], [3, 8, 4, 5]]  # slot -> its pages in order
+    held = [[7, 2, 9], [7, 2, 1], [3, 8, 4, 5]]  # slot -> its pages in order
     for s, pages in enumerate(held):
         m.page_table[s, :len(pages)] = torch.tensor(pages)
         for j, p in enumerate(pages):
-            m.page_owner[p], m.page_index[p] = s, j
-    pos = torch.tensor([9, 2, 15])
+            m.page_index[p] = j
+    pos = torch.tensor([9, 10, 15])
     where, mask = m.decode_addressing(pos)
-    assert where.tolist() == [9 * 4 + 1, 1 * 4 + 2, 5 * 4 + 3]  # pool positions of logical 9, 2, 15
-    assert mask.kv_num_blocks.flatten().tolist() == [3, 1, 4]
+    assert where.tolist() == [9 * 4 + 1, 1 * 4 + 2, 5 * 4 + 3]  # pool positions of logical 9, 10, 15
+    assert mask.kv_num_blocks.flatten().tolist() == [3, 3, 4]
     for b in range(3):
         assert mask.kv_indices[b, 0, 0, :len(held[b])].tolist() == held[b]
         expected = torch.zeros(40, dtype=torch.bool)
@@ -716,6 +717,34 @@ def test_paged_decode_reads_only_each_rows_own_pages():
             expected[held[b][p // 4] * 4 + p % 4] = True
         dense = torch.tensor([[mask.mask_mod(torch.tensor(b), 0, 0, torch.tensor(kv)) for kv in range(40)]])
         assert torch.equal(dense.flatten(), expected)
+
+
+def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
+    # 4 samples of a 40-token prompt in pages of 8: its 5 full pages once, and 2 pages each for the 16 new tokens: 13
+    # pages, where 4 unshared sequences take 28. A pool of 13 runs them all at once, and they draw the dense cache's
+    # tokens; the shared pages go back to the pool only when the last sample lets go of them
+    path, _, _ = ckpt
+    m = M.load_model(path)
+    prompt = ragged_batch([40], seed=3)
+    dense = Sampler(m, slots=4, max_len=56).generate(prompt, 16, 1.0, n=4, seed=2)
+    engine = Sampler(m, slots=4, max_len=56, page_size=8, pages=14)
+    assert engine.generate(prompt, 16, 1.0, n=4, seed=2) == dense and engine.preemptions == 0
+    pages = engine.pages  # on CPU the engine checks every step, so admission gives pages for 1 position past the prompt
+    assert pages.grow([0, 1, 2, 3], 41, shared=5) and len(pages.free) == 13 - 9  # 5 shared + 1 each
+    assert pages.held[0][:5] == pages.held[3][:5] and len({h[5] for h in pages.held}) == 4
+    for s in range(3):
+        pages.release(s)
+    assert len(pages.free) == 13 - 6  # the last sample still holds the prompt's pages
+    pages.release(3)
+    assert len(pages.free) == 13
+    # admission needs the prompt's 5 full pages and a page each: a pool of 8 is too small for a 40-token prompt, and
+    # runs a 39-token one (4 full pages), preempting samples as they grow
+    small = Sampler(m, slots=4, max_len=56, page_size=8, pages=9)
+    with pytest.raises(ValueError, match="pool of 8 KV pages"):
+        small.generate(prompt, 16, 1.0, n=4, seed=2)
+    shorter = [prompt[0][:39]]
+    assert small.generate(shorter, 16, 1.0, n=4, seed=2) == Sampler(m, slots=4, max_len=56).generate(shorter, 16, 1.0, n=4, seed=2)
+    assert small.preemptions > 0
 
 
 def test_paged_decode_compiles_a_graph_per_bucket():
@@ -742,7 +771,7 @@ def test_a_pool_too_small_for_one_sequence_is_refused():
     m = M.Transformer(M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2))
     engine = Sampler(m, slots=4, max_len=64, page_size=8, pages=5)  # 4 pages to hand out: 32 positions
-    with pytest.raises(ValueError, match="free KV pages"):
+    with pytest.raises(ValueError, match="pool of 4 KV pages"):
         engine.generate([[1, 2, 3]], 40)
     assert len(engine.generate([[1, 2, 3]], 20)[0]) == 20
 
