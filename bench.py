@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import model as M
 import toy
 
@@ -452,7 +453,7 @@ def _grpo_two_steps(ours, smoke, timeout_s):
     root = os.path.dirname(os.path.abspath(__file__))
     tmp = tempfile.mkdtemp()
     paths = toy.prepare(os.path.join(tmp, "toy"), n_train=64, n_rl=64, n_heldout=8)
-    M.save_model(ours, os.path.join(tmp, "model"))
+    checkpoint.save_model(ours, os.path.join(tmp, "model"))
     cmd = [sys.executable, "grpo.py", "--model", os.path.join(tmp, "model"), "--tokenizer", paths["tokenizer"], "--data",
            paths["rl"], "--out", os.path.join(tmp, "out"), "--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8",
            "--gen-prompts", "16", "--group-size", "7", "--max-new-tokens", "64" if smoke else "512"] + (["--no-compile"] if smoke else [])
@@ -482,7 +483,7 @@ def _trainer_model(smoke):
         m = M.Transformer(cfg).to(torch.bfloat16)
         for p in m.parameters():
             p.data.normal_(0, 0.02)
-    M.save_model(m, path)
+    checkpoint.save_model(m, path)
     del m
     model = training.load_for_training(path, world, device, compile=not smoke, grad_ckpt="all")
     return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device

@@ -308,7 +308,7 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     model = tokenizer = None
     if args.judge not in BASELINES:
-        from model import load_model
+        from checkpoint import load_model
         from sampler import fuse_projections  # q/k/v and gate/up one GEMM each, on GPUs
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)

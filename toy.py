@@ -30,6 +30,7 @@ import time
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+import checkpoint
 import model as M
 from data import QWEN_DEFAULT_SYSTEM, Pair, make_judge_example
 from training import barrier
@@ -128,7 +129,7 @@ def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
     train_tokenizer(corpus, paths["tokenizer"], vocab_size=2048)
     tok = load_tokenizer(paths["tokenizer"])
     model = init_weights(M.Transformer(toy_config(tok.vocab_size)), seed=seed)
-    M.save_model(model, paths["init"])
+    checkpoint.save_model(model, paths["init"])
     return paths
 
 

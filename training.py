@@ -37,6 +37,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import model as M
 
 
@@ -75,14 +76,14 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
     (trainable=False, GRPO's reference) keeps its shards in bf16 under bf16: it is computed in bf16 anyway."""
     bf16 = precision_of(precision, device) == "bf16"
     if not uses_fsdp(world, device, precision):
-        model = M.load_model(path, device, torch.float32)
+        model = checkpoint.load_model(path, device, torch.float32)
         if compile:
             M.compile_blocks(model)
     else:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import distribute_tensor
         with torch.device("meta"):
-            model = M.Transformer(M.load_config(path))
+            model = M.Transformer(checkpoint.load_config(path))
         if bf16:
             model = model.to(torch.float32 if trainable else torch.bfloat16)
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -99,7 +100,7 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp, reshard_after_forward=one_unit and not trainable)  # frozen: freed after use
         model.to_empty(device=device)
-        M.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
+        checkpoint.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
                                                                          p.placements, src_data_rank=None))
         model.accumulate_gathered = one_unit and trainable  # see accumulate_gradients
     model.compute_dtype = torch.bfloat16 if bf16 else torch.float32  # what the forward runs in (model.compute_dtype)
@@ -406,7 +407,7 @@ def save_checkpoint(model, path, rank, save_dtype=None, tokenizer=None):
     tmp = path.rstrip("/") + ".tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
-    M.save_model(model, tmp, dtype=getattr(torch, save_dtype) if save_dtype else None, rank=rank)  # all ranks gather
+    checkpoint.save_model(model, tmp, dtype=getattr(torch, save_dtype) if save_dtype else None, rank=rank)  # all ranks gather
     if rank == 0:
         copy_tokenizer(tokenizer, tmp)
         replace_dir(tmp, path)
@@ -455,7 +456,7 @@ def make_optimizer(model, lr, betas, weight_decay, fused=None):
 
 def check_vocab(tokenizer, model_path, tokenizer_path):
     """A tokenizer with ids beyond the embedding would fail deep inside a forward: refuse it up front."""
-    cfg = M.load_config(model_path)
+    cfg = checkpoint.load_config(model_path)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise SystemExit(f"{tokenizer_path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the "
                          f"{cfg.vocab_size} rows of {model_path}'s embedding (vocab_size in its config.json)")

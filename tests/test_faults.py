@@ -9,6 +9,7 @@ import torch
 
 import eval as E
 import grpo
+import checkpoint
 import model as M
 import sft
 import training
@@ -114,7 +115,7 @@ def test_resume_after_a_crash_truncates_metrics_to_the_saved_step(toy_paths, tmp
 @pytest.mark.parametrize("fail_at", range(4))
 def test_state_swap_survives_a_crash_at_every_step(toy_paths, tmp_path, monkeypatch, fail_at):
     """replace_dir makes 3 renames and a removal; make each one fail in turn, then resume."""
-    model = M.load_model(toy_paths["init"])
+    model = checkpoint.load_model(toy_paths["init"])
     opt = training.make_optimizer(model, 1e-3, (0.9, 0.95), 0.0)
     state = str(tmp_path / "state")
     training.save_state(state, model, opt, 1, 0)
@@ -140,10 +141,10 @@ def test_state_swap_survives_a_crash_at_every_step(toy_paths, tmp_path, monkeypa
 
 
 def test_the_output_model_is_written_whole_or_not_at_all(toy_paths, tmp_path, monkeypatch):
-    model = M.load_model(toy_paths["init"])
+    model = checkpoint.load_model(toy_paths["init"])
     training.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
     before = open(tmp_path / "model" / "model.safetensors", "rb").read()
-    monkeypatch.setattr(M, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         training.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
     assert open(tmp_path / "model" / "model.safetensors", "rb").read() == before
@@ -158,7 +159,7 @@ def test_divergence_stops_without_saving_and_keeps_the_last_good_state(toy_paths
     assert "non-finite" in msg and "at step" in msg
     bad_step = int(msg.split("at step ")[1].split(":")[0])
     assert not os.path.exists(tmp_path / "sft" / "model")
-    model = M.load_model(toy_paths["init"])
+    model = checkpoint.load_model(toy_paths["init"])
     step, _ = training.load_state(str(tmp_path / "sft" / "state"), model, training.make_optimizer(model, 1, (0.9, 0.9), 0), 0)
     assert step == bad_step - 1 and all(torch.isfinite(p).all() for p in model.parameters())
     with pytest.raises(SystemExit) as e:
@@ -167,7 +168,7 @@ def test_divergence_stops_without_saving_and_keeps_the_last_good_state(toy_paths
 
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(toy_paths, tmp_path):
-    model = M.load_model(toy_paths["init"])
+    model = checkpoint.load_model(toy_paths["init"])
     shutil.copytree(toy_paths["init"], tmp_path / "nan")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
@@ -175,9 +176,9 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(toy_paths, tmp_path):
     save_file({n: t.contiguous() for n, t in model.state_dict().items() if n != "lm_head.weight"},
               str(tmp_path / "nan" / "model.safetensors"))
     with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' has non-finite values"):
-        M.load_model(str(tmp_path / "nan"))
+        checkpoint.load_model(str(tmp_path / "nan"))
     with pytest.raises(ValueError, match="non-finite"):
-        M.save_model(model, str(tmp_path / "out"))
+        checkpoint.save_model(model, str(tmp_path / "out"))
 
 
 # ----------------------------------------------------------------------------- data routing
@@ -273,17 +274,17 @@ def test_broken_files_name_the_file(toy_paths, tmp_path):
     data = open(ckpt / "model.safetensors", "rb").read()
     open(ckpt / "model.safetensors", "wb").write(data[:len(data) // 2])  # truncated
     with pytest.raises(ValueError, match=r"model.safetensors"):
-        M.load_model(str(ckpt))
+        checkpoint.load_model(str(ckpt))
     open(ckpt / "config.json", "w").write('{"model_type": "qwen2", ')
     with pytest.raises(ValueError, match=r"config.json: malformed JSON"):
-        M.load_model(str(ckpt))
+        checkpoint.load_model(str(ckpt))
     make_hf_checkpoint(str(tmp_path / "sharded"), "qwen2-sharded")
     index = json.load(open(tmp_path / "sharded" / "model.safetensors.index.json"))
     name = next(iter(index["weight_map"]))
     index["weight_map"][name] = "../elsewhere.safetensors"
     json.dump(index, open(tmp_path / "sharded" / "model.safetensors.index.json", "w"))
     with pytest.raises(ValueError, match=r"shard '../elsewhere.safetensors' is not a file name inside"):
-        M.load_model(str(tmp_path / "sharded"))
+        checkpoint.load_model(str(tmp_path / "sharded"))
     tok = tmp_path / "tok"
     shutil.copytree(toy_paths["tokenizer"], tok)
     open(tok / "tokenizer_config.json", "w").write('{"chat_template": ')
@@ -354,7 +355,7 @@ def test_overwrite_never_deletes_the_checkpoint_it_reads(toy_paths, tmp_path):
     with pytest.raises(SystemExit) as e:  # the run's own output as --model, into the same --out
         sft.main(sft_args(toy_paths, tmp_path / "run", "--model", str(tmp_path / "run" / "model"), "--overwrite"))
     assert "--model" in exit_message(e) and "which --overwrite would delete" in exit_message(e)
-    assert M.load_model(str(tmp_path / "run" / "model"))  # still there, whole
+    assert checkpoint.load_model(str(tmp_path / "run" / "model"))  # still there, whole
 
 
 def test_resume_checks_the_inputs_contents_not_only_their_paths(toy_paths, tmp_path):
@@ -424,11 +425,11 @@ def test_a_tied_config_with_a_different_head_in_the_file_is_refused(tmp_path):
     file = str(tmp_path / "model.safetensors")
     tensors = load_file(file)
     save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, file, metadata={"format": "pt"})
-    M.load_model(str(tmp_path))  # an equal copy of the head loads
+    checkpoint.load_model(str(tmp_path))  # an equal copy of the head loads
     save_file({**tensors, "lm_head.weight": torch.zeros_like(tensors["model.embed_tokens.weight"])}, file,
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model.safetensors: tensor 'lm_head.weight' differs .* tie_word_embeddings"):
-        M.load_model(str(tmp_path))
+        checkpoint.load_model(str(tmp_path))
 
 
 def test_prompts_past_the_judges_context_are_judged_with_a_warning(toy_paths, tmp_path, capsys):

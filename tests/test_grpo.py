@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import grpo
+import checkpoint
 import model as M
 import toy
 from conftest import read_metrics, run_torchrun
@@ -134,8 +135,8 @@ def assert_same_run(one, two, batched_alike=True):
             assert a[k] == pytest.approx(b[k], abs=1e-6), k  # identical rollouts
         for k in ("kl", "clip_frac", "entropy", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
-    a, b = M.load_model(str(one / "model")), M.load_model(str(two / "model"))
-    start = M.load_model(json.load(open(one / "run.json"))["model"])
+    a, b = checkpoint.load_model(str(one / "model")), checkpoint.load_model(str(two / "model"))
+    start = checkpoint.load_model(json.load(open(one / "run.json"))["model"])
     for s, p, q in zip(start.parameters(), a.parameters(), b.parameters()):
         if batched_alike:
             torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
@@ -149,7 +150,7 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
     assert full["steps"] == 3 and "heldout_end" in full
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "1", policy=policy))
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
-    a, b = M.load_model(str(tmp_path / "full" / "model")), M.load_model(str(tmp_path / "cut" / "model"))
+    a, b = checkpoint.load_model(str(tmp_path / "full" / "model")), checkpoint.load_model(str(tmp_path / "cut" / "model"))
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
     m1, m2 = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
@@ -204,7 +205,7 @@ def test_precision_bf16_runs_the_gpus_policy_on_the_cpu(toy_paths, tmp_path, pol
     fp32, bf16 = runs["fp32"][0], runs["bf16"][0]
     assert fp32["rollout_logp_diff_mean"] < 1e-6 and 30 * fp32["rollout_logp_diff_mean"] < bf16["rollout_logp_diff_mean"] < 0.1
     assert 0 <= fp32["rollout_kl"] < bf16["rollout_kl"]
-    saved = M.load_model(str(tmp_path / "bf16" / "model"))
+    saved = checkpoint.load_model(str(tmp_path / "bf16" / "model"))
     assert saved.lm_head.weight.dtype == torch.float32  # the fp32 master weights were trained and saved
 
 
@@ -223,8 +224,8 @@ def test_a_paged_rollout_cache_gives_the_dense_caches_run(toy_paths, tmp_path, p
 
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
     calls = []
-    orig = M.load_model
-    monkeypatch.setattr(M, "load_model", lambda *a, **k: calls.append(a) or orig(*a, **k))
+    orig = checkpoint.load_model
+    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: calls.append(a) or orig(*a, **k))
     grpo.main(grpo_args(toy_paths, tmp_path / "nokl", "--kl", "0", "--steps", "1"))
     assert len(calls) == 1
     calls.clear()
@@ -319,7 +320,7 @@ def first_rollout(toy_paths, policy, *extra, dtype=None, compiled=False):
     args = grpo.parse_args(grpo_args(toy_paths, "unused", "--max-new-tokens", "24", *extra))
     tok = load_tokenizer(toy_paths["tokenizer"])
     examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
-    model = M.load_model(policy, dtype=dtype)
+    model = checkpoint.load_model(policy, dtype=dtype)
     if compiled:
         M.compile_blocks(model)
         model.recompute_blocks = len(model.model.layers)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import model as M
 import sampler
 import toy
@@ -43,7 +44,7 @@ def test_sharded_fixture_really_is_sharded(tmp_path):
 
 def test_logits_match_transformers_fp32(ckpt):
     path, hf, kind = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     assert m.config.tie_word_embeddings == (kind == "qwen2-tied")
     ids = torch.randint(0, 128, (3, 21))
     with torch.no_grad():
@@ -54,7 +55,7 @@ def test_logits_match_transformers_fp32(ckpt):
 def test_ragged_padded_batch_matches_transformers(ckpt):
     # right padding needs no mask: causal attention keeps every real token from seeing the pads after it
     path, hf, _ = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     prompts = ragged_batch([5, 13, 9])
     with torch.no_grad():
         ours = m(right_pad(prompts))
@@ -64,7 +65,7 @@ def test_ragged_padded_batch_matches_transformers(ckpt):
 
 def test_logits_match_transformers_bf16(tmp_path):
     hf = make_hf_checkpoint(str(tmp_path), "qwen2-untied", dtype=torch.bfloat16)
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     assert m.lm_head.weight.dtype == torch.bfloat16  # dtype=None keeps the checkpoint's dtype
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
@@ -96,7 +97,7 @@ def test_head_logits_are_fp32_from_the_matmul_not_rounded_to_bf16():
 
 def test_load_into_other_dtype(tmp_path):
     make_hf_checkpoint(str(tmp_path), "qwen2-tied")
-    m = M.load_model(str(tmp_path), dtype=torch.bfloat16)
+    m = checkpoint.load_model(str(tmp_path), dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert m.lm_head.weight is m.model.embed_tokens.weight
 
@@ -127,15 +128,15 @@ def test_real_configs_parse():
 def test_save_model_loads_in_transformers_and_round_trips(tmp_path, kind):
     import transformers
     make_hf_checkpoint(str(tmp_path / "src"), kind)
-    m = M.load_model(str(tmp_path / "src"))
-    M.save_model(m, str(tmp_path / "out"))
+    m = checkpoint.load_model(str(tmp_path / "src"))
+    checkpoint.save_model(m, str(tmp_path / "out"))
     if kind == "qwen2-tied":
         assert "lm_head.weight" not in load_file(str(tmp_path / "out" / "model.safetensors"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
     ids = torch.randint(0, 128, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-4, rtol=0)
-    m2 = M.load_model(str(tmp_path / "out"))
+    m2 = checkpoint.load_model(str(tmp_path / "out"))
     for (n1, p1), (n2, p2) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
 
@@ -143,8 +144,8 @@ def test_save_model_loads_in_transformers_and_round_trips(tmp_path, kind):
 def test_save_model_shards_with_index(tmp_path):
     import transformers
     make_hf_checkpoint(str(tmp_path / "src"), "qwen2-untied")
-    m = M.load_model(str(tmp_path / "src"))
-    M.save_model(m, str(tmp_path / "out"), max_shard_bytes=40_000)
+    m = checkpoint.load_model(str(tmp_path / "src"))
+    checkpoint.save_model(m, str(tmp_path / "out"), max_shard_bytes=40_000)
     index = json.load(open(tmp_path / "out" / "model.safetensors.index.json"))
     assert len(set(index["weight_map"].values())) > 1
     assert set(index["weight_map"]) == set(m.state_dict())
@@ -152,7 +153,7 @@ def test_save_model_shards_with_index(tmp_path):
     ids = torch.randint(0, 128, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, m(ids), atol=1e-4, rtol=0)
-    m2 = M.load_model(str(tmp_path / "out"))
+    m2 = checkpoint.load_model(str(tmp_path / "out"))
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
 
 
@@ -167,33 +168,33 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
     _rewrite(str(tmp_path), lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match="missing tensors: model.layers.1.mlp.up_proj.weight"):
-        M.load_model(str(tmp_path))
+        checkpoint.load_model(str(tmp_path))
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
     _rewrite(str(tmp_path), lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.weight", torch.zeros(3, 3)))
     with pytest.raises(ValueError, match=r"q_proj.weight.*shape \(3, 3\)"):
-        M.load_model(str(tmp_path))
+        checkpoint.load_model(str(tmp_path))
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
     _rewrite(str(tmp_path), lambda sd: sd.__setitem__("model.extra.weight", torch.zeros(3)))
     with pytest.raises(ValueError, match="unexpected tensor 'model.extra.weight'"):
-        M.load_model(str(tmp_path))
+        checkpoint.load_model(str(tmp_path))
     cfg = json.load(open(tmp_path / "config.json"))
     for patch, msg in [({"model_type": "llama"}, "model_type 'llama' is not supported"),
                        ({"use_sliding_window": True}, "sliding-window"),
                        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented")]:
         json.dump({**cfg, **patch}, open(tmp_path / "config.json", "w"))
         with pytest.raises(ValueError, match=msg):
-            M.load_model(str(tmp_path))
+            checkpoint.load_model(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        M.load_model(str(tmp_path))
+        checkpoint.load_model(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- sampler
 
 def test_greedy_generate_matches_transformers(ckpt):
     path, hf, _ = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     for p in ragged_batch([4, 11, 7], seed=3):
         ours = generate(m, [p], max_new_tokens=12, temperature=0)[0]
         ref = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
@@ -203,7 +204,7 @@ def test_greedy_generate_matches_transformers(ckpt):
 
 def test_cached_decoding_equals_recompute(ckpt):
     path, _, _ = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     p = ragged_batch([6], seed=4)[0]
     out = generate(m, [p], max_new_tokens=10, temperature=0)[0]
     seq = list(p)
@@ -219,7 +220,7 @@ def test_sampler_logprobs_are_the_full_forwards(ckpt, temperature):
     # a full forward over [prompt, output] at that token, tempered: what GRPO compares with the trainer's. Ids past the
     # tokenizer's vocabulary (100 of the embedding's 128 here) are never drawn but stay in the normaliser, as there
     path, _, _ = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     prompts = ragged_batch([5, 9], seed=6)
     outs, logps = Sampler(m, slots=4, max_len=32).generate(prompts, 10, temperature, n=2, seed=3, logprobs=True,
                                                            vocab_size=100)
@@ -238,7 +239,7 @@ def test_fused_projections_decode_as_the_model_does(ckpt, monkeypatch):
     # the plain model's names; the same logits to fp32 rounding, and the same greedy and sampled generations
     path, _, _ = ckpt
     monkeypatch.setattr(sampler, "FUSED_PROJECTION_DEVICES", ("cpu",))
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     engine = Sampler.for_policy(m, slots=4, max_len=40)
     engine.load_weights(m)
     names = {n for n, _ in engine.model.named_parameters()}
@@ -252,14 +253,14 @@ def test_fused_projections_decode_as_the_model_does(ckpt, monkeypatch):
     assert engine.generate(prompts, 10, n=2, seed=5) == generate(m, prompts, 10, n=2, seed=5)
     compiled = Sampler(engine.model, slots=4, max_len=40, compile=True, backend="eager")  # traced as the GPU's step is
     assert compiled.generate(prompts, 10, temperature=0) == generate(m, prompts, 10, temperature=0)
-    loaded = sampler.fuse_projections(M.load_model(path))  # a loaded judge (eval.py) keeps its weights when fused
+    loaded = sampler.fuse_projections(checkpoint.load_model(path))  # a loaded judge (eval.py) keeps its weights when fused
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), m(ids), atol=1e-5, rtol=1e-5)
 
 
 def test_ragged_batch_equals_one_by_one(ckpt):
     path, _, _ = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     prompts = ragged_batch([3, 15, 8, 1], seed=5)
     batched = generate(m, prompts, max_new_tokens=9, temperature=0)
     assert batched == [generate(m, [p], max_new_tokens=9, temperature=0)[0] for p in prompts]
@@ -267,7 +268,7 @@ def test_ragged_batch_equals_one_by_one(ckpt):
 
 def test_stop_ids_and_compaction_keep_rows_right(tmp_path):
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     prompts = ragged_batch([3, 9, 5, 7, 2, 6], seed=6)
     free = [generate(m, [p], max_new_tokens=12, temperature=0)[0] for p in prompts]
     stop = {free[0][2], free[3][4]}  # make some rows stop early so the batch compacts mid-run
@@ -280,7 +281,7 @@ def test_stop_ids_and_compaction_keep_rows_right(tmp_path):
 
 def test_n_samples_share_prefill_and_follow_seed(tmp_path, monkeypatch):
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     prompts = ragged_batch([5, 8], seed=7)
     calls = []
     orig = M.Transformer.forward
@@ -302,7 +303,7 @@ def test_continuous_batching_equals_one_by_one(tmp_path):
     # 7 ragged prompts x n=2 through 5 slots: prompts wait, finished rows free slots for the next prompt,
     # slots are packed at the end; greedy outputs equal one-by-one generation token for token, stop ids kept
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     prompts = ragged_batch([3, 12, 5, 1, 9, 7, 4], seed=9)
     free = [generate(m, [p], max_new_tokens=14, temperature=0)[0] for p in prompts]
     stop = {free[0][3], free[4][6], free[5][1]}
@@ -318,7 +319,7 @@ def test_continuous_batching_equals_one_by_one(tmp_path):
 def test_sampled_output_does_not_depend_on_batching(tmp_path):
     # the random draw is keyed by (seed, sequence, token), so slots, admission order and sequence ids decide nothing
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     prompts = ragged_batch([4, 10, 6, 2], seed=10)
     wide = Sampler(m, slots=12, max_len=30).generate(prompts, 12, n=3, seed=5)
     narrow = Sampler(m, slots=3, max_len=30).generate(prompts, 12, n=3, seed=5)
@@ -333,7 +334,7 @@ def test_prefill_in_bounded_chunks_and_cache_size(tmp_path, monkeypatch):
     # prefill_tokens bounds the padded prompt tokens of one prefill forward: the prompts are then prefilled in
     # several forwards, with the same K/V and first tokens, so the samples are those of one big prefill
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     prompts = ragged_batch([4, 10, 6, 2, 9], seed=11)
     whole = Sampler(m, slots=15, max_len=30).generate(prompts, 10, n=3, seed=5)
     calls = []
@@ -494,7 +495,7 @@ def test_compiled_decode_writes_the_cache_in_place_and_reads_a_span():
 def test_sampling_distribution_and_vocab_limit(tmp_path):
     # 4000 first tokens from a 6-token vocabulary follow softmax(logits / T) (chi-square, 5 d.o.f., p = 0.001)
     make_hf_checkpoint(str(tmp_path), "qwen2-untied", vocab_size=8)
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     with torch.no_grad():
         m.lm_head.weight.mul_(10)  # spread the logits so the probabilities differ visibly
         logits = m(torch.tensor([[1, 2, 3]]))[0, -1]
@@ -617,7 +618,7 @@ def test_fused_head_compiled_equals_eager_with_one_graph_per_dtype(monkeypatch):
 
 def test_model_logprob_mode_matches_logits(tmp_path):
     make_hf_checkpoint(str(tmp_path), "qwen2-tied")
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     m.logprob_chunk = 5
     ids = torch.randint(0, 128, (2, 9))
     tgt = torch.randint(0, 128, (2, 9))
@@ -660,7 +661,7 @@ def test_model_logprob_mode_matches_logits(tmp_path):
 @pytest.mark.slow
 def test_compiled_decode_agrees_with_eager(tmp_path):
     make_hf_checkpoint(str(tmp_path), "qwen2-untied")
-    m = M.load_model(str(tmp_path))
+    m = checkpoint.load_model(str(tmp_path))
     prompts = ragged_batch([4, 9, 6], seed=8)
     eager = generate(m, prompts, max_new_tokens=8, temperature=0)
     assert generate(m, prompts, max_new_tokens=8, temperature=0, compile=True) == eager
@@ -675,7 +676,7 @@ def test_paged_cache_generates_what_the_dense_one_does(ckpt):
     # greedy and sampled, with continuous batching and packing; a pool of 12 pages cannot hold every running sample,
     # so samples are preempted and resumed (re-prefilled from their tokens) and still draw the same tokens
     path, _, _ = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     prompts = ragged_batch([3, 20, 9, 1, 14, 6, 11], seed=12)
     stop = list(range(12))  # ragged lengths: about one token in ten stops
     for temperature in (0.0, 1.0):
@@ -724,7 +725,7 @@ def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
     # pages, where 4 unshared sequences take 28. A pool of 13 runs them all at once, and they draw the dense cache's
     # tokens; the shared pages go back to the pool only when the last sample lets go of them
     path, _, _ = ckpt
-    m = M.load_model(path)
+    m = checkpoint.load_model(path)
     prompt = ragged_batch([40], seed=3)
     dense = Sampler(m, slots=4, max_len=56).generate(prompt, 16, 1.0, n=4, seed=2)
     engine = Sampler(m, slots=4, max_len=56, page_size=8, pages=14)

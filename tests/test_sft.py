@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import checkpoint
 import model as M
 import sft
 from conftest import make_hf_checkpoint, read_metrics, run_torchrun
@@ -54,7 +55,7 @@ def test_packed_micro_batches_give_the_loss_and_gradient_of_each_sequence_alone(
     for i, cut in ((1, 45), (3, 40), (4, 3)):  # unequal lengths and supervised counts: rows hold 1 to 3 sequences
         batch[i] = (batch[i][0][:-cut], batch[i][1][:-cut])
     n_total = sum(sum(m[1:]) for _, m in batch)
-    model = M.load_model(toy_paths["init"])
+    model = checkpoint.load_model(toy_paths["init"])
 
     def loss_and_grads(micro_batches):
         model.zero_grad()
@@ -99,8 +100,8 @@ def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_
     sft.main(sft_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "2"))
     assert len(read_metrics(tmp_path / "cut")) == 2
     sft.main(sft_args(toy_paths, tmp_path / "cut", "--resume"))
-    a = M.load_model(str(tmp_path / "full" / "model"))
-    b = M.load_model(str(tmp_path / "cut" / "model"))
+    a = checkpoint.load_model(str(tmp_path / "full" / "model"))
+    b = checkpoint.load_model(str(tmp_path / "cut" / "model"))
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), n
     assert [r["loss"] for r in read_metrics(tmp_path / "full")] == [r["loss"] for r in read_metrics(tmp_path / "cut")]
@@ -125,7 +126,7 @@ def test_torchrun_two_ranks_matches_one_process_and_resumes_in_one(toy_paths, tm
     assert len(l1) == len(l2) == 4
     for a, b in zip(l1, l2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    a, b = M.load_model(str(tmp_path / "one" / "model")), M.load_model(str(tmp_path / "two" / "model"))
+    a, b = checkpoint.load_model(str(tmp_path / "one" / "model")), checkpoint.load_model(str(tmp_path / "two" / "model"))
     # Adam divides by sqrt(v): an element whose gradient is ~0 can move by ~lr on reduction-order noise alone,
     # so bound the worst element by a fraction of lr and the typical one tightly
     for p, q in zip(a.parameters(), b.parameters()):
@@ -146,7 +147,7 @@ def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, one_r
     assert len(l1) == len(l2) == 4
     for a, b in zip(l1, l2):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    a, b = M.load_model(str(tmp_path / "plain" / "model")), M.load_model(str(tmp_path / "fsdp" / "model"))
+    a, b = checkpoint.load_model(str(tmp_path / "plain" / "model")), checkpoint.load_model(str(tmp_path / "fsdp" / "model"))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=3e-4, rtol=1e-4)
 
@@ -183,7 +184,7 @@ def test_resume_with_fused_adamw(toy_paths, tmp_path):
     exactly like the uninterrupted one."""
     from training import load_state, make_optimizer, save_state
     torch.manual_seed(0)
-    model = M.load_model(toy_paths["init"])
+    model = checkpoint.load_model(toy_paths["init"])
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
 
     def step(m, opt):
@@ -195,7 +196,7 @@ def test_resume_with_fused_adamw(toy_paths, tmp_path):
     for _ in range(2):
         step(model, opt)
     save_state(str(tmp_path / "state"), model, opt, 2, 0)
-    resumed = M.load_model(toy_paths["init"])
+    resumed = checkpoint.load_model(toy_paths["init"])
     opt2 = make_optimizer(resumed, 1e-3, (0.9, 0.95), 0.0, fused=True)
     assert load_state(str(tmp_path / "state"), resumed, opt2, 0)[0] == 2
     for p in resumed.parameters():
@@ -242,7 +243,7 @@ def test_one_unit_accumulates_gathered_in_fp32_and_reduces_once(toy_paths, one_r
         model = training.load_for_training(toy_paths["init"], world, device)
         assert model.accumulate_gathered  # one rank, and the model fits: one unit
         if bf16:
-            model = M.load_model(toy_paths["init"])
+            model = checkpoint.load_model(toy_paths["init"])
             mp = fsdp.MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             fsdp.fully_shard(model, mp_policy=mp, reshard_after_forward=False)
         model.accumulate_gathered = gathered
@@ -299,7 +300,7 @@ def test_grad_ckpt_auto_keeps_as_many_blocks_as_the_measured_memory_fits(toy_pat
         sft.parse_args(["--model", "m", "--data", "d", "--out", "o", "--grad-ckpt", "half"])
     cpu = torch.device("cpu")
     blocks = lambda flag: training.load_for_training(toy_paths["init"], 1, cpu, grad_ckpt=flag).recompute_blocks
-    layers = M.load_config(toy_paths["init"]).num_hidden_layers
+    layers = checkpoint.load_config(toy_paths["init"]).num_hidden_layers
     assert [blocks(f) for f in ("none", "all", "auto", 1, 99)] == [0, layers, layers, 1, layers]
     with pytest.raises(argparse.ArgumentTypeError, match="got .True."):  # the old bool API: an error, not one block (True == 1)
         blocks(True)
