@@ -497,7 +497,7 @@ def _sft_fwd_bwd(model, device, smoke, seqs=1):
     T = 512 if smoke else 4096
     traces = [(torch.randint(0, model.config.vocab_size, (T + 1,)).tolist(), [1] * (T + 1)) for _ in range(seqs)]
 
-    def fwd_bwd():  # sft.train_step's micro-batch: packed rows (here one trace a row), FlexAttention on CUDA
+    def fwd_bwd():  # sft.train_step's micro-batch: rows of one trace each, so plain causal attention (SDPA), no mask
         (rows,) = sft.micro_batches(traces, T * seqs)
         ids, positions, targets, weights, packed = sft.pack_batch(rows, 0, device, M.compute_dtype(model))
         (-model(ids, positions, targets=targets, loss_weights=weights, packed=packed) / (T * seqs)).backward()

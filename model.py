@@ -169,7 +169,10 @@ class PackedRows:
 def pack_rows(rows, pad_id, device, dtype):
     """Rows of segments -> input ids, positions, targets, loss weights (all [B, T], right-padded with pad_id, weight 0)
     and their PackedRows. A segment is (ids, targets, weights, first position, doc): its tokens go back to back after
-    the row's earlier segments, at positions first, first + 1, ..., with doc as PackedRows reads it (0: a prefix)."""
+    the row's earlier segments, at positions first, first + 1, ..., with doc as PackedRows reads it (0: a prefix).
+    Where no row holds more than one sequence (after its prefix), that layout is plain causal attention: the layout is
+    then None (forward's causal SDPA: flash / cuDNN kernels on GPUs, faster than FlexAttention's and with no block mask
+    to build; on CPU the dense mask's digits exactly, docs/measurements.md)."""
     T = max(sum(len(seg[0]) for seg in row) for row in rows)
     ids, targets = torch.full((len(rows), T), pad_id, dtype=torch.long), torch.full((len(rows), T), pad_id, dtype=torch.long)
     positions, doc, weights = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros(len(rows), T)
@@ -181,8 +184,9 @@ def pack_rows(rows, pad_id, device, dtype):
             weights[b, c:c + n], positions[b, c:c + n] = torch.tensor(seg_weights, dtype=torch.float), torch.arange(first, first + n)
             doc[b, c:c + n] = seg_doc
             c += n
+    causal = all(sum(seg[4] != 0 for seg in row) <= 1 for row in rows)
     return (ids.to(device), positions.to(device), targets.to(device), weights.to(device),
-            PackedRows(doc.to(device), dtype))
+            None if causal else PackedRows(doc.to(device), dtype))
 
 
 def flex(q, k, v, block_mask):

@@ -15,8 +15,8 @@ output head, so the [tokens, vocab] fp32 logits never exist. Each optimizer step
 sequences from a seeded per-epoch permutation; each rank takes every world-th of them and packs them back to
 back into rows as long as the longest (model.PackedRows: each sequence attends only to itself, from position 0),
 about --tokens-per-micro tokens of rows per micro-batch: no padding between sequences, and on CUDA attention costs
-each sequence's own length (FlexAttention skips the blocks of other sequences). AdamW (0.9, 0.95), linear warm-up
-then cosine decay to 0.1 x LR, grad-norm clip 1.0.
+each sequence's own length (FlexAttention skips the blocks of other sequences; a micro-batch of one sequence a row
+is plain causal attention). AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 1.0.
 
 With --val-data the greedy judge accuracy on those pairs is measured every --val-every steps (logged as
 val_accuracy), and --stop-at-accuracy ends training at the first check that reaches it (the toy uses this
@@ -138,7 +138,7 @@ def micro_batches(seqs, tokens_per_micro):
 
 
 def pack_batch(rows, pad_id, device, dtype):
-    """Rows of sequences -> input ids, positions, targets, loss mask (all [B, T]) and their model.PackedRows (model.pack_rows):
+    """Rows of sequences -> input ids, positions, targets, loss mask (all [B, T]) and their layout (model.pack_rows):
     sequence (ids, mask) of a row becomes ids[:-1] with targets ids[1:] and loss mask mask[1:], positions from 0,
     attending only to itself; rows are right-padded to the longest."""
     return M.pack_rows([[(s[:-1], s[1:], m[1:], 0, j + 1) for j, (s, m) in enumerate(row)] for row in rows],

@@ -46,6 +46,8 @@ def test_packing_by_hand():
     ids, positions, targets, weights, packed = sft.pack_batch(micros[1], 0, "cpu", torch.float32)
     assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 0]] and weights.tolist() == [[1] * 7]
     assert (packed.mask[0, 0, 5] == 0).tolist() == [0, 0, 0, 0, 1, 1, 0]  # the 2nd sequence sees only itself
+    # a micro-batch of one sequence a row is plain causal attention: no layout (the packed rows' maths, tested below)
+    assert sft.pack_batch([[seqs[1]], [seqs[4]]], 0, "cpu", torch.float32)[4] is None
 
 
 def test_packed_micro_batches_give_the_loss_and_gradient_of_each_sequence_alone(toy_paths):
