@@ -748,6 +748,23 @@ def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
     assert small.preemptions > 0
 
 
+def test_paged_decode_compiled_by_inductor_gives_the_dense_tokens():
+    # the GPU's path as far as a CPU goes: Inductor (not the eager backend) compiles the paged step, FlexAttention and
+    # the page-table mask_mod included (its C++ kernel; a GPU gets Triton's from the same lowering), over prompts whose
+    # samples share pages and a pool that preempts; the tokens are the eager dense cache's. Compiled, the kernel reads
+    # only the blocks (pages) the block mask lists, where eager FlexAttention applies mask_mod to the whole pool: this
+    # test is the one that checks those lists end to end (a row missing its last page fails it, and no eager test)
+    cfg = M.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=256)
+    m = toy.init_weights(M.Transformer(cfg), seed=0)
+    prompts = ragged_batch([37, 21, 50], vocab=97, seed=5)
+    dense = Sampler(copy.deepcopy(m), slots=8, max_len=80).generate(prompts, 24, 1.0, n=4, stop_ids=[3], seed=7)
+    torch._dynamo.reset()
+    engine = Sampler(m, slots=8, max_len=80, page_size=8, pages=24, compile=True)
+    assert engine.generate(prompts, 24, 1.0, n=4, stop_ids=[3], seed=7) == dense
+    assert engine.preemptions > 0 and engine.pages.peak == engine.pages.pool
+
+
 def test_paged_decode_compiles_a_graph_per_bucket():
     # compiled (eager backend), the paged step is one graph per (bucket, greedy or sampled): no span of the cache, and
     # no recompile as pages change hands or samples are preempted; the tokens are the eager engine's
