@@ -434,6 +434,7 @@ class Transformer(nn.Module):
         self.compute_dtype = None  # the precision policy's, where it is not the weights' (see compute_dtype)
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
         self.page_size = 0  # the KV cache's page size; 0: dense (setup_cache)
+        self.cached_prefix = 0  # paged: the first positions of every row already in the cache (prefill leaves them)
 
     def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, packed=None,
                 head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
@@ -457,6 +458,7 @@ class Transformer(nn.Module):
             if cache_rows is not None and self.page_size:  # paged: rows' positions 0..T-1 -> pool positions [B * k, T]
                 at = torch.arange(T, device=x.device)
                 cache_rows = self.page_table[cache_rows][:, at // self.page_size] * self.page_size + at % self.page_size
+                cache_rows[:, :self.cached_prefix] = at[:self.cached_prefix] % self.page_size  # to the sink page, not over them
             recompute = self.recompute_blocks if torch.is_grad_enabled() else 0
             for i, layer in enumerate(self.model.layers):
                 for t in (x, cos, sin):  # batch and length change per call: dynamic in compiled blocks, marked at every

@@ -24,11 +24,13 @@ How it works (S slots, each holding one sequence in a static KV cache of L posit
    the pages its sequence has filled (Pages, on the host; the model reads them through a page table), so a short trace
    does not reserve max_len positions and a step reads each slot's own pages (FlexAttention, with the pages as the
    blocks of its mask), not the longest slot's span. The n samples of a prompt hold the pages its prompt fills whole
-   once (GRPO's 7 samples of a 2k-token prompt: 2k positions of prompt, not 14k). At each host check every running
-   slot gets the pages of its next sync_every positions; when the pool runs dry the newest admitted sample is
-   preempted: it lets go of its pages (those it shared go back when their last holder does) and waits at the front of
-   the queue with its tokens, which are prefilled again, into pages of its own, when it returns. Its later draws are
-   those it would have made (they are keyed by token index), so preemption changes no output.
+   once (GRPO's 7 samples of a 2k-token prompt: 2k positions of prompt, not 14k), and the whole pages of the opening
+   all prompts of a call share (a judge template's system prompt) are held once for all of them (write_common_prefix).
+   At each host check every running slot gets the pages of its next sync_every positions; when the pool runs dry the
+   newest admitted sample is preempted: it lets go of its pages (those it shared go back when their last holder does)
+   and waits at the front of the queue with its tokens, which are prefilled again, into pages of its own (past the
+   common opening), when it returns. Its later draws are those it would have made (they are keyed by token index), so
+   preemption changes no output.
 
 Sampling: logits / temperature, optional top-k and top-p (nucleus), then the inverse CDF at one uniform
 number per token. The uniform is a counter-based hash of (seed, sequence index, token index), drawn inside
@@ -43,6 +45,7 @@ logprobs=True also each sampled token's log-prob under the engine's own forward,
 forward computes): GRPO measures the sampler-trainer mismatch with it and corrects for it (grpo.rollout_is_weights).
 """
 import itertools
+import os
 from collections import deque
 
 import torch
@@ -211,6 +214,8 @@ class Sampler:
         waiting, owner = deque(range(len(prompts))), [-1] * self.slots  # owner: the output index a slot fills
         outputs, hi, pos = [None] * (len(prompts) * n), 0, [0] * self.slots  # hi: an upper bound on positions in use
         out_logps = [None] * len(outputs)
+        if self.pages:
+            self.write_common_prefix(prompts)
         while waiting or max(owner) >= 0:
             free = [s for s in range(self.slots) if owner[s] < 0]
             if waiting and (continuous or len(free) == self.slots):
@@ -224,12 +229,36 @@ class Sampler:
             hi = self.collect(owner, b, outputs, out_logps, pos)
             if self.pages:
                 self.reserve(owner, pos, waiting)
+        if self.pages:
+            self.pages.drop_prefix()
+            self.model.cached_prefix = 0
         self.model.train(was_training)
         return (outputs, out_logps) if logprobs else outputs
 
     def ahead(self, length):
         """Paged: the positions a sequence of `length` needs pages for until the next host check."""
         return min(length + self.sync_every, self.max_len)
+
+    def write_common_prefix(self, prompts):
+        """Paged: the whole pages of the opening every prompt shares (a judge template's system prompt) are written once,
+        by a forward of that opening alone, and held for the call: every sample reads them (Pages.grow hands them out),
+        and prefills leave them as written (model.cached_prefix), so every sample reads the same K/V there, whatever
+        the prefill batch it came in. Prefills still compute the opening (its K/V for their own attention): this saves
+        pages, not prefill work."""
+        self.pages.drop_prefix()  # (a call cut short leaves its own)
+        self.model.cached_prefix = 0
+        k = len(os.path.commonprefix(prompts)) // self.pages.size if len(prompts) > 1 else 0  # commonprefix: of lists too
+        if not k:
+            return
+        self.pages.hold_prefix(k)
+        self.pages.held[0] = list(self.pages.prefix)  # lent to slot 0 (free now) for the forward's writes
+        self.pages.rows.add(0)
+        self.pages.flush()
+        self.prefill([prompts[0][:k * self.pages.size]], torch.tensor([0], device=self.tok.device), 1)
+        self.pages.held[0] = []
+        self.pages.rows.add(0)
+        self.pages.flush()
+        self.model.cached_prefix = k * self.pages.size
 
     def kv_span(self, hi):
         """Dense cache positions a step attends to, covering those in use (< hi): hi eager, the smallest kv_span compiled."""
@@ -359,7 +388,8 @@ class Pages:
     """The host's bookkeeping of a paged KV cache (model.setup_cache with page_size P): which pool pages are free and
     which each slot holds, in order (slot s's position p lives in its page p // P at offset p % P). The n samples of a
     prompt hold its full pages (positions < (prompt length // P) * P, the same K/V for all) as one set of pages, each
-    with n holders; the page the prompt ends in and those after it are each sample's own. A page returns to the pool
+    with n holders, and every sample holds the call's common prefix (the opening all its prompts share, whole pages);
+    the page the prompt ends in and those after it are each sample's own. A page returns to the pool
     when its last holder releases it. Changes go to the model's page_table / page_index in flush(), once per host
     check. Page 0 is never handed out: unassigned table entries point at it, so a finished slot that still steps
     writes there, harmlessly."""
@@ -370,6 +400,7 @@ class Pages:
         self.free = list(range(self.pool, 0, -1))  # popped from the end: lowest first
         self.held, self.holders = [[] for _ in range(slots)], [0] * (self.pool + 1)  # holders: slots holding each page
         self.rows, self.placed = set(), {}  # to write: slots' table rows; page -> its logical index
+        self.prefix = []  # the pages of the opening all of a call's prompts share (Sampler.write_common_prefix)
         self.peak = 0  # the most pages in use at once, over the engine's life (bench.py reports it)
 
     def can_progress(self, n, prompt_len, ahead, longest):
@@ -381,12 +412,20 @@ class Pages:
         return self.pool >= max(group, -(-longest // self.size))
 
     def grow(self, slots, length, shared=0):
-        """Give each slot the pages for its positions < length -> False, and nothing given, where too few are free.
-        shared: the slots hold nothing yet (a prompt's samples), and their first `shared` pages are one set for all."""
-        needs = [max(0, -(-length // self.size) - len(self.held[s]) - shared) for s in slots]
+        """Give each slot the pages for its positions < length -> False, and nothing given, where too few are free. A
+        slot that holds nothing yet starts with the common prefix's pages; shared: the slots hold nothing yet (a prompt's
+        samples), and their first `shared` pages (the prefix's included) are one set for all."""
+        start = [len(self.held[s]) or len(self.prefix) for s in slots]
+        shared = max(0, shared - len(self.prefix))  # the prompt's own full pages, past the common prefix
+        needs = [max(0, -(-length // self.size) - h - shared) for h in start]
         if shared + sum(needs) > len(self.free):
             return False
-        for j in range(shared):
+        for s in slots:
+            if not self.held[s]:
+                self.held[s] = list(self.prefix)
+                for page in self.prefix:
+                    self.holders[page] += 1
+        for j in range(len(self.prefix), len(self.prefix) + shared):
             self.placed[self.free[-1]], self.holders[self.free[-1]] = j, len(slots)
             page = self.free.pop()
             for s in slots:
@@ -398,6 +437,21 @@ class Pages:
             self.rows.add(s)
         self.peak = max(self.peak, self.pool - len(self.free))
         return True
+
+    def hold_prefix(self, k):
+        """Take k pages for the common prefix (logical pages 0..k-1 of every sequence), held until drop_prefix."""
+        self.prefix = [self.free.pop() for _ in range(k)]
+        self.placed.update((page, j) for j, page in enumerate(self.prefix))
+        for page in self.prefix:
+            self.holders[page] = 1
+        self.peak = max(self.peak, self.pool - len(self.free))
+
+    def drop_prefix(self):
+        for page in reversed(self.prefix):
+            self.holders[page] -= 1
+            if not self.holders[page]:
+                self.free.append(page)
+        self.prefix = []
 
     def release(self, slot):
         for page in reversed(self.held[slot]):

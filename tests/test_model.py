@@ -748,16 +748,41 @@ def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
     assert small.preemptions > 0
 
 
+def test_the_opening_all_prompts_share_is_written_once_and_held_once(ckpt, monkeypatch):
+    # 3 prompts of 45-49 tokens opening with the same 35 (a judge template), pages of 8: the opening's 4 whole pages are
+    # written by one forward of the opening alone and held once for every sample of every prompt. 2 samples each, 12
+    # new tokens: the 6 samples run at once in 22 pages, with the dense cache's tokens and log-probs; holding the
+    # opening per prompt takes 8 pages more, and the same pool then preempts (the same tokens still)
+    path, _, _ = ckpt
+    m = checkpoint.load_model(path)
+    opening = ragged_batch([35], seed=9)[0]
+    prompts = [opening + p for p in ragged_batch([10, 12, 14], seed=10)]
+    dense, dense_logps = Sampler(m, slots=6, max_len=64).generate(prompts, 12, 1.0, n=2, seed=3, logprobs=True)
+    engine = Sampler(m, slots=6, max_len=64, page_size=8, pages=23)
+    out, logps = engine.generate(prompts, 12, 1.0, n=2, seed=3, logprobs=True)
+    assert out == dense and engine.preemptions == 0 and engine.pages.peak == 22
+    assert max(abs(a - b) for x, y in zip(logps, dense_logps) for a, b in zip(x, y)) < 1e-4
+    # the call lets go of the opening: every page is back, and prefills write every position again
+    assert sorted(engine.pages.free) == list(range(1, 23)) and not any(engine.pages.holders) and m.cached_prefix == 0
+    monkeypatch.setattr(Sampler, "write_common_prefix", lambda self, prompts: None)  # the opening held per prompt
+    unshared = Sampler(m, slots=6, max_len=64, page_size=8, pages=23)
+    assert unshared.generate(prompts, 12, 1.0, n=2, seed=3) == dense and unshared.preemptions > 0
+    roomy = Sampler(m, slots=6, max_len=64, page_size=8)  # a pool for everything: it takes 30
+    assert roomy.generate(prompts, 12, 1.0, n=2, seed=3) == dense and roomy.pages.peak == 30
+
+
 def test_paged_decode_compiled_by_inductor_gives_the_dense_tokens():
     # the GPU's path as far as a CPU goes: Inductor (not the eager backend) compiles the paged step, FlexAttention and
     # the page-table mask_mod included (its C++ kernel; a GPU gets Triton's from the same lowering), over prompts whose
-    # samples share pages and a pool that preempts; the tokens are the eager dense cache's. Compiled, the kernel reads
+    # samples share pages (and whose opening all share) and a pool that preempts; the tokens are the eager dense
+    # cache's. Compiled, the kernel reads
     # only the blocks (pages) the block mask lists, where eager FlexAttention applies mask_mod to the whole pool: this
     # test is the one that checks those lists end to end (a row missing its last page fails it, and no eager test)
     cfg = M.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=256)
     m = toy.init_weights(M.Transformer(cfg), seed=0)
-    prompts = ragged_batch([37, 21, 50], vocab=97, seed=5)
+    opening = ragged_batch([19], vocab=97, seed=6)[0]  # shared by all three: its 2 whole pages are held once
+    prompts = [opening + p for p in ragged_batch([18, 2, 31], vocab=97, seed=5)]
     dense = Sampler(copy.deepcopy(m), slots=8, max_len=80).generate(prompts, 24, 1.0, n=4, stop_ids=[3], seed=7)
     torch._dynamo.reset()
     engine = Sampler(m, slots=8, max_len=80, page_size=8, pages=24, compile=True)
