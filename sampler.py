@@ -389,10 +389,10 @@ class Pages:
     which each slot holds, in order (slot s's position p lives in its page p // P at offset p % P). The n samples of a
     prompt hold its full pages (positions < (prompt length // P) * P, the same K/V for all) as one set of pages, each
     with n holders, and every sample holds the call's common prefix (the opening all its prompts share, whole pages);
-    the page the prompt ends in and those after it are each sample's own. A page returns to the pool
-    when its last holder releases it. Changes go to the model's page_table / page_index in flush(), once per host
-    check. Page 0 is never handed out: unassigned table entries point at it, so a finished slot that still steps
-    writes there, harmlessly."""
+    the page the prompt ends in and those after it are each sample's own. A page returns to the pool when its last
+    holder lets go of it. Changes go to the model's page_table / page_index in flush(), once per host check. Page 0 is
+    never handed out: unassigned table entries point at it, so a finished slot that still steps writes there,
+    harmlessly (and prefills write there the common prefix's positions, which are already in the cache)."""
 
     def __init__(self, model, slots):
         self.model, self.size = model, model.page_size
@@ -447,19 +447,20 @@ class Pages:
         self.peak = max(self.peak, self.pool - len(self.free))
 
     def drop_prefix(self):
-        for page in reversed(self.prefix):
-            self.holders[page] -= 1
-            if not self.holders[page]:
-                self.free.append(page)
+        self.let_go(self.prefix)
         self.prefix = []
 
     def release(self, slot):
-        for page in reversed(self.held[slot]):
+        self.let_go(self.held[slot])
+        self.held[slot] = []
+        self.rows.add(slot)
+
+    def let_go(self, pages):
+        """One holder fewer for each page; a page nobody holds returns to the pool."""
+        for page in reversed(pages):
             self.holders[page] -= 1
             if not self.holders[page]:
                 self.free.append(page)
-        self.held[slot] = []
-        self.rows.add(slot)
 
     def move(self, running):
         """Slot running[i] -> slot i (the sampler packing), with its pages (a page's logical index stays)."""
