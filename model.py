@@ -30,7 +30,8 @@ the same addresses on every call (CUDA graphs replay only then). Two cached mode
 setup_cache(..., page_size=P, pages=N) makes the cache a pool of N pages of P positions instead, [kv_heads, N * P,
 head_dim] per layer, with a page table that maps each row's position p to its page p // P (the sampler assigns pages):
 rows hold only what they fill (the samples of one prompt hold its full pages once), and a decode step attends through
-FlexAttention over each row's own pages.
+FlexAttention over each row's own pages. With cached_prefix = C > 0 (paged), every row's first C positions are
+already in the cache (a prefix all rows hold): a prefill's ids are positions C, C + 1, ... and attend to it as well.
 """
 import inspect
 from dataclasses import dataclass, fields
@@ -213,7 +214,7 @@ class Attention(nn.Module):
         if cfg.model_type == "qwen3":
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_norm_eps), RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, packed=None, cache_rows=None, decode_pos=None, decode_mask=None):
+    def forward(self, x, cos, sin, packed=None, cache_rows=None, decode_pos=None, decode_mask=None, context=None):
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         if hasattr(self, "qkv_proj"):  # fused (fuse_projections): one GEMM
@@ -236,7 +237,7 @@ class Attention(nn.Module):
                 self.k_cache[rows, :, decode_pos] = k[:, :, 0].to(self.k_cache.dtype)
                 self.v_cache[rows, :, decode_pos] = v[:, :, 0].to(self.v_cache.dtype)
                 L = decode_mask.shape[-1]
-                y = decode_attention(q, self.k_cache[:B, :, :L], self.v_cache[:B, :, :L], decode_mask)
+                y = masked_attention(q, self.k_cache[:B, :, :L], self.v_cache[:B, :, :L], decode_mask)
         else:
             if cache_rows is not None and paged:  # prefill, paged: cache_rows [B * k, T] are pool positions
                 copies = cache_rows.shape[0] // B
@@ -246,21 +247,27 @@ class Attention(nn.Module):
                 copies = cache_rows.numel() // B
                 self.k_cache[:, :, :T].index_copy_(0, cache_rows, k.to(self.k_cache.dtype).repeat_interleave(copies, 0))
                 self.v_cache[:, :, :T].index_copy_(0, cache_rows, v.to(self.v_cache.dtype).repeat_interleave(copies, 0))
-            if packed is not None:
+            if context is not None:  # after a cached prefix (pool positions context [C]): its K/V, then the rows' own
+                kc, vc = (c[:, context].to(k.dtype)[None].expand(B, -1, -1, -1) for c in (self.k_cache, self.v_cache))
+                keep = torch.ones(T, len(context) + T, dtype=torch.bool, device=x.device).tril(len(context))  # s <= C + t
+                y = masked_attention(q, torch.cat([kc, k], 2), torch.cat([vc, v], 2), keep[None, None])
+            elif packed is not None:
                 y = packed.attend(q, k, v)
             else:  # causal; right padding never leaks into real tokens, so no mask: the flash kernel applies
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def decode_attention(q, k, v, keep):
-    """q [B, heads, 1, hd], k, v [B, kv_heads, L, hd], keep [B, 1, 1, L] (row b's positions <= its own) ->
-    [B, heads, 1, hd]. The query heads that share a KV head are folded into the query-length dimension
-    ([B, kv_heads, heads/kv_heads, hd]), so SDPA needs no enable_gqa: with a mask, enable_gqa would rule out
-    the flash and memory-efficient kernels and leave the math kernel."""
-    B, H, _, hd = q.shape
-    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], hd), k, v, attn_mask=keep)
-    return y.reshape(B, H, 1, hd)
+def masked_attention(q, k, v, keep):
+    """q [B, heads, T, hd], k, v [B, kv_heads, L, hd], keep [B or 1, 1, T, L] (query t sees key s) -> [B, heads, T, hd].
+    The query heads that share a KV head are folded into the query-length dimension ([B, kv_heads, heads/kv_heads * T,
+    hd]), so SDPA needs no enable_gqa: with a mask, enable_gqa would rule out the flash and memory-efficient kernels and
+    leave the math kernel. Decoding (T = 1, row b's positions <= its own) and prefills after a cached prefix use it."""
+    B, H, T, hd = q.shape
+    g = H // k.shape[1]
+    keep = keep.repeat(1, 1, g, 1) if T > 1 else keep  # folded query j * T + t is query t of head j
+    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], g * T, hd), k, v, attn_mask=keep)
+    return y.reshape(B, H, T, hd)
 
 
 class MLP(nn.Module):
@@ -283,10 +290,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, packed=None, cache_rows=None, decode_pos=None, decode_mask=None, recompute=False):
+    def forward(self, x, cos, sin, packed=None, cache_rows=None, decode_pos=None, decode_mask=None, recompute=False,
+                context=None):
         if recompute:  # activation checkpointing inside the block: a compiled block recomputes in its backward graph
             return torch.utils.checkpoint.checkpoint(self.forward, x, cos, sin, packed, use_reentrant=False)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packed, cache_rows, decode_pos, decode_mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, packed, cache_rows, decode_pos, decode_mask, context)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     # the compiled decode step's call: one block's code for every layer (torch >= 2.8), not unrolled (eager, it would
@@ -434,7 +442,7 @@ class Transformer(nn.Module):
         self.compute_dtype = None  # the precision policy's, where it is not the weights' (see compute_dtype)
         self.logprob_chunk = 1024  # tokens per output-head chunk: 1024 x 152k logits, 0.6 GB in fp32
         self.page_size = 0  # the KV cache's page size; 0: dense (setup_cache)
-        self.cached_prefix = 0  # paged: the first positions of every row already in the cache (prefill leaves them)
+        self.cached_prefix = 0  # paged: the first positions of every row already in the cache (prefills start after)
 
     def forward(self, input_ids, positions=None, cache_rows=None, decode=False, kv_len=None, packed=None,
                 head=True, targets=None, temperature=1.0, token_mask=None, loss_weights=None):
@@ -455,15 +463,18 @@ class Transformer(nn.Module):
             for layer in self.model.layers:  # compiled, one block's code for all (Block.decode); eager, without its wrapper
                 x = (layer.decode if torch.compiler.is_compiling() else layer)(x, cos, sin, None, None, decode_pos, decode_mask)
         else:
-            if cache_rows is not None and self.page_size:  # paged: rows' positions 0..T-1 -> pool positions [B * k, T]
-                at = torch.arange(T, device=x.device)
-                cache_rows = self.page_table[cache_rows][:, at // self.page_size] * self.page_size + at % self.page_size
-                cache_rows[:, :self.cached_prefix] = at[:self.cached_prefix] % self.page_size  # to the sink page, not over them
+            context = None
+            if cache_rows is not None and self.page_size:  # paged: rows' positions C..C+T-1 -> pool positions [B * k, T]
+                P, C, table = self.page_size, self.cached_prefix, self.page_table[cache_rows]
+                at = C + torch.arange(T, device=x.device)
+                if C:  # the prefix every row holds, already in the cache: its pool positions [C], read by each layer
+                    context = (table[0, :C // P, None] * P + torch.arange(P, device=x.device)).flatten()
+                cache_rows = table[:, at // P] * P + at % P
             recompute = self.recompute_blocks if torch.is_grad_enabled() else 0
             for i, layer in enumerate(self.model.layers):
                 for t in (x, cos, sin):  # batch and length change per call: dynamic in compiled blocks, marked at every
                     torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2])  # layer (a graph may first run at any of them)
-                x = layer(x, cos, sin, packed, cache_rows, recompute=i < recompute)
+                x = layer(x, cos, sin, packed, cache_rows, recompute=i < recompute, context=context)
         x = self.model.norm(x)
         if not head:
             return x

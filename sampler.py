@@ -242,12 +242,12 @@ class Sampler:
     def write_common_prefix(self, prompts):
         """Paged: the whole pages of the opening every prompt shares (a judge template's system prompt) are written once,
         by a forward of that opening alone, and held for the call: every sample reads them (Pages.grow hands them out),
-        and prefills leave them as written (model.cached_prefix), so every sample reads the same K/V there, whatever
-        the prefill batch it came in. Prefills still compute the opening (its K/V for their own attention): this saves
-        pages, not prefill work."""
+        and prefills run only what follows them, attending to them in the cache (model.cached_prefix): the opening's
+        pages and its prefill are paid once a call, not once a prompt."""
         self.pages.drop_prefix()  # (a call cut short leaves its own)
         self.model.cached_prefix = 0
-        k = len(os.path.commonprefix(prompts)) // self.pages.size if len(prompts) > 1 else 0  # commonprefix: of lists too
+        # whole pages, leaving every prompt a token of its own to prefill (commonprefix works on lists too)
+        k = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) // self.pages.size if len(prompts) > 1 else 0
         if not k:
             return
         self.pages.hold_prefix(k)
@@ -296,16 +296,18 @@ class Sampler:
 
     def prefill(self, seqs, rows, n):
         """Run sequences right-padded (at most prefill_tokens per forward), each one's K/V to its n cache rows `rows`
-        [len(seqs) * n] -> each sequence's last hidden state [len(seqs), H]."""
-        device = self.tok.device
-        lengths = torch.tensor([len(p) for p in seqs], device=device)
+        [len(seqs) * n] -> each sequence's last hidden state [len(seqs), H]. Paged, a common prefix already in the
+        cache (model.cached_prefix, C positions) is not run again: the rows start at position C and attend to it."""
+        device, C = self.tok.device, self.model.cached_prefix
+        lengths = torch.tensor([len(p) - C for p in seqs], device=device)
         ids = torch.zeros(len(seqs), int(lengths.max()), dtype=torch.long)
         for i, p in enumerate(seqs):
-            ids[i, :len(p)] = torch.tensor(p)
+            ids[i, :len(p) - C] = torch.tensor(p[C:])
+        positions = C + torch.arange(ids.shape[1], device=device).expand(ids.shape)
         per = max(1, self.prefill_tokens // ids.shape[1])  # sequences per forward
-        return torch.cat([self.model(ids[s:s + per].to(device), cache_rows=rows[s * n:(s + per) * n], head=False)  # [p, T, H]
-                          [torch.arange(len(ids[s:s + per]), device=device), lengths[s:s + per] - 1]
-                          for s in range(0, len(seqs), per)])
+        return torch.cat([self.model(ids[s:s + per].to(device), positions[s:s + per], cache_rows=rows[s * n:(s + per) * n],
+                                     head=False)[torch.arange(len(ids[s:s + per]), device=device), lengths[s:s + per] - 1]
+                          for s in range(0, len(seqs), per)])  # [p, T, H] -> [p, H]
 
     def admit(self, prompts, prompt_ids, rows, n, temperature, top_p, top_k, vocab_size, stop):
         """Prefill prompts into slots `rows` (n per prompt: one prefill for the n samples) and draw first tokens."""

@@ -750,16 +750,25 @@ def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
 
 def test_the_opening_all_prompts_share_is_written_once_and_held_once(ckpt, monkeypatch):
     # 3 prompts of 45-49 tokens opening with the same 35 (a judge template), pages of 8: the opening's 4 whole pages are
-    # written by one forward of the opening alone and held once for every sample of every prompt. 2 samples each, 12
-    # new tokens: the 6 samples run at once in 22 pages, with the dense cache's tokens and log-probs; holding the
-    # opening per prompt takes 8 pages more, and the same pool then preempts (the same tokens still)
+    # written by one forward of the opening alone and held once for every sample of every prompt, and the prompts'
+    # prefill runs only the rest (13-17 tokens) against them. 2 samples each, 12 new tokens: the 6 samples run at once
+    # in 22 pages, with the dense cache's tokens and log-probs; holding the opening per prompt takes 8 pages more, and
+    # the same pool then preempts (the same tokens still)
     path, _, _ = ckpt
     m = checkpoint.load_model(path)
     opening = ragged_batch([35], seed=9)[0]
     prompts = [opening + p for p in ragged_batch([10, 12, 14], seed=10)]
     dense, dense_logps = Sampler(m, slots=6, max_len=64).generate(prompts, 12, 1.0, n=2, seed=3, logprobs=True)
     engine = Sampler(m, slots=6, max_len=64, page_size=8, pages=23)
+    prefilled = []  # the (padded) tokens of each prefill forward
+
+    def count(module, args):
+        if args[0].shape[1] > 1:  # not a decode step
+            prefilled.append(args[0].numel())
+    hook = m.model.embed_tokens.register_forward_pre_hook(count)
     out, logps = engine.generate(prompts, 12, 1.0, n=2, seed=3, logprobs=True)
+    hook.remove()
+    assert prefilled == [32, 3 * 17]  # the opening's 4 pages once, then the 3 rests padded to the longest (dense: 3 x 49)
     assert out == dense and engine.preemptions == 0 and engine.pages.peak == 22
     assert max(abs(a - b) for x, y in zip(logps, dense_logps) for a, b in zip(x, y)) < 1e-4
     # the call lets go of the opening: every page is back, and prefills write every position again
