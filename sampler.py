@@ -394,7 +394,7 @@ class Pages:
     the page the prompt ends in and those after it are each sample's own. A page returns to the pool when its last
     holder lets go of it. Changes go to the model's page_table / page_index in flush(), once per host check. Page 0 is
     never handed out: unassigned table entries point at it, so a finished slot that still steps writes there,
-    harmlessly (and prefills write there the common prefix's positions, which are already in the cache)."""
+    harmlessly."""
 
     def __init__(self, model, slots):
         self.model, self.size = model, model.page_size
