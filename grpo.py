@@ -283,6 +283,7 @@ class Rollout:  # this rank's groups of one step: group g is prompts[g] with res
     truncated: list
     seconds: float
     preempted: int = 0  # samples the paged KV cache sent back to the queue (re-prefilled later)
+    kv_pool_peak: float = 0.0  # the paged KV cache's most pages in use at once, a share of its pool
 
 
 def grpo_step(job, step):
@@ -316,7 +317,8 @@ def rollout(job, step):
     truncated = [job.tokenizer.cut_off(r) for r in responses]
     labels = [job.examples[batch[p]].label for p in positions for _ in range(args.n)]
     return Rollout(positions, prompts, responses, logps, [job.tokenizer.decode(r) for r in responses], labels, truncated,
-                   time.time() - t0, job.engine.preemptions - preempted)
+                   time.time() - t0, job.engine.preemptions - preempted,
+                   job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0)
 
 
 def score(job, ro):
@@ -447,6 +449,7 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, s
             "rollout_logp_diff_max": all_reduce_max([max(logp_diff_max)], job.device)[0],
             "rollout_kl": total["rollout_kl"] / max(total["length"], 1), "rollout_is_capped_frac": total["is_capped"] / n_mb,
             "rollout_preempted": int(total["preempted"]),
+            "rollout_kv_pool_peak": all_reduce_max([ro.kv_pool_peak], job.device)[0],  # paged; 0 with the dense cache
             "rollout_tokens_per_s": total["length"] / max(seconds["rollout_s"], 1e-9),
             "train_tokens_per_s": total["train_tokens"] / max(seconds["train_s"], 1e-9), **seconds}
 

@@ -215,6 +215,7 @@ class Sampler:
         outputs, hi, pos = [None] * (len(prompts) * n), 0, [0] * self.slots  # hi: an upper bound on positions in use
         out_logps = [None] * len(outputs)
         if self.pages:
+            self.pages.peak = 0
             self.write_common_prefix(prompts)
         while waiting or max(owner) >= 0:
             free = [s for s in range(self.slots) if owner[s] < 0]
@@ -403,7 +404,7 @@ class Pages:
         self.held, self.holders = [[] for _ in range(slots)], [0] * (self.pool + 1)  # holders: slots holding each page
         self.rows, self.placed = set(), {}  # to write: slots' table rows; page -> its logical index
         self.prefix = []  # the pages of the opening all of a call's prompts share (Sampler.write_common_prefix)
-        self.peak = 0  # the most pages in use at once, over the engine's life (bench.py reports it)
+        self.peak = 0  # the most pages in use at once during the last generate call (grpo.py logs it, bench.py prints it)
 
     def can_progress(self, n, prompt_len, ahead, longest):
         """Whether the whole pool holds n samples of a prompt of up to prompt_len tokens with `ahead` positions each

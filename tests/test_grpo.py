@@ -220,6 +220,7 @@ def test_a_paged_rollout_cache_gives_the_dense_caches_run(toy_paths, tmp_path, p
     for k in ("kl", "entropy", "grad_norm"):
         assert runs["paged"][k] == pytest.approx(runs["dense"][k], rel=1e-4), k
     assert runs["paged"]["rollout_preempted"] == runs["dense"]["rollout_preempted"] == 0
+    assert 0 < runs["paged"]["rollout_kv_pool_peak"] < 1 and runs["dense"]["rollout_kv_pool_peak"] == 0  # the pool's use
 
 
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
