@@ -232,7 +232,6 @@ class Sampler:
                 self.reserve(owner, pos, waiting)
         if self.pages:
             self.pages.drop_prefix()
-            self.model.cached_prefix = 0
         self.model.train(was_training)
         return (outputs, out_logps) if logprobs else outputs
 
@@ -246,7 +245,6 @@ class Sampler:
         and prefills run only what follows them, attending to them in the cache (model.cached_prefix): the opening's
         pages and its prefill are paid once a call, not once a prompt."""
         self.pages.drop_prefix()  # (a call cut short leaves its own)
-        self.model.cached_prefix = 0
         # whole pages, leaving every prompt a token of its own to prefill (commonprefix works on lists too)
         k = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) // self.pages.size if len(prompts) > 1 else 0
         if not k:
@@ -429,29 +427,31 @@ class Pages:
                 for page in self.prefix:
                     self.holders[page] += 1
         for j in range(len(self.prefix), len(self.prefix) + shared):
-            self.placed[self.free[-1]], self.holders[self.free[-1]] = j, len(slots)
-            page = self.free.pop()
+            page = self.take(j, len(slots))
             for s in slots:
                 self.held[s].append(page)
         for s, k in zip(slots, needs):
             for _ in range(k):
-                self.placed[self.free[-1]], self.holders[self.free[-1]] = len(self.held[s]), 1
-                self.held[s].append(self.free.pop())
+                self.held[s].append(self.take(len(self.held[s]), 1))
             self.rows.add(s)
-        self.peak = max(self.peak, self.pool - len(self.free))
         return True
+
+    def take(self, index, holders):
+        """A free page (the lowest), at logical index `index` in each of its `holders` slots."""
+        page = self.free.pop()
+        self.placed[page], self.holders[page] = index, holders
+        self.peak = max(self.peak, self.pool - len(self.free))
+        return page
 
     def hold_prefix(self, k):
         """Take k pages for the common prefix (logical pages 0..k-1 of every sequence), held until drop_prefix."""
-        self.prefix = [self.free.pop() for _ in range(k)]
-        self.placed.update((page, j) for j, page in enumerate(self.prefix))
-        for page in self.prefix:
-            self.holders[page] = 1
-        self.peak = max(self.peak, self.pool - len(self.free))
+        self.prefix = [self.take(j, 1) for j in range(k)]
 
     def drop_prefix(self):
+        """Let go of the common prefix: the model no longer reads its positions as cached (model.cached_prefix)."""
         self.let_go(self.prefix)
         self.prefix = []
+        self.model.cached_prefix = 0
 
     def release(self, slot):
         self.let_go(self.held[slot])
