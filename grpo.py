@@ -6,13 +6,13 @@ grpo.py: stage 2 of RM-R1, GRPO with the verdict reward. The project's main job.
 
 The algorithm, per step:
 1. Rollout. Take R = --rollout-prompts judge prompts q (a seeded permutation of the data, one epoch after
-   another); rank r takes rollout positions r, r + world, ... (rank_positions: every rank holds an equal
-   share of every mini-batch, so no rank idles through an update). The
-   policy's weights are copied into a plain (unsharded) rollout model, in bf16 on GPUs, and the sampler
-   (sampler.py: static KV cache, continuous batching, compiled decode step) draws a group of G = --n traces
-   o_1..o_G per prompt (temperature 1, top-p 1; the prefill is shared by the group). The draws are keyed
-   by (step, prompt, sample), so they do not depend on the number of ranks. The sampler also returns each
-   token's log-prob under its own forward, log mu(o_i,t) (other kernels, and bf16 on GPUs).
+   another); rank r samples rollout positions r, r + world, ... (rank_positions). The policy's weights are
+   copied into a plain (unsharded) rollout model, in bf16 on GPUs, and the sampler (sampler.py: static KV
+   cache, continuous batching, compiled decode step) draws a group of G = --n traces o_1..o_G per prompt
+   (temperature 1, top-p 1; the prefill is shared by the group). The draws are keyed by (step, prompt,
+   sample), so they do not depend on the number of ranks. The sampler also returns each token's log-prob
+   under its own forward, log mu(o_i,t) (other kernels, and bf16 on GPUs). The ranks then gather each
+   other's traces: every rank holds the whole rollout, and the update shares it out by length.
 2. Reward. r_i = +1 if o_i ends with the verdict matching the label, -1 otherwise (rewards.judge_reward;
    a trace cut at --max-new-tokens gets -1). With --format-reward: format (0/1) + correct (0/1).
 3. Advantage, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-6) (unbiased std; --no-std-norm drops the
@@ -24,7 +24,9 @@ The algorithm, per step:
    a group's prompt once for its G responses, packed back to back in one row (model.PackedRows: each response
    attends to the prompt and to itself; no padding between responses), which gives the same log-probs as G
    separate [prompt, o_i] rows at a fraction of the cost when prompts are long; with --micro-seqs < G, once per
-   slice of the group's responses (less memory per forward).
+   slice of the group's responses (less memory per forward). micro_batch_plan deals each mini-batch's
+   micro-batches out to the ranks longest first, one each a round, so at each forward (where FSDP makes every
+   rank wait for the slowest) the ranks hold about as many tokens (logged: train_balance).
    The sampler-trainer mismatch log pi_old - log mu is logged every step (mean and max |delta|, k3 KL(mu || pi_old)).
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
@@ -67,9 +69,9 @@ from data import default_judge_family, describe_counts, load_judge_examples, loa
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
-                      clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute,
-                      grad_ckpt_flag, load_for_training, load_state, lr_at, make_optimizer, precision_of,
+from training import (RunDir, accumulate_gradients, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
+                      check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch,
+                      fit_recompute, grad_ckpt_flag, load_for_training, load_state, lr_at, make_optimizer, precision_of,
                       save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
@@ -216,9 +218,8 @@ def aggregate(loss_tok, mask, agg, n_tokens, n_seqs, max_new_tokens):
 
 
 def rank_positions(rollout_prompts, world, rank):
-    """The rollout positions rank `rank` samples and trains on: r, r + world, ... Mini-batches are contiguous
-    positions, so with --minibatch-prompts % world == 0 (parse_args checks it) every rank holds exactly
-    minibatch_prompts / world groups of every mini-batch."""
+    """The rollout positions rank `rank` samples: r, r + world, ... (rollout_prompts / world of them: parse_args checks
+    that --minibatch-prompts, and so --rollout-prompts, is a multiple of world). Training shares them out anew."""
     return list(range(rank, rollout_prompts, world))
 
 
@@ -273,8 +274,7 @@ class Job:  # what every step uses: settings, models, data, and where this rank 
 
 
 @dataclass
-class Rollout:  # this rank's groups of one step: group g is prompts[g] with responses[g*n : (g+1)*n]
-    positions: list  # rollout position of each group (which mini-batch it belongs to)
+class Rollout:  # the step's groups, every rank's, in rollout order: group g is prompts[g] with responses[g*n : (g+1)*n]
     prompts: list
     responses: list
     rollout_logps: list  # the sampler's log-prob of each response token
@@ -282,8 +282,8 @@ class Rollout:  # this rank's groups of one step: group g is prompts[g] with res
     labels: list
     truncated: list
     seconds: float
-    preempted: int = 0  # samples the paged KV cache sent back to the queue (re-prefilled later)
-    kv_pool_peak: float = 0.0  # the paged KV cache's most pages in use at once, a share of its pool
+    preempted: int = 0  # samples this rank's paged KV cache sent back to the queue (re-prefilled later)
+    kv_pool_peak: float = 0.0  # this rank's paged KV cache's most pages in use at once, a share of its pool
 
 
 def grpo_step(job, step):
@@ -292,32 +292,37 @@ def grpo_step(job, step):
     ro = rollout(job, step)
     rewards, correct = score(job, ro)
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
-    plan = micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
+    plans = micro_batch_plan(list(map(len, ro.prompts)), list(map(len, ro.responses)), args.n, args.minibatch_prompts,
+                             args.micro_seqs, job.world)
+    plan = plans[job.rank]
     t0 = time.time()
     old, refs, sampler_logp, mismatch = old_and_ref_logprobs(job, ro, plan)
     t_logprobs, t0 = time.time() - t0, time.time()
     updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, sampler_logp[m])
                for m, part in enumerate(plan)]
-    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch,
+    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, train_balance(ro, plans, args.n),
                         {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
 
 
 def rollout(job, step):
-    """1. Sample n traces for each of this rank's prompts from a fresh copy of the policy's weights."""
-    args, t0 = job.args, time.time()
+    """1. Sample n traces for each of this rank's prompts from a fresh copy of the policy's weights, then gather every
+    rank's: each rank holds the step's whole rollout, so the update can share out its micro-batches (micro_batch_plan)."""
+    args, t0, n, world = job.args, time.time(), job.args.n, job.world
     batch = epoch_batch(len(job.examples), args.rollout_prompts, step, args.seed)
-    positions = rank_positions(args.rollout_prompts, job.world, job.rank)
-    prompts = [job.prompt_ids[batch[p]] for p in positions]
+    mine = rank_positions(args.rollout_prompts, world, job.rank)
     job.engine.load_weights(job.policy)
     preempted = job.engine.preemptions
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
-    responses, logps = job.engine.generate(prompts, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.n,
-                                           job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
-                                           vocab_size=job.tokenizer.vocab_size, prompt_ids=positions, logprobs=True)
-    truncated = [job.tokenizer.cut_off(r) for r in responses]
-    labels = [job.examples[batch[p]].label for p in positions for _ in range(args.n)]
-    return Rollout(positions, prompts, responses, logps, [job.tokenizer.decode(r) for r in responses], labels, truncated,
-                   time.time() - t0, job.engine.preemptions - preempted,
+    responses, logps = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature,
+                                           args.top_p, args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
+                                           vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, logprobs=True)
+    # rank r sampled positions r, r + world, ...: its i-th group is position r + i * world
+    responses, logps = (all_gather_lists(x, job.device, dtype) for x, dtype in ((responses, torch.long), (logps, torch.float64)))
+    order = [(p % world, (p // world) * n + j) for p in range(args.rollout_prompts) for j in range(n)]
+    responses, logps = [responses[r][i] for r, i in order], [logps[r][i] for r, i in order]
+    labels = [job.examples[batch[p]].label for p in range(args.rollout_prompts) for _ in range(n)]
+    return Rollout([job.prompt_ids[b] for b in batch], responses, logps, [job.tokenizer.decode(r) for r in responses], labels,
+                   [job.tokenizer.cut_off(r) for r in responses], time.time() - t0, job.engine.preemptions - preempted,
                    job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0)
 
 
@@ -329,26 +334,50 @@ def score(job, ro):
     return rewards, (verdict_rewards > 0).float()
 
 
-def micro_batch_plan(positions, minibatch_prompts, micro_seqs, n, lengths):
-    """-> plan[m] = the micro-batches of mini-batch m in order, each a list of this rank's sequence indices g * n + j
-    (response j of group g): micro_seqs // n whole groups, or each group in k = ceil(n / micro_seqs) slices of at most
-    ceil(n / k) responses and near-equal token counts (lengths [G * n]; longest first, each to the slice with the fewest
-    tokens so far): a packed row costs its tokens, so the largest slice sets the peak memory."""
-    plan, k = {}, -(-n // micro_seqs)
-    for g, p in enumerate(positions):
-        micros = plan.setdefault(p // minibatch_prompts, [])
-        if k == 1 and micros and len(micros[-1]) + n <= micro_seqs:
-            micros[-1] += range(g * n, (g + 1) * n)
-        elif k == 1:
-            micros.append(list(range(g * n, (g + 1) * n)))
-        else:
-            slices, tokens = [[] for _ in range(k)], [0] * k
-            for i in sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i]):
-                s = min((s for s in range(k) if len(slices[s]) < -(-n // k)), key=lambda s: tokens[s])
-                slices[s].append(i)
-                tokens[s] += lengths[i]
-            micros += [sorted(s) for s in slices]
-    return [plan[m] for m in sorted(plan)]
+def micro_batch_plan(prompt_lens, lengths, n, minibatch_prompts, micro_seqs, world):
+    """The step's micro-batches -> plans[r][m]: rank r's micro-batches of mini-batch m in order, each a list of sequence
+    indices g * n + j (response j of group g; prompt_lens [G], lengths [G * n]). A micro-batch costs about its packed rows'
+    tokens, and at every forward each rank waits for the slowest (FSDP's collectives), so per mini-batch:
+    1. items: whole groups (micro_seqs >= n), or each group in k = ceil(n / micro_seqs) slices (group_slices);
+    2. the items, most tokens first, are cut in order into rounds of at most world x per items (per = micro_seqs // n
+       groups, or one slice), as few rounds as that allows: like lengths share a round, so its rows pad little;
+    3. a round is one micro-batch for each rank: its items go, in order, each to the one with the fewest tokens so far
+       that has room. Rank r's i-th micro-batch is from round i, so every rank runs as many, each about as long."""
+    k = -(-n // micro_seqs)
+    per = max(1, micro_seqs // n) if k == 1 else 1
+    tokens = lambda seqs: prompt_lens[seqs[0] // n] - 1 + sum(lengths[i] for i in seqs)  # a packed row's length
+    plans = [[] for _ in range(world)]
+    for first in range(0, len(prompt_lens), minibatch_prompts):
+        items = sorted((s for g in range(first, first + minibatch_prompts) for s in group_slices(g, n, k, lengths)),
+                       key=lambda s: -tokens(s))
+        rounds = -(-len(items) // (world * per))
+        micros, held, load = [[] for _ in range(rounds * world)], [0] * (rounds * world), [0] * (rounds * world)
+        for i, s in enumerate(items):  # round i * rounds // len(items) is micro-batches b0 ... b0 + world - 1
+            b0 = i * rounds // len(items) * world
+            b = min((b for b in range(b0, b0 + world) if held[b] < per), key=lambda b: load[b])
+            micros[b], held[b], load[b] = micros[b] + s, held[b] + 1, load[b] + tokens(s)
+        for r in range(world):
+            plans[r].append([sorted(m) for m in micros[r::world]])
+    return plans
+
+
+def group_slices(g, n, k, lengths):
+    """Group g's responses g * n ... in k slices of at most ceil(n / k), near-equal in tokens (longest first, each to the
+    slice with the fewest tokens so far): a packed row costs its tokens, so the largest slice sets the peak memory."""
+    slices, tokens = [[] for _ in range(k)], [0] * k
+    for i in sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i]):
+        s = min((s for s in range(k) if len(slices[s]) < -(-n // k)), key=lambda s: tokens[s])
+        slices[s].append(i)
+        tokens[s] += lengths[i]
+    return [sorted(s) for s in slices]
+
+
+def train_balance(ro, plans, n):
+    """How evenly the ranks' micro-batches share the update: (all tokens / ranks) / sum over i of the largest i-th
+    micro-batch, in packed-row tokens. 1: no rank waits at any forward; 1 / world: one rank does all the work."""
+    tokens = lambda seqs: sum(len(ro.prompts[g]) - 1 for g in {i // n for i in seqs}) + sum(len(ro.responses[i]) for i in seqs)
+    steps = [max(map(tokens, micros)) for minibatches in zip(*plans) for micros in zip(*minibatches)]
+    return sum(tokens(m) for plan in plans for micros in plan for m in micros) / len(plans) / max(sum(steps), 1)
 
 
 def micro_rows(ro, seqs, n):
@@ -425,32 +454,28 @@ def policy_update_step(job, ro, seqs, adv, old_logp, ref_logp, rollout_logp, n_t
             "tokens": sum(map(len, prompts + responses))}  # a prompt: once per micro-batch
 
 
-def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, seconds):
-    """Sums over ranks of named per-trace statistics -> the step's record (means over all traces and groups)."""
+def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, balance, seconds):
+    """The rollout's statistics (every rank holds it all) and sums over ranks of the training's -> the step's record."""
     lengths = [len(r) for r in ro.responses]
     logp_diff, logp_diff_max, rollout_kl = torch.stack(mismatch).T.tolist() if mismatch else ([0.0], [0.0], [0.0])
     unparsed = [tr or parse_verdict(t) is None for t, tr in zip(ro.texts, ro.truncated)]
-    local = {"reward": rewards.sum().item(), "correct": correct.sum().item(), "unparsed": sum(unparsed),
-             "length": sum(lengths), "truncated": sum(ro.truncated), "zero_std_groups": zero_std * len(ro.prompts),
-             "traces": len(ro.responses), "groups": len(ro.prompts), "train_tokens": sum(u["tokens"] for u in updates),
-             "clipped": sum(u["clipped"] for u in updates), "entropy": sum(u["entropy"] for u in updates),
-             "is_capped": sum(u["is_capped"] for u in updates), "logp_diff": sum(logp_diff), "rollout_kl": sum(rollout_kl),
-             "preempted": ro.preempted}
+    local = {"train_tokens": sum(u["tokens"] for u in updates), "clipped": sum(u["clipped"] for u in updates),
+             "entropy": sum(u["entropy"] for u in updates), "is_capped": sum(u["is_capped"] for u in updates),
+             "logp_diff": sum(logp_diff), "rollout_kl": sum(rollout_kl), "preempted": ro.preempted}
     total = dict(zip(local, all_reduce_sum(list(local.values()), job.device)))
-    n_mb, traces = len(updates), total["traces"]
-    return {"step": step + 1, "reward_mean": total["reward"] / traces, "accuracy": total["correct"] / traces,
-            "unparsed_rate": total["unparsed"] / traces, "response_len_mean": total["length"] / traces,
-            "response_len_max": all_reduce_max([max(lengths, default=0)], job.device)[0],
-            "truncated_frac": total["truncated"] / traces, "zero_std_frac": total["zero_std_groups"] / total["groups"],
+    n_mb, traces, length = len(updates), len(lengths), sum(lengths)
+    return {"step": step + 1, "reward_mean": rewards.sum().item() / traces, "accuracy": correct.sum().item() / traces,
+            "unparsed_rate": sum(unparsed) / traces, "response_len_mean": length / traces, "response_len_max": max(lengths),
+            "truncated_frac": sum(ro.truncated) / traces, "zero_std_frac": zero_std,
             "kl": sum(u["kl"] for u in updates) / n_mb, "clip_frac": total["clipped"] / n_mb,
             "entropy": total["entropy"] / n_mb, "grad_norm": sum(u["grad_norm"] for u in updates) / n_mb,
             # the sampler vs the trainer (pi_old), per response token: mean and max |delta log-prob|, k3 KL(mu || pi_old)
-            "rollout_logp_diff_mean": total["logp_diff"] / max(total["length"], 1),
+            "rollout_logp_diff_mean": total["logp_diff"] / max(length, 1),
             "rollout_logp_diff_max": all_reduce_max([max(logp_diff_max)], job.device)[0],
-            "rollout_kl": total["rollout_kl"] / max(total["length"], 1), "rollout_is_capped_frac": total["is_capped"] / n_mb,
+            "rollout_kl": total["rollout_kl"] / max(length, 1), "rollout_is_capped_frac": total["is_capped"] / n_mb,
             "rollout_preempted": int(total["preempted"]),
             "rollout_kv_pool_peak": all_reduce_max([ro.kv_pool_peak], job.device)[0],  # paged; 0 with the dense cache
-            "rollout_tokens_per_s": total["length"] / max(seconds["rollout_s"], 1e-9),
+            "rollout_tokens_per_s": length / max(seconds["rollout_s"], 1e-9), "train_balance": balance,
             "train_tokens_per_s": total["train_tokens"] / max(seconds["train_s"], 1e-9), **seconds}
 
 

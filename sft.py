@@ -12,11 +12,13 @@ through the end-of-turn token), normalised over the whole optimizer step:
 where N_step counts the supervised tokens of the global batch across all micro-batches and all ranks (a
 mean of per-micro-batch means would weight short sequences more). log p comes from model.py's chunked
 output head, so the [tokens, vocab] fp32 logits never exist. Each optimizer step takes --global-batch
-sequences from a seeded per-epoch permutation; each rank takes every world-th of them and packs them back to
-back into rows as long as the longest (model.PackedRows: each sequence attends only to itself, from position 0),
-about --tokens-per-micro tokens of rows per micro-batch: no padding between sequences, and on CUDA attention costs
-each sequence's own length (FlexAttention skips the blocks of other sequences; a micro-batch of one sequence a row
-is plain causal attention). AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 1.0.
+sequences from a seeded per-epoch permutation and packs them back to back into rows as long as the longest
+(model.PackedRows: each sequence attends only to itself, from position 0), about --tokens-per-micro tokens of rows
+per micro-batch: no padding between sequences, and on CUDA attention costs each sequence's own length (FlexAttention
+skips the blocks of other sequences; a micro-batch of one sequence a row is plain causal attention). Rank r runs
+micro-batches r, r + world, ...: they come out longest first and full, so at each forward the ranks hold about as
+many tokens (FSDP makes every rank wait for the slowest), and a rank one short runs an empty one.
+AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 1.0.
 
 With --val-data the greedy judge accuracy on those pairs is measured every --val-every steps (logged as
 val_accuracy), and --stop-at-accuracy ends training at the first check that reaches it (the toy uses this
@@ -51,7 +53,7 @@ import toy
 from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, all_reduce_max, all_reduce_sum, check_flags, check_vocab, cli,
+from training import (RunDir, accumulate_gradients, all_reduce_sum, check_flags, check_vocab, cli,
                       clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute,
                       grad_ckpt_flag, idle_backward, load_for_training, load_state, lr_at, make_optimizer,
                       precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
@@ -260,8 +262,11 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = 0.0
-    micros = micro_batches(batch[rank::world], args.tokens_per_micro)
-    n_idle = int(all_reduce_max([len(micros)], device)[0]) - len(micros)  # before any forward: collectives in step
+    # the whole batch is packed, then dealt: rank r runs micro-batches r, r + world, ... Rows come out longest first and
+    # full, so at each forward (FSDP: every rank waits for the slowest) the ranks hold about as many tokens
+    packed = micro_batches(batch, args.tokens_per_micro)
+    micros = packed[rank::world]
+    n_idle = -(-len(packed) // world) - len(micros)  # FSDP: every rank runs as many forwards and backwards
     for k, rows in enumerate(micros):
         accumulate_gradients(model, last=k == len(micros) - 1)
         ids, positions, targets, weights, packed = pack_batch(rows, pad_id, device, M.compute_dtype(model))
@@ -272,7 +277,7 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     for _ in range(n_idle):
         idle_backward(model, device)
     grad_norm = clip_grad_norm(model, args.grad_clip)
-    loss_sum, tokens = all_reduce_sum([float(loss_sum), sum(len(s) for s, _ in batch[rank::world])], device)
+    loss_sum, tokens = all_reduce_sum([float(loss_sum)], device)[0], sum(len(s) for s, _ in batch)
     stop_if_not_finite("sft.py", step + 1, state_dir, loss=loss_sum / n_step, grad_norm=grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

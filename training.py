@@ -5,6 +5,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   precision_of        --precision: bf16 (the GPU policy below; default on CUDA) or fp32 (default elsewhere)
   load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits)
+  all_gather_lists    every rank's lists of numbers, on every rank (GRPO's rollout, so ranks can share its training)
   grad_ckpt_flag, fit_recompute  which blocks recompute their activations in backward (auto: as memory needs)
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
@@ -154,6 +155,26 @@ def _all_reduce(values, device, op):
 
 all_reduce_sum = functools.partial(_all_reduce, op=dist.ReduceOp.SUM)  # (values, device) -> sums over ranks
 all_reduce_max = functools.partial(_all_reduce, op=dist.ReduceOp.MAX)
+
+
+def all_gather_lists(lists, device, dtype):
+    """This rank's lists of numbers (any count, any lengths) -> every rank's, [rank 0's lists, rank 1's, ...], on every
+    rank ([lists] without a process group). Each rank sends one flat tensor, [lengths | values], padded to the longest
+    rank's; dtype must hold the values exactly (float64 holds fp32 log-probs, int64 token ids)."""
+    if not dist.is_initialized():
+        return [lists]
+    flat = torch.tensor([len(x) for x in lists] + [v for x in lists for v in x], dtype=dtype, device=device)
+    sizes = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(lists), len(flat)], device=device))
+    longest = max(int(s[1]) for s in sizes)
+    gathered = [flat.new_zeros(longest) for _ in sizes]
+    dist.all_gather(gathered, torch.cat([flat, flat.new_zeros(longest - len(flat))]))
+    out = []
+    for (count, _), t in zip(sizes, gathered):
+        values, count = t.tolist(), int(count)
+        ends = list(itertools.accumulate(map(int, values[:count]), initial=count))
+        out.append([values[a:b] for a, b in zip(ends, ends[1:])])
+    return out
 
 
 def idle_backward(model, device):

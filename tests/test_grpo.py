@@ -1,6 +1,7 @@
 """grpo.py: the loss math against hand-computed values, distributed equivalence, resume, argument checks."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,7 +157,8 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
     m1, m2 = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m2]
     keys = {"reward_mean", "accuracy", "unparsed_rate", "response_len_mean", "response_len_max", "truncated_frac",
-            "zero_std_frac", "kl", "clip_frac", "entropy", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s"}
+            "zero_std_frac", "kl", "clip_frac", "entropy", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s",
+            "train_balance"}
     assert keys <= set(m1[0])
     assert any(-1 < r["reward_mean"] < 1 and r["zero_std_frac"] < 1 for r in m1)  # mixed groups: real gradients
     assert all(r["clip_frac"] > 0 and r["kl"] > 0 for r in m1)  # mini-batch steps after the first move the policy
@@ -251,6 +253,9 @@ def test_torchrun_two_ranks_matches_one_process_and_resumes_a_one_rank_state(toy
     grpo.main(grpo_args(toy_paths, tmp_path / "two", *sliced, "--stop-after-steps", "1", policy=policy))
     run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *sliced, "--resume", policy=policy))
     assert_same_run(tmp_path / "one", tmp_path / "two", batched_alike=False)
+    # the two ranks gathered each other's traces and shared out the slices: 8 a mini-batch, 4 each
+    assert [r["train_balance"] for r in read_metrics(tmp_path / "one")] == [1.0] * 3
+    assert all(0.5 < r["train_balance"] < 1 for r in read_metrics(tmp_path / "two")[1:])
     s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
     assert s1["heldout_end"] == s2["heldout_end"]
 
@@ -330,6 +335,11 @@ def first_rollout(toy_paths, policy, *extra, dtype=None, compiled=False):
     return job, grpo.rollout(job, 0)
 
 
+def one_rank_plan(ro, args, micro_seqs):
+    return grpo.micro_batch_plan(list(map(len, ro.prompts)), list(map(len, ro.responses)), args.n, args.minibatch_prompts,
+                                 micro_seqs, 1)[0]
+
+
 @pytest.mark.parametrize("dtype,compiled,micro_seqs", [(torch.float32, False, 6), (torch.bfloat16, False, 6),
                                                       (torch.bfloat16, True, 6), (torch.bfloat16, False, 2)])
 def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled, micro_seqs):
@@ -341,7 +351,7 @@ def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled
     job, ro = first_rollout(toy_paths, policy, "--micro-seqs", str(micro_seqs), dtype=dtype, compiled=compiled)
     args, model = job.args, job.policy
     assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
-    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
+    plan = one_rank_plan(ro, args, args.micro_seqs)
     assert len(plan[0]) == (2 if micro_seqs == 6 else 8)  # 4 groups: 2 per micro-batch, or each in 2 slices
     old, _, sampler_logp, _ = grpo.old_and_ref_logprobs(job, ro, plan)
     rewards, _ = grpo.score(job, ro)
@@ -359,7 +369,7 @@ def test_importance_weights_scale_the_policy_loss(toy_paths, policy):
     job, ro = first_rollout(toy_paths, policy)
     args = job.args
     adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
-    plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, args.micro_seqs, args.n, list(map(len, ro.responses)))
+    plan = one_rank_plan(ro, args, args.micro_seqs)
     old, _, sampler_logp, mismatch = grpo.old_and_ref_logprobs(job, ro, plan)
     assert all(m[0] > 0 and m[1] < 1e-4 for m in mismatch)  # fp32: the sampler's kernels differ, barely
     losses = []
@@ -380,16 +390,45 @@ def test_importance_weights_scale_the_policy_loss(toy_paths, policy):
 
 
 def test_micro_batch_plan_by_hand():
-    # 4 groups of n = 3 in 2 mini-batches of 2 prompts; sequence g * 3 + j is response j of group g, of length L[g * 3 + j]
-    L = [5, 9, 9, 1, 2, 3, 3, 2, 1, 7, 7, 7]
-    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 6, 3, L) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]
-    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 5, 3, L) == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
-    # slices of a group: near-equal tokens (longest first, each to the slice with fewer tokens; ties to the first);
-    # group 0 (5, 9, 9) -> 14 + 9 tokens, not 5 + 18
-    assert grpo.micro_batch_plan([0, 1, 2, 3], 2, 2, 3, L) == [[[0, 1], [2], [5], [3, 4]], [[6], [7, 8], [9, 11], [10]]]
-    assert grpo.micro_batch_plan([1, 3, 5, 7], 4, 9, 3, L) == [[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]  # rank 1 of 2
-    assert [len(s) for s in grpo.micro_batch_plan([0], 1, 4, 7, [1] * 7)[0]] == [4, 3]  # at most ceil(7 / 2) a slice
-    assert grpo.micro_batch_plan([0], 1, 4, 7, [9, 1, 1, 8, 1, 1, 1])[0] == [[0, 2, 5], [1, 3, 4, 6]]  # 11 + 11 tokens
+    # 4 groups of n = 3 (prompts of 3 tokens) in 2 mini-batches of 2 prompts; sequence g * 3 + j is response j of group g,
+    # of length L[g * 3 + j]. A packed row costs 2 prompt tokens + its responses: groups 25, 8, 8 and 23 tokens
+    P, L = [3] * 4, [5, 9, 9, 1, 2, 3, 3, 2, 1, 7, 7, 7]
+    plan = lambda minibatch, micro_seqs, world: grpo.micro_batch_plan(P, L, 3, minibatch, micro_seqs, world)
+    assert plan(2, 6, 1) == [[[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]]
+    assert plan(2, 5, 1) == [[[[0, 1, 2], [3, 4, 5]], [[9, 10, 11], [6, 7, 8]]]]  # most tokens first
+    # slices of a group, near-equal in tokens (longest first, each to the slice with fewer tokens; ties to the first):
+    # group 0 (5, 9, 9) -> 14 + 9 tokens, not 5 + 18; group 3 (7, 7, 7) -> [9, 11] and [10]
+    assert grpo.group_slices(0, 3, 2, L) == [[0, 1], [2]] and grpo.group_slices(3, 3, 2, L) == [[9, 11], [10]]
+    assert plan(2, 2, 1) == [[[[0, 1], [2], [5], [3, 4]], [[9, 11], [10], [6], [7, 8]]]]
+    # two ranks: the same micro-batches, dealt in turn, so each rank's i-th is about as long as the other's
+    assert plan(2, 2, 2) == [[[[0, 1], [5]], [[9, 11], [6]]], [[[2], [3, 4]], [[10], [7, 8]]]]
+    # 3 groups a micro-batch, two ranks, one mini-batch: one round, each rank one micro-batch of 2 groups; the longest
+    # first, each to the rank with fewer tokens: 25 -> rank 0, 23 -> rank 1, 8 -> rank 1 (31), 8 -> rank 0 (33)
+    assert plan(4, 9, 2) == [[[[0, 1, 2, 6, 7, 8]]], [[[3, 4, 5, 9, 10, 11]]]]
+    assert [len(s) for s in grpo.group_slices(0, 7, 2, [1] * 7)] == [4, 3]  # at most ceil(7 / 2) a slice
+    assert grpo.group_slices(0, 7, 2, [9, 1, 1, 8, 1, 1, 1]) == [[0, 2, 5], [1, 3, 4, 6]]  # 11 + 11 tokens
+
+
+@pytest.mark.parametrize("world", [1, 2, 8, 32])
+def test_every_rank_runs_as_many_micro_batches_and_together_every_sequence_once(world):
+    # RM-R1's traces are long-tailed: lengths drawn log-normal (median 900, capped at 8192), prompts around 1,300 tokens
+    gen = torch.Generator().manual_seed(world)
+    for rollout, minibatch, n, micro_seqs in [(1024, 128, 7, 4), (64, 16, 7, 112), (256, 32, 4, 8), (256, 32, 3, 4)]:
+        if minibatch % world:
+            continue
+        P = (1300 * torch.empty(rollout).log_normal_(0, 0.35, generator=gen)).int().clamp(200, 4096).tolist()
+        L = (900 * torch.empty(rollout * n).log_normal_(0, 0.8, generator=gen)).int().clamp(1, 8192).tolist()
+        plans = grpo.micro_batch_plan(P, L, n, minibatch, micro_seqs, world)
+        for m in range(rollout // minibatch):
+            micros = [seqs for r in range(world) for seqs in plans[r][m]]
+            assert sorted(i for seqs in micros for i in seqs) == list(range(m * minibatch * n, (m + 1) * minibatch * n))
+            assert len({len(plans[r][m]) for r in range(world)}) == 1  # FSDP: every rank runs as many forwards
+            k = -(-n // micro_seqs)  # slices of a group
+            assert all(len(seqs) <= (n * (micro_seqs // n) if k == 1 else -(-n // k)) for seqs in micros)
+        balance = grpo.train_balance(SimpleNamespace(prompts=[[0] * p for p in P], responses=[[0] * x for x in L]), plans, n)
+        assert balance == 1 if world == 1 else 1 / world < balance < 1
+        if rollout == 1024 and world > 1:  # the paper's settings: 0.98 on 8 ranks, 0.90 on 32; each rank training the
+            assert balance > 0.85, balance  # groups it sampled, in order: 0.69 and 0.58 (docs/measurements.md)
 
 
 def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
@@ -400,7 +439,7 @@ def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
     adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
     runs = {}
     for micro_seqs in (9, 2, 1):
-        plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
+        plan = one_rank_plan(ro, args, micro_seqs)
         old, _, sampler_logp, _ = grpo.old_and_ref_logprobs(job, ro, plan)
         per_seq = {i: logp[row, :len(ro.responses[i])] for micros, olds in zip(plan, old)
                    for seqs, logp in zip(micros, olds) for row, i in enumerate(seqs)}
@@ -422,7 +461,7 @@ def test_update_reads_the_device_once_a_minibatch_not_once_a_micro_batch(toy_pat
     adv, _ = grpo.group_advantages(grpo.score(job, ro)[0], args.n)
     reads = {}
     for micro_seqs in (9, 1):
-        plan = grpo.micro_batch_plan(ro.positions, args.minibatch_prompts, micro_seqs, args.n, list(map(len, ro.responses)))
+        plan = one_rank_plan(ro, args, micro_seqs)
         old, _, sampler_logp, _ = grpo.old_and_ref_logprobs(job, ro, plan)
         count = []
         for name in ("item", "__float__", "tolist"):
