@@ -67,8 +67,8 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temp
         outs = engine.generate([prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
                                stop_ids=tokenizer.stop_ids, seed=seed, vocab_size=tokenizer.vocab_size, prompt_ids=idx)
         rows = []
-        for i, out in zip(idx, outs):
-            text, truncated = tokenizer.decode(out), tokenizer.cut_off(out)
+        for i, out, text in zip(idx, outs, tokenizer.decode_batch(outs)):
+            truncated = tokenizer.cut_off(out)
             rows.append(result_row(examples[i], len(prompt_ids[i]), text, None if truncated else parse_verdict(text), truncated))
         if progress:
             progress.update(len(rows))

@@ -321,7 +321,7 @@ def rollout(job, step):
     order = [(p % world, (p // world) * n + j) for p in range(args.rollout_prompts) for j in range(n)]
     responses, logps = [responses[r][i] for r, i in order], [logps[r][i] for r, i in order]
     labels = [job.examples[batch[p]].label for p in range(args.rollout_prompts) for _ in range(n)]
-    return Rollout([job.prompt_ids[b] for b in batch], responses, logps, [job.tokenizer.decode(r) for r in responses], labels,
+    return Rollout([job.prompt_ids[b] for b in batch], responses, logps, job.tokenizer.decode_batch(responses), labels,
                    [job.tokenizer.cut_off(r) for r in responses], time.time() - t0, job.engine.preemptions - preempted,
                    job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0)
 

@@ -61,6 +61,10 @@ def test_tokenizer_encodes_real_texts_like_transformers():
         assert ours.decode(ids) == text
     special = "<|im_start|>user\nhi<|im_end|>\n<|endoftext|>"
     assert ours.encode(special) == auto.encode(special, add_special_tokens=False)
+    # a rollout's traces decode in one batch: special tokens kept (a verdict may follow them), an empty trace empty,
+    # and a trace cut mid-character as one by one
+    traces = [ours.encode(special + t)[:n] for t, n in zip(texts, range(0, 400, 7))] + [[]]
+    assert ours.decode_batch(traces) == [ours.decode(t) for t in traces] == [auto.decode(t) for t in traces]
     assert (ours.eos_id, ours.pad_id, ours.im_end_id, ours.end_of_turn_id) == (151645, 151643, 151645, 151645)
     assert ours.vocab_size == 151665
 
