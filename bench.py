@@ -6,10 +6,11 @@ bench.py: performance measured against transformers in the same run (ratios, not
     python bench.py decode    # KV-cached greedy decode tokens/s vs transformers' generate (batch 1 and a
                               # GRPO-shaped batch)
     python bench.py gpu       # the GPU checks, each printed the moment it is measured and capped in time
-                              # (5 minutes on one H100, compile included); --only ragged,grpo runs the others;
+                              # (5 minutes on one H100, compile included); --only decode7b,grpo and
+                              # --only ragged,paged run the others;
                               # --smoke runs the same code on CPU with a tiny model, to check the script itself
 
-Shapes are those of the released Qwen2.5-0.5B / 1.5B configs (written below, so a GPU machine needs only this
+Shapes are those of the released Qwen2.5-0.5B / 1.5B / 7B configs (written below, so a GPU machine needs only this
 repository; --config reads another config.json); --layers cuts the depth so a CPU finishes in a minute;
 weights are random (only speed and memory are measured). Memory on CPU is the peak resident-set growth of a
 fresh subprocess per variant (on CUDA, torch.cuda.max_memory_allocated).
@@ -36,6 +37,8 @@ SHAPES = {"0.5B": dict(_QWEN25, hidden_size=896, intermediate_size=4864, num_hid
                        num_key_value_heads=2),
           "1.5B": dict(_QWEN25, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                        num_key_value_heads=2),
+          "7B": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
           "smoke": dict(_QWEN25, vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2)}
 
@@ -301,7 +304,7 @@ def check(log, name, cap_s, fn, deadline=None):
     log.flush()
 
 
-GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "grpo")  # bench_gpu's groups of checks, in their order
+GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "decode7b", "grpo")  # bench_gpu's groups of checks, in their order
 # what fits the 5 minutes (on an H100 the training rows took about 2 minutes, the 8 x 8 rollout 40 s); the ragged
 # rollout (8 decode graphs at 13-17 s each) and the 2-step grpo.py run (139 s, most of it compiling) are a second call's
 DEFAULT_GPU_CHECKS = "training,rollout,decode"
@@ -364,6 +367,7 @@ def bench_gpu(args, device, dtype):
         run("ragged rollout, paged KV cache", 150, lambda: _ragged(paged, device, smoke), "paged")
         del paged
         run("judge prompts: a common opening", 60, lambda: _common_opening(ours, device, smoke, page), "paged")
+    run("decode batch 1, 7B shape: dense | paged", 150, lambda: _decode_7b(device, bw_peak, smoke, backend, page), "decode7b")
     run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5), "grpo")
     del ours, hf
     if torch.cuda.device_count() > 1:
@@ -386,21 +390,39 @@ def _parity(ours, hf, device):
 
 
 def _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page_size=0):
+    """Greedy decode of 256 tokens after a 128-token prompt, one sequence: tok/s against transformers' generate (hf None:
+    no comparison), and the weights' bytes read per second as a share of the GPU's HBM bandwidth."""
     from sampler import Sampler, generate
     V, n_new = ours.config.vocab_size, 32 if smoke else 256
     prompt = torch.randint(0, V, (1, 128), device=device)
     e = Sampler(ours, 1, 128 + n_new, compile=True, backend=backend, page_size=page_size)
     compile_s, shapes, graphs = _compile_graphs(e, 128, 128 + n_new, temperature=0)
     t_ours = timeit(lambda: e.generate(prompt.tolist(), n_new, temperature=0), 1, device)
-    t_hf = timeit(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0), 1, device)
+    t_hf = None if hf is None else timeit(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                                                              do_sample=False, pad_token_id=0), 1, device)
     compiled = e.generate(prompt.tolist(), n_new, temperature=0)[0]
     eager = generate(ours, prompt.tolist(), n_new, temperature=0)[0]  # (a dense cache, of its own)
     agree = next((i for i, (x, y) in enumerate(zip(compiled, eager)) if x != y), len(eager))
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
     frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
     skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
-    return (f"{n_new / t_ours:.0f} vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x{frac}; cudagraph skips {skips}; "
+    versus = " tok/s" if hf is None else f" vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x"
+    return (f"{n_new / t_ours:.0f}{versus}{frac}; cudagraph skips {skips}; "
             f"compile {compile_s:.0f} s ({graphs} graphs, {shapes} shapes); compiled = eager greedy for the first {agree} of {n_new} tokens")
+
+
+def _decode_7b(device, bw_peak, smoke, backend, page):
+    """The 7B shape's batch-1 decode, dense and paged KV cache (#30's target: half the HBM bandwidth). Random bf16
+    weights made on the GPU (15 GB); transformers' copy would double that, and its init on the host takes minutes."""
+    m = M.empty_model(M.ModelConfig(**SHAPES["smoke" if smoke else "7B"]), device, torch.float32 if smoke else torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    res = " | ".join(_decode_batch1(m.eval(), None, device, bw_peak, smoke, backend, size) for size in (0, page))
+    del m
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
 
 
 def _compile_graphs(e, lo, hi, stop_ids=(), temperature=1.0, buckets=None):
@@ -737,7 +759,7 @@ def main():
     ap.add_argument("--rollout-batch", type=int, default=16)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--only", default=DEFAULT_GPU_CHECKS, help=f"gpu: the checks to run, of {','.join(GPU_CHECKS)} "
-                    f"(default {DEFAULT_GPU_CHECKS}: 5 minutes; then --only ragged,grpo; bf16 parity and the eager-fallback "
+                    f"(default {DEFAULT_GPU_CHECKS}: 5 minutes; then --only decode7b,grpo and --only ragged,paged; bf16 parity and the eager-fallback "
                     "count always run)")
     args = ap.parse_args()
     unknown = set(args.only.split(",")) - set(GPU_CHECKS)
