@@ -10,7 +10,7 @@ import grpo
 import checkpoint
 import model as M
 import toy
-from conftest import read_metrics, run_torchrun
+from conftest import ROOT, read_metrics, run_torchrun
 
 
 def test_group_advantages_by_hand():
@@ -429,6 +429,28 @@ def test_every_rank_runs_as_many_micro_batches_and_together_every_sequence_once(
         assert balance == 1 if world == 1 else 1 / world < balance < 1
         if rollout == 1024 and world > 1:  # the paper's settings: 0.98 on 8 ranks, 0.90 on 32; each rank training the
             assert balance > 0.85, balance  # groups it sampled, in order: 0.69 and 0.58 (docs/measurements.md)
+
+
+def test_all_gather_lists_on_two_ranks_with_uneven_and_empty_lists(tmp_path):
+    # how GRPO's ranks gather each other's traces (training.all_gather_lists): any number of lists of any lengths per
+    # rank, none included; token ids past 2^32 and fp32 log-probs come back exactly, in rank order
+    script = tmp_path / "gather.py"
+    script.write_text(f"""import json, sys
+sys.path.insert(0, {ROOT!r})
+import torch, torch.distributed as dist
+from training import all_gather_lists, end_distributed
+dist.init_process_group("gloo")
+r, cpu = dist.get_rank(), torch.device("cpu")
+ids = [[1, 2, 3], [], [2 ** 40 + 1]] if r == 0 else []
+logps = torch.randn(2, 5, generator=torch.Generator().manual_seed(r)).tolist() if r else [[-1 / 3]]
+json.dump([ids, logps, all_gather_lists(ids, cpu, torch.long), all_gather_lists(logps, cpu, torch.float64)],
+          open(sys.argv[1] + f"/{{r}}.json", "w"))
+end_distributed()
+""")
+    run_torchrun(str(script), [str(tmp_path)])
+    (ids0, logps0, *seen0), (ids1, logps1, *seen1) = (json.load(open(tmp_path / f"{r}.json")) for r in (0, 1))
+    assert seen0 == seen1 == [[ids0, ids1], [logps0, logps1]] and ids1 == [] and len(logps1) == 2
+    assert all(isinstance(t, int) for x in ids0 for t in x) and ids0[2] == [2 ** 40 + 1]
 
 
 def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
