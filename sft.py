@@ -264,9 +264,9 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     loss_sum = 0.0
     # the whole batch is packed, then dealt: rank r runs micro-batches r, r + world, ... Rows come out longest first and
     # full, so at each forward (FSDP: every rank waits for the slowest) the ranks hold about as many tokens
-    packed = micro_batches(batch, args.tokens_per_micro)
-    micros = packed[rank::world]
-    n_idle = -(-len(packed) // world) - len(micros)  # FSDP: every rank runs as many forwards and backwards
+    batch_micros = micro_batches(batch, args.tokens_per_micro)
+    micros = batch_micros[rank::world]
+    n_idle = -(-len(batch_micros) // world) - len(micros)  # FSDP: every rank runs as many forwards and backwards
     for k, rows in enumerate(micros):
         accumulate_gradients(model, last=k == len(micros) - 1)
         ids, positions, targets, weights, packed = pack_batch(rows, pad_id, device, M.compute_dtype(model))
