@@ -292,15 +292,16 @@ def grpo_step(job, step):
     ro = rollout(job, step)
     rewards, correct = score(job, ro)
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
-    plans = micro_batch_plan(list(map(len, ro.prompts)), list(map(len, ro.responses)), args.n, args.minibatch_prompts,
-                             args.micro_seqs, job.world)
+    prompt_lens, lengths = list(map(len, ro.prompts)), list(map(len, ro.responses))
+    plans = micro_batch_plan(prompt_lens, lengths, args.n, args.minibatch_prompts, args.micro_seqs, job.world)
     plan = plans[job.rank]
     t0 = time.time()
     old, refs, sampler_logp, mismatch = old_and_ref_logprobs(job, ro, plan)
     t_logprobs, t0 = time.time() - t0, time.time()
     updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, sampler_logp[m])
                for m, part in enumerate(plan)]
-    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, train_balance(ro, plans, args.n),
+    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch,
+                        train_balance(prompt_lens, lengths, args.n, plans),
                         {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
 
 
@@ -345,7 +346,7 @@ def micro_batch_plan(prompt_lens, lengths, n, minibatch_prompts, micro_seqs, wor
        that has room. Rank r's i-th micro-batch is from round i, so every rank runs as many, each about as long."""
     k = -(-n // micro_seqs)
     per = max(1, micro_seqs // n) if k == 1 else 1
-    tokens = lambda seqs: prompt_lens[seqs[0] // n] - 1 + sum(lengths[i] for i in seqs)  # a packed row's length
+    tokens = lambda seqs: packed_tokens(prompt_lens, lengths, n, seqs)
     plans = [[] for _ in range(world)]
     for first in range(0, len(prompt_lens), minibatch_prompts):
         items = sorted((s for g in range(first, first + minibatch_prompts) for s in group_slices(g, n, k, lengths)),
@@ -372,10 +373,16 @@ def group_slices(g, n, k, lengths):
     return [sorted(s) for s in slices]
 
 
-def train_balance(ro, plans, n):
+def packed_tokens(prompt_lens, lengths, n, seqs):
+    """The tokens of sequences seqs in packed rows (group_batch): each group's prompt once, less the last token, which
+    leads its first response, and the responses."""
+    return sum(prompt_lens[g] - 1 for g in {i // n for i in seqs}) + sum(lengths[i] for i in seqs)
+
+
+def train_balance(prompt_lens, lengths, n, plans):
     """How evenly the ranks' micro-batches share the update: (all tokens / ranks) / sum over i of the largest i-th
     micro-batch, in packed-row tokens. 1: no rank waits at any forward; 1 / world: one rank does all the work."""
-    tokens = lambda seqs: sum(len(ro.prompts[g]) - 1 for g in {i // n for i in seqs}) + sum(len(ro.responses[i]) for i in seqs)
+    tokens = lambda seqs: packed_tokens(prompt_lens, lengths, n, seqs)
     steps = [max(map(tokens, micros)) for minibatches in zip(*plans) for micros in zip(*minibatches)]
     return sum(tokens(m) for plan in plans for micros in plan for m in micros) / len(plans) / max(sum(steps), 1)
 
