@@ -156,7 +156,7 @@ def parse_args(argv=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.minibatch_prompts % world:
         ap.error(f"--minibatch-prompts {args.minibatch_prompts} must be a multiple of the {world} ranks, so that every "
-                 "rank holds an equal share of every mini-batch")
+                 "rank samples as many prompts and runs as many micro-batches of every mini-batch")
     args.tokenizer = args.tokenizer or args.model
     args.clip_high = args.clip if args.clip_high is None else args.clip_high
     return args
