@@ -1,0 +1,518 @@
+"""
+bench_gpu.py: the GPU checks, in one command that prints each figure the moment it is measured (and appends it to
+$OUT/bench_gpu.log), each under a time cap, all within 5 minutes on one H100, compile included.
+
+    python bench_gpu.py                    # #30's targets: the 1.5B SFT step's MFU, the 8 x 8 rollout, 7B batch-1 decode
+    python bench_gpu.py --only grpo,decode # a second call: grpo.py's 2 steps, the 0.5B decode against transformers
+    python bench_gpu.py --only ragged,paged
+    python bench_gpu.py --smoke            # the same code on CPU with a tiny model, to check the script itself
+
+(`python bench.py gpu ...` runs the same.) Weights are random, shapes those of bench.py's SHAPES; the GPU machine needs
+only this repository. Ratios against transformers come from the same run; shares of the GPU's peak (MFU, HBM
+bandwidth) from PEAK below.
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import checkpoint
+import model as M
+import toy
+from bench import SHAPES, build_pair, padded_rows, ragged_lengths, timeit
+
+PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, HBM B/s
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def check(log, name, cap_s, fn, deadline=None):
+    """Run one check under its own time cap (cut to what is left before `deadline`, a time.time()); print (and
+    log) its line the moment it is done."""
+    cap_s = int(min(cap_s, deadline - time.time())) if deadline else cap_s
+    signal.signal(signal.SIGALRM, _alarm)
+    t = time.time()
+    try:
+        if cap_s < 5:
+            raise _Timeout()
+        signal.alarm(cap_s)
+        result = fn()
+    except Exception as e:  # report and go on: one broken check must not hide the others
+        if isinstance(e, _Timeout) or "_Timeout()" in str(e):  # the alarm may land inside Dynamo, which wraps it
+            result = f"not finished within its {cap_s} s cap" if cap_s >= 5 else "skipped: bench.py gpu's 5 minutes are spent"
+        else:
+            import traceback
+            log.write(traceback.format_exc()[-3000:])
+            result = f"failed: {type(e).__name__}: {str(e)[:300]}"
+    finally:
+        signal.alarm(0)
+    line = f"{name:<40} {result}  [{time.time() - t:.0f} s]"
+    print(line, flush=True)
+    log.write(line + "\n")
+    log.flush()
+
+
+GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "decode7b", "grpo")  # bench_gpu's groups of checks, in their order
+# #30's targets first, in what fits the 5 minutes (on an H100 the training rows took about 2 minutes, the 8 x 8 rollout
+# 40 s; the 7B decode is not yet timed); the 2-step grpo.py run (139 s, most of it compiling) and the 0.5B decode
+# against transformers are a second call's, the ragged rollouts (8 decode graphs at 13-17 s each) a third's
+DEFAULT_GPU_CHECKS = "training,rollout,decode7b"
+
+
+def bench_gpu(args, device):
+    """The GPU checks in order (--only's groups), each under a cap, 5 minutes in all on one H100 (compile included)."""
+    import transformers
+    if device.type != "cuda" and not args.smoke:
+        sys.exit("bench_gpu.py needs a CUDA device (or --smoke, to run the checks on CPU with a tiny model)")
+    smoke = args.smoke
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke: tiny model, numbers meaningless)"
+    flops_peak, bw_peak = next((v for k, v in PEAK.items() if k in name), (None, None))
+    out_dir = os.environ.get("OUT", ".")
+    log = open(os.path.join(out_dir, "bench_gpu.log"), "a")
+    head = f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"
+    print(head, flush=True)
+    log.write(head + "\n")
+    dtype = torch.float32 if smoke else torch.bfloat16
+    small = SHAPES["smoke" if smoke else "0.5B"]
+    ours, hf = build_pair(small, device, dtype)
+    ours.eval(), hf.eval()
+    from sampler import Sampler
+    backend = "eager" if smoke else "inductor"
+    deadline = time.time() + 300  # the whole check list: 5 minutes, compile included; a check past it is skipped
+    want = set(args.only.split(","))
+
+    def run(name, cap_s, fn, group=None):  # a check of one of --only's groups (None: always run)
+        if group is None or group in want:
+            check(log, name, cap_s, fn, deadline)
+    run("bf16 logits vs transformers (0.5B)", 30, lambda: _parity(ours, hf, device))
+    trainer = {}
+    run("trainer model 1.5B (load_for_training)", 40, lambda: trainer.update(zip("mod", _trainer_model(smoke))) or "loaded",
+        "training")
+    if trainer:
+        m, opt, dev = trainer["m"], trainer["o"], trainer["d"]
+        run("SFT step 1.5B, 4k tokens", 90, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke))
+        run("  where its time goes (profiler)", 20, lambda: _sft_profile(m, dev, smoke))
+        run("  the same, inside a step (accumulating)", 20, lambda: _sft_profile(m, dev, smoke, accumulating=True))
+        run("  the head's chunks eager, not compiled", 20, lambda: _sft_head_eager(m, dev, flops_peak, smoke))
+        run("  4 x 4k tokens a micro-batch (sft.py)", 40, lambda: _sft_mfu(m, opt, dev, flops_peak, smoke, 4, 2))
+        group = {"inputs": _grpo_group_inputs(m, dev, smoke)}
+        run("GRPO group 1.5B: 2k prompt + 7 responses of 146-1901", 30, lambda: _grpo_group(m, dev, smoke, group))
+        del m, opt
+        trainer.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        run("  transformers, the same 7 rows padded", 30, lambda: _grpo_group_hf(device, smoke, group))
+        run("SFT fwd+bwd 1.5B, plain bf16 model, no FSDP", 30, lambda: _sft_plain(dev, flops_peak, smoke))
+    if want & {"rollout", "ragged"}:  # one engine (and its graphs) for both rollouts
+        rollout = Sampler(ours, 64, 2048, compile=True, backend=backend)
+        run("rollout 8 prompts x n=8 vs transformers", 60, lambda: _rollout_8x8(hf, rollout, device, smoke), "rollout")
+        run("ragged rollout: continuous vs static", 150, lambda: _ragged(rollout, device, smoke), "ragged")  # 400 stops: 8 graphs
+        del rollout
+    run("decode batch 1 vs transformers", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend), "decode")
+    page = 16 if smoke else 128  # FlexAttention's block: a page is one block of the kernel's mask
+    run("decode batch 1, paged KV cache", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page), "paged")
+    if "paged" in want:  # the ragged rollout through pages: slots hold what their traces fill, a step reads only that
+        paged = Sampler(ours, 64, 2048, compile=True, backend=backend, page_size=page)
+        run("ragged rollout, paged KV cache", 150, lambda: _ragged(paged, device, smoke), "paged")
+        del paged
+        run("judge prompts: a common opening", 60, lambda: _common_opening(ours, device, smoke, page), "paged")
+    run("decode batch 1, 7B shape: dense | paged", 150, lambda: _decode_7b(device, bw_peak, smoke, backend, page), "decode7b")
+    run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(ours, smoke, deadline - time.time() - 5), "grpo")
+    del ours, hf
+    if torch.cuda.device_count() > 1:
+        check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
+    check(log, "eager fallbacks in these checks", 5, _eager_fallbacks)
+
+
+def _eager_fallbacks():
+    """Code that Dynamo stopped compiling because it reached its recompile limit runs eager from then on, silently."""
+    hits = {k.splitlines()[0]: v for k, v in torch._dynamo.utils.counters["unimplemented"].items() if "recompile limit" in k}
+    return f"{sum(hits.values())} (Dynamo's recompile limit reached: {', '.join(hits) or 'never'})"
+
+
+def _parity(ours, hf, device):
+    ids = torch.randint(0, ours.config.vocab_size, (2, 256), device=device)
+    with torch.no_grad():
+        a, b = ours(ids).float(), hf(ids).logits.float()
+    return (f"max |diff| {(a - b).abs().max():.3f} of max |logit| {b.abs().max():.1f}, "
+            f"argmax agreement {(a.argmax(-1) == b.argmax(-1)).float().mean():.3f}")
+
+
+def _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page_size=0):
+    """Greedy decode of 256 tokens after a 128-token prompt, one sequence: tok/s against transformers' generate (hf None:
+    no comparison), and the weights' bytes read per second as a share of the GPU's HBM bandwidth."""
+    from sampler import Sampler, generate
+    V, n_new = ours.config.vocab_size, 32 if smoke else 256
+    prompt = torch.randint(0, V, (1, 128), device=device)
+    e = Sampler(ours, 1, 128 + n_new, compile=True, backend=backend, page_size=page_size)
+    compile_s, shapes, graphs = _compile_graphs(e, 128, 128 + n_new, temperature=0)
+    t_ours = timeit(lambda: e.generate(prompt.tolist(), n_new, temperature=0), 1, device)
+    t_hf = None if hf is None else timeit(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new,
+                                                              do_sample=False, pad_token_id=0), 1, device)
+    compiled = e.generate(prompt.tolist(), n_new, temperature=0)[0]
+    eager = generate(ours, prompt.tolist(), n_new, temperature=0)[0]  # (a dense cache, of its own)
+    agree = next((i for i, (x, y) in enumerate(zip(compiled, eager)) if x != y), len(eager))
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
+    skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
+    versus = " tok/s" if hf is None else f" vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x"
+    return (f"{n_new / t_ours:.0f}{versus}{frac}; cudagraph skips {skips}; "
+            f"compile {compile_s:.0f} s ({graphs} graphs, {shapes} shapes); compiled = eager greedy for the first {agree} of {n_new} tokens")
+
+
+def _decode_7b(device, bw_peak, smoke, backend, page):
+    """The 7B shape's batch-1 decode, dense and paged KV cache (#30's target: half the HBM bandwidth). Random bf16
+    weights made on the GPU (15 GB); transformers' copy would double that, and its init on the host takes minutes."""
+    m = M.empty_model(M.ModelConfig(**SHAPES["smoke" if smoke else "7B"]), device, torch.float32 if smoke else torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    res = " | ".join(_decode_batch1(m.eval(), None, device, bw_peak, smoke, backend, size) for size in (0, page))
+    del m
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def _compile_graphs(e, lo, hi, stop_ids=(), temperature=1.0, buckets=None):
+    """Compile and record, untimed, the decode step for every shape a generate call will use: each bucket of slots
+    (all, or `buckets`) and cache span that positions lo..hi reach, for these stop ids and sampling mode. A graph
+    (seconds) or a CUDA graph recording first met inside a timing would add to it. -> (seconds, shapes, compiles)."""
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=e.tok.device)
+    spans = sorted({e.kv_span(h) for h in range(lo + 1, min(hi, e.max_len) + 1)})
+    buckets = buckets or e.buckets()
+    t, graphs = time.perf_counter(), torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():  # as in generate: grad mode is part of what a graph is compiled for
+        for b in buckets:
+            for span in spans:
+                e.step(b, stop, temperature, 1.0, 0, e.model.config.vocab_size, span)
+    if e.tok.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, len(buckets) * len(spans), torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+
+
+def _rollout_8x8(hf, e, device, smoke):
+    V, P, N = hf.config.vocab_size, 512, 32 if smoke else 256
+    prompts = torch.randint(0, V, (8, P), device=device)
+    compile_s, shapes, graphs = _compile_graphs(e, P, P + N, buckets=[e.slots])  # all 64 slots run to the end
+    t_ours = timeit(lambda: e.generate(prompts.tolist(), N, n=8, seed=0), 1, device)
+    t_hf = timeit(lambda: hf.generate(prompts, max_new_tokens=N, min_new_tokens=N, do_sample=True, num_return_sequences=8,
+                                      pad_token_id=0), 1, device)
+    return (f"{64 * N / t_ours:.0f} vs {64 * N / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x (512-token prompts, {N} new, sampled); "
+            f"compile {compile_s:.0f} s ({graphs} graphs, {shapes} shapes)")
+
+
+def _ragged(e, device, smoke):
+    """64 prompts x n=8 through 64 slots, prompt lengths and trace lengths from long tails: a static batch waits for
+    its longest trace, continuous batching refills finished slots. Random weights sample near-uniformly, so making
+    400 ids stop ids gives geometric lengths (mean ~380 tokens, capped at 1024)."""
+    V = SHAPES["smoke" if smoke else "0.5B"]["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    lengths = (32 * torch.exp(torch.randn(64, generator=g) * 0.8)).clamp(8, 1024).long().tolist()
+    prompts = [torch.randint(1000, V, (n,), generator=g).tolist() for n in lengths]
+    stop, N = (list(range(V // 16)), 64) if smoke else (list(range(V // 380)), 1024)
+    compile_s, shapes, graphs = _compile_graphs(e, min(lengths), max(lengths) + N, stop)
+    before, res = torch._dynamo.utils.counters["stats"]["unique_graphs"], {}
+    for continuous in (True, False):
+        t = time.perf_counter()
+        outs = e.generate(prompts, N, n=8, stop_ids=stop, seed=1, continuous=continuous)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        res[continuous] = (sum(map(len, outs)), time.perf_counter() - t)
+    (tok, tc), (_, ts) = res[True], res[False]
+    during = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
+    paged = f"; KV positions in use at most {e.pages.peak * e.pages.size}" if e.pages else ""
+    return (f"continuous {tok / tc:.0f} tok/s, static {tok / ts:.0f} tok/s: {ts / tc:.2f}x ({tok} tokens, mean trace "
+            f"{tok / 512:.0f}, slots 64); compile {compile_s:.0f} s ({graphs} graphs, {shapes} shapes), {during} more graphs "
+            f"during the timings{paged}")
+
+
+def _common_opening(ours, device, smoke, page):
+    """16 judge-like prompts: an opening they all share (the RM-R1 template's 704 tokens, whole pages) and 300-1,200
+    tokens of their own. The paged engine holds the opening once and prefills only the rest, attending to its cached
+    pages (masked SDPA): its time and peak memory against the dense engine's full prefills (eager engines, 8 greedy
+    tokens each; a peak far above the dense one would mean the masked attention materialised its scores)."""
+    from sampler import Sampler
+    V = SHAPES["smoke" if smoke else "0.5B"]["vocab_size"]
+    g = torch.Generator().manual_seed(2)
+    opening = torch.randint(1000, V, (48 if smoke else 704,), generator=g).tolist()
+    prompts = [opening + torch.randint(1000, V, (int(n),), generator=g).tolist()
+               for n in torch.randint(*((10, 40) if smoke else (300, 1200)), (16,), generator=g)]
+    res = {}
+    for name, page_size in (("dense", 0), ("paged", page)):  # one engine at a time: both use the model's cache
+        e = Sampler(ours, 16, len(opening) + 1300, page_size=page_size)
+        e.generate(prompts[:2], 1, temperature=0)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base, t = torch.cuda.memory_allocated() if device.type == "cuda" else 0, time.perf_counter()
+        out = e.generate(prompts, 8, temperature=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
+        res[name] = (time.perf_counter() - t, peak, out, e.pages.peak * page if e.pages else 16 * (len(opening) + 1300))
+        del e
+    same = sum(a == b for a, b in zip(res["dense"][2], res["paged"][2]))
+    return (f"dense {res['dense'][0]:.2f} s, +{res['dense'][1]:.2f} GiB at peak; paged {res['paged'][0]:.2f} s, "
+            f"+{res['paged'][1]:.2f} GiB; KV positions {res['paged'][3]} vs {res['dense'][3]} reserved; the same greedy "
+            f"tokens for {same} of 16 prompts (bf16 rounding can flip a near-tie)")
+
+
+def _grpo_two_steps(ours, smoke, timeout_s):
+    """A real-shape (random 0.5B) grpo.py run on the toy's prompts and tokenizer: 2 steps of 16 prompts x n=7,
+    up to 512 new tokens (the toy tokenizer's 3 stop ids among 2048 sampled ids: long, ragged traces)."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    tmp = tempfile.mkdtemp()
+    paths = toy.prepare(os.path.join(tmp, "toy"), n_train=64, n_rl=64, n_heldout=8)
+    checkpoint.save_model(ours, os.path.join(tmp, "model"))
+    cmd = [sys.executable, "grpo.py", "--model", os.path.join(tmp, "model"), "--tokenizer", paths["tokenizer"], "--data",
+           paths["rl"], "--out", os.path.join(tmp, "out"), "--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8",
+           "--gen-prompts", "16", "--group-size", "7", "--max-new-tokens", "64" if smoke else "512"] + (["--no-compile"] if smoke else [])
+    t = time.time()
+    p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=max(timeout_s, 1))  # before the cap
+    if p.returncode:
+        with open(os.path.join(os.environ.get("OUT", "."), "grpo_two_steps.stderr"), "w") as f:
+            f.write(p.stderr[-20000:])
+        errors = [line for line in p.stderr.splitlines() if "Error" in line] or p.stderr.strip().splitlines()[-1:]
+        return "failed: " + errors[-1][:300]
+    recs = [json.loads(line) for line in open(os.path.join(tmp, "out", "metrics.jsonl"))]
+    limit = sum("recompile_limit" in line for line in p.stderr.splitlines())  # Dynamo's warning: code runs eager from then
+    parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s), old/ref "
+                      f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s, sampler-trainer |d log p| mean "
+                      f"{r['rollout_logp_diff_mean']:.1e} max {r['rollout_logp_diff_max']:.2f}" for r in recs)
+    return f"{parts}; whole run {time.time() - t:.0f} s; recompile-limit warnings {limit}"
+
+
+def _trainer_model(smoke):
+    """A random 1.5B-shape checkpoint loaded the way sft.py / grpo.py load one (training.load_for_training: FSDP2
+    over a one-rank group on CUDA, bf16 compute, fp32 master weights, compiled blocks, activation checkpointing)."""
+    import training
+    _, world, device = training.setup_distributed()
+    cfg = M.ModelConfig(**SHAPES["smoke" if smoke else "1.5B"])
+    path = os.path.join(tempfile.mkdtemp(), "model")
+    with torch.device(device):
+        m = M.Transformer(cfg).to(torch.bfloat16)
+        for p in m.parameters():
+            p.data.normal_(0, 0.02)
+    checkpoint.save_model(m, path)
+    del m
+    model = training.load_for_training(path, world, device, compile=not smoke, grad_ckpt="all")
+    return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device
+
+
+def _sft_fwd_bwd(model, device, smoke, seqs=1):
+    """-> (one SFT forward+backward on `seqs` 4k-token sequences, its token count); the loss weighs tokens as sft.py.
+    Every block recomputes, as in the README table's rows (_sft_mfu then takes --grad-ckpt auto's choice)."""
+    import sft
+    model.recompute_blocks = len(model.model.layers)
+    T = 512 if smoke else 4096
+    traces = [(torch.randint(0, model.config.vocab_size, (T + 1,)).tolist(), [1] * (T + 1)) for _ in range(seqs)]
+
+    def fwd_bwd():  # sft.train_step's micro-batch: rows of one trace each, so plain causal attention (SDPA), no mask
+        (rows,) = sft.micro_batches(traces, T * seqs)
+        ids, positions, targets, weights, packed = sft.pack_batch(rows, 0, device, M.compute_dtype(model))
+        (-model(ids, positions, targets=targets, loss_weights=weights, packed=packed) / (T * seqs)).backward()
+    return fwd_bwd, T * seqs
+
+
+def _mfu(model, T, seconds, flops_peak, seqs=1):  # T tokens in `seqs` equal sequences
+    cfg = model.config
+    flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2 / seqs  # causal attention
+    return f"MFU {flops / seconds / flops_peak:.1%}" if flops_peak else "MFU n/a"
+
+
+def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
+    """SFT optimizer steps as sft.py runs them, on 4k-token sequences, `seqs` per micro-batch: steps recomputing every
+    block (the last one timed), then --grad-ckpt auto's choice (training.fit_recompute), timed: `micros` micro-batches
+    then AdamW (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one
+    micro-batch then AdamW (the step this check timed before); forward+backward alone, reducing each time."""
+    import training
+    fwd_bwd, T = _sft_fwd_bwd(model, device, smoke, seqs)
+
+    def sft_step(n):
+        for k in range(n):
+            training.accumulate_gradients(model, last=k == n - 1)
+            fwd_bwd()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":  # the peak --grad-ckpt auto measures: this check's own
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    sft_step(1)
+    first = time.perf_counter() - t
+    t_all = timeit(lambda: sft_step(micros), 1, device) / micros  # a step, then one timed: every block recomputes
+    fitted = training.fit_recompute(model, "auto", 2, T, device) or "every block recomputes (--grad-ckpt auto on CUDA only)"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_acc, t_one = timeit(lambda: sft_step(micros), 2, device) / micros, timeit(lambda: sft_step(1), 3, device)
+    t_fb = timeit(fwd_bwd, 3, device)
+    optimizer.zero_grad(set_to_none=True)
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    rate = lambda t: f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak, seqs)}"
+    return (f"{micros} micro-batches + AdamW {rate(t_acc)}; 1 micro-batch + AdamW {rate(t_one)}; forward+backward alone "
+            f"{rate(t_fb)} (model FLOPs, recompute not counted){mem}; first step {first:.0f} s; {fitted}; before that, "
+            f"every block recomputing: {micros} micro-batches + AdamW {rate(t_all)}")
+
+
+def _sft_head_eager(model, device, flops_peak, smoke):
+    """The SFT step's forward+backward with the output head's per-chunk elementwise work eager (model.FUSED_HEAD_DEVICES
+    emptied): about ten passes over a [1024, 152k] fp32 buffer per chunk instead of Inductor's fused kernels."""
+    fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
+    fused, M.FUSED_HEAD_DEVICES = M.FUSED_HEAD_DEVICES, ()
+    try:
+        t = timeit(fwd_bwd, 3, device)
+    finally:
+        M.FUSED_HEAD_DEVICES = fused
+    return f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak)} (compare the forward+backward above)"
+
+
+def _sft_profile(model, device, smoke, accumulating=False):
+    """Where one forward+backward's time goes: kernel time by kind, and the kernels' share of the wall time
+    (low: the GPU waits for the host). accumulating: a micro-batch inside an optimizer step, after the first
+    (training.accumulate_gradients: on one GPU, no regathering and no reduction)."""
+    import training
+    from torch.profiler import ProfilerActivity, profile
+    fwd_bwd, _ = _sft_fwd_bwd(model, device, smoke)
+    if accumulating:
+        training.accumulate_gradients(model, last=False)
+        fwd_bwd()  # the step's first micro-batch gathers the weights
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        fwd_bwd()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    training.accumulate_gradients(model, last=True)  # the next backward reduces what accumulated
+    kinds = {"matmul": ("gemm", "cutlass", "xmma", "nvjet", "aten::mm", "aten::addmm", "aten::bmm"),
+             "attention": ("flash", "fmha", "attention", "sdpa"), "compiled": ("triton", "cpp_fused"),
+             "copy/collective": ("memcpy", "memset", "nccl", "copy", "cat")}
+    by_kind, by_name = {}, {}
+    for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue  # a CPU op's self device time, or a range such as FSDP::pre_forward, repeats its kernels' times
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        kind = next((k for k, keys in kinds.items() if any(x in e.key.lower() for x in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0) + us
+        by_name[e.key] = by_name.get(e.key, 0) + us
+    total = sum(by_kind.values()) or 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+    return (f"kernels {total / 1e6 / wall:.0%} of the wall time ({wall * 1e3:.0f} ms, profiled); "
+            + ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]))
+            + "; top: " + ", ".join(f"{k[:50]} {v / 1e3:.0f} ms" for k, v in top))
+
+
+def _sft_plain(device, flops_peak, smoke):
+    """The same forward+backward on a plain bf16 model with compiled blocks (no FSDP, no fp32 master weights):
+    its gap to the SFT step's forward+backward is FSDP2's one-rank overhead."""
+    cfg = M.ModelConfig(**SHAPES["smoke" if smoke else "1.5B"])
+    with torch.device(device):
+        model = M.Transformer(cfg).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not smoke:
+        M.compile_blocks(model)
+    fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
+    t = timeit(fwd_bwd, 3, device)
+    return f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak)} (activation checkpointing on)"
+
+
+def _grpo_group_inputs(model, device, smoke):
+    """A group: a 2k-token prompt and 7 responses of 146-1901 tokens, 1k on average (smoke: tiny), and advantages."""
+    P, R, G = (64, 32, 7) if smoke else (2048, 1024, 7)
+    V = model.config.vocab_size
+    return [torch.randint(0, V, (P,)).tolist()], [torch.randint(0, V, (n,)).tolist() for n in ragged_lengths(R, G)], \
+        torch.randn(G, 1, device=device)
+
+
+def _grpo_group(model, device, smoke, group):
+    """GRPO's forward+backward of one group through grpo.py's code (prompt run once, FSDP bf16, activation
+    checkpointing). Returns the line and leaves the timing in group["t"] for the transformers comparison."""
+    import grpo
+    prompts, responses, adv = group["inputs"]
+    model.recompute_blocks = len(model.model.layers)  # as transformers' rows below (not --grad-ckpt auto's choice)
+
+    def ours():
+        logp, _, mask = grpo.response_logprobs(model, prompts, responses, len(responses), 0, device, 1.0)
+        (-(adv * logp * mask).sum() / mask.sum()).backward()
+
+    t_first = time.perf_counter()
+    ours()
+    t_first = time.perf_counter() - t_first
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    group["t"] = timeit(ours, 2, device)
+    n = len(responses) * len(prompts[0]) + sum(map(len, responses))
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (with fp32 weights, grads, AdamW state)" \
+        if device.type == "cuda" else ""
+    return f"{n / group['t']:.0f} tok/s (rows of prompt + response){mem}; first call {t_first:.0f} s"
+
+
+def _grpo_group_hf(device, smoke, group):
+    """transformers' forward+backward of the same 7 rows [prompt, response] in bf16, padded to the longest, with its gradient
+    checkpointing (without it, 7 x 3k tokens of 1.5B activations do not fit 80 GB next to our trainer)."""
+    import transformers
+    prompts, responses, adv = group["inputs"]
+    P = len(prompts[0])
+    hf_kw = {k: v for k, v in SHAPES["smoke" if smoke else "1.5B"].items() if k not in ("model_type", "torch_dtype")}
+    with torch.device(device):  # built on the GPU: a CPU init of 1.5B parameters takes most of the cap
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw)).to(torch.bfloat16)
+    hf.gradient_checkpointing_enable()
+    hf.train()
+    rows, attn, resp_mask = padded_rows(prompts[0], responses, device)
+
+    def theirs():
+        logits = hf(rows[:, :-1], attention_mask=attn[:, :-1]).logits[:, P - 1:].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, rows[:, P:, None]).squeeze(-1)
+        (-(adv * logp * resp_mask).sum() / resp_mask.sum()).backward()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_hf = timeit(theirs, 2, device)
+    mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    n = len(responses) * P + sum(map(len, responses))  # real tokens, as ours counts them
+    ratio = f": ours {t_hf / group['t']:.2f}x" if "t" in group else ""
+    return f"{n / t_hf:.0f} tok/s{mem}{ratio}"
+
+
+def _fsdp_check():
+    """Two ranks over NCCL on the toy task vs one process: the loss curves must agree."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    out = tempfile.mkdtemp()
+    common = ["--max-steps", "3", "--no-compile", "--eval-limit", "0", "--stop-at-accuracy", "0"]
+    subprocess.run([sys.executable, "sft.py", "--out", f"{out}/one"] + common, cwd=root, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "sft.py",
+                    "--out", f"{out}/two"] + common, cwd=root, check=True, capture_output=True)
+    one, two = ([json.loads(line)["loss"] for line in open(f"{out}/{d}/metrics.jsonl")] for d in ("one", "two"))
+    diff = max(abs(a - b) for a, b in zip(one, two))
+    return f"max loss difference {diff:.2e} over {len(one)} steps"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=DEFAULT_GPU_CHECKS, help=f"the checks to run, of {','.join(GPU_CHECKS)} (default "
+                    f"{DEFAULT_GPU_CHECKS}: 5 minutes; then --only grpo,decode and --only ragged,paged; bf16 parity and the "
+                    "eager-fallback count always run)")
+    ap.add_argument("--smoke", action="store_true", help="run the checks on CPU with a tiny model (tests the script)")
+    args = ap.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(GPU_CHECKS)
+    if unknown:
+        ap.error(f"--only: unknown check(s) {', '.join(sorted(unknown))}; the checks are {', '.join(GPU_CHECKS)}")
+    torch.manual_seed(0)
+    bench_gpu(args, torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu"))
+
+
+if __name__ == "__main__":
+    main()
