@@ -135,7 +135,7 @@ def bench_gpu(args, device):
         small_dir = os.path.join(tempfile.mkdtemp(), "model")
         checkpoint.save_model(ours, small_dir)
         run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(small_dir, smoke, deadline - time.time() - 5))
-    del ours, hf
+    ours = hf = None  # frees them (not `del`: the checks above close over these names)
     if "grpo1.5b" in want:  # #30's rollout target is at this size
         run("grpo.py, 2 steps (1.5B shape)", 240, lambda: _grpo_two_steps(
             _random_checkpoint("smoke" if smoke else "1.5B", device), smoke, deadline - time.time() - 5))

@@ -10,7 +10,6 @@ import torch
 import eval as E
 import grpo
 import checkpoint
-import model as M
 import sft
 import training
 from conftest import make_hf_checkpoint, read_metrics
