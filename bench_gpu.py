@@ -3,9 +3,9 @@ bench_gpu.py: the GPU checks, in one command that prints each figure the moment 
 $OUT/bench_gpu.log), each under a time cap, all within 5 minutes on one H100, compile included.
 
     python bench_gpu.py                    # #30's targets: the 1.5B SFT step's MFU, the 8 x 8 rollout, 7B batch-1 decode
-    python bench_gpu.py --only grpo1.5b,decode  # a second call: grpo.py's 2 steps at 1.5B (#30's rollout target), the
-                                                # 0.5B decode against transformers
-    python bench_gpu.py --only grpo,ragged,paged  # grpo.py at 0.5B (the shape of the earlier figures), ragged rollouts
+    python bench_gpu.py --only grpo1.5b    # a second call: grpo.py's 2 steps at 1.5B (#30's rollout target)
+    python bench_gpu.py --only grpo,decode # grpo.py at 0.5B (the shape of the earlier figures), 0.5B decode vs transformers
+    python bench_gpu.py --only ragged,paged
     python bench_gpu.py --smoke            # the same code on CPU with a tiny model, to check the script itself
 
 (`python bench.py gpu ...` runs the same.) Weights are random, shapes those of bench.py's SHAPES; the GPU machine needs
@@ -68,8 +68,8 @@ def check(log, name, cap_s, fn, deadline=None):
 GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "decode7b", "grpo", "grpo1.5b")  # bench_gpu's groups of checks, in their order
 # #30's targets first, in what fits the 5 minutes (on an H100 the training rows took about 2 minutes, the 8 x 8 rollout
 # 40 s; the 7B decode is not yet timed); the 2-step grpo.py run at 1.5B (not yet timed: at 0.5B it took 139 s, most of
-# it compiling) and the 0.5B decode against transformers are a second call's, the ragged rollouts (8 decode graphs at
-# 13-17 s each) a third's
+# it compiling) is a second call's, the 0.5B grpo.py run and decode against transformers a third's, the ragged rollouts
+# (8 decode graphs at 13-17 s each) a fourth's
 DEFAULT_GPU_CHECKS = "training,rollout,decode7b"
 
 
@@ -517,7 +517,7 @@ def _fsdp_check():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=DEFAULT_GPU_CHECKS, help=f"the checks to run, of {','.join(GPU_CHECKS)} (default "
-                    f"{DEFAULT_GPU_CHECKS}: 5 minutes; then --only grpo1.5b,decode and --only grpo,ragged,paged; bf16 parity and the "
+                    f"{DEFAULT_GPU_CHECKS}: 5 minutes; then --only grpo1.5b, --only grpo,decode and --only ragged,paged; bf16 parity and the "
                     "eager-fallback count always run)")
     ap.add_argument("--smoke", action="store_true", help="run the checks on CPU with a tiny model (tests the script)")
     args = ap.parse_args(argv)
