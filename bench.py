@@ -47,14 +47,25 @@ def load_cfg(args, shape="0.5B"):
     return d
 
 
+def hf_qwen2(hf_cfg):
+    """transformers' Qwen2 for a config of SHAPES, randomly initialised (under the caller's default device): the
+    reference every ratio is against. The benchmarks reach transformers only through here and hf_version."""
+    import transformers
+    hf_kw = {k: v for k, v in hf_cfg.items() if k not in ("layer_types", "model_type", "torch_dtype")}
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw))
+
+
+def hf_version():
+    import transformers
+    return transformers.__version__
+
+
 def build_pair(hf_cfg, device, dtype):
     """Our model and transformers' with identical random weights."""
-    import transformers
     cfg = M.ModelConfig.from_hf(hf_cfg)
     torch.manual_seed(0)
     ours = toy.init_weights(M.Transformer(cfg)).to(device=device, dtype=dtype)
-    hf_kw = {k: v for k, v in hf_cfg.items() if k not in ("layer_types", "model_type", "torch_dtype")}
-    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw))
+    hf = hf_qwen2(hf_cfg)
     hf.load_state_dict(ours.state_dict(), strict=False)
     hf.tie_weights()
     return ours, hf.to(device=device, dtype=dtype)

@@ -26,7 +26,7 @@ import torch
 import checkpoint
 import model as M
 import toy
-from bench import SHAPES, build_pair, padded_rows, ragged_lengths, timeit
+from bench import SHAPES, build_pair, hf_qwen2, hf_version, padded_rows, ragged_lengths, timeit
 
 PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, HBM B/s
 
@@ -75,7 +75,6 @@ DEFAULT_GPU_CHECKS = "training,rollout,decode7b"
 
 def bench_gpu(args, device):
     """The GPU checks in order (--only's groups), each under a cap, 5 minutes in all on one H100 (compile included)."""
-    import transformers
     if device.type != "cuda" and not args.smoke:
         sys.exit("bench_gpu.py needs a CUDA device (or --smoke, to run the checks on CPU with a tiny model)")
     smoke = args.smoke
@@ -83,7 +82,7 @@ def bench_gpu(args, device):
     flops_peak, bw_peak = next((v for k, v in PEAK.items() if k in name), (None, None))
     out_dir = os.environ.get("OUT", ".")
     log = open(os.path.join(out_dir, "bench_gpu.log"), "a")
-    head = f"{name}, torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"
+    head = f"{name}, torch {torch.__version__}, transformers {hf_version()}, {time.strftime('%Y-%m-%d %H:%M')}"
     print(head, flush=True)
     log.write(head + "\n")
     dtype = torch.float32 if smoke else torch.bfloat16
@@ -477,12 +476,10 @@ def _grpo_group(model, device, smoke, group):
 def _grpo_group_hf(device, smoke, group):
     """transformers' forward+backward of the same 7 rows [prompt, response] in bf16, padded to the longest, with its gradient
     checkpointing (without it, 7 x 3k tokens of 1.5B activations do not fit 80 GB next to our trainer)."""
-    import transformers
     prompts, responses, adv = group["inputs"]
     P = len(prompts[0])
-    hf_kw = {k: v for k, v in SHAPES["smoke" if smoke else "1.5B"].items() if k not in ("model_type", "torch_dtype")}
     with torch.device(device):  # built on the GPU: a CPU init of 1.5B parameters takes most of the cap
-        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**hf_kw)).to(torch.bfloat16)
+        hf = hf_qwen2(SHAPES["smoke" if smoke else "1.5B"]).to(torch.bfloat16)
     hf.gradient_checkpointing_enable()
     hf.train()
     rows, attn, resp_mask = padded_rows(prompts[0], responses, device)
