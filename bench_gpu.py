@@ -171,7 +171,10 @@ def _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page_size=0):
     compiled = e.generate(prompt.tolist(), n_new, temperature=0)[0]
     eager = generate(ours, prompt.tolist(), n_new, temperature=0)[0]  # (a dense cache, of its own)
     agree = next((i for i, (x, y) in enumerate(zip(compiled, eager)) if x != y), len(eager))
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    # the bytes a step must read: every weight once, but of an untied embedding table only a row (the KV cache read,
+    # at most 384 positions here, is left out: 22 MB a step at 7B against 14 GB of weights)
+    emb = ours.model.embed_tokens.weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters() if p is not emb or ours.config.tie_word_embeddings)
     frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
     skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
     versus = " tok/s" if hf is None else f" vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x"
@@ -180,9 +183,12 @@ def _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page_size=0):
 
 
 def _decode_7b(device, bw_peak, smoke, backend, page):
-    """The 7B shape's batch-1 decode, dense and paged KV cache (#30's target: half the HBM bandwidth). Random bf16
-    weights made on the GPU (15 GB); transformers' copy would double that, and its init on the host takes minutes."""
-    m = M.empty_model(M.ModelConfig(**SHAPES["smoke" if smoke else "7B"]), device, torch.float32 if smoke else torch.bfloat16)
+    """The 7B shape's batch-1 decode, dense and paged KV cache (#30's target: half the HBM bandwidth), with q/k/v and
+    gate/up fused as eval.py and grpo.py's rollouts run it. Random bf16 weights made on the GPU (15 GB); transformers'
+    copy would double that, and its init on the host takes minutes."""
+    from sampler import fuse_projections
+    m = fuse_projections(M.empty_model(M.ModelConfig(**SHAPES["smoke" if smoke else "7B"]), device,
+                                       torch.float32 if smoke else torch.bfloat16), devices=(device.type,))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02)
