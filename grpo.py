@@ -50,7 +50,7 @@ loss, gradient norm or KL stops the run before the optimizer step, without savin
 layout model in the starting checkpoint's dtype + resumable state (training.py); --resume continues exactly.
 
 Reading order: the flags, the maths, then grpo_step and its stages in order (rollout, score,
-old_and_ref_logprobs, update -> policy_update_step, which holds the PPO loss), then main.
+old_and_ref_logprobs, update -> policy_update_step, which holds the PPO loss), then setup_job and main.
 """
 import argparse
 import json
@@ -488,18 +488,9 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, b
 
 # ----------------------------------------------------------------------------- the run
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision)
-    args.precision = precision_of(args.precision, device)  # run.json records what ran
-    if args.toy:
-        toy.setup(args.seed)
-        toy.run_sft_first(args.model, args.seed, rank, args.precision)
-    run = RunDir(args.out, args, rank, "grpo.py")
-    if (finished := run.start(args.resume, args.overwrite)) is not None:
-        return done_already(args.out, finished, rank)
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+def setup_job(args, rank, world, device):
+    """The run's prompts, policy (and frozen reference when --kl > 0), optimizer and sampler -> (Job, the held-out
+    set or None, a line saying what was loaded, the run's steps)."""
     tokenizer = load_tokenizer(args.tokenizer)
     check_vocab(tokenizer, args.model, args.tokenizer)
     family = args.family or default_judge_family(tokenizer)
@@ -529,6 +520,23 @@ def main(argv=None):
         print(f"grpo: decoding {engine.slots // args.n} prompts at a time (not {args.gen_prompts}): their KV cache fills "
               f"--kv-cache-frac {args.kv_cache_frac} of the GPU")
     job = Job(args, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, rank, world, device)
+    return job, heldout, described, total
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision)
+    args.precision = precision_of(args.precision, device)  # run.json records what ran
+    if args.toy:
+        toy.setup(args.seed)
+        toy.run_sft_first(args.model, args.seed, rank, args.precision)
+    run = RunDir(args.out, args, rank, "grpo.py")
+    if (finished := run.start(args.resume, args.overwrite)) is not None:
+        return done_already(args.out, finished, rank)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    job, heldout, described, total = setup_job(args, rank, world, device)
+    policy, optimizer, engine, tokenizer = job.policy, job.optimizer, job.engine, job.tokenizer
 
     def judge_heldout():  # greedy held-out accuracy of the current policy, with the run's token budget
         engine.load_weights(policy)
