@@ -240,11 +240,16 @@ def main(argv=None):
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         end_distributed()
         return {"steps": step}
+    summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
+    return finish(args, model, summary, (lambda: judge("heldout")) if "heldout" in judges else None, rank)
+
+
+def finish(args, model, summary, judge_heldout, rank):
+    """Save the model (Hugging Face layout, tokenizer beside it) and the summary, with held-out accuracy if asked."""
     out_model = os.path.join(args.out, "model")
     save_checkpoint(model, out_model, rank, args.save_dtype, args.tokenizer)
-    summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
-    if "heldout" in judges:
-        acc, unparsed = judge("heldout")
+    if judge_heldout:
+        acc, unparsed = judge_heldout()
         summary.update(heldout_accuracy=acc, heldout_unparsed=unparsed)
     if rank == 0:
         json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
