@@ -29,7 +29,7 @@ def test_bench_gpu_smoke_runs_every_check(tmp_path):
     for name in CHECKS:
         line = next((line for line in lines if line.lstrip().startswith(name)), None)
         assert line is not None, f"no line for {name!r} in:\n{p.stdout[-3000:]}"
-        assert not any(bad in line for bad in ("failed:", "not finished", "skipped")), line
+        assert not any(bad in line for bad in ("failed:", "not finished", "skipped", "cut by its time limit", "no step finished")), line
     assert len(lines) == len(CHECKS), p.stdout[-3000:]
     assert "0 (Dynamo's recompile limit reached: never)" in lines[-1], lines[-1]
     assert "recompile-limit warnings 0" in next(line for line in lines if line.startswith("grpo.py, 2 steps (1.5B"))
