@@ -6,6 +6,7 @@ $OUT/bench_gpu.log), each under a time cap, all within 5 minutes on one H100, co
     python bench_gpu.py --only grpo1.5b    # a second call: grpo.py's 2 steps at 1.5B (#30's rollout target)
     python bench_gpu.py --only grpo,decode # grpo.py at 0.5B (the shape of the earlier figures), 0.5B decode vs transformers
     python bench_gpu.py --only ragged,paged
+    python bench_gpu.py --only offload     # grpo.py's 2 steps at 0.5B with --offload (compare with the grpo group's)
     python bench_gpu.py --smoke            # the same code on CPU with a tiny model, to check the script itself
 
 (`python bench.py gpu ...` runs the same.) Weights are random, shapes those of bench.py's SHAPES; the GPU machine needs
@@ -65,11 +66,11 @@ def check(log, name, cap_s, fn, deadline=None):
     log.flush()
 
 
-GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "decode7b", "grpo", "grpo1.5b")  # bench_gpu's groups of checks, in their order
+GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "decode7b", "grpo", "grpo1.5b", "offload")  # groups, in order
 # #30's targets first, in what fits the 5 minutes (on an H100 the training rows took about 2 minutes, the 8 x 8 rollout
 # 40 s; the 7B decode is not yet timed); the 2-step grpo.py run at 1.5B (not yet timed: at 0.5B it took 139 s, most of
 # it compiling) is a second call's, the 0.5B grpo.py run and decode against transformers a third's, the ragged rollouts
-# (8 decode graphs at 13-17 s each) a fourth's
+# (8 decode graphs at 13-17 s each) a fourth's, grpo.py with --offload a fifth's
 DEFAULT_GPU_CHECKS = "training,rollout,decode7b"
 
 
@@ -130,10 +131,14 @@ def bench_gpu(args, device):
     run("decode batch 1, paged KV cache", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page), "paged")
     run("judge prompts: a common opening", 60, lambda: _common_opening(ours, device, smoke, page), "paged")
     run("decode batch 1, 7B shape: dense | paged", 150, lambda: _decode_7b(device, bw_peak, smoke, backend, page), "decode7b")
-    if "grpo" in want:
+    if want & {"grpo", "offload"}:
         small_dir = os.path.join(tempfile.mkdtemp(), "model")
         checkpoint.save_model(ours, small_dir)
-        run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(small_dir, smoke, deadline - time.time() - 5))
+        run("grpo.py, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(small_dir, smoke, deadline - time.time() - 5),
+            "grpo")
+        offload = ("--offload",) + (("--precision", "bf16") if smoke else ())  # the CPU's fp32 process has no FSDP
+        run("grpo.py --offload, 2 steps (0.5B shape)", 150, lambda: _grpo_two_steps(
+            small_dir, smoke, deadline - time.time() - 5, *offload), "offload")
     ours = hf = None  # frees them (not `del`: the checks above close over these names)
     if "grpo1.5b" in want:  # #30's rollout target is at this size; a call of its own (at 0.5B this run took 139 s)
         run("grpo.py, 2 steps (1.5B shape)", 285, lambda: _grpo_two_steps(
@@ -283,16 +288,17 @@ def _common_opening(ours, device, smoke, page):
             f"tokens for {same} of 16 prompts (bf16 rounding can flip a near-tie)")
 
 
-def _grpo_two_steps(model_dir, smoke, timeout_s):
-    """A real-shape grpo.py run (a random checkpoint in model_dir) on the toy's prompts and tokenizer: 2 steps of 16
-    prompts x n=7, up to 512 new tokens (the toy tokenizer's 3 stop ids among 2048 sampled ids: long, ragged traces).
-    Step 1's rollout pays the decode graphs' compile; step 2's is the steady rate."""
+def _grpo_two_steps(model_dir, smoke, timeout_s, *flags):
+    """A real-shape grpo.py run (a random checkpoint in model_dir, and flags) on the toy's prompts and tokenizer: 2 steps
+    of 16 prompts x n=7, up to 512 new tokens (the toy tokenizer's 3 stop ids among 2048 sampled ids: long, ragged
+    traces). Step 1's rollout pays the decode graphs' compile; step 2's is the steady rate. -> also the peak GPU memory."""
     root = os.path.dirname(os.path.abspath(__file__))
     tmp = tempfile.mkdtemp()
     paths = toy.prepare(os.path.join(tmp, "toy"), n_train=64, n_rl=64, n_heldout=8)
     cmd = [sys.executable, "grpo.py", "--model", model_dir, "--tokenizer", paths["tokenizer"], "--data",
            paths["rl"], "--out", os.path.join(tmp, "out"), "--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8",
-           "--gen-prompts", "16", "--group-size", "7", "--max-new-tokens", "64" if smoke else "512"] + (["--no-compile"] if smoke else [])
+           "--gen-prompts", "16", "--group-size", "7", "--max-new-tokens", "64" if smoke else "512", *flags] + \
+        (["--no-compile"] if smoke else [])
     t, cut = time.time(), False
     try:
         p = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=max(timeout_s, 1))  # before the cap
@@ -309,7 +315,8 @@ def _grpo_two_steps(model_dir, smoke, timeout_s):
     limit = sum("recompile_limit" in line for line in stderr.splitlines())  # Dynamo's warning: code runs eager from then
     parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s), old/ref "
                       f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s, sampler-trainer |d log p| mean "
-                      f"{r['rollout_logp_diff_mean']:.1e} max {r['rollout_logp_diff_max']:.2f}" for r in recs)
+                      f"{r['rollout_logp_diff_mean']:.1e} max {r['rollout_logp_diff_max']:.2f}, GPU peak "
+                      f"{r['gpu_peak_gib']:.1f} GiB" for r in recs)
     ran = f"cut by its time limit after {time.time() - t:.0f} s" if cut else f"whole run {time.time() - t:.0f} s"
     return f"{parts or 'no step finished'}; {ran}; recompile-limit warnings {limit}"
 

@@ -115,7 +115,19 @@ def full_state_dict_items(model):
     for name, p in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_word_embeddings:
             continue  # Hugging Face expects tied models to carry only embed_tokens
-        yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().to("cpu")
+        yield name, gathered(p).detach().to("cpu")
+
+
+def gathered(p):
+    """A parameter's full value: an FSDP2 shard (a DTensor) is all-gathered from every rank (every rank must call). A
+    shard kept in host memory (--offload) goes to the GPU first, so the gather runs over NCCL, not the CPU's gloo."""
+    if not hasattr(p, "full_tensor"):
+        return p
+    if p.device.type != p.device_mesh.device_type:  # offloaded: the mesh is the GPUs', the shard in host memory
+        from torch.distributed.tensor import DTensor
+        p = DTensor.from_local(p.to_local().to(p.device_mesh.device_type), p.device_mesh, p.placements, run_check=False,
+                               shape=p.shape, stride=p.stride())
+    return p.full_tensor()
 
 
 def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):

@@ -69,23 +69,18 @@ from data import default_judge_family, describe_counts, load_judge_examples, loa
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
-                      check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch,
-                      fit_recompute, grad_ckpt_flag, load_for_training, load_state, lr_at, make_optimizer, precision_of,
+from training import (RunDir, accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum,
+                      check_flags, check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed,
+                      epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at, make_optimizer, precision_of,
                       save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="GRPO with the verdict reward (RM-R1 stage 2)")
     ap.add_argument("--model", default=None, help="starting policy, HF dir (default: the toy SFT checkpoint)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
     ap.add_argument("--data", default=None, help="RM-R1 RL JSONL, or preference pairs with --format")
     ap.add_argument("--format", default=None, choices=["rm-r1", "pairs", "rm-bench", "judgebench", "rmb"], help="[rm-r1]")
     ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
-    ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="dtype of the saved model (default: the starting checkpoint's)")
     # torchrun swallows a bare `--n` (it abbreviates its own --nnodes...), so -n / --group-size also work
     ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
@@ -110,9 +105,6 @@ def parse_args(argv=None):
     ap.add_argument("--rollout-is", default="token", choices=["token", "sequence", "none"],
                     help="truncated importance sampling of the policy loss by pi_old / sampler, per token or sequence")
     ap.add_argument("--rollout-is-cap", type=float, default=2.0, help="the most an importance weight may be (>= 1)")
-    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                    help="bf16: compute and rollouts in bf16 over fp32 master weights (CUDA's default; on CPU it "
-                         "simulates a GPU run's numerics); fp32: fp32 throughout (the CPU's default)")
     ap.add_argument("--no-std-norm", action="store_true", help="advantage r - mean(r), without / std")
     ap.add_argument("--format-reward", action="store_true", help="cold-start reward: format + correct")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -120,17 +112,11 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--max-prompt-len", type=int, default=None, help="[4096; toy 512]")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="[8192; toy 48]")
-    ap.add_argument("--grad-ckpt", type=grad_ckpt_flag, default=None, help="blocks that recompute their activations in "
-                    "backward: all, none, N, or auto: all, then after two steps as few as memory needs [auto; toy none]")
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out accuracy")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps [5: a step is long; toy 20]")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the training blocks and the sampler's decode step (default: on with CUDA)")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
-    ap.add_argument("--seed", type=int, default=0)
+    add_run_flags(ap, compiles="the training blocks and the sampler's decode step")
     args = ap.parse_args(argv)
     args.toy = toy.fill_defaults(args, dict(kl=(0.05, 0.001), gen_prompts=(64, 32), rollout_prompts=(64, 1024),
                                             minibatch_prompts=(16, 128), micro_seqs=(112, 4), lr=(2e-4, 1e-6), save_every=(20, 5),
@@ -482,6 +468,7 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, b
             "rollout_kl": total["rollout_kl"] / max(length, 1), "rollout_is_capped_frac": total["is_capped"] / n_mb,
             "rollout_preempted": int(total["preempted"]),
             "rollout_kv_pool_peak": all_reduce_max([ro.kv_pool_peak], job.device)[0],  # paged; 0 with the dense cache
+            "gpu_peak_gib": gpu_peak_gib(job.device),  # the run's so far, the most of any rank's
             "rollout_tokens_per_s": length / max(seconds["rollout_s"], 1e-9), "train_balance": balance,
             "train_tokens_per_s": total["train_tokens"] / max(seconds["train_s"], 1e-9), **seconds}
 
@@ -501,15 +488,15 @@ def setup_job(args, rank, world, device):
         raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")
     total = args.steps or len(examples) // args.rollout_prompts
     compile = compile_wanted(args.compile, device)
-    policy = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt, precision=args.precision)
-    ref = load_for_training(args.model, world, device, trainable=False, compile=compile, precision=args.precision) \
-        if args.kl > 0 else None
+    load = lambda **kw: load_for_training(args.model, world, device, compile=compile, precision=args.precision,
+                                          offload=args.offload, **kw)
+    policy, ref = load(grad_ckpt=args.grad_ckpt), load(trainable=False) if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
     heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
     if args.eval_data and not args.eval_limit and rank == 0:
         print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
-    engine = Sampler.for_policy(policy, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n,
+    engine = Sampler.for_policy(policy, device, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n,
                                 page_size=args.kv_page_size)
     if engine.pages and not engine.pages.can_progress(args.n, max_len - args.max_new_tokens, engine.sync_every, max_len):
         raise SystemExit(f"grpo.py: --kv-cache-frac {args.kv_cache_frac} holds {len(engine.pages.free)} KV pages of "
@@ -525,7 +512,7 @@ def setup_job(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision)
+    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision, offload=args.offload)
     args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
         toy.setup(args.seed)

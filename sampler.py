@@ -50,6 +50,7 @@ from collections import deque
 
 import torch
 
+import checkpoint
 import model as M
 
 
@@ -151,12 +152,12 @@ class Sampler:
             self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     @classmethod
-    def for_policy(cls, policy, slots, max_len, compile=False, **engine_kw):
-        """An engine over a plain copy of a training policy (possibly FSDP-sharded), in its compute dtype (bf16 on GPUs),
-        with fused projections on GPUs (fuse_projections): the compiled step never meets FSDP hooks, and sampling
-        reads the weights once per token, not per layer gather. load_weights refreshes the copy."""
-        p = next(policy.parameters())
-        copy = fuse_projections(M.empty_model(policy.config, p.device, M.compute_dtype(policy)))
+    def for_policy(cls, policy, device, slots, max_len, compile=False, **engine_kw):
+        """An engine on `device` over a plain copy of a training policy (possibly FSDP-sharded, its shards possibly in
+        host memory), in its compute dtype (bf16 on GPUs), with fused projections on GPUs (fuse_projections): the compiled
+        step never meets FSDP hooks, and sampling reads the weights once per token, not per layer gather. load_weights
+        refreshes the copy."""
+        copy = fuse_projections(M.empty_model(policy.config, device, M.compute_dtype(policy)))
         return cls(copy, slots, max_len, compile, **engine_kw)
 
     def load_weights(self, policy):
@@ -492,7 +493,7 @@ def copy_weights(src, dst):
     one full tensor."""
     dst_params, fused = dict(dst.named_parameters()), getattr(dst, "fused_rows", {})
     for name, p in src.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        full = checkpoint.gathered(p)
         target, row = fused.get(name, (name, 0))
         dst_params[target][row:row + len(full)].copy_(full)
 

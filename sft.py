@@ -53,21 +53,16 @@ import toy
 from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, all_reduce_sum, check_flags, check_vocab, cli,
+from training import (RunDir, accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_vocab, cli,
                       clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute,
-                      grad_ckpt_flag, idle_backward, load_for_training, load_state, lr_at, make_optimizer,
-                      precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+                      gpu_peak_gib, idle_backward, load_for_training, load_state, lr_at, make_optimizer, precision_of,
+                      save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Distillation SFT (RM-R1 stage 1)")
     ap.add_argument("--model", default=None, help="HF checkpoint dir (default: the toy task's tiny model)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
     ap.add_argument("--data", default=None, help="JSONL: RM-R1 distillation rows or chat rows (default: toy)")
-    ap.add_argument("--out", default=None, help="output dir (default runs/toy/sft for the toy task)")
-    ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
-    ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                    help="dtype of the saved model (default: the starting checkpoint's)")
     ap.add_argument("--max-len", type=int, default=None, help="drop (or --truncate) longer rows [12288; toy 512]")
     ap.add_argument("--truncate", action="store_true", help="cut long rows instead of dropping them")
     ap.add_argument("--epochs", type=float, default=None, help="[1; toy 5, ended early by --stop-at-accuracy]")
@@ -78,18 +73,8 @@ def parse_args(argv=None):
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--grad-ckpt", type=grad_ckpt_flag, default=None, help="blocks that recompute their activations in "
-                    "backward: all, none, N, or auto: all, then after two steps as few as memory needs [auto; toy none]")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the blocks (default: on with CUDA)")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"],
-                    help="bf16: compute in bf16 over fp32 master weights (CUDA's default; on CPU it simulates a GPU "
-                         "run's numerics); fp32: fp32 throughout (the CPU's default)")
     ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out judge accuracy at the end (toy: its held-out set)")
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="token budget of each judgement [8192; toy 64]")
@@ -97,6 +82,7 @@ def parse_args(argv=None):
     ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--stop-at-accuracy", type=float, default=None,
                     help="end training once validation judge accuracy (%%) reaches this [0 = off; toy 78]")
+    add_run_flags(ap, compiles="the blocks")
     args = ap.parse_args(argv)
     args.toy = toy.fill_defaults(args, dict(max_len=(512, 12288), epochs=(5.0, 1.0), global_batch=(32, 128),
                                             tokens_per_micro=(4096, 16384), lr=(3e-3, 5e-6), eval_max_new_tokens=(64, 8192),
@@ -175,7 +161,7 @@ def encode_sft_rows(path, tokenizer, max_len, truncate):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision)
+    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision, offload=args.offload)
     args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
         toy.setup(args.seed)
@@ -194,7 +180,8 @@ def main(argv=None):
     if total == 0:
         raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
     compile = compile_wanted(args.compile, device)
-    model = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt, precision=args.precision)
+    model = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt, precision=args.precision,
+                              offload=args.offload)
     optimizer = make_optimizer(model, args.lr, (0.9, 0.95), args.weight_decay)
     step = 0
     if args.resume:
@@ -210,7 +197,7 @@ def main(argv=None):
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
         print("sft: --eval-limit 0: no validation or held-out judging")
     longest = max((len(p) for _, ids in judges.values() for p in ids), default=0)  # greedy judgements: a plain copy's sampler
-    engine = Sampler.for_policy(model, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
+    engine = Sampler.for_policy(model, device, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
 
     def judge(which):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
         engine.load_weights(model)
@@ -287,7 +274,7 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tokens / (time.time() - t0)}
+            "tokens_per_s": tokens / (time.time() - t0), "gpu_peak_gib": gpu_peak_gib(device)}
 
 
 if __name__ == "__main__":

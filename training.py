@@ -1,10 +1,12 @@
 """
 training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no trainer imports another.
 
+  add_run_flags       the flags both trainers take: where a run lives, precision, compile, recompute, offload
   setup_distributed   rank, world size and device; a process group whenever FSDP runs (NCCL, or gloo on CPU)
   precision_of        --precision: bf16 (the GPU policy below; default on CUDA) or fp32 (default elsewhere)
-  load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard
-  all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits)
+  load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard;
+                      --offload keeps the shards, their gradients and AdamW's moments in host memory
+  all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits); gpu_peak_gib
   all_gather_lists    every rank's lists of numbers, on every rank (GRPO's rollout, so ranks can share its training)
   grad_ckpt_flag, fit_recompute  which blocks recompute their activations in backward (auto: as memory needs)
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
@@ -23,6 +25,13 @@ one-rank process group (one unit where it fits), so single-GPU and multi-GPU run
 (the CPU's default): fp32 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
 `--precision bf16` on CPU runs the GPU policy there (one-rank FSDP2 over gloo), so its numerics can be studied
 without a GPU (toy.py's grid).
+
+--offload (FSDP2's CPUOffloadPolicy): each rank's fp32 shards, their gradients and AdamW's moments live in host memory,
+and AdamW steps there (fused, on the CPU). Every gather (forward, and backward's again) first copies the block's shard
+to the GPU, and every backward copies the reduced gradients back: 16 bytes a parameter, over the ranks, leave each GPU
+(weights, gradients, moments), for host-GPU copies at every micro-batch. For models whose training state does not fit
+beside the rollout copy and its KV cache (README: 14B GRPO on 8 GPUs). The process group then has gloo beside NCCL
+(cpu:gloo,cuda:nccl): the gradient norm of shards in host memory is reduced over gloo.
 """
 import argparse
 import functools
@@ -54,9 +63,31 @@ def compile_wanted(flag, device):
     return flag if flag is not None else device.type == "cuda"  # --compile's default: on with CUDA
 
 
-def setup_distributed(cpu=False, precision=None):
+def add_run_flags(ap, compiles):
+    """The flags both trainers take, about where a run lives and how it runs rather than what it learns."""
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
+    ap.add_argument("--out", default=None, help="the run's directory (toy: runs/toy/sft or runs/toy/grpo)")
+    ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
+    ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
+    ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the saved model (default: the starting checkpoint's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                    help="bf16: bf16 compute (and rollouts) over fp32 master weights (CUDA's default; on CPU it simulates "
+                         "a GPU run's numerics); fp32: fp32 throughout (the CPU's default)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help=f"torch.compile {compiles} (default: on with CUDA)")
+    ap.add_argument("--grad-ckpt", type=grad_ckpt_flag, default=None, help="blocks that recompute their activations in "
+                    "backward: all, none, N, or auto: all, then after two steps as few as memory needs [auto; toy none]")
+    ap.add_argument("--offload", action="store_true", help="keep the fp32 weights, gradients and AdamW moments in host "
+                    "memory, AdamW stepping on the CPU (needs FSDP: a GPU, more than one rank, or --precision bf16)")
+
+
+def setup_distributed(cpu=False, precision=None, offload=False):
     """-> (rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1.
-    cpu: stay on the CPU where CUDA is available too (the toy: tuned in fp32 on CPU kernels, see toy.py)."""
+    cpu: stay on the CPU where CUDA is available too (the toy: tuned in fp32 on CPU kernels, see toy.py). offload: the
+    GPUs' process group also gets gloo, for collectives over shards in host memory."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available() and not cpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -66,22 +97,24 @@ def setup_distributed(cpu=False, precision=None):
         device = torch.device("cpu")
     if uses_fsdp(world, device, precision) and not dist.is_initialized():  # one GPU: a one-rank group (over a HashStore)
         store = dict(store=dist.HashStore(), rank=0, world_size=1) if world == 1 else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **store)
+        backend = "gloo" if device.type != "cuda" else "cpu:gloo,cuda:nccl" if offload else "nccl"
+        dist.init_process_group(backend, **store)
     return rank, world, device
 
 
-def load_for_training(path, world, device, trainable=True, compile=False, grad_ckpt="none", precision=None):
+def load_for_training(path, world, device, trainable=True, compile=False, grad_ckpt="none", precision=None, offload=False):
     """Load a checkpoint under the precision policy above (precision: the --precision flag). With FSDP the model is
-    built on the meta device, sharded (each block, then the root), allocated on the device, and each rank reads the
-    safetensors one tensor at a time and keeps only its shard: no rank ever holds a full fp32 copy. A frozen model
-    (trainable=False, GRPO's reference) keeps its shards in bf16 under bf16: it is computed in bf16 anyway."""
+    built on the meta device, sharded (each block, then the root), allocated on the device (in host memory with
+    offload), and each rank reads the safetensors one tensor at a time and keeps only its shard: no rank ever holds a
+    full fp32 copy. A frozen model (trainable=False, GRPO's reference) keeps its shards in bf16 under bf16: it is
+    computed in bf16 anyway."""
     bf16 = precision_of(precision, device) == "bf16"
     if not uses_fsdp(world, device, precision):
         model = checkpoint.load_model(path, device, torch.float32)
         if compile:
             M.compile_blocks(model)
     else:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
         from torch.distributed.tensor import distribute_tensor
         with torch.device("meta"):
             model = M.Transformer(checkpoint.load_config(path))
@@ -94,16 +127,20 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
             M.compile_blocks(model)  # before sharding, as FSDP2 expects
         # a unit per block, then the root (backward starts with its head: kept gathered). One rank where the whole
         # model's bf16 weights and gradients fit beside its state and an fp32 gradient sum (28 bytes a parameter, in
-        # 58% of the GPU) shards the root alone: per-block units only add host time there (1.5B: 23.8% -> 28.6% MFU)
+        # 58% of the GPU) shards the root alone: per-block units only add host time there (1.5B: 23.8% -> 28.6% MFU).
+        # Offloaded, units stay per block, so the GPU holds one block's weights at a time
         memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else math.inf
-        one_unit = world == 1 and 48 * M.num_params(model) < memory
+        one_unit = world == 1 and 48 * M.num_params(model) < memory and not offload
+        policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()  # pinned: async copies
         for block in model.model.layers if not one_unit else ():
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp, reshard_after_forward=one_unit and not trainable)  # frozen: freed after use
-        model.to_empty(device=device)
+            fully_shard(block, mp_policy=mp, offload_policy=policy)
+        # a frozen one unit is freed after each use
+        fully_shard(model, mp_policy=mp, offload_policy=policy, reshard_after_forward=one_unit and not trainable)
+        model.to_empty(device="cpu" if offload else device)
         checkpoint.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
                                                                          p.placements, src_data_rank=None))
         model.accumulate_gathered = one_unit and trainable  # see accumulate_gradients
+        model.offloaded = offload  # make_optimizer: AdamW steps on the CPU
     model.compute_dtype = torch.bfloat16 if bf16 else torch.float32  # what the forward runs in (model.compute_dtype)
     layers, blocks = len(model.model.layers), grad_ckpt_flag(str(grad_ckpt))  # refuses a bool (True would be 1 block)
     model.recompute_blocks = min(layers, {"none": 0, "all": layers, "auto": layers}.get(blocks, blocks))
@@ -140,6 +177,12 @@ def accumulate_gradients(model, last):
         model.set_requires_gradient_sync(last)
         model.set_reshard_after_backward(last)
         model.gradients_unreduced = not last  # clip_grad_norm refuses a step whose last backward did not reduce
+
+
+def gpu_peak_gib(device):
+    """The most GPU memory any rank's allocator has held so far (what running out depends on), GiB; 0 on the CPU."""
+    held = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+    return all_reduce_max([held], device)[0]
 
 
 def barrier():  # every rank waits here; nothing to wait for without a process group
@@ -230,7 +273,7 @@ def _local(t):
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every",
-                     "kv_page_size"}
+                     "kv_page_size", "offload"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
 
 
@@ -470,8 +513,8 @@ def copy_tokenizer(src, dst):
 
 
 def make_optimizer(model, lr, betas, weight_decay, fused=None):
-    """AdamW; fused (one kernel for all parameters) on CUDA."""
-    fused = next(model.parameters()).is_cuda if fused is None else fused
+    """AdamW; fused (one kernel for all parameters) on CUDA, and on the CPU for --offload's shards in host memory."""
+    fused = next(model.parameters()).is_cuda or getattr(model, "offloaded", False) if fused is None else fused
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
 
 
@@ -484,7 +527,13 @@ def check_vocab(tokenizer, model_path, tokenizer_path):
 
 
 def check_flags(ap, args, positive=(), nonnegative=(), fractions=()):
-    """argparse-style errors for counts and sizes that must be finite and > 0 (or >= 0, or in (0, 1]), before any work."""
+    """argparse-style errors for counts and sizes that must be finite and > 0 (or >= 0, or in (0, 1]), and for
+    --offload where nothing is sharded (add_run_flags), before any work."""
+    cuda = torch.cuda.is_available() and not getattr(args, "toy", False)  # where setup_distributed will put the run
+    if getattr(args, "offload", False) and not uses_fsdp(int(os.environ.get("WORLD_SIZE", 1)), torch.device("cuda" if cuda else "cpu"),
+                                      args.precision):
+        ap.error("--offload keeps FSDP's shards in host memory, and one fp32 process on the CPU has no FSDP (and its "
+                 "weights are in host memory already): add --precision bf16 or more ranks, or drop --offload")
     for k, strict in [(k, True) for k in positive + fractions] + [(k, False) for k in nonnegative]:
         v = getattr(args, k)
         if v is not None and not (math.isfinite(v) and (v > 0 if strict else v >= 0)):  # `not` also catches NaN

@@ -69,14 +69,16 @@ def read_metrics(out_dir):
 @pytest.fixture
 def one_rank_fsdp(monkeypatch):
     """enable() switches this process to the single-GPU control flow, on CPU: FSDP2 over a one-rank process group
-    (gloo, fp32) whatever the world size; it returns the list of modules fully_shard is applied to."""
+    (gloo, fp32) whatever the world size; it returns the list of (module, offload policy's class name) fully_shard is
+    applied to."""
     import torch.distributed as dist
     import torch.distributed.fsdp as fsdp
     import training
     sharded, fully_shard = [], fsdp.fully_shard
 
     def enable():
-        monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: sharded.append(module) or fully_shard(module, **kw))
+        monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: sharded.append(
+            (module, type(kw.get("offload_policy")).__name__)) or fully_shard(module, **kw))
         monkeypatch.setattr(training, "uses_fsdp", lambda *args: True)
         return sharded
     yield enable

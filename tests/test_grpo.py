@@ -167,14 +167,17 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
 def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, policy, one_rank_fsdp):
     # one GPU runs FSDP2 over a one-rank process group (training.setup_distributed): the control flow of a single-GPU
     # run (sharded policy and reference, DTensor grad norm, the rollout copy gathered from shards, state saved and
-    # resumed as shards) is run here on CPU (gloo, fp32) and must give the plain process's run
+    # resumed as shards) is run here on CPU (gloo, fp32) and must give the plain process's run. Its last step resumes
+    # with --offload (shards, gradients and AdamW in host memory, AdamW fused on the CPU, a unit per block)
     import torch.distributed as dist
     grpo.main(grpo_args(toy_paths, tmp_path / "plain", policy=policy))
     sharded = one_rank_fsdp()
     grpo.main(grpo_args(toy_paths, tmp_path / "fsdp", "--stop-after-steps", "2", policy=policy))
     assert not dist.is_initialized()  # the run left its group
-    grpo.main(grpo_args(toy_paths, tmp_path / "fsdp", "--resume", policy=policy))
-    assert len(sharded) == 2 * 2  # policy and reference, 2 starts; one rank: the root is the only FSDP unit
+    grpo.main(grpo_args(toy_paths, tmp_path / "fsdp", "--resume", "--offload", policy=policy))
+    # policy and reference: one rank's root is its only FSDP unit; offloaded, each block is one too
+    layers = checkpoint.load_config(policy).num_hidden_layers
+    assert [kind for _, kind in sharded] == ["OffloadPolicy"] * 2 + ["CPUOffloadPolicy"] * 2 * (layers + 1)
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp")
 
 
@@ -311,7 +314,8 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
                         (("--eval-limit", "-1"), "--eval-limit must be >= 0"), (("--steps", "-2"), "--steps must be >= 0"),
                         (("--rollout-is-cap", "0.5"), "--rollout-is-cap must be >= 1"),
                         (("--rollout-is-cap", "nan"), "--rollout-is-cap must be >= 1"),
-                        (("--kv-page-size", "-8"), "--kv-page-size must be >= 0")]:
+                        (("--kv-page-size", "-8"), "--kv-page-size must be >= 0"),
+                        (("--offload",), "--offload keeps FSDP's shards in host memory, and one fp32 process")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(grpo_args(toy_paths, tmp_path / "x", *extra))
         assert flag in capsys.readouterr().err
@@ -506,7 +510,7 @@ def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     class Stop(Exception):
         pass
 
-    def record(cpu=False, precision=None):
+    def record(cpu=False, precision=None, offload=False):
         seen.append(cpu)
         raise Stop  # main stops here: nothing else runs
 

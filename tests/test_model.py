@@ -240,7 +240,7 @@ def test_fused_projections_decode_as_the_model_does(ckpt, monkeypatch):
     path, _, _ = ckpt
     monkeypatch.setattr(sampler, "FUSED_PROJECTION_DEVICES", ("cpu",))
     m = checkpoint.load_model(path)
-    engine = Sampler.for_policy(m, slots=4, max_len=40)
+    engine = Sampler.for_policy(m, torch.device("cpu"), slots=4, max_len=40)
     engine.load_weights(m)
     names = {n for n, _ in engine.model.named_parameters()}
     assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names

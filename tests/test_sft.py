@@ -118,10 +118,11 @@ def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_one_process_and_resumes_in_one(toy_paths, tmp_path):
     # 3 sequences per step, 1 per micro-batch: rank 0 runs 2 micro-batches, rank 1 only 1 (and idles once). Two ranks run
-    # steps 1-2 and save their shards; one process resumes that state (put together from both ranks' files) for 3-4
+    # steps 1-2 and save their shards; one process resumes that state (put together from both ranks' files) for 3-4. The
+    # two ranks run with --offload (shards, gradients and AdamW in host memory, gradients summed there over micro-batches)
     uneven = ("--global-batch", "3", "--tokens-per-micro", "100", "--grad-ckpt", "all")  # recomputing: same maths
     one = sft.main(sft_args(toy_paths, tmp_path / "one", *uneven))
-    run_torchrun("sft.py", sft_args(toy_paths, tmp_path / "two", *uneven, "--stop-after-steps", "2"))
+    run_torchrun("sft.py", sft_args(toy_paths, tmp_path / "two", *uneven, "--stop-after-steps", "2", "--offload"))
     assert len(list((tmp_path / "two" / "state").glob("rank*.pt"))) == 2
     sft.main(sft_args(toy_paths, tmp_path / "two", *uneven, "--resume"))
     l1, l2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -139,12 +140,14 @@ def test_torchrun_two_ranks_matches_one_process_and_resumes_in_one(toy_paths, tm
 @pytest.mark.slow
 def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, one_rank_fsdp):
     # the single-GPU control flow (FSDP2 over a one-rank group; conftest.one_rank_fsdp) on CPU, stopped and resumed
-    # as shards, gives the plain process's run
+    # as shards, gives the plain process's run; resumed with --offload too (host memory, AdamW fused on the CPU)
     sft.main(sft_args(toy_paths, tmp_path / "plain", "--eval-limit", "0"))
     sharded = one_rank_fsdp()
     sft.main(sft_args(toy_paths, tmp_path / "fsdp", "--eval-limit", "0", "--stop-after-steps", "2"))
-    sft.main(sft_args(toy_paths, tmp_path / "fsdp", "--eval-limit", "0", "--resume"))
-    assert len(sharded) == 2  # 2 starts; on one rank the root is the only FSDP unit (no per-block hooks)
+    sft.main(sft_args(toy_paths, tmp_path / "fsdp", "--eval-limit", "0", "--resume", "--offload"))
+    # on one rank the root is the only FSDP unit (no per-block hooks); offloaded, each block is one too
+    layers = checkpoint.load_config(toy_paths["init"]).num_hidden_layers
+    assert [policy for _, policy in sharded] == ["OffloadPolicy"] + ["CPUOffloadPolicy"] * (layers + 1)
     l1, l2 = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fsdp")
     assert len(l1) == len(l2) == 4
     for a, b in zip(l1, l2):
