@@ -134,8 +134,9 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
         policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()  # pinned: async copies
         for block in model.model.layers if not one_unit else ():
             fully_shard(block, mp_policy=mp, offload_policy=policy)
-        # a frozen one unit is freed after each use
-        fully_shard(model, mp_policy=mp, offload_policy=policy, reshard_after_forward=one_unit and not trainable)
+        # the root stays gathered from forward to backward; a frozen model's (no backward) is freed after each forward,
+        # or its embeddings and head (2.2 GB at 7B, 3.1 GB at 14B) would stay gathered for the rest of the run
+        fully_shard(model, mp_policy=mp, offload_policy=policy, reshard_after_forward=not trainable)
         model.to_empty(device="cpu" if offload else device)
         checkpoint.load_weights(model, path, place=lambda p, t: distribute_tensor(t.to(device, p.dtype), p.device_mesh,
                                                                          p.placements, src_data_rank=None))

@@ -227,6 +227,27 @@ def test_a_paged_rollout_cache_gives_the_dense_caches_run(toy_paths, tmp_path, p
     assert 0 < runs["paged"]["rollout_kv_pool_peak"] < 1 and runs["dense"]["rollout_kv_pool_peak"] == 0  # the pool's use
 
 
+@pytest.mark.parametrize("offload", [False, True])
+def test_the_frozen_reference_frees_its_gathered_weights_after_each_forward(toy_paths, one_rank_fsdp, offload):
+    # FSDP2 keeps a root unit's weights gathered from its forward to its backward; the reference has no backward, so its
+    # root (embeddings and head, 3.1 GB at 14B) must be freed after each forward, with a unit per block (--offload, or
+    # more ranks) as with one unit. The policy's root stays gathered until its backward frees it
+    import training
+    one_rank_fsdp()
+    training.setup_distributed(precision="bf16")
+    load = lambda trainable: training.load_for_training(toy_paths["init"], 1, torch.device("cpu"), trainable=trainable,
+                                                        precision="bf16", offload=offload)
+    ref, policy = load(False), load(True)
+    ids = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        ref(ids)
+    logits = policy(ids)
+    assert hasattr(ref.lm_head.weight, "full_tensor") and hasattr(ref.model.embed_tokens.weight, "full_tensor")  # sharded
+    assert not hasattr(policy.lm_head.weight, "full_tensor")  # gathered for its backward
+    logits.float().sum().backward()
+    assert hasattr(policy.lm_head.weight, "full_tensor")
+
+
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):
     calls = []
     orig = checkpoint.load_model
