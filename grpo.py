@@ -48,6 +48,8 @@ Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metr
 progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. A non-finite
 loss, gradient norm or KL stops the run before the optimizer step, without saving. Checkpoints: Hugging Face
 layout model in the starting checkpoint's dtype + resumable state (training.py); --resume continues exactly.
+--offload keeps the trainer's weights, gradients and AdamW's moments in host memory (training.py), for models whose
+training state does not fit beside the rollout copy and its KV cache.
 
 Reading order: the flags, the maths, then grpo_step and its stages in order (rollout, score,
 old_and_ref_logprobs, update -> policy_update_step, which holds the PPO loss), then setup_job and main.

@@ -34,7 +34,8 @@ eos), as the judge will write it. RM-R1 RL rows (winner model_a/model_b) carry n
 Precision, sharding and checkpoints as in training.py: fp32 master weights and AdamW moments, bf16 compute and fp32
 gradient reduction through FSDP2 on any number of GPUs (one included), fp32 on CPU (--precision bf16 runs the GPU's
 policy there); --grad-ckpt auto recomputes every
-block's activations in backward for two steps, then only as many blocks as the measured GPU memory needs. The model is
+block's activations in backward for two steps, then only as many blocks as the measured GPU memory needs; --offload
+keeps the weights, gradients and AdamW's moments in host memory (AdamW steps on the CPU). The model is
 saved in the starting checkpoint's dtype (--save-dtype), whole or not at all, beside a resumable state per rank
 (loaded weights-only) that --resume continues exactly, on any number of ranks. A non-finite loss or gradient norm
 stops the run before the optimizer step, without saving.
