@@ -247,11 +247,11 @@ def bench_decode(args, device, dtype):
     print(f"sampled rollout, {P} prompts x n={n}, prompt {args.prompt_len}, {args.new_tokens} new tokens, {dtype}, {device.type}: "
           f"this project {N / t_ours:.0f} tok/s, transformers {N / t_hf:.0f} tok/s, ratio {t_hf / t_ours:.2f}x")
     # the rollout copy's fused projections (GPUs' default) against the plain model, the same rollout
-    from sampler import copy_weights, fuse_projections
+    from decode_model import copy_weights, fuse_projections
     fused = fuse_projections(M.empty_model(ours.config, device, dtype), devices=(device.type,))
     copy_weights(ours, fused)
     t_fused = timeit(lambda: generate(fused, prompts.tolist(), args.new_tokens, n=n, seed=0), 1, device)
-    print(f"the same rollout, q/k/v and gate/up fused (sampler.fuse_projections): {N / t_fused:.0f} tok/s, "
+    print(f"the same rollout, q/k/v and gate/up fused (decode_model.fuse_projections): {N / t_fused:.0f} tok/s, "
           f"{t_ours / t_fused:.2f}x unfused")
     # the same rollout through a paged KV cache (eager FlexAttention here: unfused, it scores the whole pool)
     from sampler import Sampler

@@ -191,7 +191,7 @@ def _decode_7b(device, bw_peak, smoke, backend, page):
     """The 7B shape's batch-1 decode, dense and paged KV cache (#30's target: half the HBM bandwidth), with q/k/v and
     gate/up fused as eval.py and grpo.py's rollouts run it. Random bf16 weights made on the GPU (15 GB); transformers'
     copy would double that, and its init on the host takes minutes."""
-    from sampler import fuse_projections
+    from decode_model import fuse_projections
     m = fuse_projections(M.empty_model(M.ModelConfig(**SHAPES["smoke" if smoke else "7B"]), device,
                                        torch.float32 if smoke else torch.bfloat16), devices=(device.type,))
     with torch.no_grad():

@@ -84,14 +84,16 @@ def load_heldout(path, tokenizer, limit, seed):
 
 def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, rank=0, world=1, seed=0):
     """Greedy judge accuracy (%) and unparsed count on held-out pairs (the trainers' progress check, through
-    the evaluation code path); ranks judge every world-th pair and the counts are summed."""
-    mine = range(rank, len(examples), world)
+    the evaluation code path); ranks judge every world-th pair and the counts are summed. The ranks of a tensor-parallel
+    engine's group (engine.tp: consecutive ranks) judge the same pairs together, and count them once."""
+    tp = engine.tp[0]
+    mine = range(rank // tp, len(examples), world // tp)
     correct = unparsed = 0
     for rows in judge_examples(engine, tokenizer, [examples[i] for i in mine], [prompt_ids[i] for i in mine],
                                max_new_tokens, 0.0, seed):
         correct += sum(r["correct"] for r in rows)
         unparsed += sum(r["verdict"] is None for r in rows)
-    correct, unparsed = all_reduce_sum([correct, unparsed], engine.tok.device)
+    correct, unparsed = (total / tp for total in all_reduce_sum([correct, unparsed], engine.tok.device))
     return 100.0 * correct / max(len(examples), 1), int(unparsed)
 
 
@@ -309,7 +311,7 @@ def main(argv=None):
     model = tokenizer = None
     if args.judge not in BASELINES:
         from checkpoint import load_model
-        from sampler import fuse_projections  # q/k/v and gate/up one GEMM each, on GPUs
+        from decode_model import fuse_projections  # q/k/v and gate/up one GEMM each, on GPUs
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
         model = fuse_projections(load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None))

@@ -7,7 +7,8 @@ grpo.py: stage 2 of RM-R1, GRPO with the verdict reward. The project's main job.
 The algorithm, per step:
 1. Rollout. Take R = --rollout-prompts judge prompts q (a seeded permutation of the data, one epoch after
    another); rank r samples rollout positions r, r + world, ... (rank_positions). The policy's weights are
-   copied into a plain (unsharded) rollout model, in bf16 on GPUs, and the sampler (sampler.py: static KV
+   copied into a plain (unsharded) rollout model, in bf16 on GPUs (with --rollout-tp T, split over T ranks that
+   decode their positions together: decode_model.py), and the sampler (sampler.py: static KV
    cache, continuous batching, compiled decode step) draws a group of G = --n traces o_1..o_G per prompt
    (temperature 1, top-p 1; the prefill is shared by the group). The draws are keyed by (step, prompt,
    sample), so they do not depend on the number of ranks. The sampler also returns each token's log-prob
@@ -67,14 +68,16 @@ from tqdm import tqdm
 
 import model as M
 import toy
+from checkpoint import load_config
 from data import default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
+from decode_model import tensor_parallel_config
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum,
                       check_flags, check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed,
                       epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at, make_optimizer, precision_of,
-                      save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+                      save_checkpoint, save_state, setup_distributed, stop_if_not_finite, tensor_parallel_group)
 
 
 def parse_args(argv=None):
@@ -93,6 +96,8 @@ def parse_args(argv=None):
     ap.add_argument("--kv-cache-frac", type=float, default=0.25, help="most of a GPU's memory the rollout KV cache may take")
     ap.add_argument("--kv-page-size", type=int, default=0, help="positions per page of a paged rollout KV cache (0: a dense "
                     "max-length row per slot): slots hold only the pages their sequences fill, and a step reads only those")
+    ap.add_argument("--rollout-tp", type=int, default=1, help="consecutive ranks that decode together over a tensor-parallel "
+                    "rollout copy, each holding 1/T of its blocks and KV cache (for a copy that does not fit one GPU)")
     ap.add_argument("--micro-seqs", type=int, default=None, help="sequences per forward/backward (below --n: slices of a group) [4; toy 112]")
     ap.add_argument("--steps", type=int, default=None, help="rollout steps [one epoch over the data; toy 180]")
     ap.add_argument("--lr", type=float, default=None, help="[1e-6; toy 2e-4]")
@@ -142,6 +147,10 @@ def parse_args(argv=None):
     if args.rollout_prompts % args.minibatch_prompts:
         ap.error(f"--rollout-prompts {args.rollout_prompts} must be a multiple of --minibatch-prompts {args.minibatch_prompts}")
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.rollout_tp < 1 or world % args.rollout_tp:
+        ap.error(f"--rollout-tp {args.rollout_tp} must divide the {world} ranks")
+    if args.rollout_tp > 1 and not args.toy:  # the copy's heads and MLP columns split evenly, known before any work
+        tensor_parallel_config(load_config(args.model), args.rollout_tp)
     if args.minibatch_prompts % world:
         ap.error(f"--minibatch-prompts {args.minibatch_prompts} must be a multiple of the {world} ranks, so that every "
                  "rank samples as many prompts and runs as many micro-batches of every mini-batch")
@@ -205,10 +214,11 @@ def aggregate(loss_tok, mask, agg, n_tokens, n_seqs, max_new_tokens):
     raise ValueError(f"unknown loss aggregation {agg!r}")
 
 
-def rank_positions(rollout_prompts, world, rank):
+def rank_positions(rollout_prompts, world, rank, tp=1):
     """The rollout positions rank `rank` samples: r, r + world, ... (rollout_prompts / world of them: parse_args checks
-    that --minibatch-prompts, and so --rollout-prompts, is a multiple of world). Training shares them out anew."""
-    return list(range(rank, rollout_prompts, world))
+    that --minibatch-prompts, and so --rollout-prompts, is a multiple of world); with a copy tensor parallel over tp
+    consecutive ranks (--rollout-tp), those of all its group's ranks, which decode together. Training shares them anew."""
+    return [p for p in range(rollout_prompts) if p % world // tp == rank // tp]
 
 
 # ----------------------------------------------------------------------------- the training forward
@@ -296,15 +306,17 @@ def grpo_step(job, step):
 def rollout(job, step):
     """1. Sample n traces for each of this rank's prompts from a fresh copy of the policy's weights, then gather every
     rank's: each rank holds the step's whole rollout, so the update can share out its micro-batches (micro_batch_plan)."""
-    args, t0, n, world = job.args, time.time(), job.args.n, job.world
+    args, t0, n, world, tp = job.args, time.time(), job.args.n, job.world, job.engine.tp[0]
     batch = epoch_batch(len(job.examples), args.rollout_prompts, step, args.seed)
-    mine = rank_positions(args.rollout_prompts, world, job.rank)
+    mine = rank_positions(args.rollout_prompts, world, job.rank, tp)  # (with --rollout-tp, its group's too)
     job.engine.load_weights(job.policy)
     preempted = job.engine.preemptions
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
     responses, logps = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature,
                                            args.top_p, args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
                                            vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, logprobs=True)
+    own = [k * n + j for k, p in enumerate(mine) if p % world == job.rank for j in range(n)]  # its own positions
+    responses, logps = [responses[i] for i in own], [logps[i] for i in own]
     # rank r sampled positions r, r + world, ...: its i-th group is position r + i * world
     responses, logps = (all_gather_lists(x, job.device, dtype) for x, dtype in ((responses, torch.long), (logps, torch.float64)))
     order = [(p % world, (p // world) * n + j) for p in range(args.rollout_prompts) for j in range(n)]
@@ -499,7 +511,7 @@ def setup_job(args, rank, world, device):
         print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
     engine = Sampler.for_policy(policy, device, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n,
-                                page_size=args.kv_page_size)
+                                page_size=args.kv_page_size, tp_group=tensor_parallel_group(args.rollout_tp, rank))
     if engine.pages and not engine.pages.can_progress(args.n, max_len - args.max_new_tokens, engine.sync_every, max_len):
         raise SystemExit(f"grpo.py: --kv-cache-frac {args.kv_cache_frac} holds {len(engine.pages.free)} KV pages of "
                          f"{args.kv_page_size} positions: too few for one group's prompts or one {max_len}-position sequence")

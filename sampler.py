@@ -50,8 +50,8 @@ from collections import deque
 
 import torch
 
-import checkpoint
 import model as M
+from decode_model import copy_weights, fuse_projections, tensor_parallel_copy
 
 
 # splitmix64's constants as int64 (each is >= 2^63, so it wraps to a negative number)
@@ -128,6 +128,7 @@ class Sampler:
         elif budget:
             slots = min(slots, slots_that_fit(budget, model.config, max_len, dtype, group))
         self.model, self.slots, self.max_len, self.prefill_tokens = model, slots, max_len, prefill_tokens
+        self.tp = getattr(model, "tp", (1, 0))  # (ranks, this rank's index) of a tensor-parallel copy
         self.sync_every = sync_every or (8 if device.type == "cuda" else 1)
         model.setup_cache(slots, max_len, page_size=page_size, pages=pages or 0)
         self.pages = Pages(model, slots) if page_size else None
@@ -152,13 +153,14 @@ class Sampler:
             self.step = torch.compile(self.decode_step, fullgraph=True, dynamic=False, mode=mode, backend=backend)
 
     @classmethod
-    def for_policy(cls, policy, device, slots, max_len, compile=False, **engine_kw):
+    def for_policy(cls, policy, device, slots, max_len, compile=False, tp_group=None, **engine_kw):
         """An engine on `device` over a plain copy of a training policy (possibly FSDP-sharded, its shards possibly in
-        host memory), in its compute dtype (bf16 on GPUs), with fused projections on GPUs (fuse_projections): the compiled
+        host memory), in its compute dtype (bf16 on GPUs), with fused projections on GPUs (decode_model.py): the compiled
         step never meets FSDP hooks, and sampling reads the weights once per token, not per layer gather. load_weights
-        refreshes the copy."""
-        copy = fuse_projections(M.empty_model(policy.config, device, M.compute_dtype(policy)))
-        return cls(copy, slots, max_len, compile, **engine_kw)
+        refreshes the copy. tp_group: the copy is tensor parallel over that group's ranks, which then generate the same
+        prompts together (in lockstep: the same calls give the same tokens, so the same host decisions)."""
+        copy = tensor_parallel_copy(policy.config, device, M.compute_dtype(policy), tp_group)
+        return cls(fuse_projections(copy), slots, max_len, compile, **engine_kw)
 
     def load_weights(self, policy):
         copy_weights(policy, self.model)  # under FSDP every rank calls this (one all-gather per tensor)
@@ -485,50 +487,6 @@ class Pages:
 
 
 # ----------------------------------------------------------------------------- the rollout copy's weights
-
-@torch.no_grad()
-def copy_weights(src, dst):
-    """dst's parameters <- src's (dtype cast on the way; into their rows of dst's fused projections). src may be
-    FSDP-sharded: each tensor is all-gathered on its own (every rank must call), so no rank holds more than dst plus
-    one full tensor."""
-    dst_params, fused = dict(dst.named_parameters()), getattr(dst, "fused_rows", {})
-    for name, p in src.named_parameters():
-        full = checkpoint.gathered(p)
-        target, row = fused.get(name, (name, 0))
-        dst_params[target][row:row + len(full)].copy_(full)
-
-
-FUSED_PROJECTION_DEVICES = ("cuda",)  # where fuse_projections fuses (tests and bench.py add "cpu")
-
-
-@torch.no_grad()
-def fuse_projections(model, devices=None):
-    """For decoding (the rollout copy, eval's judge): q/k/v and gate/up become one Linear each (qkv_proj, gate_up_proj,
-    their weights stacked by rows), so a decode step reads x once and launches one GEMM where it launched three and
-    two. copy_weights fills their rows by the checkpoint's names (model.fused_rows). Only on FUSED_PROJECTION_DEVICES:
-    elsewhere (the toy's CPU) the decode keeps the training forward's GEMMs and rounding."""
-    if model.lm_head.weight.device.type not in (devices or FUSED_PROJECTION_DEVICES):
-        return model
-    model.fused_rows = {}  # a checkpoint tensor's name -> (its fused parameter's name, first row)
-    for i, layer in enumerate(model.model.layers):
-        for owner, where, parts, fused in ((layer.self_attn, "self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                                           (layer.mlp, "mlp", ("gate_proj", "up_proj"), "gate_up_proj")):
-            linears = [getattr(owner, p) for p in parts]
-            w = linears[0].weight
-            one = torch.nn.Linear(w.shape[1], sum(l.out_features for l in linears), bias=linears[0].bias is not None,
-                            device="meta", dtype=w.dtype).to_empty(device=w.device)
-            row = 0
-            for part, lin in zip(parts, linears):
-                for kind, t in (("weight", lin.weight), ("bias", lin.bias)):
-                    if t is not None:
-                        getattr(one, kind)[row:row + len(t)].copy_(t)
-                        model.fused_rows[f"model.layers.{i}.{where}.{part}.{kind}"] = (f"model.layers.{i}.{where}.{fused}.{kind}", row)
-                row += lin.out_features
-                delattr(owner, part)
-            setattr(owner, fused, one)
-            owner.fused_split = [lin.out_features for lin in linears]  # its outputs' widths, in order
-    return model
-
 
 def page_bytes(cfg, page_size, dtype):
     """One KV page's size: K and V, every layer, page_size positions."""

@@ -8,6 +8,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
                       --offload keeps the shards, their gradients and AdamW's moments in host memory
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits); gpu_peak_gib
   all_gather_lists    every rank's lists of numbers, on every rank (GRPO's rollout, so ranks can share its training)
+  tensor_parallel_group  the group of ranks that share a tensor-parallel rollout copy (grpo.py --rollout-tp)
   grad_ckpt_flag, fit_recompute  which blocks recompute their activations in backward (auto: as memory needs)
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
@@ -186,6 +187,15 @@ def gpu_peak_gib(device):
     return all_reduce_max([held], device)[0]
 
 
+def tensor_parallel_group(size, rank):
+    """The process group of the `size` consecutive ranks that hold `rank` (every rank makes every group, in the same
+    order, as torch.distributed requires), or None for size 1 (grpo.py's --rollout-tp)."""
+    if size == 1:
+        return None
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, dist.get_world_size(), size)]
+    return groups[rank // size]
+
+
 def barrier():  # every rank waits here; nothing to wait for without a process group
     return dist.barrier() if dist.is_initialized() else None
 
@@ -274,7 +284,7 @@ def _local(t):
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every",
-                     "kv_page_size", "offload"}
+                     "kv_page_size", "offload", "rollout_tp"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
 
 

@@ -269,12 +269,13 @@ def test_torchrun_two_ranks_matches_one_process_and_resumes_a_one_rank_state(toy
     # (2 groups of each 4-prompt mini-batch), with its first block recomputing. Both train on slices of a group
     # (--micro-seqs 2 < n = 3), as micro-batches of whole groups round differently, and at this LR AdamW turns the
     # rounding of near-zero gradients into visible weight differences by step 3 (test_slices_of_a_group_give_the_update_
-    # of_whole_groups compares the two layouts on one update)
+    # of_whole_groups compares the two layouts on one update). The two ranks decode together over a tensor-parallel
+    # rollout copy (--rollout-tp 2: half its heads and MLP columns each) and judge the held-out pairs with it
     sliced = ("--gen-prompts", "3", "--micro-seqs", "2")
     grpo.main(grpo_args(toy_paths, tmp_path / "one", *sliced, policy=policy))
     sliced += ("--grad-ckpt", "1")  # the first block recomputes: same maths
     grpo.main(grpo_args(toy_paths, tmp_path / "two", *sliced, "--stop-after-steps", "1", policy=policy))
-    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *sliced, "--resume", policy=policy))
+    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *sliced, "--resume", "--rollout-tp", "2", policy=policy))
     assert_same_run(tmp_path / "one", tmp_path / "two", batched_alike=False)
     # the two ranks gathered each other's traces and shared out the slices: 8 a mini-batch, 4 each
     assert [r["train_balance"] for r in read_metrics(tmp_path / "one")] == [1.0] * 3
@@ -328,6 +329,8 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
     with pytest.raises(SystemExit):  # 4 prompts per mini-batch cannot be split evenly over 8 ranks
         grpo.parse_args(grpo_args(toy_paths, tmp_path / "x"))
     assert "--minibatch-prompts 4 must be a multiple of the 8 ranks" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"split over 4 ranks \(--rollout-tp\) needs .*num_key_value_heads 2"):
+        grpo.parse_args(grpo_args(toy_paths, tmp_path / "x", "--rollout-tp", "4"))  # the toy's 2 KV heads: before any work
     monkeypatch.setenv("WORLD_SIZE", "1")
     for extra, flag in [(("--minibatch-prompts", "3"), "--rollout-prompts 8 must be a multiple of --minibatch-prompts 3"),
                         (("--temperature", "0"), "--temperature must be > 0"), (("--top-p", "0"), "--top-p"),
@@ -336,7 +339,8 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
                         (("--rollout-is-cap", "0.5"), "--rollout-is-cap must be >= 1"),
                         (("--rollout-is-cap", "nan"), "--rollout-is-cap must be >= 1"),
                         (("--kv-page-size", "-8"), "--kv-page-size must be >= 0"),
-                        (("--offload",), "--offload keeps FSDP's shards in host memory, and one fp32 process")]:
+                        (("--offload",), "--offload keeps FSDP's shards in host memory, and one fp32 process"),
+                        (("--rollout-tp", "2"), "--rollout-tp 2 must divide the 1 ranks")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(grpo_args(toy_paths, tmp_path / "x", *extra))
         assert flag in capsys.readouterr().err

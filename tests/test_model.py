@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import decode_model
 import model as M
 import sampler
 import toy
@@ -238,7 +239,7 @@ def test_fused_projections_decode_as_the_model_does(ckpt, monkeypatch):
     # the rollout copy on GPUs (forced here on CPU): q/k/v and gate/up as one GEMM each, filled by copy_weights from
     # the plain model's names; the same logits to fp32 rounding, and the same greedy and sampled generations
     path, _, _ = ckpt
-    monkeypatch.setattr(sampler, "FUSED_PROJECTION_DEVICES", ("cpu",))
+    monkeypatch.setattr(decode_model, "FUSED_PROJECTION_DEVICES", ("cpu",))
     m = checkpoint.load_model(path)
     engine = Sampler.for_policy(m, torch.device("cpu"), slots=4, max_len=40)
     engine.load_weights(m)
@@ -253,7 +254,7 @@ def test_fused_projections_decode_as_the_model_does(ckpt, monkeypatch):
     assert engine.generate(prompts, 10, n=2, seed=5) == generate(m, prompts, 10, n=2, seed=5)
     compiled = Sampler(engine.model, slots=4, max_len=40, compile=True, backend="eager")  # traced as the GPU's step is
     assert compiled.generate(prompts, 10, temperature=0) == generate(m, prompts, 10, temperature=0)
-    loaded = sampler.fuse_projections(checkpoint.load_model(path))  # a loaded judge (eval.py) keeps its weights when fused
+    loaded = decode_model.fuse_projections(checkpoint.load_model(path))  # a loaded judge (eval.py) keeps its weights when fused
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), m(ids), atol=1e-5, rtol=1e-5)
 
@@ -848,3 +849,55 @@ def test_packed_rows_mask_by_hand_and_both_kernels_agree():
     partial = [flex.kv_indices[0, 0, i, :n].tolist() for i, n in enumerate(flex.kv_num_blocks[0, 0].tolist())]
     whole = [sorted(flex.full_kv_indices[0, 0, i, :n].tolist()) for i, n in enumerate(flex.full_kv_num_blocks[0, 0].tolist())]
     assert partial == [[0], [1], [2], [3]] and whole == [[], [0], [0, 1], [0]]  # sequence 2 skips sequence 1's blocks
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_copy_decodes_as_the_whole_model(tmp_path):
+    # grpo.py --rollout-tp 2 on CPU (gloo): each rank holds half the heads, KV heads and MLP columns of the rollout copy
+    # (decode_model.tensor_parallel_copy) and the o_proj / down_proj outputs are summed over the pair. Against the whole model:
+    # logits to fp32 rounding; greedy and sampled tokens and their log-probs, through the dense and the paged cache,
+    # with q/k/v and gate/up fused (the GPU's copy) and not, eager and compiled (Dynamo's eager backend: the all-reduce
+    # traced into the decode step, as many graphs as the whole model's compiled engine makes)
+    from conftest import ROOT, run_torchrun
+    make_hf_checkpoint(str(tmp_path / "ck"))
+    script = tmp_path / "tp.py"
+    script.write_text(f"""import json, sys
+sys.path.insert(0, {ROOT!r})
+import torch, torch.distributed as dist
+from torch._dynamo.utils import counters
+import checkpoint, decode_model
+from sampler import Sampler
+from training import tensor_parallel_group
+dist.init_process_group("gloo")
+rank, cpu, m = dist.get_rank(), torch.device("cpu"), checkpoint.load_model({str(tmp_path / "ck")!r})
+group, prompts, out = tensor_parallel_group(2, rank), [[3, 5, 7, 11, 2, 9], [13, 17, 19]], []
+ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+for fused, compile, page in [(False, False, 0), (True, False, 16), (True, True, 0), (False, True, 16)]:
+    decode_model.FUSED_PROJECTION_DEVICES = ("cuda", "cpu") if fused else ("cuda",)
+    torch._dynamo.reset()
+    counters.clear()
+    e = Sampler.for_policy(m, cpu, 8, 64, compile=compile, backend="eager", page_size=page, tp_group=group)
+    e.load_weights(m)
+    run = lambda engine: [engine.generate(prompts, 12, temperature=0.0),
+                          engine.generate(prompts, 12, temperature=1.0, n=3, seed=4, logprobs=True)]
+    with torch.no_grad():
+        diff = (e.model(ids) - m(ids)).abs().max().item()
+    g1, (s1, lp1) = run(e)
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    g0, (s0, lp0) = run(Sampler(m, 8, 64, compile=compile, backend="eager", page_size=page))
+    out.append(dict(diff=diff, greedy=g1 == g0, sampled=s1 == s0, graphs=graphs, whole=counters["stats"]["unique_graphs"],
+                    lp=max(abs(a - b) for x, y in zip(lp1, lp0) for a, b in zip(x, y)), tp=list(e.tp),
+                    share=sum(p.numel() for n, p in e.model.named_parameters() if "layers" in n) /
+                          sum(p.numel() for n, p in m.named_parameters() if "layers" in n)))
+json.dump(out, open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
+dist.destroy_process_group()
+""")
+    run_torchrun(str(script), [])
+    for rank in range(2):
+        for case in json.load(open(tmp_path / f"rank{rank}.json")):
+            assert case["tp"] == [2, rank] and case["diff"] < 1e-5 and case["lp"] < 1e-5, case
+            assert case["greedy"] and case["sampled"], case
+            assert 0.5 < case["share"] < 0.52, case  # half of each block, and its norms whole
+            assert case["graphs"] == case["whole"], case

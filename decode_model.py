@@ -1,0 +1,118 @@
+"""
+decode_model.py: the model a Sampler decodes with, made from a training policy or a checkpoint (sampler.py runs it).
+
+    copy = tensor_parallel_copy(policy.config, device, torch.bfloat16, group)   # empty; the whole model if group is None
+    copy = fuse_projections(copy)                                                # on GPUs: q/k/v, gate/up one GEMM each
+    copy_weights(policy, copy)                                                   # every rollout: from FSDP shards
+
+- fuse_projections: a decode step reads x once for q/k/v and once for gate/up and launches one GEMM for each, not 3 and 2.
+- tensor_parallel_copy (grpo.py --rollout-tp T, as vLLM's tensor-parallel rollouts): each of T ranks holds 1/T of the
+  query heads, KV heads and MLP columns, so 1/T of the blocks' weights and of every sequence's KV cache:
+      q/k/v, gate/up:      split by output rows (W_r = W[r-th T-th of the rows]); a head stays on one rank
+      o_proj, down_proj:   split by input columns, so each rank's output is a partial sum: y = sum_r x_r W_r^T,
+                           summed over the group by an all-reduce (RowParallelLinear; traced into the compiled step)
+      embeddings, norms, head: whole on every rank, so every rank computes the same logits and draws the same tokens,
+  and the group's ranks run the same generate() calls in lockstep.
+- copy_weights: each tensor all-gathered from the FSDP shards on its own (on the GPU, also when they sit in host memory),
+  cast, cut to this rank's share (tp_share) and written into its rows of a fused projection.
+"""
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+import checkpoint
+import model as M
+
+
+def tensor_parallel_copy(cfg, device, dtype, group=None):
+    """An empty plain model for decoding; over a process group of T > 1 ranks, this rank's share of it, as in vLLM's
+    tensor-parallel rollouts: 1/T of the query heads, KV heads and MLP columns (q/k/v and gate/up split by output rows,
+    o_proj and down_proj by input columns, RowParallelLinear), with the embeddings, norms and head whole. So each rank
+    holds about 1/T of the blocks' weights and of every sequence's KV cache. -> the model, with model.tp = (T, rank)."""
+    T = dist.get_world_size(group) if group is not None else 1
+    model = M.empty_model(tensor_parallel_config(cfg, T), device, dtype)
+    for layer in model.model.layers if T > 1 else ():
+        layer.self_attn.o_proj = RowParallelLinear(layer.self_attn.o_proj, group)
+        layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, group)
+    model.tp = (T, dist.get_rank(group) if T > 1 else 0)
+    return model
+
+
+def tensor_parallel_config(cfg, T):
+    """A model's config -> that of one rank's share of it split over T ranks (refused unless the heads, KV heads and MLP
+    columns split evenly: grpo.py checks its --rollout-tp with this before any work)."""
+    split = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+             "intermediate_size": cfg.intermediate_size}
+    if any(v % T for v in split.values()):
+        raise ValueError(f"a rollout copy split over {T} ranks (--rollout-tp) needs "
+                         f"{', '.join(f'{k} {v}' for k, v in split.items())} to be multiples of {T}")
+    return dataclasses.replace(cfg, head_dim=cfg.head_dim, **{k: v // T for k, v in split.items()}) if T > 1 else cfg
+
+
+class RowParallelLinear(torch.nn.Linear):
+    """o_proj / down_proj of a tensor-parallel copy: its inputs are this rank's heads or MLP columns, so its output is
+    a partial sum, summed over the group (a functional all-reduce: traced into the compiled decode step)."""
+
+    def __init__(self, linear, group):
+        w = linear.weight
+        super().__init__(linear.in_features, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.group = group
+
+    def forward(self, x):
+        return funcol.all_reduce(super().forward(x), "sum", self.group)
+
+
+FUSED_PROJECTION_DEVICES = ("cuda",)  # where fuse_projections fuses (tests and bench.py add "cpu")
+
+
+@torch.no_grad()
+def fuse_projections(model, devices=None):
+    """For decoding (the rollout copy, eval's judge): q/k/v and gate/up become one Linear each (qkv_proj, gate_up_proj,
+    their weights stacked by rows), so a decode step reads x once and launches one GEMM where it launched three and
+    two. copy_weights fills their rows by the checkpoint's names (model.fused_rows). Only on FUSED_PROJECTION_DEVICES:
+    elsewhere (the toy's CPU) the decode keeps the training forward's GEMMs and rounding."""
+    if model.lm_head.weight.device.type not in (devices or FUSED_PROJECTION_DEVICES):
+        return model
+    model.fused_rows = {}  # a checkpoint tensor's name -> (its fused parameter's name, first row)
+    for i, layer in enumerate(model.model.layers):
+        for owner, where, parts, fused in ((layer.self_attn, "self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                           (layer.mlp, "mlp", ("gate_proj", "up_proj"), "gate_up_proj")):
+            linears = [getattr(owner, p) for p in parts]
+            w = linears[0].weight
+            one = torch.nn.Linear(w.shape[1], sum(l.out_features for l in linears), bias=linears[0].bias is not None,
+                            device="meta", dtype=w.dtype).to_empty(device=w.device)
+            row = 0
+            for part, lin in zip(parts, linears):
+                for kind, t in (("weight", lin.weight), ("bias", lin.bias)):
+                    if t is not None:
+                        getattr(one, kind)[row:row + len(t)].copy_(t)
+                        model.fused_rows[f"model.layers.{i}.{where}.{part}.{kind}"] = (f"model.layers.{i}.{where}.{fused}.{kind}", row)
+                row += lin.out_features
+                delattr(owner, part)
+            setattr(owner, fused, one)
+            owner.fused_split = [lin.out_features for lin in linears]  # its outputs' widths, in order
+    return model
+
+
+@torch.no_grad()
+def copy_weights(src, dst):
+    """dst's parameters <- src's (dtype cast on the way; into their rows of dst's fused projections; a tensor-parallel
+    copy's share). src may be FSDP-sharded: each tensor is all-gathered on its own (every rank must call), so no rank
+    holds more than dst plus one full tensor."""
+    dst_params, fused = dict(dst.named_parameters()), getattr(dst, "fused_rows", {})
+    for name, p in src.named_parameters():
+        full = tp_share(name, checkpoint.gathered(p), *getattr(dst, "tp", (1, 0)))
+        target, row = fused.get(name, (name, 0))
+        dst_params[target][row:row + len(full)].copy_(full)
+
+
+def tp_share(name, full, T, rank):
+    """A checkpoint tensor -> rank's share of it in a copy split over T ranks (tensor_parallel_copy)."""
+    if T > 1 and name.endswith(tuple(f"{p}_proj.{w}" for p in "qkv" for w in ("weight", "bias")) +
+                               ("gate_proj.weight", "up_proj.weight")):
+        return full.chunk(T, 0)[rank]  # output rows: heads, MLP columns
+    if T > 1 and name.endswith(("o_proj.weight", "down_proj.weight")):
+        return full.chunk(T, 1)[rank]  # input columns
+    return full
