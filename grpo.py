@@ -76,8 +76,9 @@ from decode_model import tensor_parallel_config
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum,
                       check_flags, check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed,
-                      epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at, make_optimizer, precision_of,
-                      save_checkpoint, save_state, setup_distributed, stop_if_not_finite, tensor_parallel_group)
+                      epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at, make_optimizer,
+                      precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite,
+                      tensor_parallel_group)
 
 
 def parse_args(argv=None):
