@@ -270,12 +270,14 @@ def test_torchrun_two_ranks_matches_one_process_and_resumes_a_one_rank_state(toy
     # (--micro-seqs 2 < n = 3), as micro-batches of whole groups round differently, and at this LR AdamW turns the
     # rounding of near-zero gradients into visible weight differences by step 3 (test_slices_of_a_group_give_the_update_
     # of_whole_groups compares the two layouts on one update). The two ranks decode together over a tensor-parallel
-    # rollout copy (--rollout-tp 2: half its heads and MLP columns each) and judge the held-out pairs with it
+    # rollout copy (--rollout-tp 2: half its heads and MLP columns each) and judge the held-out pairs with it, and keep
+    # their shards, gradients and AdamW moments in host memory (--offload)
     sliced = ("--gen-prompts", "3", "--micro-seqs", "2")
     grpo.main(grpo_args(toy_paths, tmp_path / "one", *sliced, policy=policy))
     sliced += ("--grad-ckpt", "1")  # the first block recomputes: same maths
     grpo.main(grpo_args(toy_paths, tmp_path / "two", *sliced, "--stop-after-steps", "1", policy=policy))
-    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *sliced, "--resume", "--rollout-tp", "2", policy=policy))
+    run_torchrun("grpo.py", grpo_args(toy_paths, tmp_path / "two", *sliced, "--resume", "--rollout-tp", "2", "--offload",
+                                      policy=policy))
     assert_same_run(tmp_path / "one", tmp_path / "two", batched_alike=False)
     # the two ranks gathered each other's traces and shared out the slices: 8 a mini-batch, 4 each
     assert [r["train_balance"] for r in read_metrics(tmp_path / "one")] == [1.0] * 3
