@@ -54,13 +54,17 @@ def load_model(path, device="cpu", dtype=None) -> M.Transformer:
     """Allocate an empty model, then copy tensors in one at a time from the safetensors files: peak memory
     is one model plus one tensor."""
     cfg = load_config(path)
-    model = M.empty_model(cfg, device, dtype or _DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32))
-    return load_weights(model, path)
+    return load_weights(M.empty_model(cfg, device, dtype or saved_dtype(cfg)), path)
 
 
-def load_weights(model, path, place=None):
+def saved_dtype(cfg):  # the dtype a checkpoint's config says its tensors are in
+    return _DTYPES.get(str(cfg.torch_dtype).replace("torch.", ""), torch.float32)
+
+
+def load_weights(model, path, place=None, share=None):
     """Copy a checkpoint's tensors into model's parameters, one tensor at a time, checking names, shapes and
-    values. place(param, full_tensor) -> what to copy into param (training.py keeps an FSDP rank's shard)."""
+    values. place(param, full_tensor) -> what to copy into param (training.py keeps an FSDP rank's shard).
+    share(name, tensor) -> the part of it model holds (decode_model.py: a tensor-parallel share), read before the checks."""
     cfg = model.config
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
     seen, where = set(), {}
@@ -80,6 +84,7 @@ def load_weights(model, path, place=None):
                     t = f.get_tensor(name)
                 except Exception as e:
                     raise ValueError(f"{file}: tensor {name!r} cannot be read ({str(e)[:120]})") from None
+                t = share(name, t) if share else t
                 if t.shape != expected[name].shape:
                     raise ValueError(f"{file}: tensor {name!r} has shape {tuple(t.shape)}, "
                                      f"config implies {tuple(expected[name].shape)}")

@@ -4,10 +4,11 @@ decode_model.py: the model a Sampler decodes with, made from a training policy o
     copy = tensor_parallel_copy(policy.config, device, torch.bfloat16, group)   # empty; the whole model if group is None
     copy = fuse_projections(copy)                                                # on GPUs: q/k/v, gate/up one GEMM each
     copy_weights(policy, copy)                                                   # every rollout: from FSDP shards
+    judge = load_for_decoding(path, device, group=group)                         # eval.py: from a checkpoint
 
 - fuse_projections: a decode step reads x once for q/k/v and once for gate/up and launches one GEMM for each, not 3 and 2.
-- tensor_parallel_copy (grpo.py --rollout-tp T, as vLLM's tensor-parallel rollouts): each of T ranks holds 1/T of the
-  query heads, KV heads and MLP columns, so 1/T of the blocks' weights and of every sequence's KV cache:
+- tensor_parallel_copy (grpo.py --rollout-tp T, eval.py --tp T; as vLLM's tensor-parallel rollouts): each of T ranks
+  holds 1/T of the query heads, KV heads and MLP columns, so 1/T of the blocks' weights and of every sequence's KV cache:
       q/k/v, gate/up:      split by output rows (W_r = W[r-th T-th of the rows]); a head stays on one rank
       o_proj, down_proj:   split by input columns, so each rank's output is a partial sum: y = sum_r x_r W_r^T,
                            summed over the group by an all-reduce (RowParallelLinear; traced into the compiled step)
@@ -38,6 +39,15 @@ def tensor_parallel_copy(cfg, device, dtype, group=None):
         layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, group)
     model.tp = (T, dist.get_rank(group) if T > 1 else 0)
     return model
+
+
+def load_for_decoding(path, device, dtype=None, group=None):
+    """A checkpoint as a decoding model (eval.py's judge): whole, or over a process group this rank's tensor-parallel
+    share (each tensor read, cut and checked one at a time: no rank holds the whole model), projections fused on GPUs."""
+    cfg = checkpoint.load_config(path)
+    model = tensor_parallel_copy(cfg, device, dtype or checkpoint.saved_dtype(cfg), group)
+    checkpoint.load_weights(model, path, share=lambda name, t: tp_share(name, t, *model.tp))
+    return fuse_projections(model)
 
 
 def tensor_parallel_config(cfg, T):

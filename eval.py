@@ -23,7 +23,10 @@ Scoring (percentages):
 Empty or whitespace-only answers are judged as given (and counted); a path with nothing to judge is an error.
 Outputs: DIR/outputs.jsonl (one row per judged prompt; a rerun resumes from it), DIR/scores.json, a table that
 shows the published RM-R1 7B scores beside the matching number.
-Under torchrun the prompts are split across ranks and rank 0 merges the results.
+Under torchrun the prompts are split across ranks and rank 0 merges the results. With --tp T, groups of T consecutive
+ranks judge together over one tensor-parallel copy of the judge (decode_model.py), each rank holding 1/T of its blocks
+and KV cache: for a judge too large to leave one GPU room for its cache. A group judges one share of the prompts, and
+its first rank writes them.
 """
 import argparse
 import json
@@ -34,9 +37,11 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+from checkpoint import load_config
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
-from training import (all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted, end_distributed, fingerprint,
-                      read_json_file, setup_distributed)
+from decode_model import load_for_decoding, tensor_parallel_config
+from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
+                      end_distributed, fingerprint, read_json_file, setup_distributed, tensor_parallel_group)
 from rewards import parse_verdict
 
 BASELINES = ("longer", "shorter", "random")
@@ -303,42 +308,50 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--kv-page-size", type=int, default=0, help="positions per page of a paged KV cache (0: a dense "
                     "max-length row per sequence): sequences hold only the pages they fill, and a step reads only those")
+    ap.add_argument("--tp", type=int, default=1, help="consecutive ranks that judge together over a tensor-parallel copy "
+                    "of the judge, each holding 1/T of its blocks and KV cache")
     args = ap.parse_args(argv)
+    if args.tp < 1 or int(os.environ.get("WORLD_SIZE", 1)) % args.tp:
+        ap.error(f"--tp {args.tp} must divide the {os.environ.get('WORLD_SIZE', 1)} ranks")
     check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
                 nonnegative=("limit", "temperature", "kv_page_size"))
 
+    if args.tp > 1 and args.judge not in BASELINES:  # its heads and MLP columns split evenly: known before any work
+        tensor_parallel_config(load_config(args.judge), args.tp)
     rank, world, device = setup_distributed()
     model = tokenizer = None
     if args.judge not in BASELINES:
-        from checkpoint import load_model
-        from decode_model import fuse_projections  # q/k/v and gate/up one GEMM each, on GPUs
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
-        model = fuse_projections(load_model(args.judge, device=device, dtype=getattr(torch, args.dtype) if args.dtype else None))
+        model = load_for_decoding(args.judge, device, getattr(torch, args.dtype) if args.dtype else None,
+                                  tensor_parallel_group(args.tp, rank))  # fused q/k/v and gate/up on GPUs
     args.family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
     examples, counts = load_judge_examples(args.data, args.bench, args.family, args.seed, both_orders=args.both_orders)
     examples = examples[:args.limit] if args.limit else examples
     if rank == 0:
         describe_data(args.bench, args.data, examples, counts)
     claim_out_dir(args, rank, world)
-    part_of = lambda r: os.path.join(args.out, "outputs.jsonl" if world == 1 else f"outputs.rank{r}.jsonl")
-    part = part_of(rank)
-    rows, corrupt = read_rows(part)  # this rank's earlier results: resume from them
+    unit, units, writes = rank // args.tp, world // args.tp, rank % args.tp == 0  # a --tp group judges as one
+    part_of = lambda u: os.path.join(args.out, "outputs.jsonl" if units == 1 else f"outputs.rank{u}.jsonl")
+    part = part_of(unit)
+    rows, corrupt = read_rows(part)  # this rank's (group's) earlier results: resume from them
+    barrier()  # every rank of a group has read them before its first rank rewrites them
     if corrupt:
         print(f"{part}: corrupt line(s) {corrupt[:10]} skipped (their prompts are judged again); {len(rows)} valid rows kept")
     done = {r["id"] for r in rows}
-    mine = [ex for i, ex in enumerate(examples) if i % world == rank and ex.id not in done]
+    mine = [ex for i, ex in enumerate(examples) if i % units == unit and ex.id not in done]
     if rank == 0:
         print(f"{len(examples)} prompts ({args.family} judge prompts, seed {args.seed}); {len(done)} already judged")
-    with open(part + ".tmp", "w") as f:  # the valid rows, then swapped in: a crash here loses nothing
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(part + ".tmp", part)
-    with open(part, "a") as f:
+    if writes:
+        with open(part + ".tmp", "w") as f:  # the valid rows, then swapped in: a crash here loses nothing
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(part + ".tmp", part)
+    with open(part if writes else os.devnull, "a") as f:
         judge_into(f, args, model, tokenizer, mine, rank)
     end_distributed()  # every rank's outputs are on disk; the ranks leave the group together
     if rank != 0:
         return None
-    rows = [r for k in range(world) for r in read_rows(part_of(k))[0]]
+    rows = [r for k in range(units) for r in read_rows(part_of(k))[0]]
     wanted = {ex.id for ex in examples}
     rows = list({r["id"]: r for r in rows if r["id"] in wanted}.values())
     scores = score(args.bench, rows)
@@ -370,6 +383,8 @@ def judge_into(f, args, model, tokenizer, mine, rank):
         f.writelines(json.dumps(result_row(ex, -1, "", None)) + "\n" for ex in mine if ex.id not in kept_ids)
         from sampler import Sampler
         free, total = torch.cuda.mem_get_info() if model.lm_head.weight.is_cuda else (0, 1)  # this rank's GPU
+        if model.tp[0] > 1:  # a group's ranks decode in lockstep: the same slots on each (its GPUs' least free memory)
+            free = -all_reduce_max([-free], model.lm_head.weight.device)[0]
         engine = Sampler(model, args.batch_size or (min(256, len(ids) or 1) if free else 8),
                          max(map(len, ids), default=0) + args.max_new_tokens, memory_frac=None if args.batch_size else 0.7 * free / total,
                          compile=compile_wanted(args.compile, model.lm_head.weight.device), page_size=args.kv_page_size)

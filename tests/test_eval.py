@@ -131,6 +131,31 @@ def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
     assert sorted(open(tmp_path / "paged" / "outputs.jsonl")) == sorted(lines)
 
 
+@pytest.mark.slow
+def test_a_tensor_parallel_judge_judges_as_the_whole_one(tmp_path):
+    # eval.py --tp 2 under torchrun (gloo): the two ranks hold half the judge each (read from the safetensors one tensor at
+    # a time, decode_model.load_for_decoding), judge the same prompts in lockstep, and the first writes them: the same
+    # outputs as one process with the whole judge, and an interrupted run resumes from what was written
+    from conftest import run_torchrun
+    need_shared(TOKENIZER_DIR)
+    ckpt = tmp_path / "judge"
+    make_hf_checkpoint(str(ckpt), "qwen2-untied", vocab_size=151936)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(TOKENIZER_DIR, f), ckpt / f)
+    data = os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl")
+    args = ["--judge", str(ckpt), "--bench", "judgebench", "--data", data, "--limit", "4", "--max-new-tokens", "6",
+            "--batch-size", "3", "--max-prompt-len", "100000"]
+    whole = E.main(args + ["--out", str(tmp_path / "whole")])
+    lines = sorted(open(tmp_path / "whole" / "outputs.jsonl"))
+    run_torchrun("eval.py", args + ["--out", str(tmp_path / "tp"), "--tp", "2"])
+    assert json.load(open(tmp_path / "tp" / "scores.json")) == whole
+    assert sorted(open(tmp_path / "tp" / "outputs.jsonl")) == lines and os.listdir(tmp_path / "tp").count("outputs.jsonl") == 1
+    kept = lines[:2]
+    open(tmp_path / "tp" / "outputs.jsonl", "w").writelines(kept)  # interrupted after two rows
+    run_torchrun("eval.py", args + ["--out", str(tmp_path / "tp"), "--tp", "2"])
+    assert sorted(open(tmp_path / "tp" / "outputs.jsonl")) == lines
+
+
 def rmb_layout(tmp_path):
     """The upstream layout, RMB_dataset/{Pairwise_set,BoN_set}, with the two sets linked in from ../shared."""
     need_shared(os.path.join(DATA, "rmb-bon"))
