@@ -105,15 +105,20 @@ def test_longer_baseline_on_real_rm_bench_matches_independent_computation(tmp_pa
     assert short["unparsed"] == ties and short["total"] + scores["total"] < 100  # ties count as wrong for both
 
 
-def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
+def tiny_judge_args(tmp_path, kind):
+    """A random judge with Qwen2.5's vocabulary and tokenizer -> eval.py's flags to judge 4 JudgeBench pairs with it."""
     need_shared(TOKENIZER_DIR)
     ckpt = tmp_path / "judge"
-    make_hf_checkpoint(str(ckpt), "qwen2-tied", vocab_size=151936)
+    make_hf_checkpoint(str(ckpt), kind, vocab_size=151936)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(TOKENIZER_DIR, f), ckpt / f)
     data = os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl")
-    args = ["--judge", str(ckpt), "--bench", "judgebench", "--data", data, "--limit", "4", "--max-new-tokens", "6",
+    return ["--judge", str(ckpt), "--bench", "judgebench", "--data", data, "--limit", "4", "--max-new-tokens", "6",
             "--batch-size", "3", "--max-prompt-len", "100000"]
+
+
+def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
+    args = tiny_judge_args(tmp_path, "qwen2-tied")
     full = E.main(args + ["--out", str(tmp_path / "full")])
     rows = [json.loads(l) for l in open(tmp_path / "full" / "outputs.jsonl")]
     assert len(rows) == 4 and all(r["prompt_len"] > 500 and r["output"] for r in rows)
@@ -137,14 +142,7 @@ def test_a_tensor_parallel_judge_judges_as_the_whole_one(tmp_path):
     # a time, decode_model.load_for_decoding), judge the same prompts in lockstep, and the first writes them: the same
     # outputs as one process with the whole judge, and an interrupted run resumes from what was written
     from conftest import run_torchrun
-    need_shared(TOKENIZER_DIR)
-    ckpt = tmp_path / "judge"
-    make_hf_checkpoint(str(ckpt), "qwen2-untied", vocab_size=151936)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(TOKENIZER_DIR, f), ckpt / f)
-    data = os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl")
-    args = ["--judge", str(ckpt), "--bench", "judgebench", "--data", data, "--limit", "4", "--max-new-tokens", "6",
-            "--batch-size", "3", "--max-prompt-len", "100000"]
+    args = tiny_judge_args(tmp_path, "qwen2-untied")
     whole = E.main(args + ["--out", str(tmp_path / "whole")])
     lines = sorted(open(tmp_path / "whole" / "outputs.jsonl"))
     run_torchrun("eval.py", args + ["--out", str(tmp_path / "tp"), "--tp", "2"])
