@@ -18,6 +18,7 @@ decode_model.py: the model a Sampler decodes with, made from a training policy o
   cast, cut to this rank's share (tp_share) and written into its rows of a fused projection.
 """
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
@@ -50,13 +51,23 @@ def load_for_decoding(path, device, dtype=None, group=None):
     return fuse_projections(model)
 
 
-def tensor_parallel_config(cfg, T):
+def check_split(ap, flag, T, checkpoint_dir=None):
+    """grpo.py's --rollout-tp, eval.py's --tp, before any work: T divides the ranks and (given a checkpoint) its model's
+    heads, KV heads and MLP columns."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if T < 1 or world % T:
+        ap.error(f"{flag} {T} must divide the {world} ranks")
+    if T > 1 and checkpoint_dir:
+        tensor_parallel_config(checkpoint.load_config(checkpoint_dir), T, flag)
+
+
+def tensor_parallel_config(cfg, T, flag="--rollout-tp"):
     """A model's config -> that of one rank's share of it split over T ranks (refused unless the heads, KV heads and MLP
-    columns split evenly: grpo.py checks its --rollout-tp with this before any work)."""
+    columns split evenly)."""
     split = {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
              "intermediate_size": cfg.intermediate_size}
     if any(v % T for v in split.values()):
-        raise ValueError(f"a rollout copy split over {T} ranks (--rollout-tp) needs "
+        raise ValueError(f"a model split over {T} ranks ({flag}) needs "
                          f"{', '.join(f'{k} {v}' for k, v in split.items())} to be multiples of {T}")
     return dataclasses.replace(cfg, head_dim=cfg.head_dim, **{k: v // T for k, v in split.items()}) if T > 1 else cfg
 

@@ -37,9 +37,8 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-from checkpoint import load_config
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
-from decode_model import load_for_decoding, tensor_parallel_config
+from decode_model import check_split, load_for_decoding
 from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
                       end_distributed, fingerprint, read_json_file, setup_distributed, tensor_parallel_group)
 from rewards import parse_verdict
@@ -311,13 +310,10 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, default=1, help="consecutive ranks that judge together over a tensor-parallel copy "
                     "of the judge, each holding 1/T of its blocks and KV cache")
     args = ap.parse_args(argv)
-    if args.tp < 1 or int(os.environ.get("WORLD_SIZE", 1)) % args.tp:
-        ap.error(f"--tp {args.tp} must divide the {os.environ.get('WORLD_SIZE', 1)} ranks")
+    check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge)
     check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
                 nonnegative=("limit", "temperature", "kv_page_size"))
 
-    if args.tp > 1 and args.judge not in BASELINES:  # its heads and MLP columns split evenly: known before any work
-        tensor_parallel_config(load_config(args.judge), args.tp)
     rank, world, device = setup_distributed()
     model = tokenizer = None
     if args.judge not in BASELINES:

@@ -68,11 +68,10 @@ from tqdm import tqdm
 
 import model as M
 import toy
-from checkpoint import load_config
 from data import default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
+from decode_model import check_split
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
-from decode_model import tensor_parallel_config
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum,
                       check_flags, check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed,
@@ -148,10 +147,7 @@ def parse_args(argv=None):
     if args.rollout_prompts % args.minibatch_prompts:
         ap.error(f"--rollout-prompts {args.rollout_prompts} must be a multiple of --minibatch-prompts {args.minibatch_prompts}")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.rollout_tp < 1 or world % args.rollout_tp:
-        ap.error(f"--rollout-tp {args.rollout_tp} must divide the {world} ranks")
-    if args.rollout_tp > 1 and not args.toy:  # the copy's heads and MLP columns split evenly, known before any work
-        tensor_parallel_config(load_config(args.model), args.rollout_tp)
+    check_split(ap, "--rollout-tp", args.rollout_tp, None if args.toy else args.model)  # (the toy's is not written yet)
     if args.minibatch_prompts % world:
         ap.error(f"--minibatch-prompts {args.minibatch_prompts} must be a multiple of the {world} ranks, so that every "
                  "rank samples as many prompts and runs as many micro-batches of every mini-batch")
