@@ -74,9 +74,9 @@ from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum,
-                      check_flags, check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed,
-                      epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at, make_optimizer,
-                      precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite,
+                      check_flags, check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, done_already,
+                      end_distributed, epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at,
+                      make_optimizer, precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite,
                       tensor_parallel_group)
 
 
@@ -501,6 +501,8 @@ def setup_job(args, rank, world, device):
     compile = compile_wanted(args.compile, device)
     load = lambda **kw: load_for_training(args.model, world, device, compile=compile, precision=args.precision,
                                           offload=args.offload, **kw)
+    if args.offload:
+        check_host_memory(args.model, world, frozen_bytes=(2 if args.precision == "bf16" else 4) * (args.kl > 0))
     policy, ref = load(grad_ckpt=args.grad_ckpt), load(trainable=False) if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
     heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None

@@ -54,10 +54,10 @@ import toy
 from data import DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_vocab, cli,
-                      clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch, fit_recompute,
-                      gpu_peak_gib, idle_backward, load_for_training, load_state, lr_at, make_optimizer, precision_of,
-                      save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+from training import (RunDir, accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory,
+                      check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch,
+                      fit_recompute, gpu_peak_gib, idle_backward, load_for_training, load_state, lr_at, make_optimizer,
+                      precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -181,6 +181,8 @@ def main(argv=None):
     if total == 0:
         raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
     compile = compile_wanted(args.compile, device)
+    if args.offload:
+        check_host_memory(args.model, world)
     model = load_for_training(args.model, world, device, compile=compile, grad_ckpt=args.grad_ckpt, precision=args.precision,
                               offload=args.offload)
     optimizer = make_optimizer(model, args.lr, (0.9, 0.95), args.weight_decay)

@@ -6,6 +6,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   precision_of        --precision: bf16 (the GPU policy below; default on CUDA) or fp32 (default elsewhere)
   load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard;
                       --offload keeps the shards, their gradients and AdamW's moments in host memory
+  check_host_memory   --offload: refuse a host without the memory for its ranks' shards, before loading
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits); gpu_peak_gib
   all_gather_lists    every rank's lists of numbers, on every rank (GRPO's rollout, so ranks can share its training)
   tensor_parallel_group  the group of ranks that share a tensor-parallel rollout copy (grpo.py --rollout-tp)
@@ -147,6 +148,29 @@ def load_for_training(path, world, device, trainable=True, compile=False, grad_c
     layers, blocks = len(model.model.layers), grad_ckpt_flag(str(grad_ckpt))  # refuses a bool (True would be 1 block)
     model.recompute_blocks = min(layers, {"none": 0, "all": layers, "auto": layers}.get(blocks, blocks))
     return model.train(trainable).requires_grad_(trainable)
+
+
+def host_memory_available():  # bytes the kernel can hand out without swapping (MemAvailable); None without /proc
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def check_host_memory(path, world, frozen_bytes=0):
+    """--offload, before loading: this host's ranks keep their shards of the fp32 weights, gradients and AdamW's two
+    moments in its memory (16 bytes a parameter over all ranks), and of a frozen reference (frozen_bytes a parameter:
+    2 in bf16). Where even that exceeds the available memory, the run would fail late (pinning, or the kernel's OOM
+    killer ending a rank without a message): it is refused now. The processes' own memory is not counted."""
+    with torch.device("meta"):
+        params = M.num_params(M.Transformer(checkpoint.load_config(path)))
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need, available = (16 + frozen_bytes) * params / world * ranks_here, host_memory_available()
+    if available is not None and need > available:
+        raise SystemExit(f"--offload: the {ranks_here} rank(s) on this host need {need / 1e9:.1f} GB of host memory for "
+                         f"their shards of {params / 1e9:.2f}B parameters ({16 + frozen_bytes} bytes each over {world} "
+                         f"ranks), and {available / 1e9:.1f} GB is available: use more hosts, or a host with more memory")
 
 
 def grad_ckpt_flag(value):  # --grad-ckpt: all, none, auto (see fit_recompute) or how many blocks recompute

@@ -348,6 +348,28 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
         assert flag in capsys.readouterr().err
 
 
+def test_offload_refuses_a_host_without_memory_for_its_ranks_shards(toy_paths, tmp_path, monkeypatch, one_rank_fsdp):
+    # --offload keeps 16 bytes a parameter (fp32 weights, gradients, AdamW's two moments) over the ranks in host memory,
+    # and the frozen reference's bf16 shards (2): a host short of that for its ranks is refused before loading, where it
+    # would otherwise fail at the first step (pinning, or the OOM killer ending a rank without a message)
+    import sft
+    import training
+    from test_sft import sft_args
+    params = M.num_params(checkpoint.load_model(toy_paths["init"]))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 of 4 ranks on this host: half the shards
+    monkeypatch.setattr(training, "host_memory_available", lambda: 18 * params * 2 / 4)
+    training.check_host_memory(toy_paths["init"], 4, frozen_bytes=2)  # exactly enough
+    with pytest.raises(SystemExit, match=r"--offload: the 2 rank\(s\) on this host need .* \(18 bytes each over 2 ranks\)"):
+        training.check_host_memory(toy_paths["init"], 2, frozen_bytes=2)  # 2 of 2 ranks here: all the shards
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(training, "host_memory_available", lambda: 16 * params - 1)  # one short of the policy's state
+    one_rank_fsdp()
+    for main, args in [(grpo.main, grpo_args(toy_paths, tmp_path / "g", "--kl", "0")), (sft.main, sft_args(toy_paths, tmp_path / "s"))]:
+        with pytest.raises(SystemExit, match=r"\(16 bytes each over 1 ranks\)"):
+            main(args + ["--precision", "bf16", "--offload"])
+        assert not (tmp_path / "g" / "state").exists() and not (tmp_path / "s" / "state").exists()
+
+
 def first_rollout(toy_paths, policy, *extra, dtype=None, compiled=False):
     """A one-process GRPO job on the distilled toy policy, with SGD at LR 0 (an update leaves the weights as they
     are), and its first rollout. compiled: Inductor-compiled blocks with checkpointing, as on a GPU."""
