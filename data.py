@@ -516,6 +516,7 @@ def read_sft_rows(path):
 
 TYPO = "Chabot B"
 READERS = {"pairs": read_pairs, "rm-bench": read_rm_bench, "judgebench": read_judgebench, "rmb": read_rmb}
+FORMATS = ["rm-r1", *READERS]  # what load_judge_examples reads (the trainers' --format and --eval-format)
 
 
 def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, both_orders=False):

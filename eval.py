@@ -79,9 +79,9 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temp
         yield rows
 
 
-def load_heldout(path, tokenizer, limit, seed):
-    """The first `limit` pairs of a pairs JSONL as judge prompts -> (examples, prompt ids)."""
-    examples = load_judge_examples(path, "pairs", default_judge_family(tokenizer), seed)[0][:limit]
+def load_heldout(path, fmt, tokenizer, limit, seed):
+    """The first `limit` pairs of a file in a judge format (data.FORMATS) as judge prompts -> (examples, prompt ids)."""
+    examples = load_judge_examples(path, fmt, default_judge_family(tokenizer), seed)[0][:limit]
     examples, ids, _ = tokenize_prompts(examples, tokenizer, 10**9)
     return examples, ids
 

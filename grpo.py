@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 import model as M
 import toy
-from data import default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
+from data import FORMATS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from decode_model import check_split
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
@@ -84,7 +84,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="GRPO with the verdict reward (RM-R1 stage 2)")
     ap.add_argument("--model", default=None, help="starting policy, HF dir (default: the toy SFT checkpoint)")
     ap.add_argument("--data", default=None, help="RM-R1 RL JSONL, or preference pairs with --format")
-    ap.add_argument("--format", default=None, choices=["rm-r1", "pairs", "rm-bench", "judgebench", "rmb"], help="[rm-r1]")
+    ap.add_argument("--format", default=None, choices=FORMATS, help="[rm-r1]")
     ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data")
     # torchrun swallows a bare `--n` (it abbreviates its own --nnodes...), so -n / --group-size also work
     ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
@@ -119,7 +119,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--max-prompt-len", type=int, default=None, help="[4096; toy 512]")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="[8192; toy 48]")
-    ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out accuracy")
+    ap.add_argument("--eval-data", default=None, help="held-out judge accuracy on these pairs (--eval-format)")
+    ap.add_argument("--eval-format", default="pairs", choices=FORMATS, help="--eval-data's format (as --format)")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps [5: a step is long; toy 20]")
@@ -505,7 +506,7 @@ def setup_job(args, rank, world, device):
         check_host_memory(args.model, world, frozen_bytes=(2 if args.precision == "bf16" else 4) * (args.kl > 0))
     policy, ref = load(grad_ckpt=args.grad_ckpt), load(trainable=False) if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
-    heldout = load_heldout(args.eval_data, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
+    heldout = load_heldout(args.eval_data, args.eval_format, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
     if args.eval_data and not args.eval_limit and rank == 0:
         print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens

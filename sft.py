@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import model as M
 import toy
-from data import DataError, describe_counts, load_tokenizer, read_sft_rows
+from data import FORMATS, DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory,
@@ -76,10 +76,12 @@ def parse_args(argv=None):
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
-    ap.add_argument("--eval-data", default=None, help="pairs JSONL for held-out judge accuracy at the end (toy: its held-out set)")
+    ap.add_argument("--eval-data", default=None, help="pairs for held-out judge accuracy at the end (toy: its held-out set)")
+    ap.add_argument("--eval-format", default="pairs", choices=FORMATS, help="--eval-data's and --val-data's format: "
+                    "rm-r1 (its RL rows), pairs, or a benchmark's")
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--eval-max-new-tokens", type=int, default=None, help="token budget of each judgement [8192; toy 64]")
-    ap.add_argument("--val-data", default=None, help="pairs JSONL judged every --val-every steps (toy: its validation set)")
+    ap.add_argument("--val-data", default=None, help="pairs judged every --val-every steps (toy: its validation set)")
     ap.add_argument("--val-every", type=int, default=10)
     ap.add_argument("--stop-at-accuracy", type=float, default=None,
                     help="end training once validation judge accuracy (%%) reaches this [0 = off; toy 78]")
@@ -195,7 +197,7 @@ def main(argv=None):
               f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
     run.open_metrics(step)
-    judges = {k: load_heldout(path, tokenizer, args.eval_limit, args.seed) for k, path in
+    judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
         print("sft: --eval-limit 0: no validation or held-out judging")

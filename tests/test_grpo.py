@@ -262,6 +262,22 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
     assert grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "-n", "5")).n == 5
 
 
+def test_held_out_judging_reads_rm_r1_rows_and_benchmarks_too(toy_paths, tmp_path):
+    # --eval-format: held-out accuracy on RM-R1's own RL rows (their rendered prompts and winner labels), not only on
+    # pairs JSONL, which RM-R1's rows cannot be turned into; the same reader as --format
+    from data import DataError, load_judge_examples, load_tokenizer, tokenize_prompts
+    from eval import load_heldout
+    tok = load_tokenizer(toy_paths["tokenizer"])
+    examples, ids = load_heldout(toy_paths["rl"], "rm-r1", tok, 5, 0)
+    rows, row_ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 10**9)
+    assert ids == row_ids[:5] and [e.label for e in examples] == [e.label for e in rows[:5]]
+    with pytest.raises(DataError):
+        load_heldout(toy_paths["rl"], "pairs", tok, 5, 0)
+    summary = grpo.main(grpo_args(toy_paths, tmp_path / "g", "--steps", "1", "--kl", "0", "--eval-data", toy_paths["rl"],
+                                  "--eval-format", "rm-r1", "--eval-limit", "5"))
+    assert summary["heldout_start"] in {20.0 * k for k in range(6)}  # 5 rows judged: a multiple of 20%
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_matches_one_process_and_resumes_a_one_rank_state(toy_paths, tmp_path, policy):
     # the same job, run differently: one process; and a run that does step 1 in one process, then 2 ranks resume its
