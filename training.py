@@ -310,6 +310,9 @@ def _local(t):
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every",
                      "kv_page_size", "offload", "rollout_tp"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
+# flags added after runs began to be saved, with the default that does what the code did before them: a run.json
+# without one ran that way, so --resume at that default continues it (add each new flag here)
+ADDED_FLAG_DEFAULTS = {"eval_format": "pairs"}
 
 
 def fingerprint(path):
@@ -385,8 +388,9 @@ class RunDir:
             raise SystemExit(f"{self.script}: --resume: cannot check the settings, {file} is missing or unreadable") from None
         saved_inputs = saved.pop("inputs", {}) if isinstance(saved, dict) else {}
         keys = sorted((set(saved) | set(self.settings)) - RESUME_MAY_CHANGE)  # an older run.json may hold such a flag
-        changed = [f"--{k.replace('_', '-')} {saved.get(k, '(unset)')!r} -> {self.settings.get(k, '(unset)')!r}"
-                   for k in keys if saved.get(k, "(unset)") != self.settings.get(k, "(unset)")]
+        was = lambda k: saved.get(k, ADDED_FLAG_DEFAULTS.get(k, "(unset)"))
+        changed = [f"--{k.replace('_', '-')} {was(k)!r} -> {self.settings.get(k, '(unset)')!r}"
+                   for k in keys if was(k) != self.settings.get(k, "(unset)")]
         changed += [f"--{k.replace('_', '-')} {self.inputs[k]}: its contents changed ({saved_inputs.get(k)} -> {v})"
                     for k, v in self.fingerprints.items() if saved_inputs.get(k) not in (None, v)]
         if changed:

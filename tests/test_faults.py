@@ -63,6 +63,12 @@ def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
     assert "changed settings" in exit_message(e)
     run_json = tmp_path / "run" / "run.json"  # as written before --grad-ckpt could change on a resume: it held the flag
     json.dump(dict(json.load(open(run_json)), grad_ckpt=True), open(run_json, "w"))
+    saved = json.load(open(run_json))
+    del saved["eval_format"]  # as written before --eval-format existed: that run judged pairs, the flag's default
+    json.dump(saved, open(run_json, "w"))
+    with pytest.raises(SystemExit) as e:
+        grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--eval-format", "rm-r1"))
+    assert "--eval-format 'pairs' -> 'rm-r1'" in exit_message(e)
     grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--save-every", "5", "--grad-ckpt", "1"))  # these may change
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
 
