@@ -79,9 +79,10 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temp
         yield rows
 
 
-def load_heldout(path, fmt, tokenizer, limit, seed):
-    """The first `limit` pairs of a file in a judge format (data.FORMATS) as judge prompts -> (examples, prompt ids)."""
-    examples = load_judge_examples(path, fmt, default_judge_family(tokenizer), seed)[0][:limit]
+def load_heldout(path, fmt, tokenizer, limit, seed, family=None):
+    """The first `limit` pairs of a file in a judge format (data.FORMATS) as judge prompts of `family` (default: the
+    tokenizer's template's) -> (examples, prompt ids)."""
+    examples = load_judge_examples(path, fmt, family or default_judge_family(tokenizer), seed)[0][:limit]
     examples, ids, _ = tokenize_prompts(examples, tokenizer, 10**9)
     return examples, ids
 

@@ -85,7 +85,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None, help="starting policy, HF dir (default: the toy SFT checkpoint)")
     ap.add_argument("--data", default=None, help="RM-R1 RL JSONL, or preference pairs with --format")
     ap.add_argument("--format", default=None, choices=FORMATS, help="[rm-r1]")
-    ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data")
+    ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data (training and held-out)")
     # torchrun swallows a bare `--n` (it abbreviates its own --nnodes...), so -n / --group-size also work
     ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
@@ -506,7 +506,8 @@ def setup_job(args, rank, world, device):
         check_host_memory(args.model, world, frozen_bytes=(2 if args.precision == "bf16" else 4) * (args.kl > 0))
     policy, ref = load(grad_ckpt=args.grad_ckpt), load(trainable=False) if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
-    heldout = load_heldout(args.eval_data, args.eval_format, tokenizer, args.eval_limit, args.seed) if args.eval_data and args.eval_limit else None
+    heldout = (load_heldout(args.eval_data, args.eval_format, tokenizer, args.eval_limit, args.seed, family)
+               if args.eval_data and args.eval_limit else None)
     if args.eval_data and not args.eval_limit and rank == 0:
         print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens

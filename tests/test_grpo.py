@@ -262,7 +262,7 @@ def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monke
     assert grpo.parse_args(grpo_args(toy_paths, tmp_path / "n1", "-n", "5")).n == 5
 
 
-def test_held_out_judging_reads_rm_r1_rows_and_benchmarks_too(toy_paths, tmp_path):
+def test_held_out_judging_reads_rm_r1_rows_and_benchmarks_too(toy_paths, tmp_path, monkeypatch):
     # --eval-format: held-out accuracy on RM-R1's own RL rows (their rendered prompts and winner labels), not only on
     # pairs JSONL, which RM-R1's rows cannot be turned into; the same reader as --format
     from data import DataError, load_judge_examples, load_tokenizer, tokenize_prompts
@@ -276,6 +276,14 @@ def test_held_out_judging_reads_rm_r1_rows_and_benchmarks_too(toy_paths, tmp_pat
     summary = grpo.main(grpo_args(toy_paths, tmp_path / "g", "--steps", "1", "--kl", "0", "--eval-data", toy_paths["rl"],
                                   "--eval-format", "rm-r1", "--eval-limit", "5"))
     assert summary["heldout_start"] in {20.0 * k for k in range(6)}  # 5 rows judged: a multiple of 20%
+    # pairs are judged in the prompts of --family, as the training pairs are
+    instruct, reasoning = (load_heldout(toy_paths["heldout"], "pairs", tok, 2, 0, family)[1] for family in ("instruct", "reasoning"))
+    assert instruct == load_heldout(toy_paths["heldout"], "pairs", tok, 2, 0)[1] != reasoning  # the toy's template: instruct
+    families = []
+    monkeypatch.setattr(grpo, "load_heldout", lambda *a: families.append(a[-1]) or load_heldout(*a))
+    grpo.main(grpo_args(toy_paths, tmp_path / "r", "--steps", "1", "--kl", "0", "--family", "reasoning", "--format", "pairs",
+                        "--data", toy_paths["heldout"]))
+    assert families == ["reasoning"]
 
 
 @pytest.mark.slow
