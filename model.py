@@ -34,6 +34,7 @@ FlexAttention over each row's own pages. With cached_prefix = C > 0 (paged), eve
 already in the cache (a prefix all rows hold): a prefill's ids are positions C, C + 1, ... and attend to it as well.
 """
 import inspect
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -200,6 +201,9 @@ def flex(q, k, v, block_mask):
 
 
 _FLEX_COMPILED = []  # compiled on first use: a CPU process never needs torch.compile's imports
+# eager FlexAttention on the CPU is this project's choice (the paged decode's reference path), so torch's advice to
+# compile it, printed once by every rank, says nothing to act on
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
 
 
 class Attention(nn.Module):
