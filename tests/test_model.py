@@ -857,7 +857,7 @@ def test_a_tensor_parallel_copy_decodes_as_the_whole_model(tmp_path):
     # (decode_model.tensor_parallel_copy) and the o_proj / down_proj outputs are summed over the pair. Against the whole model:
     # logits to fp32 rounding; greedy and sampled tokens and their log-probs, through the dense and the paged cache,
     # with q/k/v and gate/up fused (the GPU's copy) and not, eager and compiled (Dynamo's eager backend: the all-reduce
-    # traced into the decode step, as many graphs as the whole model's compiled engine makes)
+    # traced into the decode step, as many graphs as the whole model's compiled engine makes; and Inductor, sampled)
     from conftest import ROOT, run_torchrun
     make_hf_checkpoint(str(tmp_path / "ck"))
     script = tmp_path / "tp.py"
@@ -891,12 +891,21 @@ for fused, compile, page in [(False, False, 0), (True, False, 16), (True, True, 
                     lp=max(abs(a - b) for x, y in zip(lp1, lp0) for a, b in zip(x, y)), tp=list(e.tp),
                     share=sum(p.numel() for n, p in e.model.named_parameters() if "layers" in n) /
                           sum(p.numel() for n, p in m.named_parameters() if "layers" in n)))
+decode_model.FUSED_PROJECTION_DEVICES = ("cuda", "cpu")  # and by Inductor, as on GPUs: the collective lowered into the step
+torch._dynamo.reset()
+e = Sampler.for_policy(m, cpu, 8, 128, compile=True, tp_group=group)  # 16 positions: one span of the cache, one graph
+e.load_weights(m)
+s1, lp1 = e.generate(prompts, 10, temperature=1.0, n=3, seed=4, logprobs=True)
+s0, lp0 = Sampler(m, 8, 128).generate(prompts, 10, temperature=1.0, n=3, seed=4, logprobs=True)
+out.append(dict(sampled=s1 == s0, lp=max(abs(a - b) for x, y in zip(lp1, lp0) for a, b in zip(x, y))))
 json.dump(out, open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w"))
 dist.destroy_process_group()
 """)
     run_torchrun(str(script), [])
     for rank in range(2):
-        for case in json.load(open(tmp_path / f"rank{rank}.json")):
+        *cases, inductor = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert inductor["sampled"] and inductor["lp"] < 1e-5, inductor
+        for case in cases:
             assert case["tp"] == [2, rank] and case["diff"] < 1e-5 and case["lp"] < 1e-5, case
             assert case["greedy"] and case["sampled"], case
             assert 0.5 < case["share"] < 0.52, case  # half of each block, and its norms whole
