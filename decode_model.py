@@ -51,14 +51,33 @@ def load_for_decoding(path, device, dtype=None, group=None):
     return fuse_projections(model)
 
 
-def check_split(ap, flag, T, checkpoint_dir=None):
+def check_split(ap, flag, T, checkpoint_dir=None, dtype=None, cache_frac=0.0):
     """grpo.py's --rollout-tp, eval.py's --tp, before any work: T divides the ranks and (given a checkpoint) its model's
-    heads, KV heads and MLP columns."""
+    heads, KV heads and MLP columns, and on a GPU each rank's share of the decoding copy (in dtype; default the
+    checkpoint's) and a KV cache of cache_frac of the GPU fit in the GPU: where they do not, the run would fail with
+    the GPU out of memory after loading."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if T < 1 or world % T:
         ap.error(f"{flag} {T} must divide the {world} ranks")
-    if T > 1 and checkpoint_dir:
-        tensor_parallel_config(checkpoint.load_config(checkpoint_dir), T, flag)
+    if not checkpoint_dir:
+        return
+    cfg = checkpoint.load_config(checkpoint_dir)
+    share, gpu = copy_bytes(cfg, T, dtype or checkpoint.saved_dtype(cfg), flag), gpu_memory()
+    if gpu and share + cache_frac * gpu > gpu:
+        ap.error(f"{checkpoint_dir}: its decoding copy takes {share / 1e9:.1f} GB a GPU split over {T} rank(s) ({flag})"
+                 + (f" and its KV cache {cache_frac:g} of the GPU" if cache_frac else "")
+                 + f": more than the GPU's {gpu / 1e9:.1f} GB. Split it over more ranks with {flag}")
+
+
+def copy_bytes(cfg, T, dtype, flag="--rollout-tp"):
+    """The bytes of one rank's share of a model's decoding copy split over T ranks (the embeddings and head whole)."""
+    with torch.device("meta"):
+        return M.num_params(M.Transformer(tensor_parallel_config(cfg, T, flag))) * dtype.itemsize
+
+
+def gpu_memory():  # this rank's GPU's memory in bytes; 0 without CUDA
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    return torch.cuda.get_device_properties(local).total_memory if torch.cuda.is_available() else 0
 
 
 def tensor_parallel_config(cfg, T, flag="--rollout-tp"):

@@ -311,7 +311,7 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, default=1, help="consecutive ranks that judge together over a tensor-parallel copy "
                     "of the judge, each holding 1/T of its blocks and KV cache")
     args = ap.parse_args(argv)
-    check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge)
+    check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge, getattr(torch, args.dtype or "", None))
     check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
                 nonnegative=("limit", "temperature", "kv_page_size"))
 

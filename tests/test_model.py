@@ -851,6 +851,44 @@ def test_packed_rows_mask_by_hand_and_both_kernels_agree():
     assert partial == [[0], [1], [2], [3]] and whole == [[], [0], [0, 1], [0]]  # sequence 2 skips sequence 1's blocks
 
 
+def test_a_decoding_copy_the_gpu_cannot_hold_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # a rank's share of the rollout copy (grpo.py --rollout-tp, eval.py --tp) counted by hand: Qwen2.5-32B's bf16 copy
+    # is 65.5 GB whole and 10.9 GB a rank over 8, so on an 80 GB GPU with the default 25% KV cache it needs the split
+    import argparse
+    import grpo
+    from conftest import DATA, need_shared
+    h, inter, hd, heads, kv, layers, vocab = 5120, 27648, 128, 40, 8, 64, 152064
+    share = lambda T: (layers * ((h + 1) * (heads + 2 * kv) * hd // T + heads * hd * h // T + 3 * h * inter // T + 2 * h)
+                       + 2 * vocab * h + h) * 2
+    ck = tmp_path / "32b"
+    ck.mkdir()
+    with open(os.path.join(need_shared(DATA), "configs", "Qwen2.5-32B.config.json")) as f:
+        (ck / "config.json").write_text(f.read())
+    assert [decode_model.copy_bytes(checkpoint.load_config(ck), T, torch.bfloat16) for T in (1, 8)] == [share(1), share(8)]
+    assert round(share(1) / 1e9, 1) == 65.5 and round(share(8) / 1e9, 1) == 10.9
+    monkeypatch.setattr(decode_model, "gpu_memory", lambda: 80e9)
+    ap = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        decode_model.check_split(ap, "--rollout-tp", 1, str(ck), torch.bfloat16, 0.25)
+    assert "its decoding copy takes 65.5 GB a GPU split over 1 rank(s) (--rollout-tp) and its KV cache 0.25" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    decode_model.check_split(ap, "--rollout-tp", 8, str(ck), torch.bfloat16, 0.25)  # fits
+    # grpo.py checks the copy in its compute dtype (bf16; fp32 under --precision fp32), eval.py its --dtype
+    monkeypatch.setattr(decode_model, "gpu_memory", lambda: share(8) / 0.75 + 1)  # holds the bf16 share and its cache
+    base = ["--model", str(ck), "--data", "unused.jsonl", "--out", str(tmp_path / "run"), "--rollout-tp", "8"]
+    assert grpo.parse_args(base).rollout_tp == 8
+    with pytest.raises(SystemExit):
+        grpo.parse_args(base + ["--precision", "fp32"])
+    assert "takes 21.8 GB a GPU split over 8 rank(s) (--rollout-tp)" in capsys.readouterr().err  # 4 bytes a parameter
+    import eval as evaluation
+    monkeypatch.setattr(decode_model, "gpu_memory", lambda: share(8) + 1)  # eval sizes its cache from what is left
+    judge = ["--judge", str(ck), "--bench", "rmb", "--data", "unused", "--out", str(tmp_path / "eval"), "--tp", "8"]
+    decode_model.check_split(ap, "--tp", 8, str(ck))  # in the checkpoint's dtype (bf16), as eval.py loads it by default
+    with pytest.raises(SystemExit):
+        evaluation.main(judge + ["--dtype", "float32"])
+    assert "takes 21.8 GB a GPU split over 8 rank(s) (--tp): more than the GPU's 10.9 GB" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_a_tensor_parallel_copy_decodes_as_the_whole_model(tmp_path):
     # grpo.py --rollout-tp 2 on CPU (gloo): each rank holds half the heads, KV heads and MLP columns of the rollout copy
