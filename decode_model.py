@@ -42,6 +42,15 @@ def tensor_parallel_copy(cfg, device, dtype, group=None):
     return model
 
 
+def tensor_parallel_group(size, rank):
+    """The process group of the `size` consecutive ranks that hold `rank` (every rank makes every group, in the same
+    order, as torch.distributed requires), or None for size 1 (grpo.py's --rollout-tp, eval.py's --tp)."""
+    if size == 1:
+        return None
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, dist.get_world_size(), size)]
+    return groups[rank // size]
+
+
 def load_for_decoding(path, device, dtype=None, group=None):
     """A checkpoint as a decoding model (eval.py's judge): whole, or over a process group this rank's tensor-parallel
     share (each tensor read, cut and checked one at a time: no rank holds the whole model), projections fused on GPUs."""

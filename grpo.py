@@ -69,15 +69,14 @@ from tqdm import tqdm
 import model as M
 import toy
 from data import FORMATS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
-from decode_model import check_split
+from decode_model import check_split, tensor_parallel_group
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from sampler import Sampler
 from training import (RunDir, accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum,
                       check_flags, check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, done_already,
                       end_distributed, epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at,
-                      make_optimizer, precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite,
-                      tensor_parallel_group)
+                      make_optimizer, precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -138,7 +137,7 @@ def parse_args(argv=None):
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
                                     "max_prompt_len", "max_new_tokens", "save_every"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every",
-                             "eval_limit", "stop_after_steps", "kv_page_size"), fractions=("kv_cache_frac",))
+                             "eval_limit", "stop_after_steps", "stop_after_minutes", "kv_page_size"), fractions=("kv_cache_frac",))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
@@ -553,11 +552,11 @@ def main(argv=None):
         history["heldout_start"] = judge_heldout()
         if rank == 0:
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
-    run.open_metrics(step)
+    run.open_metrics(step, device)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
     start, stop_at = step, (min(total, step + args.stop_after_steps) if args.stop_after_steps else total)
     longest_micro = max(1, args.micro_seqs // args.n) * args.max_prompt_len + args.micro_seqs * args.max_new_tokens
-    while step < stop_at:
+    while step < stop_at and not run.out_of_time:
         for group in optimizer.param_groups:
             group["lr"] = args.lr if args.lr_schedule == "constant" else lr_at(step, total, args.lr, 0, 0.0)
         rec = grpo_step(job, step)
@@ -567,7 +566,7 @@ def main(argv=None):
         if heldout and args.eval_every and step % args.eval_every == 0 and step < total:
             rec["heldout_accuracy"] = judge_heldout()
         run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
-        if step % args.save_every == 0 or step == stop_at:
+        if step % args.save_every == 0 or step == stop_at or run.out_of_time:
             save_state(run.state, policy, optimizer, step, rank, extra=history)
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues

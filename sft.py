@@ -100,7 +100,7 @@ def parse_args(argv=None):
     check_flags(ap, args, positive=("max_len", "epochs", "global_batch", "tokens_per_micro", "lr", "save_every",
                                     "eval_max_new_tokens", "val_every"),
                 nonnegative=("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps", "stop_after_steps",
-                             "eval_limit", "stop_at_accuracy"))
+                             "stop_after_minutes", "eval_limit", "stop_at_accuracy"))
     if args.warmup >= 1 or args.min_lr_ratio > 1:
         ap.error("--warmup is a fraction of the steps (< 1) and --min-lr-ratio at most 1")
     if args.stop_at_accuracy and not (args.val_data and args.eval_limit):
@@ -196,7 +196,7 @@ def main(argv=None):
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
               f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
-    run.open_metrics(step)
+    run.open_metrics(step, device)
     judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
@@ -212,7 +212,7 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
     rec, start, longest_micro = {}, step, max(args.tokens_per_micro, args.max_len)  # a longer row is a micro-batch alone
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
-    while step < stop_at:
+    while step < stop_at and not run.out_of_time:
         lr = lr_at(step, total, args.lr, warmup, args.min_lr_ratio)
         rec = train_step(args, model, optimizer, rows, step, lr, tokenizer.pad_id or 0, rank, world, device, run.state)
         step += 1
@@ -226,7 +226,7 @@ def main(argv=None):
                     tqdm.write(f"sft: validation judge accuracy {rec['val_accuracy']:.1f}% >= {args.stop_at_accuracy:g}% "
                                f"at step {step}: stopping")
         run.log(rec, bar, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if step % args.save_every == 0 or step == stop_at:
+        if step % args.save_every == 0 or step == stop_at or run.out_of_time:
             save_state(run.state, model, optimizer, step, rank, extra={"target_met": step == total and total < planned})
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues

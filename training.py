@@ -9,7 +9,6 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   check_host_memory   --offload: refuse a host without the memory for its ranks' shards, before loading
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits); gpu_peak_gib
   all_gather_lists    every rank's lists of numbers, on every rank (GRPO's rollout, so ranks can share its training)
-  tensor_parallel_group  the group of ranks that share a tensor-parallel rollout copy (grpo.py --rollout-tp)
   grad_ckpt_flag, fit_recompute  which blocks recompute their activations in backward (auto: as memory needs)
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
@@ -44,6 +43,7 @@ import math
 import os
 import shutil
 import sys
+import time
 import traceback
 
 import torch
@@ -72,6 +72,8 @@ def add_run_flags(ap, compiles):
     ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
+    ap.add_argument("--stop-after-minutes", type=float, default=0, help="stop (resumably, saving) before another step as "
+                    "long as the longest so far would end past this many minutes of this run (a job's time limit, less a save)")
     ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="dtype of the saved model (default: the starting checkpoint's)")
     ap.add_argument("--seed", type=int, default=0)
@@ -211,15 +213,6 @@ def gpu_peak_gib(device):
     return all_reduce_max([held], device)[0]
 
 
-def tensor_parallel_group(size, rank):
-    """The process group of the `size` consecutive ranks that hold `rank` (every rank makes every group, in the same
-    order, as torch.distributed requires), or None for size 1 (grpo.py's --rollout-tp)."""
-    if size == 1:
-        return None
-    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, dist.get_world_size(), size)]
-    return groups[rank // size]
-
-
 def barrier():  # every rank waits here; nothing to wait for without a process group
     return dist.barrier() if dist.is_initialized() else None
 
@@ -307,12 +300,13 @@ def _local(t):
 # ----------------------------------------------------------------------------- run directories
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
-RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "save_every", "compile", "grad_ckpt", "eval_every", "val_every",
-                     "kv_page_size", "offload", "rollout_tp"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "stop_after_minutes", "save_every", "compile", "grad_ckpt",
+                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
 # flags added after runs began to be saved, with the default that does what the code did before them: a run.json
 # without one ran that way, so --resume at that default continues it (add each new flag here)
 ADDED_FLAG_DEFAULTS = {"eval_format": "pairs"}
+clock = time.monotonic  # RunDir's clock for --stop-after-minutes (tests replace it)
 
 
 def fingerprint(path):
@@ -337,6 +331,7 @@ class RunDir:
 
     def __init__(self, out, args, rank, script):
         self.out, self.rank, self.script = out, rank, script
+        self.started, self.minutes, self.out_of_time = clock(), args.stop_after_minutes, False
         self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
         self.inputs = {k: v for k, v in self.settings.items() if k in INPUTS and v}
@@ -397,8 +392,9 @@ class RunDir:
             raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
                              f"{self.out} used the old ones. Resume with them, or start a new --out")
 
-    def open_metrics(self, step):
-        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after)."""
+    def open_metrics(self, step, device):
+        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start."""
+        self.device, self.step_started, self.longest_step = device, clock(), 0.0
         if self.rank == 0:
             rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
                 if step and os.path.exists(self.metrics_path) else []
@@ -414,6 +410,13 @@ class RunDir:
             self.metrics.flush()
             bar.set_postfix(**postfix)
             bar.update(1)
+        if self.minutes:  # --stop-after-minutes: would another step as long as the longest so far end past them?
+            now = clock()
+            self.longest_step, self.step_started = max(self.longest_step, now - self.step_started), now
+            self.out_of_time = all_reduce_max([now - self.started + self.longest_step], self.device)[0] > 60 * self.minutes
+            if self.out_of_time and self.rank == 0:  # the trainer saves and stops; every rank agrees (the latest clock)
+                bar.write(f"{self.script}: stopping after step {rec['step']} ({(now - self.started) / 60:.1f} minutes, "
+                          f"--stop-after-minutes {self.minutes:g}); --resume continues")
 
 
 def done_already(out, summary, rank):

@@ -145,14 +145,24 @@ def assert_same_run(one, two, batched_alike=True):
             assert (p - q).norm() < 0.05 * (p - s).norm()
 
 
-def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy):
+def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, monkeypatch, capsys):
     full = grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
     assert full["steps"] == 3 and "heldout_end" in full
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "1", policy=policy))
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
-    a, b = checkpoint.load_model(str(tmp_path / "full" / "model")), checkpoint.load_model(str(tmp_path / "cut" / "model"))
-    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(p, q), n
+    # --stop-after-minutes 1 on a clock that moves 20 s a reading (the run's start, the steps' start, each step's end):
+    # after step 1, 40 s in, another 20 s step ends at 60 s (not past); after step 2 it would end at 80 s: stop there
+    import training
+    readings = iter(range(20, 10**4, 20))
+    monkeypatch.setattr(training, "clock", lambda: next(readings))
+    assert grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--stop-after-minutes", "1", policy=policy))["steps"] == 2
+    assert "stopping after step 2 (1.0 minutes, --stop-after-minutes 1); --resume continues" in capsys.readouterr().out
+    grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--resume", policy=policy))  # saved at step 2 (--save-every 20)
+    a = checkpoint.load_model(str(tmp_path / "full" / "model"))
+    for cut in ("cut", "timed"):
+        b = checkpoint.load_model(str(tmp_path / cut / "model"))
+        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(p, q), (cut, n)
     m1, m2 = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m2]
     keys = {"reward_mean", "accuracy", "unparsed_rate", "response_len_mean", "response_len_max", "truncated_frac",
@@ -365,6 +375,7 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
                         (("--rollout-is-cap", "0.5"), "--rollout-is-cap must be >= 1"),
                         (("--rollout-is-cap", "nan"), "--rollout-is-cap must be >= 1"),
                         (("--kv-page-size", "-8"), "--kv-page-size must be >= 0"),
+                        (("--stop-after-minutes", "nan"), "--stop-after-minutes must be >= 0"),
                         (("--offload",), "--offload keeps FSDP's shards in host memory, and one fp32 process"),
                         (("--rollout-tp", "2"), "--rollout-tp 2 must divide the 1 ranks")]:
         with pytest.raises(SystemExit):

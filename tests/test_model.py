@@ -904,8 +904,8 @@ sys.path.insert(0, {ROOT!r})
 import torch, torch.distributed as dist
 from torch._dynamo.utils import counters
 import checkpoint, decode_model
+from decode_model import tensor_parallel_group
 from sampler import Sampler
-from training import tensor_parallel_group
 dist.init_process_group("gloo")
 rank, cpu, m = dist.get_rank(), torch.device("cpu"), checkpoint.load_model({str(tmp_path / "ck")!r})
 group, prompts, out = tensor_parallel_group(2, rank), [[3, 5, 7, 11, 2, 9], [13, 17, 19]], []

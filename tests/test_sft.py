@@ -95,11 +95,16 @@ def sft_args(toy_paths, out, *extra):
             "--max-steps", "4", "--eval-data", toy_paths["heldout"], "--eval-limit", "4", "--eval-max-new-tokens", "32", *extra]
 
 
-def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_paths, tmp_path):
+def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_paths, tmp_path, monkeypatch):
+    import training
     import transformers
     full = sft.main(sft_args(toy_paths, tmp_path / "full"))
     assert full["steps"] == 4 and "heldout_accuracy" in full
-    sft.main(sft_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "2"))
+    # cut by --stop-after-minutes 1 on a clock that moves 20 s a reading (as in test_grpo's resume test): after step 2,
+    # 60 s into the run, another 20 s step would end past the minute, so it saves and stops there
+    readings = iter(range(20, 10**4, 20))
+    monkeypatch.setattr(training, "clock", lambda: next(readings))
+    sft.main(sft_args(toy_paths, tmp_path / "cut", "--stop-after-minutes", "1"))
     assert len(read_metrics(tmp_path / "cut")) == 2
     sft.main(sft_args(toy_paths, tmp_path / "cut", "--resume"))
     a = checkpoint.load_model(str(tmp_path / "full" / "model"))
