@@ -68,10 +68,11 @@ def check_split(ap, flag, T, checkpoint_dir=None, dtype=None, cache_frac=0.0):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if T < 1 or world % T:
         ap.error(f"{flag} {T} must divide the {world} ranks")
-    if not checkpoint_dir:
+    gpu = gpu_memory()
+    if not checkpoint_dir or (T == 1 and not gpu):  # nothing to check
         return
     cfg = checkpoint.load_config(checkpoint_dir)
-    share, gpu = copy_bytes(cfg, T, dtype or checkpoint.saved_dtype(cfg), flag), gpu_memory()
+    share = copy_bytes(cfg, T, dtype or checkpoint.saved_dtype(cfg), flag)
     if gpu and share + cache_frac * gpu > gpu:
         ap.error(f"{checkpoint_dir}: its decoding copy takes {share / 1e9:.1f} GB a GPU split over {T} rank(s) ({flag})"
                  + (f" and its KV cache {cache_frac:g} of the GPU" if cache_frac else "")

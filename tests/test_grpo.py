@@ -585,9 +585,11 @@ def test_update_reads_the_device_once_a_minibatch_not_once_a_micro_batch(toy_pat
 def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     # the toy's numbers are tuned in fp32 on CPU kernels (--precision bf16 simulates the GPU's policy there, toy.py's
     # grid); real runs (--model) take the GPU
+    import decode_model
     import sft
     import training
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(decode_model, "gpu_memory", lambda: 0)  # (a GPU that is not there has no memory to check)
     assert training.setup_distributed(cpu=True)[2] == torch.device("cpu")
     seen = []
 
