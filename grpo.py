@@ -552,7 +552,7 @@ def main(argv=None):
         history["heldout_start"] = judge_heldout()
         if rank == 0:
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
-    run.open_metrics(step, device)
+    run.open_metrics(step, total, device)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
     start, stop_at = step, (min(total, step + args.stop_after_steps) if args.stop_after_steps else total)
     longest_micro = max(1, args.micro_seqs // args.n) * args.max_prompt_len + args.micro_seqs * args.max_new_tokens

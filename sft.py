@@ -196,7 +196,7 @@ def main(argv=None):
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
               f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
-    run.open_metrics(step, device)
+    run.open_metrics(step, total, device)
     judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:

@@ -392,9 +392,9 @@ class RunDir:
             raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
                              f"{self.out} used the old ones. Resume with them, or start a new --out")
 
-    def open_metrics(self, step, device):
+    def open_metrics(self, step, total, device):
         """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start."""
-        self.device, self.step_started, self.longest_step = device, clock(), 0.0
+        self.total, self.device, self.step_started, self.longest_step = total, device, clock(), 0.0
         if self.rank == 0:
             rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
                 if step and os.path.exists(self.metrics_path) else []
@@ -413,7 +413,8 @@ class RunDir:
         if self.minutes:  # --stop-after-minutes: would another step as long as the longest so far end past them?
             now = clock()
             self.longest_step, self.step_started = max(self.longest_step, now - self.step_started), now
-            self.out_of_time = all_reduce_max([now - self.started + self.longest_step], self.device)[0] > 60 * self.minutes
+            late = all_reduce_max([now - self.started + self.longest_step], self.device)[0] > 60 * self.minutes
+            self.out_of_time = late and rec["step"] < self.total
             if self.out_of_time and self.rank == 0:  # the trainer saves and stops; every rank agrees (the latest clock)
                 bar.write(f"{self.script}: stopping after step {rec['step']} ({(now - self.started) / 60:.1f} minutes, "
                           f"--stop-after-minutes {self.minutes:g}); --resume continues")
