@@ -84,7 +84,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None, help="starting policy, HF dir (default: the toy SFT checkpoint)")
     ap.add_argument("--data", default=None, help="RM-R1 RL JSONL, or preference pairs with --format")
     ap.add_argument("--format", default=None, choices=FORMATS, help="[rm-r1]")
-    ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pair data (training and held-out)")
+    ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts for pairs (training, held-out)")
     # torchrun swallows a bare `--n` (it abbreviates its own --nnodes...), so -n / --group-size also work
     ap.add_argument("-n", "--n", "--group-size", dest="n", type=int, default=7, help="samples per prompt (the group)")
     ap.add_argument("--rollout-prompts", type=int, default=None, help="prompts per rollout [1024; toy 64]")
