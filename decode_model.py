@@ -81,8 +81,7 @@ def check_split(ap, flag, T, checkpoint_dir=None, dtype=None, cache_frac=0.0):
 
 def copy_bytes(cfg, T, dtype, flag="--rollout-tp"):
     """The bytes of one rank's share of a model's decoding copy split over T ranks (the embeddings and head whole)."""
-    with torch.device("meta"):
-        return M.num_params(M.Transformer(tensor_parallel_config(cfg, T, flag))) * dtype.itemsize
+    return M.num_params(tensor_parallel_config(cfg, T, flag)) * dtype.itemsize
 
 
 def gpu_memory():  # this rank's GPU's memory in bytes; 0 without CUDA

@@ -311,7 +311,8 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, default=1, help="consecutive ranks that judge together over a tensor-parallel copy "
                     "of the judge, each holding 1/T of its blocks and KV cache")
     args = ap.parse_args(argv)
-    check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge, getattr(torch, args.dtype or "", None))
+    dtype = getattr(torch, args.dtype) if args.dtype else None  # (None: the checkpoint's)
+    check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge, dtype)
     check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
                 nonnegative=("limit", "temperature", "kv_page_size"))
 
@@ -320,8 +321,7 @@ def main(argv=None):
     if args.judge not in BASELINES:
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
-        model = load_for_decoding(args.judge, device, getattr(torch, args.dtype) if args.dtype else None,
-                                  tensor_parallel_group(args.tp, rank))  # fused q/k/v and gate/up on GPUs
+        model = load_for_decoding(args.judge, device, dtype, tensor_parallel_group(args.tp, rank))  # fused q/k/v, gate/up on GPUs
     args.family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
     examples, counts = load_judge_examples(args.data, args.bench, args.family, args.seed, both_orders=args.both_orders)
     examples = examples[:args.limit] if args.limit else examples

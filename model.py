@@ -583,5 +583,8 @@ def compute_dtype(model):
     return model.compute_dtype or next(model.parameters()).dtype
 
 
-def num_params(model):
+def num_params(model):  # a model, or a config: counted on the meta device, nothing allocated
+    if isinstance(model, ModelConfig):
+        with torch.device("meta"):
+            model = Transformer(model)
     return sum(p.numel() for p in model.parameters())

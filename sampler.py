@@ -123,7 +123,7 @@ class Sampler:
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         budget = memory_frac * torch.cuda.get_device_properties(device).total_memory if memory_frac and device.type == "cuda" else 0
         if page_size:
-            pages = pages or (int(budget // page_bytes(model.config, page_size, dtype)) if budget else
+            pages = pages or (int(budget // kv_bytes(model.config, page_size, dtype)) if budget else
                               slots * -(-max_len // page_size) + 1)
         elif budget:
             slots = min(slots, slots_that_fit(budget, model.config, max_len, dtype, group))
@@ -486,17 +486,16 @@ class Pages:
         self.rows, self.placed = set(), {}
 
 
-# ----------------------------------------------------------------------------- the rollout copy's weights
+# ----------------------------------------------------------------------------- the KV cache's size
 
-def page_bytes(cfg, page_size, dtype):
-    """One KV page's size: K and V, every layer, page_size positions."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * page_size * dtype.itemsize
+def kv_bytes(cfg, positions, dtype):
+    """The KV cache of `positions` positions (a page, a dense slot): K and V, every layer."""
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * dtype.itemsize
 
 
 def slots_that_fit(budget_bytes, cfg, max_len, dtype, group=1):
-    """The most slots, a multiple of group, whose KV cache (K and V, every layer, max_len positions) fits the budget."""
-    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * max_len * dtype.itemsize
-    return int(budget_bytes // per_slot) // group * group
+    """The most slots, a multiple of group, whose KV cache (max_len positions each) fits the budget."""
+    return int(budget_bytes // kv_bytes(cfg, max_len, dtype)) // group * group
 
 
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,

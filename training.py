@@ -165,8 +165,7 @@ def check_host_memory(path, world, frozen_bytes=0):
     moments in its memory (16 bytes a parameter over all ranks), and of a frozen reference (frozen_bytes a parameter:
     2 in bf16). Where even that exceeds the available memory, the run would fail late (pinning, or the kernel's OOM
     killer ending a rank without a message): it is refused now. The processes' own memory is not counted."""
-    with torch.device("meta"):
-        params = M.num_params(M.Transformer(checkpoint.load_config(path)))
+    params = M.num_params(checkpoint.load_config(path))
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     need, available = (16 + frozen_bytes) * params / world * ranks_here, host_memory_available()
     if available is not None and need > available:
