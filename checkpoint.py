@@ -139,7 +139,7 @@ def save_model(model, path, dtype=None, max_shard_bytes=5 * 2**30, rank=0):
     """Write config.json and safetensors (sharded with an index above max_shard_bytes) in the Hugging
     Face layout, in `dtype` (default: the config's torch_dtype, the starting checkpoint's) with a torch_dtype
     that says so (non-finite values are refused). Under FSDP every rank calls this (each tensor is gathered in
-    turn); only rank 0 writes. The trainers write into a fresh directory and swap it in (training.save_checkpoint)."""
+    turn); only rank 0 writes. The trainers write into a fresh directory and swap it in (rundir.save_checkpoint)."""
     dtype = dtype or _DTYPES.get(str(model.config.torch_dtype).replace("torch.", ""), torch.float32)
     shards, current, size, total = [], {}, 0, 0
     for name, t in full_state_dict_items(model):

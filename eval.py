@@ -39,9 +39,10 @@ from tqdm import tqdm
 
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from decode_model import check_split, load_for_decoding, tensor_parallel_group
-from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
-                      end_distributed, fingerprint, read_json_file, setup_distributed)
 from rewards import parse_verdict
+from rundir import fingerprint, read_json_file
+from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
+                      end_distributed, setup_distributed)
 
 BASELINES = ("longer", "shorter", "random")
 REWARDBENCH_SECTIONS = {

@@ -48,7 +48,7 @@ The algorithm, per step:
 Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the
 progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. A non-finite
 loss, gradient norm or KL stops the run before the optimizer step, without saving. Checkpoints: Hugging Face
-layout model in the starting checkpoint's dtype + resumable state (training.py); --resume continues exactly.
+layout model in the starting checkpoint's dtype + resumable state (rundir.py); --resume continues exactly.
 --offload keeps the trainer's weights, gradients and AdamW's moments in host memory (training.py), for models whose
 training state does not fit beside the rollout copy and its KV cache.
 
@@ -72,11 +72,12 @@ from data import FORMATS, default_judge_family, describe_counts, load_judge_exam
 from decode_model import check_split, tensor_parallel_group
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
+from rundir import RunDir, done_already, load_state, save_checkpoint
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum,
-                      check_flags, check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, done_already,
-                      end_distributed, epoch_batch, fit_recompute, gpu_peak_gib, load_for_training, load_state, lr_at,
-                      make_optimizer, precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+from training import (accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
+                      check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
+                      fit_recompute, gpu_peak_gib, load_for_training, lr_at, make_optimizer, precision_of,
+                      setup_distributed, stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -532,7 +533,7 @@ def main(argv=None):
     if args.toy:
         toy.setup(args.seed)
         toy.run_sft_first(args.model, args.seed, rank, args.precision)
-    run = RunDir(args.out, args, rank, "grpo.py")
+    run = RunDir(args.out, args, rank, "grpo.py", device)
     if (finished := run.start(args.resume, args.overwrite)) is not None:
         return done_already(args.out, finished, rank)
     torch.manual_seed(args.seed)
@@ -552,7 +553,7 @@ def main(argv=None):
         history["heldout_start"] = judge_heldout()
         if rank == 0:
             print(f"held-out judge accuracy before GRPO: {history['heldout_start']:.1f}%")
-    run.open_metrics(step, total, device)
+    run.open_metrics(step, total)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
     start, stop_at = step, (min(total, step + args.stop_after_steps) if args.stop_after_steps else total)
     longest_micro = max(1, args.micro_seqs // args.n) * args.max_prompt_len + args.micro_seqs * args.max_new_tokens
@@ -567,7 +568,7 @@ def main(argv=None):
             rec["heldout_accuracy"] = judge_heldout()
         run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
         if step % args.save_every == 0 or step == stop_at or run.out_of_time:
-            save_state(run.state, policy, optimizer, step, rank, extra=history)
+            run.save(policy, optimizer, step, extra=history)
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         end_distributed()

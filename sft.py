@@ -31,14 +31,13 @@ trace) or a plain chat format (messages ending with the assistant turn to learn)
 Each trace ends with the chat template's end-of-turn token (<|im_end|> for Qwen, whatever the tokenizer's
 eos), as the judge will write it. RM-R1 RL rows (winner model_a/model_b) carry no trace: counted and skipped.
 
-Precision, sharding and checkpoints as in training.py: fp32 master weights and AdamW moments, bf16 compute and fp32
-gradient reduction through FSDP2 on any number of GPUs (one included), fp32 on CPU (--precision bf16 runs the GPU's
-policy there); --grad-ckpt auto recomputes every
-block's activations in backward for two steps, then only as many blocks as the measured GPU memory needs; --offload
-keeps the weights, gradients and AdamW's moments in host memory (AdamW steps on the CPU). The model is
-saved in the starting checkpoint's dtype (--save-dtype), whole or not at all, beside a resumable state per rank
-(loaded weights-only) that --resume continues exactly, on any number of ranks. A non-finite loss or gradient norm
-stops the run before the optimizer step, without saving.
+Precision and sharding as in training.py: fp32 master weights and AdamW moments, bf16 compute and fp32 gradient
+reduction through FSDP2 on any number of GPUs (one included), fp32 on CPU (--precision bf16 runs the GPU's policy
+there); --grad-ckpt auto recomputes every block's activations in backward for two steps, then only as many blocks as
+the measured GPU memory needs; --offload keeps the weights, gradients and AdamW's moments in host memory (AdamW steps on
+the CPU). Checkpoints as in rundir.py: the model is saved in the starting checkpoint's dtype (--save-dtype), whole or
+not at all, beside a resumable state per rank (loaded weights-only) that --resume continues exactly, on any number of
+ranks. A non-finite loss or gradient norm stops the run before the optimizer step, without saving.
 """
 import argparse
 import json
@@ -53,11 +52,12 @@ import model as M
 import toy
 from data import FORMATS, DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
+from rundir import RunDir, done_already, load_state, save_checkpoint
 from sampler import Sampler
-from training import (RunDir, accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory,
-                      check_vocab, cli, clip_grad_norm, compile_wanted, done_already, end_distributed, epoch_batch,
-                      fit_recompute, gpu_peak_gib, idle_backward, load_for_training, load_state, lr_at, make_optimizer,
-                      precision_of, save_checkpoint, save_state, setup_distributed, stop_if_not_finite)
+from training import (accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory, check_vocab, cli,
+                      clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, gpu_peak_gib,
+                      idle_backward, load_for_training, lr_at, make_optimizer, precision_of, setup_distributed,
+                      stop_if_not_finite)
 
 
 def parse_args(argv=None):
@@ -168,7 +168,7 @@ def main(argv=None):
     args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
         toy.setup(args.seed)
-    run = RunDir(args.out, args, rank, "sft.py")
+    run = RunDir(args.out, args, rank, "sft.py", device)
     if (finished := run.start(args.resume, args.overwrite)) is not None:
         return done_already(args.out, finished, rank)
     torch.manual_seed(args.seed)
@@ -196,7 +196,7 @@ def main(argv=None):
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
               f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
-    run.open_metrics(step, total, device)
+    run.open_metrics(step, total)
     judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
@@ -227,7 +227,7 @@ def main(argv=None):
                                f"at step {step}: stopping")
         run.log(rec, bar, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if step % args.save_every == 0 or step == stop_at or run.out_of_time:
-            save_state(run.state, model, optimizer, step, rank, extra={"target_met": step == total and total < planned})
+            run.save(model, optimizer, step, extra={"target_met": step == total and total < planned})
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         end_distributed()

@@ -13,11 +13,8 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
-  RunDir              a run directory: refuse to clobber, resume checks (settings and inputs' contents), metrics, safe
-                      swaps (replace_dir, recover_dir); fingerprint: a file's or directory's content hash
-  save/load_state     each rank's shards of weights and AdamW moments; any number of ranks resumes them
-  save_checkpoint     the output model and tokenizer, swapped in whole
   stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab, cli
+What a run writes (its directory, saved state, output model) is rundir.py's.
 
 The precision policy is the same for every world size. bf16 (CUDA's default): fp32 master weights and AdamW
 moments, bf16 compute (FSDP2's MixedPrecisionPolicy casts the gathered weights), fp32 gradient reduction, a bf16
@@ -36,14 +33,10 @@ beside the rollout copy and its KV cache (README: 14B GRPO on 8 GPUs). The proce
 """
 import argparse
 import functools
-import hashlib
 import itertools
-import json
 import math
 import os
-import shutil
 import sys
-import time
 import traceback
 
 import torch
@@ -258,7 +251,7 @@ def clip_grad_norm(model, max_norm):
     """Clip gradients to max_norm (global over ranks) -> the norm before clipping, as a float."""
     assert not getattr(model, "gradients_unreduced", False), "accumulate_gradients(model, last=True) never came this step"
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return float(_local(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+    return float(local_tensor(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
 
 
 def stop_if_not_finite(script, step, state_dir, **values):
@@ -292,266 +285,8 @@ def lr_at(step, total, lr, warmup_steps, min_ratio):
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _local(t):
+def local_tensor(t):  # this rank's part of a tensor: an FSDP2 shard's local tensor, else the tensor itself
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-# ----------------------------------------------------------------------------- run directories
-
-# flags that only say when to stop, how often to save, or how fast to run: a resume may change them
-RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "stop_after_minutes", "save_every", "compile", "grad_ckpt",
-                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp"}
-INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
-# flags added after runs began to be saved, with the default that does what the code did before them: a run.json
-# without one ran that way, so --resume at that default continues it (add each new flag here)
-ADDED_FLAG_DEFAULTS = {"eval_format": "pairs"}
-clock = time.monotonic  # RunDir's clock for --stop-after-minutes (tests replace it)
-
-
-def fingerprint(path):
-    """sha256 of a file's bytes, or of a directory's weight, JSON and data files (names and bytes): any edit, anywhere in
-    a file, changes it. About 10 s for 15 GB of weights, once per run start."""
-    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
-                                                       for f in fs if f.endswith((".json", ".jsonl", ".gz", ".safetensors")))
-    h = hashlib.sha256()
-    for file in files:
-        h.update(os.path.relpath(file, path).encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(2**24):
-                h.update(chunk)
-    return "sha256:" + h.hexdigest()[:16]
-
-
-class RunDir:
-    """A run directory: run.json (the settings), metrics.jsonl, state/ (resumable) and model/ (the output).
-    A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
-    state and the same settings (RESUME_MAY_CHANGE aside), truncates metrics to the resumed step, and
-    finishes a state swap a crash interrupted."""
-
-    def __init__(self, out, args, rank, script):
-        self.out, self.rank, self.script = out, rank, script
-        self.started, self.minutes, self.out_of_time = clock(), args.stop_after_minutes, False
-        self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
-        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
-        self.inputs = {k: v for k, v in self.settings.items() if k in INPUTS and v}
-
-    def start(self, resume, overwrite):
-        """Check the directory (every rank), then prepare it (rank 0). Call before any training work. -> the summary of
-        a finished run that --resume finds (nothing left to do), else None."""
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise SystemExit(f"{self.script}: --out {self.out} is a file, not a directory")
-        # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
-        ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
-                if os.path.exists(os.path.join(self.out, f))]
-        under = lambda path, top: os.path.commonpath([os.path.realpath(path), os.path.realpath(top)]) == os.path.realpath(top)
-        inside = [f"--{k.replace('_', '-')} {v}" for k, v in self.inputs.items() for f in ours if under(v, os.path.join(self.out, f))]
-        if overwrite and inside:
-            raise SystemExit(f"{self.script}: {', '.join(inside)} lies inside {self.out}, which --overwrite would delete "
-                             "before reading it: copy it elsewhere first, or use another --out")
-        self.fingerprints = {k: fingerprint(v) for k, v in self.inputs.items() if os.path.exists(v)}
-        if resume and os.path.exists(os.path.join(self.out, "summary.json")):
-            self._check_settings()
-            return read_json_file(os.path.join(self.out, "summary.json"), self.script)
-        if resume:
-            recovered = recover_dir(self.state) if self.rank == 0 else None
-            barrier()
-            if recovered:
-                print(recovered)
-            if not os.path.exists(self.state):
-                raise SystemExit(f"{self.script}: --resume: no saved state in {self.state}")
-            self._check_settings()
-        elif ours and not overwrite:
-            raise SystemExit(f"{self.script}: {self.out} already holds a run ({', '.join(ours)}): pass --resume to continue "
-                             "it, --overwrite to start over there, or another --out")
-        barrier()  # every rank has looked before rank 0 changes anything
-        if self.rank == 0 and not resume:
-            for f in ours:
-                p = os.path.join(self.out, f)
-                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-            os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "run.json"), "w") as f:
-                json.dump({**self.settings, "inputs": self.fingerprints}, f, indent=2)
-        barrier()
-        return None
-
-    def _check_settings(self):
-        file = os.path.join(self.out, "run.json")
-        try:
-            saved = json.load(open(file))
-        except (OSError, json.JSONDecodeError):
-            raise SystemExit(f"{self.script}: --resume: cannot check the settings, {file} is missing or unreadable") from None
-        saved_inputs = saved.pop("inputs", {}) if isinstance(saved, dict) else {}
-        keys = sorted((set(saved) | set(self.settings)) - RESUME_MAY_CHANGE)  # an older run.json may hold such a flag
-        was = lambda k: saved.get(k, ADDED_FLAG_DEFAULTS.get(k, "(unset)"))
-        changed = [f"--{k.replace('_', '-')} {was(k)!r} -> {self.settings.get(k, '(unset)')!r}"
-                   for k in keys if was(k) != self.settings.get(k, "(unset)")]
-        changed += [f"--{k.replace('_', '-')} {self.inputs[k]}: its contents changed ({saved_inputs.get(k)} -> {v})"
-                    for k, v in self.fingerprints.items() if saved_inputs.get(k) not in (None, v)]
-        if changed:
-            raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
-                             f"{self.out} used the old ones. Resume with them, or start a new --out")
-
-    def open_metrics(self, step, total, device):
-        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start."""
-        self.total, self.device, self.step_started, self.longest_step = total, device, clock(), 0.0
-        if self.rank == 0:
-            rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
-                if step and os.path.exists(self.metrics_path) else []
-            with open(self.metrics_path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.metrics_path + ".tmp", self.metrics_path)  # swapped in: a crash here loses no row
-            self.metrics = open(self.metrics_path, "a")
-
-    def log(self, rec, bar, **postfix):
-        """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar (rank 0)."""
-        if self.rank == 0:
-            self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
-            bar.set_postfix(**postfix)
-            bar.update(1)
-        if self.minutes:  # --stop-after-minutes: would another step as long as the longest so far end past them?
-            now = clock()
-            self.longest_step, self.step_started = max(self.longest_step, now - self.step_started), now
-            late = all_reduce_max([now - self.started + self.longest_step], self.device)[0] > 60 * self.minutes
-            self.out_of_time = late and rec["step"] < self.total
-            if self.out_of_time and self.rank == 0:  # the trainer saves and stops; every rank agrees (the latest clock)
-                bar.write(f"{self.script}: stopping after step {rec['step']} ({(now - self.started) / 60:.1f} minutes, "
-                          f"--stop-after-minutes {self.minutes:g}); --resume continues")
-
-
-def done_already(out, summary, rank):
-    """--resume on a run that finished: nothing to do, and nothing rewritten. -> its summary."""
-    if rank == 0:
-        print(f"{out} finished already (its summary.json: {json.dumps(summary)}): nothing to resume")
-    end_distributed()
-    return summary
-
-
-def read_json_file(path, script):
-    """A JSON file this project wrote (run.json, summary.json) -> its contents, or a one-line error naming it."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{script}: {path} is unreadable ({str(e)[:100]}): move it aside, or use another --out") from None
-
-
-def save_state(path, model, optimizer, step, rank, extra=None):
-    """This rank's shards of weights and AdamW moments + step + RNG, as plain tensors (loadable with
-    weights_only=True). Every rank writes into path.tmp; rank 0 then swaps it in (replace_dir), so a
-    crash at any instant leaves one complete state."""
-    tmp = f"{path}.tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    barrier()
-    os.makedirs(tmp, exist_ok=True)
-    params = dict(model.named_parameters())
-    state = {"step": step, "rng_cpu": torch.get_rng_state(), "extra": extra or {},
-             "model": {n: _local(p.detach()).clone() for n, p in params.items()},
-             "optim": {n: {k: _local(v).clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
-                       for n, p in params.items() if p in optimizer.state}}
-    state["rng_cuda"] = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    torch.save(state, os.path.join(tmp, f"rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        replace_dir(tmp, path)
-    barrier()
-
-
-def load_state(path, model, optimizer, rank):
-    """-> (step, extra). Weights go into this rank's shards; AdamW's state through optimizer.load_state_dict, which puts
-    `step` where the optimizer needs it (on the parameter's device for fused AdamW). Any number of ranks may resume: the
-    rank files are memory-mapped and a rank reads, of each saved tensor (its shards in rank order), the rows FSDP2 gives
-    it (torch.chunk on dim 0): with as many ranks as saved, exactly its own file's."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    saved_world = len([f for f in os.listdir(path) if f.startswith("rank") and f.endswith(".pt")]) or 1
-    states = []
-    for file in [os.path.join(path, f"rank{k}.pt") for k in range(saved_world)]:
-        try:  # weights only: never unpickle arbitrary objects
-            states.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:
-            raise SystemExit(f"{file}: unreadable training state ({str(e)[:150]})") from None
-    state = states[rank if rank < saved_world else 0]  # this rank's step, RNG and extra
-    params = dict(model.named_parameters())
-    if set(state["model"]) != set(params):
-        raise SystemExit(f"{path}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
-
-    def part(name, get):  # this rank's rows of the saved tensor whose shards are get(each rank's state)
-        shards, here = [get(s) for s in states], _local(params[name])
-        starts = list(itertools.accumulate(map(len, shards), initial=0))  # each saved shard's first row, then the total
-        lo = rank * -(-starts[-1] // world)  # FSDP2's rows per rank: ceil(rows / world)
-        saved = torch.cat([t[max(lo - a, 0):max(lo + len(here) - a, 0)] for t, a in zip(shards, starts)])
-        if saved.shape != here.shape:
-            raise SystemExit(f"{path}: tensor {name!r}: the saved state has {starts[-1]} rows in {saved_world} shard(s), "
-                             f"this rank's shard of the model is {list(here.shape)} (another model?)")
-        return saved
-    with torch.no_grad():
-        for n, p in params.items():
-            saved = part(n, lambda s: s["model"][n])
-            if not torch.isfinite(saved).all():
-                raise SystemExit(f"{path}: tensor {n!r} has non-finite values")
-            _local(p).copy_(saved)
-    index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
-    optim = {index[id(params[n])]: {k: (_local_like(params[n], part(n, lambda s: s["optim"][n][k])) if k != "step" else v)
-                                    for k, v in moments.items()} for n, moments in state["optim"].items()}
-    optimizer.load_state_dict({"state": optim, "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(state["rng_cpu"])
-    if state.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng_cuda"])
-    return state["step"], state["extra"]
-
-
-def _local_like(param, saved):
-    t = torch.zeros_like(param)
-    _local(t).copy_(saved)
-    return t
-
-
-def save_checkpoint(model, path, rank, save_dtype=None, tokenizer=None):
-    """The output model: Hugging Face layout in save_dtype (a name; default the starting checkpoint's dtype) with
-    the tokenizer files beside it, written into path.tmp and swapped in: never a half-written model directory."""
-    tmp = path.rstrip("/") + ".tmp"
-    if rank == 0 and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    checkpoint.save_model(model, tmp, dtype=getattr(torch, save_dtype) if save_dtype else None, rank=rank)  # all ranks gather
-    if rank == 0:
-        copy_tokenizer(tokenizer, tmp)
-        replace_dir(tmp, path)
-
-
-def replace_dir(tmp, path):
-    """Swap the fully written directory tmp in as path so that every instant leaves a usable copy: tmp is
-    renamed to path.new (now known complete), the old path aside to path.old, path.new into place, then
-    path.old is removed. recover_dir finishes a swap a crash interrupted."""
-    new, old = path.rstrip("/") + ".new", path.rstrip("/") + ".old"
-    for leftover in [p for p in (new, old) if os.path.exists(p)]:  # a crash's leftovers
-        shutil.rmtree(leftover)
-    os.rename(tmp, new)
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(new, path)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
-def recover_dir(path):
-    """Finish an interrupted replace_dir: with path missing, path.new (complete), else path.old, is put in place;
-    a half-written path.tmp is never used. Leftovers are removed. -> what was recovered, or None."""
-    tmp, new, old = (path.rstrip("/") + ext for ext in (".tmp", ".new", ".old"))
-    found = None if os.path.exists(path) else next((c for c in (new, old) if os.path.exists(c)), None)
-    if found:
-        os.rename(found, path)
-    for leftover in [p for p in (tmp, new, old) if os.path.exists(p)]:
-        shutil.rmtree(leftover)
-    return f"{path}: recovered {os.path.basename(found)} after an interrupted save" if found else None
-
-
-def copy_tokenizer(src, dst):
-    """Put the tokenizer files beside the weights, so the checkpoint is self-contained for eval/vLLM."""
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-              "added_tokens.json", "generation_config.json"):
-        if os.path.exists(os.path.join(src, f)) and os.path.abspath(src) != os.path.abspath(dst):
-            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
 
 
 def make_optimizer(model, lr, betas, weight_decay, fused=None):

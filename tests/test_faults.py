@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import eval as E
-import grpo
 import checkpoint
+import grpo
+import rundir
 import sft
 import training
-from conftest import make_hf_checkpoint, read_metrics
+from conftest import ROOT, make_hf_checkpoint, read_metrics, run_torchrun
 from data import DataError, load_judge_examples, load_tokenizer, read_jsonl, read_sft_rows
 
 
@@ -48,6 +49,57 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_directory(to
     with pytest.raises(DataError, match="this is SFT data"):
         grpo.main(grpo_args(toy_paths, tmp_path / "run", "--data", toy_paths["sft"]))
     assert grpo.main(grpo_args(toy_paths, tmp_path / "run", "--steps", "1"))["steps"] == 1
+
+
+def test_a_disk_without_room_for_a_save_is_refused_before_any_work(toy_paths, tmp_path, monkeypatch):
+    # a save writes the state (fp32 weights and AdamW's two moments: 12 bytes a parameter) and, at the end, the model (its
+    # save dtype's bytes) before the old copy goes; counted by hand for the toy's fp32 checkpoint, on a stand-in disk
+    params = sum(p.numel() for p in checkpoint.load_model(toy_paths["init"]).parameters())
+    usage = shutil.disk_usage(tmp_path)
+    free = lambda n: monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=n))
+    for main, args, need in ((sft.main, sft_args(toy_paths, tmp_path / "sft", "--max-steps", "1"), 16 * params),
+                             (sft.main, sft_args(toy_paths, tmp_path / "bf16", "--save-dtype", "bfloat16"), 14 * params),
+                             (grpo.main, grpo_args(toy_paths, tmp_path / "grpo", "--steps", "1"), 16 * params)):
+        free(need - 1)
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert f"a save needs {need / 1e9:.3g} GB" in exit_message(e)
+        assert f"its disk has {(need - 1) / 1e9:.3g} GB free" in exit_message(e)
+        assert os.listdir(args[args.index("--out") + 1]) == ["run.json"]  # nothing saved, nothing to protect
+    free(16 * params)  # exactly enough
+    assert sft.main(sft_args(toy_paths, tmp_path / "sft", "--max-steps", "1"))["steps"] == 1
+
+
+def test_ranks_that_do_not_share_the_run_directory_are_refused(toy_paths, tmp_path):
+    # every rank saves its shards into --out, and rank 0 swaps them in: ranks on nodes that each see their own disk there
+    # (simulated: a relative --out, and each rank in a working directory of its own) are refused on every rank before
+    # any work; ranks that share it pass, and the file rank 0 wrote to find out is gone
+    script = tmp_path / "shared.py"
+    script.write_text(f"""import argparse, json, os, sys
+sys.path.insert(0, {ROOT!r})
+import torch, torch.distributed as dist
+from rundir import RunDir
+dist.init_process_group("gloo")
+r, results = dist.get_rank(), {{}}
+args = argparse.Namespace(model={toy_paths["init"]!r}, save_dtype=None, stop_after_minutes=None)
+for case, cwd in (("shared", "shared"), ("local", f"node{{r}}")):
+    os.makedirs(os.path.join(sys.argv[1], cwd), exist_ok=True)
+    os.chdir(os.path.join(sys.argv[1], cwd))
+    try:
+        RunDir("run", args, r, "test", torch.device("cpu")).start(resume=False, overwrite=False)
+        results[case] = sorted(os.listdir("run"))
+    except SystemExit as e:
+        results[case] = str(e.code)
+json.dump(results, open(os.path.join(sys.argv[1], f"{{r}}.json"), "w"))
+dist.destroy_process_group()
+""")
+    run_torchrun(str(script), [str(tmp_path)])
+    for r in range(2):
+        seen = json.load(open(tmp_path / f"{r}.json"))
+        assert seen["shared"] == ["run.json"]
+        assert seen["local"].startswith("test: --out run: rank(s) 1 of 2 do not see the files rank 0 writes there "
+                                        f"(this is rank {r} on "), seen["local"]
+        assert seen["local"].endswith("so it must be a directory all nodes share")
 
 
 def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
@@ -91,7 +143,7 @@ def test_a_state_saved_by_any_number_of_ranks_resumes_on_any_other(tmp_path, mon
             model = torch.nn.ParameterDict({n: torch.zeros_like(shard(t, rank, world)) for n, t in full.items()})
             optimizer = torch.optim.AdamW(model.parameters())
             extra = {"k": rank if rank < 3 else 0}  # its own rank's, or rank 0's
-            assert training.load_state(str(tmp_path), model, optimizer, rank) == (7, extra)
+            assert rundir.load_state(str(tmp_path), model, optimizer, rank) == (7, extra)
             for n, t in full.items():
                 assert torch.equal(model[n].detach(), shard(t, rank, world))
                 assert torch.equal(optimizer.state[model[n]]["exp_avg_sq"], shard(t, rank, world) + 2)
@@ -99,18 +151,18 @@ def test_a_state_saved_by_any_number_of_ranks_resumes_on_any_other(tmp_path, mon
 
 def test_resume_after_a_crash_truncates_metrics_to_the_saved_step(toy_paths, tmp_path, monkeypatch):
     sft.main(sft_args(toy_paths, tmp_path / "full"))
-    real_save = sft.save_state
+    real_save = rundir.save_state
 
     def crash_at_step_3(path, model, optimizer, step, rank, extra=None):
         if step == 3:
             raise KeyboardInterrupt  # killed after step 3 was logged, before its state was saved
         real_save(path, model, optimizer, step, rank, extra)
 
-    monkeypatch.setattr(sft, "save_state", crash_at_step_3)
+    monkeypatch.setattr(rundir, "save_state", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         sft.main(sft_args(toy_paths, tmp_path / "cut"))
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3]
-    monkeypatch.setattr(sft, "save_state", real_save)
+    monkeypatch.setattr(rundir, "save_state", real_save)
     sft.main(sft_args(toy_paths, tmp_path / "cut", "--resume"))
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3]  # no duplicate step 3
@@ -123,7 +175,7 @@ def test_state_swap_survives_a_crash_at_every_step(toy_paths, tmp_path, monkeypa
     model = checkpoint.load_model(toy_paths["init"])
     opt = training.make_optimizer(model, 1e-3, (0.9, 0.95), 0.0)
     state = str(tmp_path / "state")
-    training.save_state(state, model, opt, 1, 0)
+    rundir.save_state(state, model, opt, 1, 0)
     calls = []
     real_rename, real_rmtree = os.rename, shutil.rmtree
 
@@ -135,23 +187,23 @@ def test_state_swap_survives_a_crash_at_every_step(toy_paths, tmp_path, monkeypa
             return real(*a, **k)
         return f
 
-    monkeypatch.setattr(training.os, "rename", failing(real_rename))
-    monkeypatch.setattr(training.shutil, "rmtree", failing(real_rmtree))
+    monkeypatch.setattr(rundir.os, "rename", failing(real_rename))
+    monkeypatch.setattr(rundir.shutil, "rmtree", failing(real_rmtree))
     with pytest.raises(OSError, match="simulated crash"):
-        training.save_state(state, model, opt, 2, 0)
+        rundir.save_state(state, model, opt, 2, 0)
     monkeypatch.undo()
-    training.recover_dir(state)
-    step, _ = training.load_state(state, model, opt, 0)
+    rundir.recover_dir(state)
+    step, _ = rundir.load_state(state, model, opt, 0)
     assert step in (1, 2) and sorted(os.listdir(tmp_path)) == ["state"]  # a whole state, no leftovers
 
 
 def test_the_output_model_is_written_whole_or_not_at_all(toy_paths, tmp_path, monkeypatch):
     model = checkpoint.load_model(toy_paths["init"])
-    training.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
+    rundir.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
     before = open(tmp_path / "model" / "model.safetensors", "rb").read()
     monkeypatch.setattr(checkpoint, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        training.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
+        rundir.save_checkpoint(model, str(tmp_path / "model"), 0, tokenizer=toy_paths["tokenizer"])
     assert open(tmp_path / "model" / "model.safetensors", "rb").read() == before
 
 
@@ -165,7 +217,7 @@ def test_divergence_stops_without_saving_and_keeps_the_last_good_state(toy_paths
     bad_step = int(msg.split("at step ")[1].split(":")[0])
     assert not os.path.exists(tmp_path / "sft" / "model")
     model = checkpoint.load_model(toy_paths["init"])
-    step, _ = training.load_state(str(tmp_path / "sft" / "state"), model, training.make_optimizer(model, 1, (0.9, 0.9), 0), 0)
+    step, _ = rundir.load_state(str(tmp_path / "sft" / "state"), model, training.make_optimizer(model, 1, (0.9, 0.9), 0), 0)
     assert step == bad_step - 1 and all(torch.isfinite(p).all() for p in model.parameters())
     with pytest.raises(SystemExit) as e:
         grpo.main(grpo_args(toy_paths, tmp_path / "grpo", "--lr", "1e6", "--steps", "6"))
@@ -378,10 +430,10 @@ def test_a_fingerprint_sees_an_edit_in_the_middle_of_a_large_file(tmp_path):
     big = tmp_path / "weights.safetensors"
     data = bytearray(5 * 2**20)
     big.write_bytes(bytes(data))
-    before = training.fingerprint(str(tmp_path))
+    before = rundir.fingerprint(str(tmp_path))
     data[len(data) // 2] = 1  # size, first and last MiB unchanged
     big.write_bytes(bytes(data))
-    assert training.fingerprint(str(tmp_path)) != before
+    assert rundir.fingerprint(str(tmp_path)) != before
 
 
 def test_resume_of_a_finished_run_changes_nothing(toy_paths, tmp_path, capsys):
@@ -401,11 +453,11 @@ def test_system_errors_are_one_line_naming_the_path(toy_paths, tmp_path, monkeyp
         training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "out1", "--data", str(tmp_path))))
     read_only = lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(tmp_path / "ro")))
     with monkeypatch.context() as m:  # a read-only --out (root ignores file modes, so the OS's refusal is simulated)
-        m.setattr(training.os, "makedirs", read_only)
+        m.setattr(rundir.os, "makedirs", read_only)
         with pytest.raises(SystemExit, match=r"error: \[Errno 13\] Permission denied: .*ro'"):
             training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "ro")))
     full = OSError(28, "No space left on device")  # the disk fills while the state is saved: one line, nothing half-written
-    monkeypatch.setattr(training.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(28, full.strerror, f)))
+    monkeypatch.setattr(rundir.torch, "save", lambda obj, f: (_ for _ in ()).throw(OSError(28, full.strerror, f)))
     with pytest.raises(SystemExit, match=r"error: \[Errno 28\] No space left on device: .*rank0.pt"):
         training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "out2")))
     assert not os.path.exists(tmp_path / "out2" / "state")

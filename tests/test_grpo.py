@@ -152,9 +152,9 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, mon
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
     # --stop-after-minutes 1 on a clock that moves 20 s a reading (the run's start, the steps' start, each step's end):
     # after step 1, 40 s in, another 20 s step ends at 60 s (not past); after step 2 it would end at 80 s: stop there
-    import training
+    import rundir
     readings = iter(range(20, 10**4, 20))
-    monkeypatch.setattr(training, "clock", lambda: next(readings))
+    monkeypatch.setattr(rundir, "clock", lambda: next(readings))
     assert grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--stop-after-minutes", "1", policy=policy))["steps"] == 2
     assert "stopping after step 2 (1.0 minutes, --stop-after-minutes 1); --resume continues" in capsys.readouterr().out
     grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--resume", policy=policy))  # saved at step 2 (--save-every 20)

@@ -96,15 +96,17 @@ def sft_args(toy_paths, out, *extra):
 
 
 def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_paths, tmp_path, monkeypatch):
-    import training
+    import rundir
     import transformers
     full = sft.main(sft_args(toy_paths, tmp_path / "full"))
     assert full["steps"] == 4 and "heldout_accuracy" in full
-    # cut by --stop-after-minutes 1 on a clock that moves 20 s a reading (as in test_grpo's resume test): after step 2,
-    # 60 s into the run, another 20 s step would end past the minute, so it saves and stops there
+    # cut by --stop-after-minutes 2 on a clock that moves 20 s a reading (the run's start, the steps' start, each step's
+    # end, each save's start and end), saving every step: step 1 ends 40 s into the run, and another step (20 s) ends
+    # before the limit; step 2 ends 100 s in (20 s of it step 1's save), and another step and a save (20 s each) would
+    # end at 140 s, past it: it saves and stops there. A reserve of one step, without the save, would run step 3
     readings = iter(range(20, 10**4, 20))
-    monkeypatch.setattr(training, "clock", lambda: next(readings))
-    sft.main(sft_args(toy_paths, tmp_path / "cut", "--stop-after-minutes", "1"))
+    monkeypatch.setattr(rundir, "clock", lambda: next(readings))
+    sft.main(sft_args(toy_paths, tmp_path / "cut", "--stop-after-minutes", "2", "--save-every", "1"))
     assert len(read_metrics(tmp_path / "cut")) == 2
     sft.main(sft_args(toy_paths, tmp_path / "cut", "--resume"))
     a = checkpoint.load_model(str(tmp_path / "full" / "model"))
@@ -192,7 +194,8 @@ def test_traces_end_with_the_chat_templates_end_of_turn(toy_paths, tmp_path):
 def test_resume_with_fused_adamw(toy_paths, tmp_path):
     """Fused AdamW keeps its step counter on the parameter's device; a resumed optimizer must too, and continue
     exactly like the uninterrupted one."""
-    from training import load_state, make_optimizer, save_state
+    from rundir import load_state, save_state
+    from training import make_optimizer
     torch.manual_seed(0)
     model = checkpoint.load_model(toy_paths["init"])
     ids = torch.randint(0, model.config.vocab_size, (2, 16))

@@ -1,0 +1,336 @@
+"""
+rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; eval.py uses its fingerprint).
+
+  RunDir          a run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output).
+                  It refuses to clobber another run, checks a resume's settings and inputs' contents (fingerprint),
+                  checks before any work that every rank sees the directory and that its disk holds a save
+                  (check_shared, check_disk), keeps the metrics, and stops a run in time (--stop-after-minutes)
+  save/load_state each rank's shards of weights and AdamW moments; any number of ranks resumes them
+  save_checkpoint the output model and tokenizer, in the Hugging Face layout
+  replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
+                  crash interrupted, so a crash at any instant leaves one complete copy
+
+A saved state is 12 bytes a parameter over all ranks (fp32 weights and AdamW's two fp32 moments, whatever the compute
+precision), plus the step and RNG; the output model is in its save dtype (2 bytes a parameter in bf16). Each is written
+before its old copy is removed, so the disk needs room for one more of each.
+"""
+import hashlib
+import itertools
+import json
+import os
+import random
+import shutil
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+import checkpoint
+import model as M
+from training import all_reduce_max, all_reduce_sum, barrier, end_distributed, local_tensor
+
+# flags that only say when to stop, how often to save, or how fast to run: a resume may change them
+RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "stop_after_minutes", "save_every", "compile", "grad_ckpt",
+                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp"}
+INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
+# flags added after runs began to be saved, with the default that does what the code did before them: a run.json
+# without one ran that way, so --resume at that default continues it (add each new flag here)
+ADDED_FLAG_DEFAULTS = {"eval_format": "pairs"}
+clock = time.monotonic  # RunDir's clock for --stop-after-minutes (tests replace it)
+
+
+def fingerprint(path):
+    """sha256 of a file's bytes, or of a directory's weight, JSON and data files (names and bytes): any edit, anywhere in
+    a file, changes it. About 10 s for 15 GB of weights, once per run start."""
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
+                                                       for f in fs if f.endswith((".json", ".jsonl", ".gz", ".safetensors")))
+    h = hashlib.sha256()
+    for file in files:
+        h.update(os.path.relpath(file, path).encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(2**24):
+                h.update(chunk)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+class RunDir:
+    """A run directory: run.json (the settings), metrics.jsonl, state/ (resumable) and model/ (the output).
+    A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
+    state and the same settings (RESUME_MAY_CHANGE aside), truncates metrics to the resumed step, and
+    finishes a state swap a crash interrupted."""
+
+    def __init__(self, out, args, rank, script, device):
+        self.out, self.rank, self.script, self.device = out, rank, script, device
+        self.started, self.minutes, self.out_of_time, self.longest_save = clock(), args.stop_after_minutes, False, 0.0
+        self.model_path, self.save_dtype = args.model, args.save_dtype  # what check_disk counts
+        self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
+        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
+        self.inputs = {k: v for k, v in self.settings.items() if k in INPUTS and v}
+
+    def start(self, resume, overwrite):
+        """Check the directory (every rank), then prepare it (rank 0). Call before any training work. -> the summary of
+        a finished run that --resume finds (nothing left to do), else None."""
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise SystemExit(f"{self.script}: --out {self.out} is a file, not a directory")
+        # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
+        ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
+                if os.path.exists(os.path.join(self.out, f))]
+        under = lambda path, top: os.path.commonpath([os.path.realpath(path), os.path.realpath(top)]) == os.path.realpath(top)
+        inside = [f"--{k.replace('_', '-')} {v}" for k, v in self.inputs.items() for f in ours if under(v, os.path.join(self.out, f))]
+        if overwrite and inside:
+            raise SystemExit(f"{self.script}: {', '.join(inside)} lies inside {self.out}, which --overwrite would delete "
+                             "before reading it: copy it elsewhere first, or use another --out")
+        self.fingerprints = {k: fingerprint(v) for k, v in self.inputs.items() if os.path.exists(v)}
+        if resume and os.path.exists(os.path.join(self.out, "summary.json")):
+            self._check_settings()
+            return read_json_file(os.path.join(self.out, "summary.json"), self.script)
+        if resume:
+            recovered = recover_dir(self.state) if self.rank == 0 else None
+            barrier()
+            if recovered:
+                print(recovered)
+            if not os.path.exists(self.state):
+                raise SystemExit(f"{self.script}: --resume: no saved state in {self.state}")
+            self._check_settings()
+        elif ours and not overwrite:
+            raise SystemExit(f"{self.script}: {self.out} already holds a run ({', '.join(ours)}): pass --resume to continue "
+                             "it, --overwrite to start over there, or another --out")
+        barrier()  # every rank has looked before rank 0 changes anything
+        if self.rank == 0 and not resume:
+            for f in ours:
+                p = os.path.join(self.out, f)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "run.json"), "w") as f:
+                json.dump({**self.settings, "inputs": self.fingerprints}, f, indent=2)
+        barrier()
+        self.check_shared()
+        self.check_disk()
+        return None
+
+    def check_shared(self):
+        """Every rank writes its state shards into --out and rank 0 swaps them in as state/: with ranks on several nodes
+        it must be one directory they all see. A node-local path (the same name on each node's own disk) would save
+        the other nodes' shards where no resume finds them; it is refused now. Rank 0 writes a file of a random name,
+        and every rank looks for it."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world == 1:
+            return
+        token = int(all_reduce_max([random.SystemRandom().getrandbits(52) if self.rank == 0 else 0], self.device)[0])
+        probe = os.path.join(self.out, f".rank0-{token:x}")
+        if self.rank == 0:
+            open(probe, "w").close()
+        barrier()
+        blind = all_reduce_sum([float(r == self.rank and not os.path.exists(probe)) for r in range(world)], self.device)
+        if self.rank == 0:
+            os.remove(probe)
+        if any(blind):
+            ranks = [r for r, b in enumerate(blind) if b]
+            raise SystemExit(f"{self.script}: --out {self.out}: rank(s) {', '.join(map(str, ranks))} of {world} do not see "
+                             f"the files rank 0 writes there (this is rank {self.rank} on {socket.gethostname()}): every "
+                             "rank saves its shards into --out, so it must be a directory all nodes share")
+
+    def check_disk(self):
+        """A save writes a state (12 bytes a parameter) and, at the end, the model (in --save-dtype) beside what --out
+        holds, and removes the old copy only after: a disk without room for both would fail at the run's first save,
+        after its first --save-every steps. It is refused now, with both figures. Other writers to the disk are not
+        foreseen."""
+        cfg = checkpoint.load_config(self.model_path)
+        params = M.num_params(cfg)
+        save_dtype = getattr(torch, self.save_dtype) if self.save_dtype else checkpoint.saved_dtype(cfg)
+        need = params * (12 + save_dtype.itemsize)
+        free = all_reduce_max([shutil.disk_usage(self.out).free if self.rank == 0 else 0], self.device)[0]  # rank 0's
+        if need > free:
+            raise SystemExit(f"{self.script}: --out {self.out}: a save needs {need / 1e9:.3g} GB ({params / 1e9:.2f}B "
+                             f"parameters: 12 bytes each for the training state, {save_dtype.itemsize} for the model in "
+                             f"{str(save_dtype).replace('torch.', '')}), and its disk has {free / 1e9:.3g} GB free: "
+                             "free some space, or use another --out")
+
+    def _check_settings(self):
+        file = os.path.join(self.out, "run.json")
+        try:
+            saved = json.load(open(file))
+        except (OSError, json.JSONDecodeError):
+            raise SystemExit(f"{self.script}: --resume: cannot check the settings, {file} is missing or unreadable") from None
+        saved_inputs = saved.pop("inputs", {}) if isinstance(saved, dict) else {}
+        keys = sorted((set(saved) | set(self.settings)) - RESUME_MAY_CHANGE)  # an older run.json may hold such a flag
+        was = lambda k: saved.get(k, ADDED_FLAG_DEFAULTS.get(k, "(unset)"))
+        changed = [f"--{k.replace('_', '-')} {was(k)!r} -> {self.settings.get(k, '(unset)')!r}"
+                   for k in keys if was(k) != self.settings.get(k, "(unset)")]
+        changed += [f"--{k.replace('_', '-')} {self.inputs[k]}: its contents changed ({saved_inputs.get(k)} -> {v})"
+                    for k, v in self.fingerprints.items() if saved_inputs.get(k) not in (None, v)]
+        if changed:
+            raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
+                             f"{self.out} used the old ones. Resume with them, or start a new --out")
+
+    def open_metrics(self, step, total):
+        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start."""
+        self.total, self.step_started, self.longest_step = total, clock(), 0.0
+        if self.rank == 0:
+            rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
+                if step and os.path.exists(self.metrics_path) else []
+            with open(self.metrics_path + ".tmp", "w") as f:
+                f.writelines(rows)
+            os.replace(self.metrics_path + ".tmp", self.metrics_path)  # swapped in: a crash here loses no row
+            self.metrics = open(self.metrics_path, "a")
+
+    def log(self, rec, bar, **postfix):
+        """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar (rank 0)."""
+        if self.rank == 0:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+            bar.set_postfix(**postfix)
+            bar.update(1)
+        if self.minutes:  # --stop-after-minutes: would another step and a save (the longest of each so far) end past?
+            now = clock()
+            self.longest_step, self.step_started = max(self.longest_step, now - self.step_started), now
+            ends = all_reduce_max([now - self.started + self.longest_step + self.longest_save], self.device)[0]
+            late = ends > 60 * self.minutes
+            self.out_of_time = late and rec["step"] < self.total
+            if self.out_of_time and self.rank == 0:  # the trainer saves and stops; every rank agrees (the latest clock)
+                bar.write(f"{self.script}: stopping after step {rec['step']} ({(now - self.started) / 60:.1f} minutes, "
+                          f"--stop-after-minutes {self.minutes:g}); --resume continues")
+
+    def save(self, model, optimizer, step, extra=None):
+        """save_state into state/, timed: --stop-after-minutes keeps room for the longest save so far (its first save
+        has no measure yet), and a step's time leaves the save out."""
+        began = clock()
+        save_state(self.state, model, optimizer, step, self.rank, extra)
+        self.step_started = clock()
+        self.longest_save = max(self.longest_save, self.step_started - began)
+
+
+def done_already(out, summary, rank):
+    """--resume on a run that finished: nothing to do, and nothing rewritten. -> its summary."""
+    if rank == 0:
+        print(f"{out} finished already (its summary.json: {json.dumps(summary)}): nothing to resume")
+    end_distributed()
+    return summary
+
+
+def read_json_file(path, script):
+    """A JSON file this project wrote (run.json, summary.json) -> its contents, or a one-line error naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{script}: {path} is unreadable ({str(e)[:100]}): move it aside, or use another --out") from None
+
+
+def save_state(path, model, optimizer, step, rank, extra=None):
+    """This rank's shards of weights and AdamW moments + step + RNG, as plain tensors (loadable with
+    weights_only=True). Every rank writes into path.tmp; rank 0 then swaps it in (replace_dir), so a
+    crash at any instant leaves one complete state."""
+    tmp = f"{path}.tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    barrier()
+    os.makedirs(tmp, exist_ok=True)
+    params = dict(model.named_parameters())
+    state = {"step": step, "rng_cpu": torch.get_rng_state(), "extra": extra or {},
+             "model": {n: local_tensor(p.detach()).clone() for n, p in params.items()},
+             "optim": {n: {k: local_tensor(v).clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                       for n, p in params.items() if p in optimizer.state}}
+    state["rng_cuda"] = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    torch.save(state, os.path.join(tmp, f"rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        replace_dir(tmp, path)
+    barrier()
+
+
+def load_state(path, model, optimizer, rank):
+    """-> (step, extra). Weights go into this rank's shards; AdamW's state through optimizer.load_state_dict, which puts
+    `step` where the optimizer needs it (on the parameter's device for fused AdamW). Any number of ranks may resume: the
+    rank files are memory-mapped and a rank reads, of each saved tensor (its shards in rank order), the rows FSDP2 gives
+    it (torch.chunk on dim 0): with as many ranks as saved, exactly its own file's."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    saved_world = len([f for f in os.listdir(path) if f.startswith("rank") and f.endswith(".pt")]) or 1
+    states = []
+    for file in [os.path.join(path, f"rank{k}.pt") for k in range(saved_world)]:
+        try:  # weights only: never unpickle arbitrary objects
+            states.append(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise SystemExit(f"{file}: unreadable training state ({str(e)[:150]})") from None
+    state = states[rank if rank < saved_world else 0]  # this rank's step, RNG and extra
+    params = dict(model.named_parameters())
+    if set(state["model"]) != set(params):
+        raise SystemExit(f"{path}: saved parameters do not match the model ({len(state['model'])} vs {len(params)})")
+
+    def part(name, get):  # this rank's rows of the saved tensor whose shards are get(each rank's state)
+        shards, here = [get(s) for s in states], local_tensor(params[name])
+        starts = list(itertools.accumulate(map(len, shards), initial=0))  # each saved shard's first row, then the total
+        lo = rank * -(-starts[-1] // world)  # FSDP2's rows per rank: ceil(rows / world)
+        saved = torch.cat([t[max(lo - a, 0):max(lo + len(here) - a, 0)] for t, a in zip(shards, starts)])
+        if saved.shape != here.shape:
+            raise SystemExit(f"{path}: tensor {name!r}: the saved state has {starts[-1]} rows in {saved_world} shard(s), "
+                             f"this rank's shard of the model is {list(here.shape)} (another model?)")
+        return saved
+    with torch.no_grad():
+        for n, p in params.items():
+            saved = part(n, lambda s: s["model"][n])
+            if not torch.isfinite(saved).all():
+                raise SystemExit(f"{path}: tensor {n!r} has non-finite values")
+            local_tensor(p).copy_(saved)
+    index = {id(p): i for i, p in enumerate(optimizer.param_groups[0]["params"])}
+    optim = {index[id(params[n])]: {k: (_local_like(params[n], part(n, lambda s: s["optim"][n][k])) if k != "step" else v)
+                                    for k, v in moments.items()} for n, moments in state["optim"].items()}
+    optimizer.load_state_dict({"state": optim, "param_groups": optimizer.state_dict()["param_groups"]})
+    torch.set_rng_state(state["rng_cpu"])
+    if state.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    return state["step"], state["extra"]
+
+
+def _local_like(param, saved):
+    t = torch.zeros_like(param)
+    local_tensor(t).copy_(saved)
+    return t
+
+
+def save_checkpoint(model, path, rank, save_dtype=None, tokenizer=None):
+    """The output model: Hugging Face layout in save_dtype (a name; default the starting checkpoint's dtype) with
+    the tokenizer files beside it, written into path.tmp and swapped in: never a half-written model directory."""
+    tmp = path.rstrip("/") + ".tmp"
+    if rank == 0 and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    checkpoint.save_model(model, tmp, dtype=getattr(torch, save_dtype) if save_dtype else None, rank=rank)  # all ranks gather
+    if rank == 0:
+        copy_tokenizer(tokenizer, tmp)
+        replace_dir(tmp, path)
+
+
+def replace_dir(tmp, path):
+    """Swap the fully written directory tmp in as path so that every instant leaves a usable copy: tmp is
+    renamed to path.new (now known complete), the old path aside to path.old, path.new into place, then
+    path.old is removed. recover_dir finishes a swap a crash interrupted."""
+    new, old = path.rstrip("/") + ".new", path.rstrip("/") + ".old"
+    for leftover in [p for p in (new, old) if os.path.exists(p)]:  # a crash's leftovers
+        shutil.rmtree(leftover)
+    os.rename(tmp, new)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(new, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def recover_dir(path):
+    """Finish an interrupted replace_dir: with path missing, path.new (complete), else path.old, is put in place;
+    a half-written path.tmp is never used. Leftovers are removed. -> what was recovered, or None."""
+    tmp, new, old = (path.rstrip("/") + ext for ext in (".tmp", ".new", ".old"))
+    found = None if os.path.exists(path) else next((c for c in (new, old) if os.path.exists(c)), None)
+    if found:
+        os.rename(found, path)
+    for leftover in [p for p in (tmp, new, old) if os.path.exists(p)]:
+        shutil.rmtree(leftover)
+    return f"{path}: recovered {os.path.basename(found)} after an interrupted save" if found else None
+
+
+def copy_tokenizer(src, dst):
+    """Put the tokenizer files beside the weights, so the checkpoint is self-contained for eval/vLLM."""
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "added_tokens.json", "generation_config.json"):
+        if os.path.exists(os.path.join(src, f)) and os.path.abspath(src) != os.path.abspath(dst):
+            shutil.copy(os.path.join(src, f), os.path.join(dst, f))
