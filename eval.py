@@ -40,7 +40,7 @@ from tqdm import tqdm
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from decode_model import check_split, load_for_decoding, tensor_parallel_group
 from rewards import parse_verdict
-from rundir import fingerprint, read_json_file
+from rundir import check_shared, fingerprint, read_json_file
 from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
                       end_distributed, setup_distributed)
 
@@ -258,7 +258,7 @@ def read_rows(path):
 PROVENANCE = ("bench", "family", "seed", "max_new_tokens", "max_prompt_len", "temperature", "both_orders", "dtype")
 
 
-def claim_out_dir(args, rank, world):
+def claim_out_dir(args, rank, device):
     """An output directory belongs to one judge, data set and setting (recorded in run.json): a rerun with the
     same ones resumes from the outputs, another is refused (with --overwrite, the old outputs are removed)."""
     identity = lambda path: f"{os.path.abspath(path)} {fingerprint(path)}"  # where, and the contents' hash
@@ -285,6 +285,7 @@ def claim_out_dir(args, rank, world):
         os.makedirs(args.out, exist_ok=True)
         json.dump(run, open(file, "w"), indent=2)
     barrier()  # rank 0 has claimed the directory
+    check_shared(args.out, rank, device, "eval.py")  # rank 0 scores every rank's outputs
 
 
 def main(argv=None):
@@ -328,7 +329,7 @@ def main(argv=None):
     examples = examples[:args.limit] if args.limit else examples
     if rank == 0:
         describe_data(args.bench, args.data, examples, counts)
-    claim_out_dir(args, rank, world)
+    claim_out_dir(args, rank, device)
     unit, units, writes = rank // args.tp, world // args.tp, rank % args.tp == 0  # a --tp group judges as one
     part_of = lambda u: os.path.join(args.out, "outputs.jsonl" if units == 1 else f"outputs.rank{u}.jsonl")
     part = part_of(unit)
@@ -352,6 +353,9 @@ def main(argv=None):
     rows = [r for k in range(units) for r in read_rows(part_of(k))[0]]
     wanted = {ex.id for ex in examples}
     rows = list({r["id"]: r for r in rows if r["id"] in wanted}.values())
+    if len(rows) < len(wanted):  # every prompt is judged or counted wrong: a gap means outputs went missing
+        raise SystemExit(f"eval.py: {len(wanted) - len(rows)} of {len(wanted)} prompts have no row in the outputs in "
+                         f"{args.out}: nothing is scored; the same command judges them")
     scores = score(args.bench, rows)
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump(scores, f, indent=2)

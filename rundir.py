@@ -105,31 +105,9 @@ class RunDir:
             with open(os.path.join(self.out, "run.json"), "w") as f:
                 json.dump({**self.settings, "inputs": self.fingerprints}, f, indent=2)
         barrier()
-        self.check_shared()
+        check_shared(self.out, self.rank, self.device, self.script)
         self.check_disk()
         return None
-
-    def check_shared(self):
-        """Every rank writes its state shards into --out and rank 0 swaps them in as state/: with ranks on several nodes
-        it must be one directory they all see. A node-local path (the same name on each node's own disk) would save
-        the other nodes' shards where no resume finds them; it is refused now. Rank 0 writes a file of a random name,
-        and every rank looks for it."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        if world == 1:
-            return
-        token = int(all_reduce_max([random.SystemRandom().getrandbits(52) if self.rank == 0 else 0], self.device)[0])
-        probe = os.path.join(self.out, f".rank0-{token:x}")
-        if self.rank == 0:
-            open(probe, "w").close()
-        barrier()
-        blind = all_reduce_sum([float(r == self.rank and not os.path.exists(probe)) for r in range(world)], self.device)
-        if self.rank == 0:
-            os.remove(probe)
-        if any(blind):
-            ranks = [r for r, b in enumerate(blind) if b]
-            raise SystemExit(f"{self.script}: --out {self.out}: rank(s) {', '.join(map(str, ranks))} of {world} do not see "
-                             f"the files rank 0 writes there (this is rank {self.rank} on {socket.gethostname()}): every "
-                             "rank saves its shards into --out, so it must be a directory all nodes share")
 
     def check_disk(self):
         """A save writes a state (12 bytes a parameter) and, at the end, the model (in --save-dtype) beside what --out
@@ -199,6 +177,29 @@ class RunDir:
         save_state(self.state, model, optimizer, step, self.rank, extra)
         self.step_started = clock()
         self.longest_save = max(self.longest_save, self.step_started - began)
+
+
+def check_shared(out, rank, device, script):
+    """Every rank writes into --out (a trainer's state shards, which rank 0 swaps in; eval.py's outputs, which rank 0
+    scores): with ranks on several nodes it must be one directory they all see. A node-local path (the same name on
+    each node's own disk) would leave the other nodes' files where no resume or score finds them; it is refused before
+    any work. Rank 0 writes a file of a random name, and every rank looks for it."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return
+    token = int(all_reduce_max([random.SystemRandom().getrandbits(52) if rank == 0 else 0], device)[0])
+    probe = os.path.join(out, f".rank0-{token:x}")
+    if rank == 0:
+        open(probe, "w").close()
+    barrier()
+    blind = all_reduce_sum([float(r == rank and not os.path.exists(probe)) for r in range(world)], device)
+    if rank == 0:
+        os.remove(probe)
+    barrier()
+    if any(blind):
+        raise SystemExit(f"{script}: --out {out}: rank(s) {', '.join(str(r) for r, b in enumerate(blind) if b)} of {world} "
+                         f"do not see the files rank 0 writes there (this is rank {rank} on {socket.gethostname()}): "
+                         "every rank writes into --out, so it must be a directory all nodes share")
 
 
 def done_already(out, summary, rank):

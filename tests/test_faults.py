@@ -71,22 +71,27 @@ def test_a_disk_without_room_for_a_save_is_refused_before_any_work(toy_paths, tm
 
 
 def test_ranks_that_do_not_share_the_run_directory_are_refused(toy_paths, tmp_path):
-    # every rank saves its shards into --out, and rank 0 swaps them in: ranks on nodes that each see their own disk there
-    # (simulated: a relative --out, and each rank in a working directory of its own) are refused on every rank before
-    # any work; ranks that share it pass, and the file rank 0 wrote to find out is gone
-    script = tmp_path / "shared.py"
+    # every rank saves its shards into --out, and rank 0 swaps them in (eval.py: writes outputs, which rank 0 scores):
+    # ranks on nodes that each see their own disk there (simulated: a relative --out, and each rank in a working
+    # directory of its own) are refused on every rank before any work; ranks that share it pass, and the file rank 0
+    # wrote to find out is gone
+    script, pairs = tmp_path / "shared.py", _pairs(tmp_path)
     script.write_text(f"""import argparse, json, os, sys
 sys.path.insert(0, {ROOT!r})
 import torch, torch.distributed as dist
+import eval as E
 from rundir import RunDir
 dist.init_process_group("gloo")
 r, results = dist.get_rank(), {{}}
 args = argparse.Namespace(model={toy_paths["init"]!r}, save_dtype=None, stop_after_minutes=None)
-for case, cwd in (("shared", "shared"), ("local", f"node{{r}}")):
+for case, cwd in (("shared", "shared"), ("local", f"node{{r}}"), ("eval", f"node{{r}}")):
     os.makedirs(os.path.join(sys.argv[1], cwd), exist_ok=True)
     os.chdir(os.path.join(sys.argv[1], cwd))
     try:
-        RunDir("run", args, r, "test", torch.device("cpu")).start(resume=False, overwrite=False)
+        if case == "eval":  # eval.py's ranks write outputs that rank 0 scores
+            E.main(["--judge", "longer", "--bench", "pairs", "--data", {pairs!r}, "--out", "ev"])
+        else:
+            RunDir("run", args, r, "test", torch.device("cpu")).start(resume=False, overwrite=False)
         results[case] = sorted(os.listdir("run"))
     except SystemExit as e:
         results[case] = str(e.code)
@@ -100,6 +105,7 @@ dist.destroy_process_group()
         assert seen["local"].startswith("test: --out run: rank(s) 1 of 2 do not see the files rank 0 writes there "
                                         f"(this is rank {r} on "), seen["local"]
         assert seen["local"].endswith("so it must be a directory all nodes share")
+        assert seen["eval"].startswith("eval.py: --out ev: rank(s) 1 of 2 do not see the files rank 0 writes there")
 
 
 def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
@@ -461,6 +467,22 @@ def test_system_errors_are_one_line_naming_the_path(toy_paths, tmp_path, monkeyp
     with pytest.raises(SystemExit, match=r"error: \[Errno 28\] No space left on device: .*rank0.pt"):
         training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "out2")))
     assert not os.path.exists(tmp_path / "out2" / "state")
+
+
+def test_eval_scores_nothing_while_a_prompt_has_no_output_row(tmp_path, monkeypatch):
+    # every prompt gets a row (a verdict, or unparsed and wrong): outputs with a gap (one prompt's row never written, as
+    # a rank on another node's disk would leave them) are not scored over fewer prompts; the same command then judges it
+    data, out = _pairs(tmp_path), str(tmp_path / "out")
+    real = E.judge_into
+    monkeypatch.setattr(E, "judge_into", lambda f, args, model, tokenizer, mine, rank: real(f, args, model, tokenizer,
+                                                                                          mine[:-1], rank))
+    with pytest.raises(SystemExit) as e:
+        E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", out])
+    assert f"1 of 6 prompts have no row in the outputs in {out}: nothing is scored" in exit_message(e)
+    assert not os.path.exists(os.path.join(out, "scores.json"))
+    monkeypatch.undo()
+    scores = E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", out])
+    assert scores["judged"] == 6 and scores["overall"] == 100
 
 
 def test_eval_never_reuses_verdicts_it_cannot_attribute(tmp_path, capsys):
