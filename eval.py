@@ -21,12 +21,12 @@ Scoring (percentages):
              sections (count-weighted, math-prm weighted equal to the HumanEvalPack subsets together)
              and their mean `rewardbench`
 Empty or whitespace-only answers are judged as given (and counted); a path with nothing to judge is an error.
-Outputs: DIR/outputs.jsonl (one row per judged prompt; a rerun resumes from it), DIR/scores.json, a table that
-shows the published RM-R1 7B scores beside the matching number.
+Outputs: DIR/outputs.jsonl (one row per judged prompt; a rerun resumes from it, on any number of ranks), DIR/scores.json,
+a table that shows the published RM-R1 7B scores beside the matching number.
 Under torchrun the prompts are split across ranks and rank 0 merges the results. With --tp T, groups of T consecutive
 ranks judge together over one tensor-parallel copy of the judge (decode_model.py), each rank holding 1/T of its blocks
 and KV cache: for a judge too large to leave one GPU room for its cache. A group judges one share of the prompts, and
-its first rank writes them.
+its first rank writes them, to DIR/outputs.rank{share}.jsonl when there are several shares.
 """
 import argparse
 import json
@@ -236,6 +236,24 @@ def describe_data(bench, path, examples, counts):
                   f"RMB {name}: missing (no such rows under {path}); its scores and the four-way `rmb` are not computed")
 
 
+def earlier_rows(out, examples, unit, units, rank):
+    """The rows of earlier runs in out (any outputs.*.jsonl: they may have run on another number of ranks or --tp) that
+    this share keeps: its prompts' (every units-th from unit), and in unit 0's also those of prompts not judged now
+    (another --limit), so that every row is kept once. Read by every rank before any rewrites its share. -> (the rows,
+    how many of the prompts have one)."""
+    parts = sorted(f for f in os.listdir(out) if f.startswith("outputs.") and f.endswith(".jsonl"))
+    rows = {}
+    for f in parts:
+        found, corrupt = read_rows(os.path.join(out, f))
+        rows.update((r["id"], r) for r in found)
+        if corrupt and rank == 0:
+            print(f"{os.path.join(out, f)}: corrupt line(s) {corrupt[:10]} skipped (their prompts are judged again); "
+                  f"{len(found)} valid rows kept")
+    share = {ex.id: i % units for i, ex in enumerate(examples)}
+    barrier()  # every rank has read the parts before any is rewritten
+    return [r for i, r in rows.items() if share.get(i, 0) == unit], sum(i in share for i in rows)
+
+
 def read_rows(path):
     """Earlier results of an output file -> (rows, corrupt line numbers). A corrupt line (an interrupted write)
     is reported and its row judged again; the valid rows around it are kept."""
@@ -332,19 +350,20 @@ def main(argv=None):
     claim_out_dir(args, rank, device)
     unit, units, writes = rank // args.tp, world // args.tp, rank % args.tp == 0  # a --tp group judges as one
     part_of = lambda u: os.path.join(args.out, "outputs.jsonl" if units == 1 else f"outputs.rank{u}.jsonl")
-    part = part_of(unit)
-    rows, corrupt = read_rows(part)  # this rank's (group's) earlier results: resume from them
-    barrier()  # every rank of a group has read them before its first rank rewrites them
-    if corrupt:
-        print(f"{part}: corrupt line(s) {corrupt[:10]} skipped (their prompts are judged again); {len(rows)} valid rows kept")
+    part, (rows, judged) = part_of(unit), earlier_rows(args.out, examples, unit, units, rank)
     done = {r["id"] for r in rows}
     mine = [ex for i, ex in enumerate(examples) if i % units == unit and ex.id not in done]
     if rank == 0:
-        print(f"{len(examples)} prompts ({args.family} judge prompts, seed {args.seed}); {len(done)} already judged")
+        print(f"{len(examples)} prompts ({args.family} judge prompts, seed {args.seed}); {judged} already judged")
     if writes:
-        with open(part + ".tmp", "w") as f:  # the valid rows, then swapped in: a crash here loses nothing
+        with open(part + ".tmp", "w") as f:  # its share of the valid rows, then swapped in: a crash here loses nothing
             f.writelines(json.dumps(r) + "\n" for r in rows)
         os.replace(part + ".tmp", part)
+    barrier()  # every share is written: an earlier run's parts under other names (other ranks or --tp) can go
+    if rank == 0:
+        for f in set(os.listdir(args.out)) - {os.path.basename(part_of(u)) for u in range(units)}:
+            if f.startswith("outputs.") and f.endswith(".jsonl"):
+                os.remove(os.path.join(args.out, f))
     with open(part if writes else os.devnull, "a") as f:
         judge_into(f, args, model, tokenizer, mine, rank)
     end_distributed()  # every rank's outputs are on disk; the ranks leave the group together

@@ -154,6 +154,29 @@ def test_a_tensor_parallel_judge_judges_as_the_whole_one(tmp_path):
     assert sorted(open(tmp_path / "tp" / "outputs.jsonl")) == lines
 
 
+def test_eval_resumes_on_another_number_of_ranks(tmp_path):
+    # outputs of one process (outputs.jsonl, 4 of 6 prompts judged) are taken up by 2 ranks (outputs.rank0/1.jsonl: each
+    # keeps its prompts' rows and judges only the others), and theirs, cut short, by one process again: the rows and
+    # scores of an uninterrupted run, each prompt's row once, nothing of an earlier layout left behind
+    from conftest import run_torchrun
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q{i}", "chosen": "a" * (i % 3 + 1), "rejected": "bb"})
+                            + "\n" for i in range(6)))
+    args, out = ["--judge", "longer", "--bench", "pairs", "--data", str(data)], tmp_path / "run"
+    whole = E.main(args + ["--out", str(tmp_path / "whole")])
+    lines = sorted(open(tmp_path / "whole" / "outputs.jsonl"))
+    E.main(args + ["--out", str(out), "--limit", "4"])
+    printed = run_torchrun("eval.py", args + ["--out", str(out)]).stdout
+    assert "6 prompts (instruct judge prompts, seed 0); 4 already judged" in printed
+    assert sorted(os.listdir(out)) == ["outputs.rank0.jsonl", "outputs.rank1.jsonl", "run.json", "scores.json"]
+    parts = [open(out / f"outputs.rank{r}.jsonl").readlines() for r in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == lines and json.load(open(out / "scores.json")) == whole
+    open(out / "outputs.rank1.jsonl", "w").writelines(parts[1][:1])  # rank 1 cut short
+    assert E.main(args + ["--out", str(out)]) == whole
+    assert sorted(os.listdir(out)) == ["outputs.jsonl", "run.json", "scores.json"]
+    assert sorted(open(out / "outputs.jsonl")) == lines
+
+
 def rmb_layout(tmp_path):
     """The upstream layout, RMB_dataset/{Pairwise_set,BoN_set}, with the two sets linked in from ../shared."""
     need_shared(os.path.join(DATA, "rmb-bon"))
