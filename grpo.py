@@ -138,7 +138,8 @@ def parse_args(argv=None):
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
                                     "max_prompt_len", "max_new_tokens", "save_every"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every",
-                             "eval_limit", "stop_after_steps", "stop_after_minutes", "kv_page_size"), fractions=("kv_cache_frac",))
+                             "eval_limit", "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size"),
+                fractions=("kv_cache_frac",))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
@@ -488,9 +489,9 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, b
 
 # ----------------------------------------------------------------------------- the run
 
-def setup_job(args, rank, world, device):
+def setup_job(args, run, rank, world, device):
     """The run's prompts, policy (and frozen reference when --kl > 0), optimizer and sampler -> (Job, the held-out
-    set or None, a line saying what was loaded, the run's steps)."""
+    set or None, a line saying what was loaded, the run's steps). The disk and host memory are checked before loading."""
     tokenizer = load_tokenizer(args.tokenizer)
     check_vocab(tokenizer, args.model, args.tokenizer)
     family = args.family or default_judge_family(tokenizer)
@@ -500,6 +501,7 @@ def setup_job(args, rank, world, device):
     if len(examples) < args.rollout_prompts:
         raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")
     total = args.steps or len(examples) // args.rollout_prompts
+    run.check_disk(total)
     compile = compile_wanted(args.compile, device)
     load = lambda **kw: load_for_training(args.model, world, device, compile=compile, precision=args.precision,
                                           offload=args.offload, **kw)
@@ -538,7 +540,7 @@ def main(argv=None):
         return done_already(args.out, finished, rank)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    job, heldout, described, total = setup_job(args, rank, world, device)
+    job, heldout, described, total = setup_job(args, run, rank, world, device)
     policy, optimizer, engine, tokenizer = job.policy, job.optimizer, job.engine, job.tokenizer
 
     def judge_heldout():  # greedy held-out accuracy of the current policy, with the run's token budget
@@ -567,8 +569,7 @@ def main(argv=None):
         if heldout and args.eval_every and step % args.eval_every == 0 and step < total:
             rec["heldout_accuracy"] = judge_heldout()
         run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
-        if step % args.save_every == 0 or step == stop_at or run.out_of_time:
-            run.save(policy, optimizer, step, extra=history)
+        run.save(policy, optimizer, step, total, stop_at, extra=history)
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         end_distributed()

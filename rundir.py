@@ -1,10 +1,11 @@
 """
 rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; eval.py uses its fingerprint).
 
-  RunDir          a run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output).
-                  It refuses to clobber another run, checks a resume's settings and inputs' contents (fingerprint),
-                  checks before any work that every rank sees the directory and that its disk holds a save
-                  (check_shared, check_disk), keeps the metrics, and stops a run in time (--stop-after-minutes)
+  RunDir          a run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output),
+                  models/step-N/ (--save-model-every). It refuses to clobber another run, checks a resume's settings
+                  and inputs' contents (fingerprint), checks before any work that every rank sees the directory and
+                  that its disk holds the run's saves (check_shared, check_disk), keeps the metrics, saves after each
+                  step what is due (save), and stops a run in time (--stop-after-minutes)
   save/load_state each rank's shards of weights and AdamW moments; any number of ranks resumes them
   save_checkpoint the output model and tokenizer, in the Hugging Face layout
   replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
@@ -32,7 +33,7 @@ from training import all_reduce_max, all_reduce_sum, barrier, end_distributed, l
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "stop_after_minutes", "save_every", "compile", "grad_ckpt",
-                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp"}
+                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp", "save_model_every"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
 # flags added after runs began to be saved, with the default that does what the code did before them: a run.json
 # without one ran that way, so --resume at that default continues it (add each new flag here)
@@ -63,7 +64,8 @@ class RunDir:
     def __init__(self, out, args, rank, script, device):
         self.out, self.rank, self.script, self.device = out, rank, script, device
         self.started, self.minutes, self.out_of_time, self.longest_save = clock(), args.stop_after_minutes, False, 0.0
-        self.model_path, self.save_dtype = args.model, args.save_dtype  # what check_disk counts
+        self.model_path, self.save_dtype, self.tokenizer = args.model, args.save_dtype, args.tokenizer
+        self.state_every, self.model_every = args.save_every, args.save_model_every
         self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
         self.inputs = {k: v for k, v in self.settings.items() if k in INPUTS and v}
@@ -74,7 +76,7 @@ class RunDir:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise SystemExit(f"{self.script}: --out {self.out} is a file, not a directory")
         # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
-        ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "summary.json")
+        ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "models", "summary.json")
                 if os.path.exists(os.path.join(self.out, f))]
         under = lambda path, top: os.path.commonpath([os.path.realpath(path), os.path.realpath(top)]) == os.path.realpath(top)
         inside = [f"--{k.replace('_', '-')} {v}" for k, v in self.inputs.items() for f in ours if under(v, os.path.join(self.out, f))]
@@ -106,24 +108,31 @@ class RunDir:
                 json.dump({**self.settings, "inputs": self.fingerprints}, f, indent=2)
         barrier()
         check_shared(self.out, self.rank, self.device, self.script)
-        self.check_disk()
         return None
 
-    def check_disk(self):
-        """A save writes a state (12 bytes a parameter) and, at the end, the model (in --save-dtype) beside what --out
-        holds, and removes the old copy only after: a disk without room for both would fail at the run's first save,
-        after its first --save-every steps. It is refused now, with both figures. Other writers to the disk are not
-        foreseen."""
+    def kept_models(self, total):  # --save-model-every: the steps whose model is kept (the last step's is model/)
+        return range(self.model_every, total, self.model_every) if self.model_every else range(0)
+
+    def check_disk(self, total):
+        """Call before loading. A save writes a state (12 bytes a parameter) beside the one --out holds, and removes the
+        old one only after; the run ends by writing the model (in --save-dtype), and --save-model-every keeps one every
+        N steps. A disk without room for them would fail at a save, after hours of steps: refused now, with the
+        figures. Other writers to the disk are not foreseen."""
         cfg = checkpoint.load_config(self.model_path)
         params = M.num_params(cfg)
         save_dtype = getattr(torch, self.save_dtype) if self.save_dtype else checkpoint.saved_dtype(cfg)
-        need = params * (12 + save_dtype.itemsize)
+        models = 1 + sum(not os.path.exists(self.kept(s)) for s in self.kept_models(total))  # not written yet
+        need = params * (12 + models * save_dtype.itemsize)
         free = all_reduce_max([shutil.disk_usage(self.out).free if self.rank == 0 else 0], self.device)[0]  # rank 0's
         if need > free:
-            raise SystemExit(f"{self.script}: --out {self.out}: a save needs {need / 1e9:.3g} GB ({params / 1e9:.2f}B "
-                             f"parameters: 12 bytes each for the training state, {save_dtype.itemsize} for the model in "
-                             f"{str(save_dtype).replace('torch.', '')}), and its disk has {free / 1e9:.3g} GB free: "
-                             "free some space, or use another --out")
+            raise SystemExit(f"{self.script}: --out {self.out}: the run's saves need {need / 1e9:.3g} GB ({params / 1e9:.2f}B"
+                             f" parameters: 12 bytes each for the training state, {save_dtype.itemsize} for each of {models}"
+                             f" model(s) in {str(save_dtype).replace('torch.', '')}), and its disk has {free / 1e9:.3g} GB "
+                             "free: free some space, or use another --out")
+
+    def kept(self, step):  # where --save-model-every keeps a step's model
+        return os.path.join(self.out, "models", f"step-{step}")
+
 
     def _check_settings(self):
         file = os.path.join(self.out, "run.json")
@@ -170,11 +179,20 @@ class RunDir:
                 bar.write(f"{self.script}: stopping after step {rec['step']} ({(now - self.started) / 60:.1f} minutes, "
                           f"--stop-after-minutes {self.minutes:g}); --resume continues")
 
-    def save(self, model, optimizer, step, extra=None):
-        """save_state into state/, timed: --stop-after-minutes keeps room for the longest save so far (its first save
-        has no measure yet), and a step's time leaves the save out."""
+    def save(self, model, optimizer, step, total, stop_at, extra=None):
+        """After each step (every rank): the model in Hugging Face layout if --save-model-every keeps this step's, then
+        the resumable state (save_state into state/) every --save-every steps and when the run stops here. In that
+        order: a crash between the two runs the step again and writes its model again. Timed: --stop-after-minutes keeps
+        room for the longest save so far (the run's first has no measure yet), and a step's time leaves its saves out."""
+        keep = step in self.kept_models(total)
+        state_due = step % self.state_every == 0 or step == stop_at or self.out_of_time
+        if not (keep or state_due):
+            return
         began = clock()
-        save_state(self.state, model, optimizer, step, self.rank, extra)
+        if keep:
+            save_checkpoint(model, self.kept(step), self.rank, self.save_dtype, self.tokenizer)
+        if state_due:
+            save_state(self.state, model, optimizer, step, self.rank, extra)
         self.step_started = clock()
         self.longest_save = max(self.longest_save, self.step_started - began)
 

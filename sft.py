@@ -100,7 +100,7 @@ def parse_args(argv=None):
     check_flags(ap, args, positive=("max_len", "epochs", "global_batch", "tokens_per_micro", "lr", "save_every",
                                     "eval_max_new_tokens", "val_every"),
                 nonnegative=("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps", "stop_after_steps",
-                             "stop_after_minutes", "eval_limit", "stop_at_accuracy"))
+                             "stop_after_minutes", "save_model_every", "eval_limit", "stop_at_accuracy"))
     if args.warmup >= 1 or args.min_lr_ratio > 1:
         ap.error("--warmup is a fraction of the steps (< 1) and --min-lr-ratio at most 1")
     if args.stop_at_accuracy and not (args.val_data and args.eval_limit):
@@ -182,6 +182,7 @@ def main(argv=None):
     total = planned = min(int(steps_per_epoch * args.epochs), args.max_steps or float("inf"))
     if total == 0:
         raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
+    run.check_disk(total)
     compile = compile_wanted(args.compile, device)
     if args.offload:
         check_host_memory(args.model, world)
@@ -226,8 +227,7 @@ def main(argv=None):
                     tqdm.write(f"sft: validation judge accuracy {rec['val_accuracy']:.1f}% >= {args.stop_at_accuracy:g}% "
                                f"at step {step}: stopping")
         run.log(rec, bar, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if step % args.save_every == 0 or step == stop_at or run.out_of_time:
-            run.save(model, optimizer, step, extra={"target_met": step == total and total < planned})
+        run.save(model, optimizer, step, total, stop_at, extra={"target_met": step == total and total < planned})
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
         end_distributed()

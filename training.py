@@ -65,8 +65,10 @@ def add_run_flags(ap, compiles):
     ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
-    ap.add_argument("--stop-after-minutes", type=float, default=0, help="stop (resumably, saving) before another step as "
-                    "long as the longest so far would end past this many minutes of this run (a job's time limit, less a save)")
+    ap.add_argument("--stop-after-minutes", type=float, default=0, help="stop (resumably, saving) where another step and "
+                    "a save, each as long as the longest so far, would end past this many minutes of this run (a job's limit)")
+    ap.add_argument("--save-model-every", type=int, default=0, help="also keep the model in Hugging Face layout every N "
+                    "steps, in OUT/models/step-N (0: only the final OUT/model)")
     ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="dtype of the saved model (default: the starting checkpoint's)")
     ap.add_argument("--seed", type=int, default=0)

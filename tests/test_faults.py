@@ -52,22 +52,44 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_directory(to
 
 
 def test_a_disk_without_room_for_a_save_is_refused_before_any_work(toy_paths, tmp_path, monkeypatch):
-    # a save writes the state (fp32 weights and AdamW's two moments: 12 bytes a parameter) and, at the end, the model (its
-    # save dtype's bytes) before the old copy goes; counted by hand for the toy's fp32 checkpoint, on a stand-in disk
+    # a save writes the state (fp32 weights and AdamW's two moments: 12 bytes a parameter) before the old copy goes, and
+    # the run writes the model at the end (its save dtype's bytes) and every --save-model-every steps; counted by hand
+    # for the toy's fp32 checkpoint, on a stand-in disk
     params = sum(p.numel() for p in checkpoint.load_model(toy_paths["init"]).parameters())
     usage = shutil.disk_usage(tmp_path)
     free = lambda n: monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=n))
     for main, args, need in ((sft.main, sft_args(toy_paths, tmp_path / "sft", "--max-steps", "1"), 16 * params),
                              (sft.main, sft_args(toy_paths, tmp_path / "bf16", "--save-dtype", "bfloat16"), 14 * params),
+                             (sft.main, sft_args(toy_paths, tmp_path / "kept", "--save-model-every", "1"), 24 * params),
                              (grpo.main, grpo_args(toy_paths, tmp_path / "grpo", "--steps", "1"), 16 * params)):
-        free(need - 1)
+        free(need - 1)  # --max-steps 3 keeps the models of steps 1 and 2, then writes model/
         with pytest.raises(SystemExit) as e:
             main(args)
-        assert f"a save needs {need / 1e9:.3g} GB" in exit_message(e)
+        assert f"the run's saves need {need / 1e9:.3g} GB" in exit_message(e)
         assert f"its disk has {(need - 1) / 1e9:.3g} GB free" in exit_message(e)
         assert os.listdir(args[args.index("--out") + 1]) == ["run.json"]  # nothing saved, nothing to protect
     free(16 * params)  # exactly enough
     assert sft.main(sft_args(toy_paths, tmp_path / "sft", "--max-steps", "1"))["steps"] == 1
+
+
+def test_save_model_every_keeps_the_models_of_those_steps(toy_paths, tmp_path):
+    # --save-model-every 2 over 3 steps keeps step 2's model (the last step's is model/): the weights of a run stopped
+    # after step 2, in Hugging Face layout with the tokenizer beside them; grpo.py keeps them the same way
+    sft.main(sft_args(toy_paths, tmp_path / "kept", "--save-model-every", "2"))
+    assert os.listdir(tmp_path / "kept" / "models") == ["step-2"]
+    sft.main(sft_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "2"))
+    model = checkpoint.load_model(toy_paths["init"])
+    rundir.load_state(str(tmp_path / "cut" / "state"), model, training.make_optimizer(model, 1, (0.9, 0.9), 0), 0)
+    kept = checkpoint.load_model(str(tmp_path / "kept" / "models" / "step-2"))
+    for (n, p), q in zip(model.state_dict().items(), kept.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert os.path.exists(tmp_path / "kept" / "models" / "step-2" / "tokenizer.json")
+    grpo.main(grpo_args(toy_paths, tmp_path / "grpo", "--save-model-every", "1"))
+    assert os.listdir(tmp_path / "grpo" / "models") == ["step-1"]
+    for f in ("state", "model", "metrics.jsonl", "summary.json"):  # all but the kept models, which a new run keeps off too
+        (shutil.rmtree if f in ("state", "model") else os.remove)(tmp_path / "grpo" / f)
+    with pytest.raises(SystemExit, match=r"already holds a run \(models\)"):
+        grpo.main(grpo_args(toy_paths, tmp_path / "grpo"))
 
 
 def test_ranks_that_do_not_share_the_run_directory_are_refused(toy_paths, tmp_path):
@@ -83,7 +105,8 @@ import eval as E
 from rundir import RunDir
 dist.init_process_group("gloo")
 r, results = dist.get_rank(), {{}}
-args = argparse.Namespace(model={toy_paths["init"]!r}, save_dtype=None, stop_after_minutes=None)
+args = argparse.Namespace(model={toy_paths["init"]!r}, tokenizer=None, save_dtype=None, save_every=1, save_model_every=0,
+                          stop_after_minutes=None)
 for case, cwd in (("shared", "shared"), ("local", f"node{{r}}"), ("eval", f"node{{r}}")):
     os.makedirs(os.path.join(sys.argv[1], cwd), exist_ok=True)
     os.chdir(os.path.join(sys.argv[1], cwd))
