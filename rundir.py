@@ -56,10 +56,10 @@ def fingerprint(path):
 
 
 class RunDir:
-    """A run directory: run.json (the settings), metrics.jsonl, state/ (resumable) and model/ (the output).
-    A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
-    state and the same settings (RESUME_MAY_CHANGE aside), truncates metrics to the resumed step, and
-    finishes a state swap a crash interrupted."""
+    """A run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output) and models/ (kept
+    ones). A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
+    state and the same settings (RESUME_MAY_CHANGE aside), truncates metrics to the resumed step, and finishes a state
+    swap a crash interrupted. The trainers call, in order: start, check_disk, open_metrics, then log and save each step."""
 
     def __init__(self, out, args, rank, script, device):
         self.out, self.rank, self.script, self.device = out, rank, script, device
@@ -113,6 +113,9 @@ class RunDir:
     def kept_models(self, total):  # --save-model-every: the steps whose model is kept (the last step's is model/)
         return range(self.model_every, total, self.model_every) if self.model_every else range(0)
 
+    def kept(self, step):  # where --save-model-every keeps a step's model
+        return os.path.join(self.out, "models", f"step-{step}")
+
     def check_disk(self, total):
         """Call before loading. A save writes a state (12 bytes a parameter) beside the one --out holds, and removes the
         old one only after; the run ends by writing the model (in --save-dtype), and --save-model-every keeps one every
@@ -129,10 +132,6 @@ class RunDir:
                              f" parameters: 12 bytes each for the training state, {save_dtype.itemsize} for each of {models}"
                              f" model(s) in {str(save_dtype).replace('torch.', '')}), and its disk has {free / 1e9:.3g} GB "
                              "free: free some space, or use another --out")
-
-    def kept(self, step):  # where --save-model-every keeps a step's model
-        return os.path.join(self.out, "models", f"step-{step}")
-
 
     def _check_settings(self):
         file = os.path.join(self.out, "run.json")
