@@ -236,6 +236,28 @@ def describe_data(bench, path, examples, counts):
                   f"RMB {name}: missing (no such rows under {path}); its scores and the four-way `rmb` are not computed")
 
 
+def take_share(args, examples, rank, world):
+    """This rank's share of the prompts (with --tp, its group's: groups judge as one) -> its output file, the prompts of
+    the share still to judge, and every share's output file. The share's rows from earlier runs are rewritten into its
+    file first, and files of an earlier layout (other ranks or --tp) removed once every share is written."""
+    unit, units = rank // args.tp, world // args.tp
+    parts = [os.path.join(args.out, "outputs.jsonl" if units == 1 else f"outputs.rank{u}.jsonl") for u in range(units)]
+    rows, judged = earlier_rows(args.out, examples, unit, units, rank)
+    done = {r["id"] for r in rows}
+    if rank == 0:
+        print(f"{len(examples)} prompts ({args.family} judge prompts, seed {args.seed}); {judged} already judged")
+    if rank % args.tp == 0:
+        with open(parts[unit] + ".tmp", "w") as f:  # its share of the valid rows, then swapped in: a crash loses nothing
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(parts[unit] + ".tmp", parts[unit])
+    barrier()  # every share is written: an earlier run's files under other names can go
+    if rank == 0:
+        for f in set(os.listdir(args.out)) - set(map(os.path.basename, parts)):
+            if f.startswith("outputs.") and f.endswith(".jsonl"):
+                os.remove(os.path.join(args.out, f))
+    return parts[unit], [ex for i, ex in enumerate(examples) if i % units == unit and ex.id not in done], parts
+
+
 def earlier_rows(out, examples, unit, units, rank):
     """The rows of earlier runs in out (any outputs.*.jsonl: they may have run on another number of ranks or --tp) that
     this share keeps: its prompts' (every units-th from unit), and in unit 0's also those of prompts not judged now
@@ -306,7 +328,7 @@ def claim_out_dir(args, rank, device):
     check_shared(args.out, rank, device, "eval.py")  # rank 0 scores every rank's outputs
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--judge", required=True, help="model directory (HF layout) or one of: " + ", ".join(BASELINES))
     ap.add_argument("--bench", required=True, choices=sorted(READERS))
@@ -331,45 +353,34 @@ def main(argv=None):
     ap.add_argument("--tp", type=int, default=1, help="consecutive ranks that judge together over a tensor-parallel copy "
                     "of the judge, each holding 1/T of its blocks and KV cache")
     args = ap.parse_args(argv)
-    dtype = getattr(torch, args.dtype) if args.dtype else None  # (None: the checkpoint's)
-    check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge, dtype)
+    args.torch_dtype = getattr(torch, args.dtype) if args.dtype else None  # (None: the checkpoint's)
+    check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge, args.torch_dtype)
     check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
                 nonnegative=("limit", "temperature", "kv_page_size"))
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     rank, world, device = setup_distributed()
     model = tokenizer = None
     if args.judge not in BASELINES:
         tokenizer = load_tokenizer(args.tokenizer or args.judge)
         check_vocab(tokenizer, args.judge, args.tokenizer or args.judge)
-        model = load_for_decoding(args.judge, device, dtype, tensor_parallel_group(args.tp, rank))  # fused q/k/v, gate/up on GPUs
+        model = load_for_decoding(args.judge, device, args.torch_dtype, tensor_parallel_group(args.tp, rank))  # fused on GPUs
     args.family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
     examples, counts = load_judge_examples(args.data, args.bench, args.family, args.seed, both_orders=args.both_orders)
     examples = examples[:args.limit] if args.limit else examples
     if rank == 0:
         describe_data(args.bench, args.data, examples, counts)
     claim_out_dir(args, rank, device)
-    unit, units, writes = rank // args.tp, world // args.tp, rank % args.tp == 0  # a --tp group judges as one
-    part_of = lambda u: os.path.join(args.out, "outputs.jsonl" if units == 1 else f"outputs.rank{u}.jsonl")
-    part, (rows, judged) = part_of(unit), earlier_rows(args.out, examples, unit, units, rank)
-    done = {r["id"] for r in rows}
-    mine = [ex for i, ex in enumerate(examples) if i % units == unit and ex.id not in done]
-    if rank == 0:
-        print(f"{len(examples)} prompts ({args.family} judge prompts, seed {args.seed}); {judged} already judged")
-    if writes:
-        with open(part + ".tmp", "w") as f:  # its share of the valid rows, then swapped in: a crash here loses nothing
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(part + ".tmp", part)
-    barrier()  # every share is written: an earlier run's parts under other names (other ranks or --tp) can go
-    if rank == 0:
-        for f in set(os.listdir(args.out)) - {os.path.basename(part_of(u)) for u in range(units)}:
-            if f.startswith("outputs.") and f.endswith(".jsonl"):
-                os.remove(os.path.join(args.out, f))
-    with open(part if writes else os.devnull, "a") as f:
+    part, mine, parts = take_share(args, examples, rank, world)
+    with open(part if rank % args.tp == 0 else os.devnull, "a") as f:  # a --tp group's first rank writes
         judge_into(f, args, model, tokenizer, mine, rank)
     end_distributed()  # every rank's outputs are on disk; the ranks leave the group together
     if rank != 0:
         return None
-    rows = [r for k in range(units) for r in read_rows(part_of(k))[0]]
+    rows = [r for p in parts for r in read_rows(p)[0]]
     wanted = {ex.id for ex in examples}
     rows = list({r["id"]: r for r in rows if r["id"] in wanted}.values())
     if len(rows) < len(wanted):  # every prompt is judged or counted wrong: a gap means outputs went missing
