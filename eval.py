@@ -61,16 +61,18 @@ def baseline_verdict(judge, ex, rng):
     return None if la == lb else "A" if (la > lb) == (judge == "longer") else "B"  # a tie is no verdict
 
 
-def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temperature=0.0, seed=0, progress=None):
+def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temperature=0.0, seed=0, progress=None,
+                   keys=None):
     """Generate one judgement per example with a sampler.Sampler (continuous batching); prompts go in by
     length, 4 x the engine's slots per call, and each call's result rows are yielded (so outputs are written
-    as they come). The random draws are keyed by the example's index, whatever the batching."""
+    as they come). The random draws are keyed by keys[i] (default: the example's index here), whatever the batching."""
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
     per_call = 4 * engine.slots
     for s in range(0, len(order), per_call):
         idx = order[s:s + per_call]
         outs = engine.generate([prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
-                               stop_ids=tokenizer.stop_ids, seed=seed, vocab_size=tokenizer.vocab_size, prompt_ids=idx)
+                               stop_ids=tokenizer.stop_ids, seed=seed, vocab_size=tokenizer.vocab_size,
+                               prompt_ids=[keys[i] for i in idx] if keys else idx)
         rows = []
         for i, out, text in zip(idx, outs, tokenizer.decode_batch(outs)):
             truncated = tokenizer.cut_off(out)
@@ -375,8 +377,9 @@ def main(argv=None):
         describe_data(args.bench, args.data, examples, counts)
     claim_out_dir(args, rank, device)
     part, mine, parts = take_share(args, examples, rank, world)
+    index = {ex.id: i for i, ex in enumerate(examples)}  # a prompt's draws are keyed by its place in the benchmark
     with open(part if rank % args.tp == 0 else os.devnull, "a") as f:  # a --tp group's first rank writes
-        judge_into(f, args, model, tokenizer, mine, rank)
+        judge_into(f, args, model, tokenizer, mine, rank, index)
     end_distributed()  # every rank's outputs are on disk; the ranks leave the group together
     if rank != 0:
         return None
@@ -393,8 +396,10 @@ def main(argv=None):
     return scores
 
 
-def judge_into(f, args, model, tokenizer, mine, rank):
-    """Judge this rank's prompts, appending one row per prompt to f as each batch finishes."""
+def judge_into(f, args, model, tokenizer, mine, rank, index):
+    """Judge this rank's prompts, appending one row per prompt to f as each batch finishes. A prompt's random draws
+    (--temperature > 0) are keyed by index[its id], its place in the whole benchmark: they do not depend on the number
+    of ranks, nor on what an earlier run judged."""
     progress = tqdm(total=len(mine), disable=rank != 0, desc="judging")
     if model is None:
         rng = random.Random(args.seed)
@@ -424,7 +429,8 @@ def judge_into(f, args, model, tokenizer, mine, rank):
             print(f"eval: {engine.slots} sequences decoded at once (their KV cache fits 70% of the free GPU memory)"
                   if not engine.pages else f"eval: up to {engine.slots} sequences at once in {len(engine.pages.free)} KV "
                   f"pages of {args.kv_page_size} positions (70% of the free GPU memory)")
-        for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed, progress):
+        for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed, progress,
+                                    keys=[index[ex.id] for ex in kept]):
             f.writelines(json.dumps(r) + "\n" for r in batch)
             f.flush()
     progress.close()

@@ -136,6 +136,21 @@ def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
     assert sorted(open(tmp_path / "paged" / "outputs.jsonl")) == sorted(lines)
 
 
+def test_sampled_judgements_do_not_depend_on_resumes_or_ranks(tmp_path):
+    # --temperature 1: a prompt's draws are keyed by its place in the benchmark, so a run resumed after 2 prompts and a
+    # run on 2 ranks sample what one uninterrupted process does, token for token
+    from conftest import run_torchrun
+    args = tiny_judge_args(tmp_path, "qwen2-tied") + ["--temperature", "1", "--max-new-tokens", "12"]
+    E.main(args + ["--out", str(tmp_path / "whole")])
+    lines = sorted(open(tmp_path / "whole" / "outputs.jsonl"))
+    assert len({json.loads(line)["output"] for line in lines}) == 4  # four different samples
+    E.main(args + ["--out", str(tmp_path / "cut"), "--limit", "2"])  # (--limit may change between runs)
+    E.main(args + ["--out", str(tmp_path / "cut")])
+    assert sorted(open(tmp_path / "cut" / "outputs.jsonl")) == lines
+    run_torchrun("eval.py", args + ["--out", str(tmp_path / "two")])
+    assert sorted(line for r in (0, 1) for line in open(tmp_path / "two" / f"outputs.rank{r}.jsonl")) == lines
+
+
 @pytest.mark.slow
 def test_a_tensor_parallel_judge_judges_as_the_whole_one(tmp_path):
     # eval.py --tp 2 under torchrun (gloo): the two ranks hold half the judge each (read from the safetensors one tensor at

@@ -497,8 +497,8 @@ def test_eval_scores_nothing_while_a_prompt_has_no_output_row(tmp_path, monkeypa
     # a rank on another node's disk would leave them) are not scored over fewer prompts; the same command then judges it
     data, out = _pairs(tmp_path), str(tmp_path / "out")
     real = E.judge_into
-    monkeypatch.setattr(E, "judge_into", lambda f, args, model, tokenizer, mine, rank: real(f, args, model, tokenizer,
-                                                                                          mine[:-1], rank))
+    monkeypatch.setattr(E, "judge_into", lambda f, args, model, tokenizer, mine, *rest: real(f, args, model, tokenizer,
+                                                                                           mine[:-1], *rest))
     with pytest.raises(SystemExit) as e:
         E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", out])
     assert f"1 of 6 prompts have no row in the outputs in {out}: nothing is scored" in exit_message(e)
