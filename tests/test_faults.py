@@ -70,6 +70,10 @@ def test_a_disk_without_room_for_a_save_is_refused_before_any_work(toy_paths, tm
         assert os.listdir(args[args.index("--out") + 1]) == ["run.json"]  # nothing saved, nothing to protect
     free(16 * params)  # exactly enough
     assert sft.main(sft_args(toy_paths, tmp_path / "sft", "--max-steps", "1"))["steps"] == 1
+    free(24 * params)  # stopped after step 2 with the models of steps 1 and 2 kept: a resume writes only model/ more
+    sft.main(sft_args(toy_paths, tmp_path / "kept", "--save-model-every", "1", "--stop-after-steps", "2"))
+    free(16 * params)
+    assert sft.main(sft_args(toy_paths, tmp_path / "kept", "--save-model-every", "1", "--resume"))["steps"] == 3
 
 
 def test_save_model_every_keeps_the_models_of_those_steps(toy_paths, tmp_path):
