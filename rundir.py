@@ -3,9 +3,10 @@ rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; e
 
   RunDir          a run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output),
                   models/step-N/ (--save-model-every). It refuses to clobber another run, checks a resume's settings
-                  and inputs' contents (fingerprint), checks before any work that every rank sees the directory and
-                  that its disk holds the run's saves (check_shared, check_disk), keeps the metrics, saves after each
-                  step what is due (save), and stops a run in time (--stop-after-minutes)
+                  and inputs' contents (fingerprint), checks before any work that every rank reads the same inputs
+                  and sees the directory (check_same_inputs, check_shared) and that its disk holds the run's saves
+                  (check_disk), keeps the metrics, saves after each step what is due (save), and stops a run in time
+                  (--stop-after-minutes)
   save/load_state each rank's shards of weights and AdamW moments; any number of ranks resumes them
   save_checkpoint the output model and tokenizer, in the Hugging Face layout
   replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
@@ -84,6 +85,8 @@ class RunDir:
             raise SystemExit(f"{self.script}: {', '.join(inside)} lies inside {self.out}, which --overwrite would delete "
                              "before reading it: copy it elsewhere first, or use another --out")
         self.fingerprints = {k: fingerprint(v) for k, v in self.inputs.items() if os.path.exists(v)}
+        check_same_inputs({f"--{k.replace('_', '-')} {v}": self.fingerprints.get(k) for k, v in self.inputs.items()},
+                          self.rank, self.device, self.script)
         if resume and os.path.exists(os.path.join(self.out, "summary.json")):
             self._check_settings()
             return read_json_file(os.path.join(self.out, "summary.json"), self.script)
@@ -217,6 +220,26 @@ def check_shared(out, rank, device, script):
         raise SystemExit(f"{script}: --out {out}: rank(s) {', '.join(str(r) for r, b in enumerate(blind) if b)} of {world} "
                          f"do not see the files rank 0 writes there (this is rank {rank} on {socket.gethostname()}): "
                          "every rank writes into --out, so it must be a directory all nodes share")
+
+
+def check_same_inputs(fingerprints, rank, device, script):
+    """Every rank reads its inputs itself (its shards of the model, the data): a copy on one node's disk that differs from
+    rank 0's (a stale checkpoint, say) would train or judge with a mix of two models or two data sets, silently. It is
+    refused, naming the input and the ranks. fingerprints: {what: fingerprint, or None where missing}, alike in order."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1 or not fingerprints:
+        return
+    # each digest as two 32-bit numbers (exact in the collectives' fp64): rank 0's, then whether each rank's differs
+    halves = [int(f[7 + 8 * j:15 + 8 * j], 16) if f else -1 for f in fingerprints.values() for j in (0, 1)]
+    rank0 = all_reduce_max([h if rank == 0 else -2.0 for h in halves], device)
+    differs = all_reduce_sum([float(r == rank and halves[2 * i:2 * i + 2] != rank0[2 * i:2 * i + 2])
+                              for i in range(len(fingerprints)) for r in range(world)], device)
+    bad = [f"{what} (rank(s) {', '.join(str(r) for r in range(world) if differs[i * world + r])})"
+           for i, what in enumerate(fingerprints) if any(differs[i * world:(i + 1) * world])]
+    if bad:
+        raise SystemExit(f"{script}: an input differs from rank 0's copy on other ranks, or is missing there: "
+                         f"{'; '.join(bad)} (this is rank {rank} on {socket.gethostname()}): every rank must read the same "
+                         "files")
 
 
 def done_already(out, summary, rank):

@@ -96,33 +96,46 @@ def test_save_model_every_keeps_the_models_of_those_steps(toy_paths, tmp_path):
         grpo.main(grpo_args(toy_paths, tmp_path / "grpo"))
 
 
-def test_ranks_that_do_not_share_the_run_directory_are_refused(toy_paths, tmp_path):
+def test_ranks_that_do_not_share_the_run_directory_or_their_inputs_are_refused(toy_paths, tmp_path):
     # every rank saves its shards into --out, and rank 0 swaps them in (eval.py: writes outputs, which rank 0 scores):
     # ranks on nodes that each see their own disk there (simulated: a relative --out, and each rank in a working
     # directory of its own) are refused on every rank before any work; ranks that share it pass, and the file rank 0
-    # wrote to find out is gone
+    # wrote to find out is gone. Every rank reads its inputs itself: a copy on rank 1's "node" that differs from rank
+    # 0's (a relative --model or --data, each rank in its own directory again) is refused too, naming it
     script, pairs = tmp_path / "shared.py", _pairs(tmp_path)
+    for r in (0, 1):
+        shutil.copytree(toy_paths["init"], tmp_path / f"node{r}" / "ckpt")
+        shutil.copy(pairs, tmp_path / f"node{r}" / "pairs.jsonl")
+    with open(tmp_path / "node1" / "ckpt" / "config.json", "a") as f:  # a stale copy
+        f.write(" ")
+    with open(tmp_path / "node1" / "pairs.jsonl", "a") as f:
+        f.write(json.dumps({"id": "extra", "prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
     script.write_text(f"""import argparse, json, os, sys
 sys.path.insert(0, {ROOT!r})
 import torch, torch.distributed as dist
 import eval as E
 from rundir import RunDir
 dist.init_process_group("gloo")
-r, results = dist.get_rank(), {{}}
-args = argparse.Namespace(model={toy_paths["init"]!r}, tokenizer=None, save_dtype=None, save_every=1, save_model_every=0,
-                          stop_after_minutes=None)
-for case, cwd in (("shared", "shared"), ("local", f"node{{r}}"), ("eval", f"node{{r}}")):
-    os.makedirs(os.path.join(sys.argv[1], cwd), exist_ok=True)
-    os.chdir(os.path.join(sys.argv[1], cwd))
+r, results, top = dist.get_rank(), {{}}, sys.argv[1]
+def train(out, model):  # a trainer's run directory
+    args = argparse.Namespace(model=model, tokenizer=None, save_dtype=None, save_every=1, save_model_every=0,
+                              stop_after_minutes=None)
+    RunDir(out, args, r, "test", torch.device("cpu")).start(resume=False, overwrite=False)
+    return sorted(os.listdir(out))
+judge = lambda out, data: E.main(["--judge", "longer", "--bench", "pairs", "--data", data, "--out", out])
+cases = {{"shared": ("shared", lambda: train("run", {toy_paths["init"]!r})),  # the same cwd: one directory
+         "local": (f"node{{r}}", lambda: train("run", {toy_paths["init"]!r})),  # a cwd a rank: one each
+         "eval": (f"node{{r}}", lambda: judge("ev", {pairs!r})),
+         "model": (f"node{{r}}", lambda: train(os.path.join(top, "run"), "ckpt")),  # each rank's own copy
+         "data": (f"node{{r}}", lambda: judge(os.path.join(top, "ev"), "pairs.jsonl"))}}
+for case, (cwd, run) in cases.items():
+    os.makedirs(os.path.join(top, cwd), exist_ok=True)
+    os.chdir(os.path.join(top, cwd))
     try:
-        if case == "eval":  # eval.py's ranks write outputs that rank 0 scores
-            E.main(["--judge", "longer", "--bench", "pairs", "--data", {pairs!r}, "--out", "ev"])
-        else:
-            RunDir("run", args, r, "test", torch.device("cpu")).start(resume=False, overwrite=False)
-        results[case] = sorted(os.listdir("run"))
+        results[case] = run()
     except SystemExit as e:
         results[case] = str(e.code)
-json.dump(results, open(os.path.join(sys.argv[1], f"{{r}}.json"), "w"))
+json.dump(results, open(os.path.join(top, f"{{r}}.json"), "w"))
 dist.destroy_process_group()
 """)
     run_torchrun(str(script), [str(tmp_path)])
@@ -133,6 +146,10 @@ dist.destroy_process_group()
                                         f"(this is rank {r} on "), seen["local"]
         assert seen["local"].endswith("so it must be a directory all nodes share")
         assert seen["eval"].startswith("eval.py: --out ev: rank(s) 1 of 2 do not see the files rank 0 writes there")
+        assert seen["model"].startswith("test: an input differs from rank 0's copy on other ranks, or is missing there: "
+                                        f"--model ckpt (rank(s) 1) (this is rank {r} on "), seen["model"]
+        assert seen["data"].startswith("eval.py: an input differs from rank 0's copy on other ranks, or is missing there: "
+                                       "--data pairs.jsonl (rank(s) 1) "), seen["data"]
 
 
 def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
