@@ -84,7 +84,8 @@ class RunDir:
         if overwrite and inside:
             raise SystemExit(f"{self.script}: {', '.join(inside)} lies inside {self.out}, which --overwrite would delete "
                              "before reading it: copy it elsewhere first, or use another --out")
-        self.fingerprints = {k: fingerprint(v) for k, v in self.inputs.items() if os.path.exists(v)}
+        hashed = {v: fingerprint(v) for v in set(self.inputs.values()) if os.path.exists(v)}  # --tokenizer: often --model
+        self.fingerprints = {k: hashed[v] for k, v in self.inputs.items() if v in hashed}
         check_same_inputs({f"--{k.replace('_', '-')} {v}": self.fingerprints.get(k) for k, v in self.inputs.items()},
                           self.rank, self.device, self.script)
         if resume and os.path.exists(os.path.join(self.out, "summary.json")):
