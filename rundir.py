@@ -19,6 +19,7 @@ before its old copy is removed, so the disk needs room for one more of each.
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import shutil
@@ -130,7 +131,7 @@ class RunDir:
         save_dtype = getattr(torch, self.save_dtype) if self.save_dtype else checkpoint.saved_dtype(cfg)
         models = 1 + sum(not os.path.exists(self.kept(s)) for s in self.kept_models(total))  # not written yet
         need = params * (12 + models * save_dtype.itemsize)
-        free = all_reduce_max([shutil.disk_usage(self.out).free if self.rank == 0 else 0], self.device)[0]  # rank 0's
+        free = rank0s([shutil.disk_usage(self.out).free if self.rank == 0 else 0], self.rank, self.device)[0]
         if need > free:
             raise SystemExit(f"{self.script}: --out {self.out}: the run's saves need {need / 1e9:.3g} GB ({params / 1e9:.2f}B"
                              f" parameters: 12 bytes each for the training state, {save_dtype.itemsize} for each of {models}"
@@ -208,19 +209,19 @@ def check_shared(out, rank, device, script):
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:
         return
-    token = int(all_reduce_max([random.SystemRandom().getrandbits(52) if rank == 0 else 0], device)[0])
+    token = int(rank0s([random.SystemRandom().getrandbits(52) if rank == 0 else 0], rank, device)[0])
     probe = os.path.join(out, f".rank0-{token:x}")
     if rank == 0:
         open(probe, "w").close()
     barrier()
-    blind = all_reduce_sum([float(r == rank and not os.path.exists(probe)) for r in range(world)], device)
+    blind = ranks_where([not os.path.exists(probe)], rank, device)[0]
     if rank == 0:
         os.remove(probe)
     barrier()
-    if any(blind):
-        raise SystemExit(f"{script}: --out {out}: rank(s) {', '.join(str(r) for r, b in enumerate(blind) if b)} of {world} "
-                         f"do not see the files rank 0 writes there (this is rank {rank} on {socket.gethostname()}): "
-                         "every rank writes into --out, so it must be a directory all nodes share")
+    if blind:
+        raise SystemExit(f"{script}: --out {out}: rank(s) {blind} of {world} do not see the files rank 0 writes there "
+                         f"(this is rank {rank} on {socket.gethostname()}): every rank writes into --out, so it must be a "
+                         "directory all nodes share")
 
 
 def check_same_inputs(fingerprints, rank, device, script):
@@ -230,17 +231,26 @@ def check_same_inputs(fingerprints, rank, device, script):
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1 or not fingerprints:
         return
-    # each digest as two 32-bit numbers (exact in the collectives' fp64): rank 0's, then whether each rank's differs
-    halves = [int(f[7 + 8 * j:15 + 8 * j], 16) if f else -1 for f in fingerprints.values() for j in (0, 1)]
-    rank0 = all_reduce_max([h if rank == 0 else -2.0 for h in halves], device)
-    differs = all_reduce_sum([float(r == rank and halves[2 * i:2 * i + 2] != rank0[2 * i:2 * i + 2])
-                              for i in range(len(fingerprints)) for r in range(world)], device)
-    bad = [f"{what} (rank(s) {', '.join(str(r) for r in range(world) if differs[i * world + r])})"
-           for i, what in enumerate(fingerprints) if any(differs[i * world:(i + 1) * world])]
+    # each digest as two 32-bit numbers (exact in the collectives' fp64), against rank 0's
+    halves = [[int(f[7:15], 16), int(f[15:23], 16)] if f else [-1, -1] for f in fingerprints.values()]
+    rank0 = rank0s([h for pair in halves for h in pair], rank, device)
+    differ = ranks_where([pair != rank0[2 * i:2 * i + 2] for i, pair in enumerate(halves)], rank, device)
+    bad = [f"{what} (rank(s) {ranks})" for what, ranks in zip(fingerprints, differ) if ranks]
     if bad:
         raise SystemExit(f"{script}: an input differs from rank 0's copy on other ranks, or is missing there: "
                          f"{'; '.join(bad)} (this is rank {rank} on {socket.gethostname()}): every rank must read the same "
                          "files")
+
+
+def rank0s(values, rank, device):  # rank 0's list of numbers, on every rank (the same length on each)
+    return all_reduce_max([v if rank == 0 else -math.inf for v in values], device)
+
+
+def ranks_where(conditions, rank, device):
+    """Each rank's list of booleans (the same length on each) -> for each, the ranks where it holds ("1, 3"; "" if none)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    held = all_reduce_sum([float(r == rank and c) for c in conditions for r in range(world)], device)
+    return [", ".join(str(r) for r in range(world) if held[i * world + r]) for i in range(len(conditions))]
 
 
 def done_already(out, summary, rank):
