@@ -254,9 +254,8 @@ def take_share(args, examples, rank, world):
         os.replace(parts[unit] + ".tmp", parts[unit])
     barrier()  # every share is written: an earlier run's files under other names can go
     if rank == 0:
-        for f in set(os.listdir(args.out)) - set(map(os.path.basename, parts)):
-            if f.startswith("outputs.") and f.endswith(".jsonl"):
-                os.remove(os.path.join(args.out, f))
+        for f in set(output_files(args.out)) - set(map(os.path.basename, parts)):
+            os.remove(os.path.join(args.out, f))
     return parts[unit], [ex for i, ex in enumerate(examples) if i % units == unit and ex.id not in done], parts
 
 
@@ -265,9 +264,8 @@ def earlier_rows(out, examples, unit, units, rank):
     this share keeps: its prompts' (every units-th from unit), and in unit 0's also those of prompts not judged now
     (another --limit), so that every row is kept once. Read by every rank before any rewrites its share. -> (the rows,
     how many of the prompts have one)."""
-    parts = sorted(f for f in os.listdir(out) if f.startswith("outputs.") and f.endswith(".jsonl"))
     rows = {}
-    for f in parts:
+    for f in output_files(out):
         found, corrupt = read_rows(os.path.join(out, f))
         rows.update((r["id"], r) for r in found)
         if corrupt and rank == 0:
@@ -276,6 +274,10 @@ def earlier_rows(out, examples, unit, units, rank):
     share = {ex.id: i % units for i, ex in enumerate(examples)}
     barrier()  # every rank has read the parts before any is rewritten
     return [r for i, r in rows.items() if share.get(i, 0) == unit], sum(i in share for i in rows)
+
+
+def output_files(out):  # the names of the output files in out, whichever ranks and --tp wrote them
+    return sorted(f for f in os.listdir(out) if f.startswith("outputs.") and f.endswith(".jsonl"))
 
 
 def read_rows(path):
