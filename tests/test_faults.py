@@ -54,7 +54,7 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_the_directory(to
 def test_a_disk_without_room_for_a_save_is_refused_before_any_work(toy_paths, tmp_path, monkeypatch):
     # a save writes the state (fp32 weights and AdamW's two moments: 12 bytes a parameter) before the old copy goes, and
     # the run writes the model at the end (its save dtype's bytes) and every --save-model-every steps; counted by hand
-    # for the toy's fp32 checkpoint, on a stand-in disk
+    # for the toy's fp32 checkpoint, on a stand-in disk (sft_args' 3 steps with --save-model-every 1: 3 models)
     params = sum(p.numel() for p in checkpoint.load_model(toy_paths["init"]).parameters())
     usage = shutil.disk_usage(tmp_path)
     free = lambda n: monkeypatch.setattr(rundir.shutil, "disk_usage", lambda path: usage._replace(free=n))
@@ -62,7 +62,7 @@ def test_a_disk_without_room_for_a_save_is_refused_before_any_work(toy_paths, tm
                              (sft.main, sft_args(toy_paths, tmp_path / "bf16", "--save-dtype", "bfloat16"), 14 * params),
                              (sft.main, sft_args(toy_paths, tmp_path / "kept", "--save-model-every", "1"), 24 * params),
                              (grpo.main, grpo_args(toy_paths, tmp_path / "grpo", "--steps", "1"), 16 * params)):
-        free(need - 1)  # --max-steps 3 keeps the models of steps 1 and 2, then writes model/
+        free(need - 1)
         with pytest.raises(SystemExit) as e:
             main(args)
         assert f"the run's saves need {need / 1e9:.3g} GB" in exit_message(e)
