@@ -547,7 +547,7 @@ def main(argv=None):
         engine.load_weights(policy)
         return heldout_accuracy(engine, tokenizer, *heldout, args.max_new_tokens, rank, world, args.seed)[0]
 
-    step, history = load_state(run.state, policy, optimizer, rank) if args.resume else (0, {})
+    step, history = load_state(run.state, policy, optimizer, rank) if run.resuming else (0, {})
     if rank == 0:
         print(f"grpo: {described}, {total} steps x {args.rollout_prompts} prompts x n={args.n}, {args.rollout_prompts // args.minibatch_prompts} "
               f"optimizer steps per rollout, kl {args.kl}, {world} rank(s) on {device.type} in {args.precision}, start at step {step}")

@@ -61,7 +61,8 @@ class RunDir:
     """A run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output) and models/ (kept
     ones). A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
     state and the same settings (RESUME_MAY_CHANGE aside), truncates metrics to the resumed step, and finishes a state
-    swap a crash interrupted. The trainers call, in order: start, check_disk, open_metrics, then log and save each step."""
+    swap a crash interrupted; --resume auto resumes what there is, else starts. The trainers call, in order: start,
+    check_disk, open_metrics, then log and save each step."""
 
     def __init__(self, out, args, rank, script, device):
         self.out, self.rank, self.script, self.device = out, rank, script, device
@@ -73,22 +74,31 @@ class RunDir:
         self.inputs = {k: v for k, v in self.settings.items() if k in INPUTS and v}
 
     def start(self, resume, overwrite):
-        """Check the directory (every rank), then prepare it (rank 0). Call before any training work. -> the summary of
-        a finished run that --resume finds (nothing left to do), else None."""
+        """Check the directory (every rank), then prepare it (rank 0). Call before any training work. resume: True, False
+        or "auto" (resume if there is a saved state or a finished run, else start; a start that ended before its first
+        save, with these settings, starts over). Sets self.resuming. -> the summary of a finished run that --resume
+        finds (nothing left to do), else None."""
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise SystemExit(f"{self.script}: --out {self.out} is a file, not a directory")
         # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
         ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "models", "summary.json")
                 if os.path.exists(os.path.join(self.out, f))]
+        hashed = {v: fingerprint(v) for v in set(self.inputs.values()) if os.path.exists(v)}  # --tokenizer: often --model
+        self.fingerprints = {k: hashed[v] for k, v in self.inputs.items() if v in hashed}
+        check_same_inputs({f"--{k.replace('_', '-')} {v}": self.fingerprints.get(k) for k, v in self.inputs.items()},
+                          self.rank, self.device, self.script)
+        if resume == "auto":  # is there a state to resume (a swap a crash interrupted counts), or a finished run? rank 0's
+            found = any(os.path.exists(os.path.join(self.out, f)) for f in ("state", "state.new", "state.old", "summary.json"))
+            again = (not found and bool(ours) and os.path.exists(os.path.join(self.out, "run.json"))
+                     and not self._changed_settings())  # files of this run without a state (none saved yet): start over
+            resume, again = (bool(x) for x in rank0s([found, again], self.rank, self.device))
+            overwrite = overwrite or again
         under = lambda path, top: os.path.commonpath([os.path.realpath(path), os.path.realpath(top)]) == os.path.realpath(top)
         inside = [f"--{k.replace('_', '-')} {v}" for k, v in self.inputs.items() for f in ours if under(v, os.path.join(self.out, f))]
         if overwrite and inside:
             raise SystemExit(f"{self.script}: {', '.join(inside)} lies inside {self.out}, which --overwrite would delete "
                              "before reading it: copy it elsewhere first, or use another --out")
-        hashed = {v: fingerprint(v) for v in set(self.inputs.values()) if os.path.exists(v)}  # --tokenizer: often --model
-        self.fingerprints = {k: hashed[v] for k, v in self.inputs.items() if v in hashed}
-        check_same_inputs({f"--{k.replace('_', '-')} {v}": self.fingerprints.get(k) for k, v in self.inputs.items()},
-                          self.rank, self.device, self.script)
+        self.resuming = bool(resume)
         if resume and os.path.exists(os.path.join(self.out, "summary.json")):
             self._check_settings()
             return read_json_file(os.path.join(self.out, "summary.json"), self.script)
@@ -138,7 +148,7 @@ class RunDir:
                              f" model(s) in {str(save_dtype).replace('torch.', '')}), and its disk has {free / 1e9:.3g} GB "
                              "free: free some space, or use another --out")
 
-    def _check_settings(self):
+    def _changed_settings(self):  # run.json's settings against these -> what changed (RESUME_MAY_CHANGE aside)
         file = os.path.join(self.out, "run.json")
         try:
             saved = json.load(open(file))
@@ -149,9 +159,11 @@ class RunDir:
         was = lambda k: saved.get(k, ADDED_FLAG_DEFAULTS.get(k, "(unset)"))
         changed = [f"--{k.replace('_', '-')} {was(k)!r} -> {self.settings.get(k, '(unset)')!r}"
                    for k in keys if was(k) != self.settings.get(k, "(unset)")]
-        changed += [f"--{k.replace('_', '-')} {self.inputs[k]}: its contents changed ({saved_inputs.get(k)} -> {v})"
-                    for k, v in self.fingerprints.items() if saved_inputs.get(k) not in (None, v)]
-        if changed:
+        return changed + [f"--{k.replace('_', '-')} {self.inputs[k]}: its contents changed ({saved_inputs.get(k)} -> {v})"
+                          for k, v in self.fingerprints.items() if saved_inputs.get(k) not in (None, v)]
+
+    def _check_settings(self):
+        if changed := self._changed_settings():
             raise SystemExit(f"{self.script}: --resume with changed settings ({'; '.join(changed)}); the saved run in "
                              f"{self.out} used the old ones. Resume with them, or start a new --out")
 

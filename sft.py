@@ -190,7 +190,7 @@ def main(argv=None):
                               offload=args.offload)
     optimizer = make_optimizer(model, args.lr, (0.9, 0.95), args.weight_decay)
     step = 0
-    if args.resume:
+    if run.resuming:
         step, extra = load_state(run.state, model, optimizer, rank)
         total = step if extra.get("target_met") else total  # a run that met --stop-at-accuracy stays finished
     if rank == 0:

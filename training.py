@@ -63,7 +63,9 @@ def add_run_flags(ap, compiles):
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir (default: --model)")
     ap.add_argument("--out", default=None, help="the run's directory (toy: runs/toy/sft or runs/toy/grpo)")
     ap.add_argument("--overwrite", action="store_true", help="start over in an --out that holds another run")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
+    ap.add_argument("--resume", nargs="?", const=True, default=False, type=resume_flag, help="continue the run in --out "
+                    "from its last saved state; `--resume auto`: that if it has one, else start it (a job run again after a "
+                    "requeue)")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--stop-after-minutes", type=float, default=0, help="stop (resumably, saving) where another step and "
                     "a save, each as long as the longest so far, would end past this many minutes of this run (a job's limit)")
@@ -81,6 +83,12 @@ def add_run_flags(ap, compiles):
                     "backward: all, none, N, or auto: all, then after two steps as few as memory needs [auto; toy none]")
     ap.add_argument("--offload", action="store_true", help="keep the fp32 weights, gradients and AdamW moments in host "
                     "memory, AdamW stepping on the CPU (needs FSDP: a GPU, more than one rank, or --precision bf16)")
+
+
+def resume_flag(value):  # --resume alone is True; --resume auto
+    if value != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value, or auto; got {value!r}")
+    return value
 
 
 def setup_distributed(cpu=False, precision=None, offload=False):

@@ -152,6 +152,35 @@ dist.destroy_process_group()
                                        "--data pairs.jsonl (rank(s) 1) "), seen["data"]
 
 
+def test_resume_auto_resumes_starts_or_starts_over_as_the_directory_says(toy_paths, tmp_path, monkeypatch, capsys):
+    # `--resume auto`, for a job run again after a requeue: an empty --out starts; a run stopped after step 1 resumes, to
+    # the uninterrupted run's summary and weights; a finished run is left alone; this run's files without a state (it
+    # ended before its first save) start over; another run's settings are refused, with a state or without
+    auto = lambda out, *extra: sft.main(sft_args(toy_paths, tmp_path / out, "--resume", "auto", *extra))
+    full = sft.main(sft_args(toy_paths, tmp_path / "full"))
+    assert auto("run", "--stop-after-steps", "1")["steps"] == 1
+    assert auto("run") == full and auto("run") == full and "finished already" in capsys.readouterr().out
+    weights = lambda out: open(tmp_path / out / "model" / "model.safetensors", "rb").read()
+    assert weights("run") == weights("full")
+    with pytest.raises(SystemExit, match="--resume with changed settings"):
+        auto("run", "--lr", "0.5")
+    real_save = rundir.save_state
+
+    def crash_before_saving(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rundir, "save_state", crash_before_saving)
+    for out, extra in (("crashed", ()), ("other", ("--lr", "0.5"))):
+        with pytest.raises(KeyboardInterrupt):
+            sft.main(sft_args(toy_paths, tmp_path / out, *extra))  # step 1 logged, nothing saved
+    monkeypatch.setattr(rundir, "save_state", real_save)
+    assert auto("crashed") == full and [r["step"] for r in read_metrics(tmp_path / "crashed")] == [1, 2, 3]
+    with pytest.raises(SystemExit, match="already holds a run"):
+        auto("other")
+    with pytest.raises(SystemExit):  # argparse: --resume takes no value but auto
+        sft.parse_args(sft_args(toy_paths, tmp_path / "x", "--resume", "maybe"))
+
+
 def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
     with pytest.raises(SystemExit) as e:
         grpo.main(grpo_args(toy_paths, tmp_path / "none", "--resume"))
