@@ -11,7 +11,7 @@ $OUT/bench_gpu.log), each under a time cap, all within 5 minutes on one H100, co
 
 (`python bench.py gpu ...` runs the same.) Weights are random, shapes those of bench.py's SHAPES; the GPU machine needs
 only this repository. Ratios against transformers come from the same run; shares of the GPU's peak (MFU, HBM
-bandwidth) from PEAK below.
+bandwidth) from training.GPU_PEAKS.
 """
 import argparse
 import json
@@ -27,9 +27,8 @@ import torch
 import checkpoint
 import model as M
 import toy
+import training
 from bench import SHAPES, build_pair, hf_qwen2, hf_version, padded_rows, ragged_lengths, timeit
-
-PEAK = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, HBM B/s
 
 
 class _Timeout(Exception):
@@ -80,7 +79,7 @@ def bench_gpu(args, device):
         sys.exit("bench_gpu.py needs a CUDA device (or --smoke, to run the checks on CPU with a tiny model)")
     smoke = args.smoke
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke: tiny model, numbers meaningless)"
-    flops_peak, bw_peak = next((v for k, v in PEAK.items() if k in name), (None, None))
+    flops_peak, bw_peak = training.gpu_peaks(device)
     out_dir = os.environ.get("OUT", ".")
     log = open(os.path.join(out_dir, "bench_gpu.log"), "a")
     head = f"{name}, torch {torch.__version__}, transformers {hf_version()}, {time.strftime('%Y-%m-%d %H:%M')}"
@@ -337,7 +336,6 @@ def _random_checkpoint(shape, device):
 def _trainer_model(smoke):
     """A random 1.5B-shape checkpoint loaded the way sft.py / grpo.py load one (training.load_for_training: FSDP2
     over a one-rank group on CUDA, bf16 compute, fp32 master weights, compiled blocks, activation checkpointing)."""
-    import training
     _, world, device = training.setup_distributed()
     path = _random_checkpoint("smoke" if smoke else "1.5B", device)
     model = training.load_for_training(path, world, device, compile=not smoke, grad_ckpt="all")
@@ -360,8 +358,7 @@ def _sft_fwd_bwd(model, device, smoke, seqs=1):
 
 
 def _mfu(model, T, seconds, flops_peak, seqs=1):  # T tokens in `seqs` equal sequences
-    cfg = model.config
-    flops = 6 * M.num_params(model) * T + 12 * cfg.num_hidden_layers * cfg.hidden_size * T ** 2 / 2 / seqs  # causal attention
+    flops = training.train_flops(model, [T // seqs] * seqs)
     return f"MFU {flops / seconds / flops_peak:.1%}" if flops_peak else "MFU n/a"
 
 
@@ -370,7 +367,6 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
     block (the last one timed), then --grad-ckpt auto's choice (training.fit_recompute), timed: `micros` micro-batches
     then AdamW (training.accumulate_gradients: one GPU reduces the gradients once, at the last micro-batch); one
     micro-batch then AdamW (the step this check timed before); forward+backward alone, reducing each time."""
-    import training
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke, seqs)
 
     def sft_step(n):
@@ -416,7 +412,6 @@ def _sft_profile(model, device, smoke, accumulating=False):
     """Where one forward+backward's time goes: kernel time by kind, and the kernels' share of the wall time
     (low: the GPU waits for the host). accumulating: a micro-batch inside an optimizer step, after the first
     (training.accumulate_gradients: on one GPU, no regathering and no reduction)."""
-    import training
     from torch.profiler import ProfilerActivity, profile
     fwd_bwd, _ = _sft_fwd_bwd(model, device, smoke)
     if accumulating:

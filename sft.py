@@ -56,8 +56,8 @@ from rundir import RunDir, done_already, load_state, save_checkpoint
 from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory, check_vocab, cli,
                       clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, gpu_peak_gib,
-                      idle_backward, load_for_training, lr_at, make_optimizer, precision_of, setup_distributed,
-                      stop_if_not_finite)
+                      gpu_peaks, idle_backward, load_for_training, lr_at, make_optimizer, precision_of, setup_distributed,
+                      stop_if_not_finite, train_flops)
 
 
 def parse_args(argv=None):
@@ -226,7 +226,8 @@ def main(argv=None):
                 if rank == 0:
                     tqdm.write(f"sft: validation judge accuracy {rec['val_accuracy']:.1f}% >= {args.stop_at_accuracy:g}% "
                                f"at step {step}: stopping")
-        run.log(rec, bar, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        run.log(rec, bar, loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
         run.save(model, optimizer, step, total, stop_at, extra={"target_met": step == total and total < planned})
     bar.close()
     if step < total:  # stopped early on purpose: the state is saved, --resume continues
@@ -278,8 +279,10 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     stop_if_not_finite("sft.py", step + 1, state_dir, loss=loss_sum / n_step, grad_norm=grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tokens / (time.time() - t0), "gpu_peak_gib": gpu_peak_gib(device)}
+    seconds, flops_peak = time.time() - t0, gpu_peaks(device)[0]  # MFU: model FLOPs over the ranks' peak (on known GPUs)
+    mfu = train_flops(model, [len(s) - 1 for s, _ in batch]) / seconds / (world * flops_peak) if flops_peak else None
+    return {"step": step + 1, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
+            "mfu": mfu, "gpu_peak_gib": gpu_peak_gib(device)}
 
 
 if __name__ == "__main__":

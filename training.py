@@ -13,6 +13,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
+  train_flops, gpu_peaks  a forward+backward's model FLOPs, and the GPU's peaks: MFU
   stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab, cli
 What a run writes (its directory, saved state, output model) is rundir.py's.
 
@@ -213,6 +214,25 @@ def gpu_peak_gib(device):
     """The most GPU memory any rank's allocator has held so far (what running out depends on), GiB; 0 on the CPU."""
     held = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
     return all_reduce_max([held], device)[0]
+
+
+GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "A100": (312e12, 2.0e12)}  # bf16 dense FLOP/s, HBM B/s
+
+
+def gpu_peaks(device):  # this GPU's (bf16 dense FLOP/s, HBM bytes/s) by its name, or (None, None): a CPU, or not listed
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in GPU_PEAKS.items() if k in name), (None, None))
+
+
+def train_flops(model, lengths):
+    """Model FLOPs of one forward+backward over sequences of these lengths (MFU's numerator; recomputation not counted):
+    6 a token and matmul weight (an untied input embedding is a lookup: not counted), and, per sequence of L tokens,
+    causal attention's 6 x layers x (heads x head_dim) x L^2 (QK^T and AV, 2 FLOPs a multiply-add, halved by the mask,
+    x3 with the backward)."""
+    cfg = model.config
+    weights = M.num_params(model) - (0 if cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel())
+    return 6 * weights * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * sum(
+        L * L for L in lengths)
 
 
 def barrier():  # every rank waits here; nothing to wait for without a process group
