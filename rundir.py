@@ -87,11 +87,8 @@ class RunDir:
         self.fingerprints = {k: hashed[v] for k, v in self.inputs.items() if v in hashed}
         check_same_inputs({f"--{k.replace('_', '-')} {v}": self.fingerprints.get(k) for k, v in self.inputs.items()},
                           self.rank, self.device, self.script)
-        if resume == "auto":  # is there a state to resume (a swap a crash interrupted counts), or a finished run? rank 0's
-            found = any(os.path.exists(os.path.join(self.out, f)) for f in ("state", "state.new", "state.old", "summary.json"))
-            again = (not found and bool(ours) and os.path.exists(os.path.join(self.out, "run.json"))
-                     and not self._changed_settings())  # files of this run without a state (none saved yet): start over
-            resume, again = (bool(x) for x in rank0s([found, again], self.rank, self.device))
+        if resume == "auto":
+            resume, again = self._auto(ours)
             overwrite = overwrite or again
         under = lambda path, top: os.path.commonpath([os.path.realpath(path), os.path.realpath(top)]) == os.path.realpath(top)
         inside = [f"--{k.replace('_', '-')} {v}" for k, v in self.inputs.items() for f in ours if under(v, os.path.join(self.out, f))]
@@ -124,6 +121,13 @@ class RunDir:
         barrier()
         check_shared(self.out, self.rank, self.device, self.script)
         return None
+
+    def _auto(self, ours):
+        """--resume auto -> (resume, start over), rank 0's reading of --out: resume a saved state (a swap a crash
+        interrupted counts) or a finished run; start over where it holds only this run's files from before a first save."""
+        found = any(os.path.exists(os.path.join(self.out, f)) for f in ("state", "state.new", "state.old", "summary.json"))
+        again = not found and bool(ours) and os.path.exists(os.path.join(self.out, "run.json")) and not self._changed_settings()
+        return tuple(bool(x) for x in rank0s([found, again], self.rank, self.device))
 
     def kept_models(self, total):  # --save-model-every: the steps whose model is kept (the last step's is model/)
         return range(self.model_every, total, self.model_every) if self.model_every else range(0)
