@@ -177,8 +177,6 @@ def test_resume_auto_resumes_starts_or_starts_over_as_the_directory_says(toy_pat
     assert auto("crashed") == full and [r["step"] for r in read_metrics(tmp_path / "crashed")] == [1, 2, 3]
     with pytest.raises(SystemExit, match="already holds a run"):
         auto("other")
-    with pytest.raises(SystemExit):  # argparse: --resume takes no value but auto
-        sft.parse_args(sft_args(toy_paths, tmp_path / "x", "--resume", "maybe"))
 
 
 def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
@@ -389,7 +387,11 @@ def test_the_users_format_flag_wins_in_toy_mode(tmp_path):
     ("grpo", ("--temperature", "inf"), "--temperature must be > 0 and finite"),
     ("grpo", ("--lr", "nan"), "--lr must be > 0"),
     ("grpo", ("--kv-cache-frac", "5"), "--kv-cache-frac is a fraction, at most 1"),
-    ("sft", ("--eval-limit", "0", "--val-data", "v.jsonl", "--stop-at-accuracy", "50"), "--eval-limit above 0")])
+    ("sft", ("--eval-limit", "0", "--val-data", "v.jsonl", "--stop-at-accuracy", "50"), "--eval-limit above 0"),
+    ("sft", ("--resume", "--overwrite"), "--resume continues the run in --out and --overwrite starts over there"),
+    ("grpo", ("--resume", "auto", "--overwrite"), "give one of them"),
+    ("grpo", ("--save-model-every", "-2"), "--save-model-every must be >= 0"),
+    ("grpo", ("--resume", "later"), "--resume takes no value, or auto")])
 def test_bad_flags_are_refused_before_any_work(toy_paths, tmp_path, capsys, script, extra, flag):
     main, args = (sft.main, sft_args) if script == "sft" else (grpo.main, grpo_args)
     with pytest.raises(SystemExit) as e:
