@@ -249,12 +249,12 @@ def test_the_frozen_reference_frees_its_gathered_weights_after_each_forward(toy_
                                                         precision="bf16", offload=offload)
     ref, policy = load(False), load(True)
     ids = torch.randint(0, 50, (1, 8))
-    with torch.no_grad():
-        ref(ids)
-    logits = policy(ids)
+    with torch.no_grad():  # the trainers' call, with targets: (log-probs, entropies)
+        ref(ids, targets=ids)
+    logp = policy(ids, targets=ids)[0]
     assert hasattr(ref.lm_head.weight, "full_tensor") and hasattr(ref.model.embed_tokens.weight, "full_tensor")  # sharded
     assert not hasattr(policy.lm_head.weight, "full_tensor")  # gathered for its backward
-    logits.float().sum().backward()
+    logp.sum().backward()
     assert hasattr(policy.lm_head.weight, "full_tensor")
 
 
