@@ -358,7 +358,7 @@ def _sft_fwd_bwd(model, device, smoke, seqs=1):
 
 
 def _mfu(model, T, seconds, flops_peak, seqs=1):  # T tokens in `seqs` equal sequences
-    flops = training.train_flops(model, [T // seqs] * seqs)
+    flops = training.train_flops(model, [(0, T // seqs)] * seqs)
     return f"MFU {flops / seconds / flops_peak:.1%}" if flops_peak else "MFU n/a"
 
 

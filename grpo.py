@@ -45,15 +45,15 @@ The algorithm, per step:
        dr-grpo               sum L_tok / (number of sequences * max_new_tokens)
    then grad-norm clipping and an AdamW step (constant LR as the paper; --lr-schedule cosine decays it to 0).
 
-Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the
-progress bar; held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. A non-finite
-loss, gradient norm or KL stops the run before the optimizer step, without saving. Checkpoints: Hugging Face
-layout model in the starting checkpoint's dtype + resumable state (rundir.py); --resume continues exactly.
---offload keeps the trainer's weights, gradients and AdamW's moments in host memory (training.py), for models whose
-training state does not fit beside the rollout copy and its KV cache.
+Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the progress bar
+(train_mfu: the update's model FLOPs over its seconds and the GPUs' peak); held-out accuracy (greedy, eval.py's code
+path) runs every --eval-every steps. A non-finite loss, gradient norm or KL stops the run before the optimizer step,
+without saving. Checkpoints (rundir.py): Hugging Face layout model in the starting checkpoint's dtype + resumable state;
+--resume continues exactly. --offload keeps the trainer's weights, gradients and AdamW's moments in host memory
+(training.py), for models whose training state does not fit beside the rollout copy and its KV cache.
 
-Reading order: the flags, the maths, then grpo_step and its stages in order (rollout, score,
-old_and_ref_logprobs, update -> policy_update_step, which holds the PPO loss), then setup_job and main.
+Reading order: the flags, the maths, then grpo_step and its stages in order (rollout, score, old_and_ref_logprobs,
+update -> policy_update_step, which holds the PPO loss), then setup_job and main.
 """
 import argparse
 import json
@@ -76,8 +76,8 @@ from rundir import RunDir, done_already, load_state, save_checkpoint
 from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
                       check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
-                      fit_recompute, gpu_peak_gib, load_for_training, lr_at, make_optimizer, precision_of,
-                      setup_distributed, stop_if_not_finite)
+                      fit_recompute, gpu_peak_gib, gpu_peaks, load_for_training, lr_at, make_optimizer, precision_of,
+                      setup_distributed, stop_if_not_finite, train_flops)
 
 
 def parse_args(argv=None):
@@ -137,9 +137,8 @@ def parse_args(argv=None):
         ap.error("--data and --out are required with --model")
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
                                     "max_prompt_len", "max_new_tokens", "save_every"),
-                nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every",
-                             "eval_limit", "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size"),
-                fractions=("kv_cache_frac",))
+                nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every", "eval_limit",
+                             "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size"), fractions=("kv_cache_frac",))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
@@ -425,7 +424,7 @@ def update(job, step, ro, adv, micros, old, refs, sampler_logp):
     # the mini-batch's global token and sequence counts, so the loss aggregation over micro-batches and ranks is exact
     mb_tokens, mb_seqs = all_reduce_sum([sum(len(ro.responses[i]) for s in micros for i in s), sum(map(len, micros))], job.device)
     n_tok, n_seq = max(mb_tokens, 1.0), max(mb_seqs, 1.0)
-    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "is_capped": 0.0, "tokens": 0}
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0, "is_capped": 0.0, "tokens": 0, "flops": 0}
     for k, seqs in enumerate(micros):
         accumulate_gradients(job.policy, last=k == len(micros) - 1)
         part = policy_update_step(job, ro, seqs, adv[seqs].to(job.device)[:, None], old[k],
@@ -458,7 +457,9 @@ def policy_update_step(job, ro, seqs, adv, old_logp, ref_logp, rollout_logp, n_t
     return {"loss": loss.detach().double(), "kl": per_token(kl), "clipped": per_token(clipped),
             "entropy": per_token(entropy), "is_capped": per_token((is_weight >= args.rollout_is_cap).expand_as(mask))
             if args.rollout_is != "none" else torch.zeros((), dtype=torch.float64, device=job.device),
-            "tokens": sum(map(len, prompts + responses))}  # a prompt: once per micro-batch
+            "tokens": sum(map(len, prompts + responses)),  # a prompt: once per micro-batch
+            "flops": train_flops(job.policy, [(0, len(p) - 1) for p in prompts] +  # group_batch's rows
+                                 [(len(prompts[i // per_prompt]) - 1, len(r)) for i, r in enumerate(responses)])}
 
 
 def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, balance, seconds):
@@ -466,11 +467,10 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, b
     lengths = [len(r) for r in ro.responses]
     logp_diff, logp_diff_max, rollout_kl = torch.stack(mismatch).T.tolist() if mismatch else ([0.0], [0.0], [0.0])
     unparsed = [tr or parse_verdict(t) is None for t, tr in zip(ro.texts, ro.truncated)]
-    local = {"train_tokens": sum(u["tokens"] for u in updates), "clipped": sum(u["clipped"] for u in updates),
-             "entropy": sum(u["entropy"] for u in updates), "is_capped": sum(u["is_capped"] for u in updates),
-             "logp_diff": sum(logp_diff), "rollout_kl": sum(rollout_kl), "preempted": ro.preempted}
+    local = {k: sum(u[k] for u in updates) for k in ("tokens", "flops", "clipped", "entropy", "is_capped")}
+    local.update(logp_diff=sum(logp_diff), rollout_kl=sum(rollout_kl), preempted=ro.preempted)
     total = dict(zip(local, all_reduce_sum(list(local.values()), job.device)))
-    n_mb, traces, length = len(updates), len(lengths), sum(lengths)
+    n_mb, traces, length, peak = len(updates), len(lengths), sum(lengths), gpu_peaks(job.device)[0]
     return {"step": step + 1, "reward_mean": rewards.sum().item() / traces, "accuracy": correct.sum().item() / traces,
             "unparsed_rate": sum(unparsed) / traces, "response_len_mean": length / traces, "response_len_max": max(lengths),
             "truncated_frac": sum(ro.truncated) / traces, "zero_std_frac": zero_std,
@@ -484,7 +484,8 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, b
             "rollout_kv_pool_peak": all_reduce_max([ro.kv_pool_peak], job.device)[0],  # paged; 0 with the dense cache
             "gpu_peak_gib": gpu_peak_gib(job.device),  # the run's so far, the most of any rank's
             "rollout_tokens_per_s": length / max(seconds["rollout_s"], 1e-9), "train_balance": balance,
-            "train_tokens_per_s": total["train_tokens"] / max(seconds["train_s"], 1e-9), **seconds}
+            "train_tokens_per_s": total["tokens"] / max(seconds["train_s"], 1e-9),
+            "train_mfu": total["flops"] / max(seconds["train_s"], 1e-9) / job.world / peak if peak else None, **seconds}
 
 
 # ----------------------------------------------------------------------------- the run

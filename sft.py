@@ -280,7 +280,7 @@ def train_step(args, model, optimizer, rows, step, lr, pad_id, rank, world, devi
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds, flops_peak = time.time() - t0, gpu_peaks(device)[0]  # MFU: model FLOPs over the ranks' peak (on known GPUs)
-    mfu = train_flops(model, [len(s) - 1 for s, _ in batch]) / seconds / (world * flops_peak) if flops_peak else None
+    mfu = train_flops(model, [(0, len(s) - 1) for s, _ in batch]) / seconds / (world * flops_peak) if flops_peak else None
     return {"step": step + 1, "loss": loss_sum / n_step, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / seconds,
             "mfu": mfu, "gpu_peak_gib": gpu_peak_gib(device)}
 

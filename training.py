@@ -224,15 +224,16 @@ def gpu_peaks(device):  # this GPU's (bf16 dense FLOP/s, HBM bytes/s) by its nam
     return next((v for k, v in GPU_PEAKS.items() if k in name), (None, None))
 
 
-def train_flops(model, lengths):
-    """Model FLOPs of one forward+backward over sequences of these lengths (MFU's numerator; recomputation not counted):
-    6 a token and matmul weight (an untied input embedding is a lookup: not counted), and, per sequence of L tokens,
-    causal attention's 6 x layers x (heads x head_dim) x L^2 (QK^T and AV, 2 FLOPs a multiply-add, halved by the mask,
-    x3 with the backward)."""
+def train_flops(model, segments):
+    """Model FLOPs of one forward+backward (MFU's numerator; recomputation not counted) over segments (context, length):
+    `length` tokens that attend to `context` tokens before them and causally to each other (a sequence alone: (0, its
+    length); a GRPO response packed after its prompt: (the prompt's length, its own)). 6 a token and matmul weight (an
+    untied input embedding is a lookup: not counted), and 12 x layers x (heads x head_dim) a query-key pair (QK^T and AV,
+    2 FLOPs a multiply-add, x3 with the backward): length x context + length^2 / 2 pairs a segment (causal)."""
     cfg = model.config
     weights = M.num_params(model) - (0 if cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel())
-    return 6 * weights * sum(lengths) + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * sum(
-        L * L for L in lengths)
+    tokens, pairs = sum(n for _, n in segments), sum(n * c + n * n / 2 for c, n in segments)
+    return 6 * weights * tokens + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * pairs
 
 
 def barrier():  # every rank waits here; nothing to wait for without a process group

@@ -167,8 +167,8 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, mon
     assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m2]
     keys = {"reward_mean", "accuracy", "unparsed_rate", "response_len_mean", "response_len_max", "truncated_frac",
             "zero_std_frac", "kl", "clip_frac", "entropy", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s",
-            "train_balance"}
-    assert keys <= set(m1[0])
+            "train_balance", "train_mfu"}
+    assert keys <= set(m1[0]) and m1[0]["train_mfu"] is None  # on a CPU
     assert any(-1 < r["reward_mean"] < 1 and r["zero_std_frac"] < 1 for r in m1)  # mixed groups: real gradients
     assert all(r["clip_frac"] > 0 and r["kl"] > 0 for r in m1)  # mini-batch steps after the first move the policy
 
@@ -256,6 +256,18 @@ def test_the_frozen_reference_frees_its_gathered_weights_after_each_forward(toy_
     assert not hasattr(policy.lm_head.weight, "full_tensor")  # gathered for its backward
     logp.sum().backward()
     assert hasattr(policy.lm_head.weight, "full_tensor")
+
+
+def test_train_mfu_counts_the_packed_rows_model_flops(toy_paths, tmp_path, monkeypatch):
+    # train_mfu: the update's model FLOPs (training.train_flops, tested by hand in test_sft) over its seconds and a
+    # stand-in GPU's 1 GFLOP/s; each micro-batch counted as group_batch packs it: every response once, after its prompt
+    calls, real = [], grpo.train_flops
+    monkeypatch.setattr(grpo, "train_flops", lambda model, segments: calls.append(segments) or real(model, segments))
+    monkeypatch.setattr(grpo, "gpu_peaks", lambda device: (1e9, None))
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--steps", "1", "--eval-limit", "0"))
+    rec, model = read_metrics(tmp_path / "run")[0], checkpoint.load_model(toy_paths["init"])
+    assert rec["train_mfu"] == pytest.approx(sum(real(model, s) for s in calls) / rec["train_s"] / 1e9, rel=1e-9)
+    assert sum(n for s in calls for context, n in s if context) == round(rec["response_len_mean"] * 8 * 3)
 
 
 def test_kl_zero_loads_no_reference_and_n1_is_refused(toy_paths, tmp_path, monkeypatch):

@@ -99,10 +99,14 @@ def test_mfu_is_the_step_s_model_flops_over_the_gpu_s_peak(toy_paths, tmp_path, 
     import training
     # by hand for the tiny Qwen2 (hidden 64, intermediate 112, 2 layers, 4 heads of 16, 2 KV heads, vocab 128): weights a
     # layer 64*64+64 (q) + 2*(64*32+32) (k, v) + 64*64 (o) + 3*64*112 (MLP) + 2*64 (norms) = 34,048; with the final norm
-    # and the head (128*64): 76,352, untied too (its input embedding is a lookup); attention 6*2*4*16 = 768 a token pair
+    # and the head (128*64): 76,352, untied too (its input embedding is a lookup); attention 12*2*4*16 = 1,536 a query-key
+    # pair, causal: sequences of 3 and 5 tokens 9/2 + 25/2 pairs; a prompt of 4, then responses of 2 and 3 that attend to
+    # it and to themselves, 16/2 + (2*4 + 4/2) + (3*4 + 9/2)
     for kind in ("qwen2-tied", "qwen2-untied"):
         make_hf_checkpoint(str(tmp_path / kind), kind)
-        assert training.train_flops(checkpoint.load_model(str(tmp_path / kind)), [3, 5]) == 6 * 76_352 * 8 + 768 * (9 + 25)
+        model = checkpoint.load_model(str(tmp_path / kind))
+        assert training.train_flops(model, [(0, 3), (0, 5)]) == 6 * 76_352 * 8 + 1536 * (9 / 2 + 25 / 2)
+        assert training.train_flops(model, [(0, 4), (4, 2), (4, 3)]) == 6 * 76_352 * 9 + 1536 * (8 + 10 + 16.5)
     # sft.py's mfu: none on a CPU; on a stand-in GPU of 1 GFLOP/s, the step's batch's FLOPs over its seconds
     sft.main(sft_args(toy_paths, tmp_path / "cpu", "--max-steps", "1", "--eval-limit", "0"))
     assert read_metrics(tmp_path / "cpu")[0]["mfu"] is None
@@ -112,7 +116,7 @@ def test_mfu_is_the_step_s_model_flops_over_the_gpu_s_peak(toy_paths, tmp_path, 
     rows = sft.encode_sft_rows(toy_paths["sft"], load_tokenizer(toy_paths["tokenizer"]), 12288, False)[0]
     batch = [rows[i] for i in sft.epoch_batch(len(rows), 16, 0, 0)]
     seconds = sum(len(ids) for ids, _ in batch) / rec["tokens_per_s"]
-    flops = training.train_flops(checkpoint.load_model(toy_paths["init"]), [len(ids) - 1 for ids, _ in batch])
+    flops = training.train_flops(checkpoint.load_model(toy_paths["init"]), [(0, len(ids) - 1) for ids, _ in batch])
     assert rec["mfu"] == pytest.approx(flops / seconds / 1e9, rel=1e-9)
 
 
