@@ -227,9 +227,9 @@ def gpu_peaks(device):  # this GPU's (bf16 dense FLOP/s, HBM bytes/s) by its nam
 def train_flops(model, segments):
     """Model FLOPs of one forward+backward (MFU's numerator; recomputation not counted) over segments (context, length):
     `length` tokens that attend to `context` tokens before them and causally to each other (a sequence alone: (0, its
-    length); a GRPO response packed after its prompt: (the prompt's length, its own)). 6 a token and matmul weight (an
-    untied input embedding is a lookup: not counted), and 12 x layers x (heads x head_dim) a query-key pair (QK^T and AV,
-    2 FLOPs a multiply-add, x3 with the backward): length x context + length^2 / 2 pairs a segment (causal)."""
+    length); a GRPO response packed after its prompt: (the prompt tokens before it, its length)). 6 a token and matmul
+    weight (an untied input embedding is a lookup: not counted), and 12 x layers x (heads x head_dim) a query-key pair
+    (QK^T and AV, 2 FLOPs a multiply-add, x3 with the backward): length x context + length^2 / 2 pairs a segment."""
     cfg = model.config
     weights = M.num_params(model) - (0 if cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel())
     tokens, pairs = sum(n for _, n in segments), sum(n * c + n * n / 2 for c, n in segments)
