@@ -324,13 +324,16 @@ def claim_out_dir(args, rank, device):
     if changed:
         raise SystemExit(f"eval.py: {args.out} holds outputs of another judge or setting ({'; '.join(changed)}): "
                          "use another --out, or --overwrite to discard them")
+    barrier()  # every rank has read run.json before rank 0 rewrites it
     if rank == 0:
         if args.overwrite and os.path.exists(args.out):
             for f in os.listdir(args.out):
                 if f in ("run.json", "scores.json") or f.startswith("outputs."):
                     os.remove(os.path.join(args.out, f))
         os.makedirs(args.out, exist_ok=True)
-        json.dump(run, open(file, "w"), indent=2)
+        with open(file + ".tmp", "w") as f:
+            json.dump(run, f, indent=2)
+        os.replace(file + ".tmp", file)  # swapped in: never half-written
     barrier()  # rank 0 has claimed the directory
     check_shared(args.out, rank, device, "eval.py")  # rank 0 scores every rank's outputs
 

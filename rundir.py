@@ -116,8 +116,9 @@ class RunDir:
                 p = os.path.join(self.out, f)
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
             os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "run.json"), "w") as f:
+            with open(os.path.join(self.out, "run.json.tmp"), "w") as f:
                 json.dump({**self.settings, "inputs": self.fingerprints}, f, indent=2)
+            os.replace(os.path.join(self.out, "run.json.tmp"), os.path.join(self.out, "run.json"))  # never half-written
         barrier()
         check_shared(self.out, self.rank, self.device, self.script)
         return None
