@@ -115,6 +115,7 @@ sys.path.insert(0, {ROOT!r})
 import torch, torch.distributed as dist
 import eval as E
 from rundir import RunDir
+from training import end_distributed
 dist.init_process_group("gloo")
 r, results, top = dist.get_rank(), {{}}, sys.argv[1]
 def train(out, model):  # a trainer's run directory
@@ -136,7 +137,7 @@ for case, (cwd, run) in cases.items():
     except SystemExit as e:
         results[case] = str(e.code)
 json.dump(results, open(os.path.join(top, f"{{r}}.json"), "w"))
-dist.destroy_process_group()
+end_distributed()
 """)
     run_torchrun(str(script), [str(tmp_path)])
     for r in range(2):
