@@ -40,7 +40,7 @@ from tqdm import tqdm
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from decode_model import check_split, load_for_decoding, tensor_parallel_group
 from rewards import parse_verdict
-from rundir import check_same_inputs, check_shared, fingerprint, read_json_file
+from rundir import check_same_inputs, check_shared, fingerprint, read_json_file, write_swapped
 from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
                       end_distributed, setup_distributed)
 
@@ -249,9 +249,7 @@ def take_share(args, examples, rank, world):
     if rank == 0:
         print(f"{len(examples)} prompts ({args.family} judge prompts, seed {args.seed}); {judged} already judged")
     if rank % args.tp == 0:
-        with open(parts[unit] + ".tmp", "w") as f:  # its share of the valid rows, then swapped in: a crash loses nothing
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(parts[unit] + ".tmp", parts[unit])
+        write_swapped(parts[unit], "".join(json.dumps(r) + "\n" for r in rows))  # its share of the valid rows
     barrier()  # every share is written: an earlier run's files under other names can go
     if rank == 0:
         for f in set(output_files(args.out)) - set(map(os.path.basename, parts)):
@@ -331,9 +329,7 @@ def claim_out_dir(args, rank, device):
                 if f in ("run.json", "scores.json") or f.startswith("outputs."):
                     os.remove(os.path.join(args.out, f))
         os.makedirs(args.out, exist_ok=True)
-        with open(file + ".tmp", "w") as f:
-            json.dump(run, f, indent=2)
-        os.replace(file + ".tmp", file)  # swapped in: never half-written
+        write_swapped(file, json.dumps(run, indent=2))
     barrier()  # rank 0 has claimed the directory
     check_shared(args.out, rank, device, "eval.py")  # rank 0 scores every rank's outputs
 
@@ -398,8 +394,7 @@ def main(argv=None):
         raise SystemExit(f"eval.py: {len(wanted) - len(rows)} of {len(wanted)} prompts have no row in the outputs in "
                          f"{args.out}: nothing is scored; the same command judges them")
     scores = score(args.bench, rows)
-    with open(os.path.join(args.out, "scores.json"), "w") as f:
-        json.dump(scores, f, indent=2)
+    write_swapped(os.path.join(args.out, "scores.json"), json.dumps(scores, indent=2))
     print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)", args.bench)
     return scores
 

@@ -72,7 +72,7 @@ from data import FORMATS, default_judge_family, describe_counts, load_judge_exam
 from decode_model import check_split, tensor_parallel_group
 from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
-from rundir import RunDir, done_already, load_state, save_checkpoint
+from rundir import RunDir, done_already, load_state, save_checkpoint, write_swapped
 from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
                       check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
@@ -586,7 +586,7 @@ def finish(args, run, policy, step, history, judge_heldout, rank):
     if judge_heldout:
         summary["heldout_end"] = judge_heldout()
     if rank == 0:
-        json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
+        write_swapped(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))  # its finish mark: whole or none
         curve = [json.loads(line) for line in open(run.metrics_path)]
         print("reward curve (mean reward per step): " + " ".join(f"{r['reward_mean']:+.2f}" for r in curve[::max(1, len(curve) // 10)]))
         if judge_heldout:

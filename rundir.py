@@ -116,9 +116,7 @@ class RunDir:
                 p = os.path.join(self.out, f)
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
             os.makedirs(self.out, exist_ok=True)
-            with open(os.path.join(self.out, "run.json.tmp"), "w") as f:
-                json.dump({**self.settings, "inputs": self.fingerprints}, f, indent=2)
-            os.replace(os.path.join(self.out, "run.json.tmp"), os.path.join(self.out, "run.json"))  # never half-written
+            write_swapped(os.path.join(self.out, "run.json"), json.dumps({**self.settings, "inputs": self.fingerprints}, indent=2))
         barrier()
         check_shared(self.out, self.rank, self.device, self.script)
         return None
@@ -178,9 +176,7 @@ class RunDir:
         if self.rank == 0:
             rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
                 if step and os.path.exists(self.metrics_path) else []
-            with open(self.metrics_path + ".tmp", "w") as f:
-                f.writelines(rows)
-            os.replace(self.metrics_path + ".tmp", self.metrics_path)  # swapped in: a crash here loses no row
+            write_swapped(self.metrics_path, "".join(rows))  # a crash here loses no row
             self.metrics = open(self.metrics_path, "a")
 
     def log(self, rec, bar, **postfix):
@@ -285,6 +281,14 @@ def read_json_file(path, script):
             return json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"{script}: {path} is unreadable ({str(e)[:100]}): move it aside, or use another --out") from None
+
+
+def write_swapped(path, text):
+    """Write a file beside path, then swap it in (os.replace is atomic): a crash at any instant leaves the old file or
+    the new one whole, never half of one (run.json, summary.json, metrics, eval.py's outputs and scores)."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def save_state(path, model, optimizer, step, rank, extra=None):

@@ -52,7 +52,7 @@ import model as M
 import toy
 from data import FORMATS, DataError, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
-from rundir import RunDir, done_already, load_state, save_checkpoint
+from rundir import RunDir, done_already, load_state, save_checkpoint, write_swapped
 from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory, check_vocab, cli,
                       clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, gpu_peak_gib,
@@ -245,7 +245,7 @@ def finish(args, model, summary, judge_heldout, rank):
         acc, unparsed = judge_heldout()
         summary.update(heldout_accuracy=acc, heldout_unparsed=unparsed)
     if rank == 0:
-        json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=2)
+        write_swapped(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=2))  # its finish mark: whole or none
         print("sft done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items())
               + f"\ncheckpoint: {out_model}")
     end_distributed()
