@@ -285,6 +285,21 @@ def test_the_output_model_is_written_whole_or_not_at_all(toy_paths, tmp_path, mo
     assert open(tmp_path / "model" / "model.safetensors", "rb").read() == before
 
 
+
+def test_a_runs_small_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    # run.json, summary.json (a finished run's mark), metrics and eval.py's outputs and scores: a write that fails before
+    # its swap (a full disk, a kill) leaves the file as it was, not half of the new one
+    path = str(tmp_path / "summary.json")
+    rundir.write_swapped(path, json.dumps({"steps": 3}))
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        rundir.write_swapped(path, json.dumps({"steps": 4, "heldout_end": 90.0}))
+    assert json.load(open(path)) == {"steps": 3}
+    monkeypatch.setattr(os, "replace", replace)
+    rundir.write_swapped(path, json.dumps({"steps": 4}))
+    assert json.load(open(path)) == {"steps": 4} and os.listdir(tmp_path) == ["summary.json"]
+
 # ----------------------------------------------------------------------------- divergence
 
 def test_divergence_stops_without_saving_and_keeps_the_last_good_state(toy_paths, tmp_path):
