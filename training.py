@@ -372,3 +372,6 @@ def cli(main):
         if os.path.dirname(os.path.abspath(raised_in)) != os.path.dirname(os.path.abspath(__file__)):
             raise
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+    finally:  # a rank that stops on an error is still in its process group: the pause of end_distributed, for its reason
+        if dist.is_initialized():
+            time.sleep(0.1)
