@@ -11,7 +11,7 @@ rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; e
   save_checkpoint the output model and tokenizer, in the Hugging Face layout
   replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
                   crash interrupted, so a crash at any instant leaves one complete copy; write_swapped does the same
-                  for one small file (run.json, summary.json, metrics.jsonl's truncation; eval.py's outputs and scores)
+                  for one small file (run.json, summary.json, metrics.jsonl's truncation; eval.py's kept rows and scores)
 
 A saved state is 12 bytes a parameter over all ranks (fp32 weights and AdamW's two fp32 moments, whatever the compute
 precision), plus the step and RNG; the output model is in its save dtype (2 bytes a parameter in bf16). Each is written
@@ -286,7 +286,7 @@ def read_json_file(path, script):
 
 def write_swapped(path, text):
     """Write a file beside path, then swap it in (os.replace is atomic): a crash at any instant leaves the old file or
-    the new one whole, never half of one (run.json, summary.json, metrics, eval.py's outputs and scores)."""
+    the new one whole, never half of one (run.json, summary.json, metrics, eval.py's kept rows and scores)."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
