@@ -11,7 +11,7 @@ rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; e
   save_checkpoint the output model and tokenizer, in the Hugging Face layout
   replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
                   crash interrupted, so a crash at any instant leaves one complete copy; write_swapped does the same
-                  for one small file (run.json, summary.json, metrics.jsonl's truncation; eval.py's kept rows and scores)
+                  for one small file (run.json, summary.json, metrics.jsonl cut back; eval.py's kept rows and scores)
 
 A saved state is 12 bytes a parameter over all ranks (fp32 weights and AdamW's two fp32 moments, whatever the compute
 precision), plus the step and RNG; the output model is in its save dtype (2 bytes a parameter in bf16). Each is written

@@ -287,7 +287,7 @@ def test_the_output_model_is_written_whole_or_not_at_all(toy_paths, tmp_path, mo
 
 
 def test_a_runs_small_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    # run.json, summary.json (a finished run's mark), metrics and eval.py's outputs and scores: a write that fails before
+    # run.json, summary.json (a finished run's mark), metrics and eval.py's kept rows and scores: a write that fails before
     # its swap (a full disk, a kill) leaves the file as it was, not half of the new one
     path = str(tmp_path / "summary.json")
     rundir.write_swapped(path, json.dumps({"steps": 3}))
