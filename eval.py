@@ -40,7 +40,7 @@ from tqdm import tqdm
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from decode_model import check_split, load_for_decoding, tensor_parallel_group
 from rewards import parse_verdict
-from rundir import check_same_inputs, check_shared, fingerprint, read_json_file, write_swapped
+from rundir import check_same_inputs, check_shared, fingerprint_inputs, read_json_file, write_swapped
 from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
                       end_distributed, setup_distributed)
 
@@ -304,7 +304,7 @@ def claim_out_dir(args, rank, device):
     """An output directory belongs to one judge, data set and setting (recorded in run.json): a rerun with the
     same ones resumes from the outputs, another is refused (with --overwrite, the old outputs are removed)."""
     read = {"judge": args.judge if args.judge not in BASELINES else None, "tokenizer": args.tokenizer, "data": args.data}
-    prints = {k: fingerprint(path) for k, path in read.items() if path}  # every rank reads them itself: the same files?
+    prints = fingerprint_inputs({k: path for k, path in read.items() if path})  # every rank reads them: the same files?
     check_same_inputs({f"--{k} {read[k]}": f for k, f in prints.items()}, rank, device, "eval.py")
     identity = lambda k: f"{os.path.abspath(read[k])} {prints[k]}"  # where, and the contents' hash
     run = {"judge": args.judge if args.judge in BASELINES else identity("judge"),

@@ -1,5 +1,5 @@
 """
-rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; eval.py uses its fingerprint).
+rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; eval.py uses its fingerprints).
 
   RunDir          a run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output),
                   models/step-N/ (--save-model-every). It refuses to clobber another run, checks a resume's settings
@@ -58,6 +58,13 @@ def fingerprint(path):
     return "sha256:" + h.hexdigest()[:16]
 
 
+def fingerprint_inputs(paths):
+    """{flag: path} -> {flag: fingerprint} of the paths that exist, each path hashed once (--tokenizer is often --model:
+    a 7B checkpoint's weights take about 10 s)."""
+    hashed = {p: fingerprint(p) for p in set(paths.values()) if os.path.exists(p)}
+    return {k: hashed[p] for k, p in paths.items() if p in hashed}
+
+
 class RunDir:
     """A run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output) and models/ (kept
     ones). A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
@@ -84,8 +91,7 @@ class RunDir:
         # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
         ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "models", "summary.json")
                 if os.path.exists(os.path.join(self.out, f))]
-        hashed = {v: fingerprint(v) for v in set(self.inputs.values()) if os.path.exists(v)}  # --tokenizer: often --model
-        self.fingerprints = {k: hashed[v] for k, v in self.inputs.items() if v in hashed}
+        self.fingerprints = fingerprint_inputs(self.inputs)
         check_same_inputs({f"--{k.replace('_', '-')} {v}": self.fingerprints.get(k) for k, v in self.inputs.items()},
                           self.rank, self.device, self.script)
         if resume == "auto":

@@ -533,6 +533,19 @@ def test_a_fingerprint_sees_an_edit_in_the_middle_of_a_large_file(tmp_path):
     assert rundir.fingerprint(str(tmp_path)) != before
 
 
+
+def test_each_input_is_hashed_once_and_a_missing_one_not_at_all(tmp_path, monkeypatch):
+    # --tokenizer defaults to --model (the trainers, eval.py's --judge): a 7B checkpoint's weights are hashed once
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    hashed, fingerprint = [], rundir.fingerprint
+    monkeypatch.setattr(rundir, "fingerprint", lambda path: hashed.append(path) or fingerprint(path))
+    ckpt, data = str(tmp_path / "ckpt"), str(tmp_path / "data.jsonl")
+    prints = rundir.fingerprint_inputs({"model": ckpt, "tokenizer": ckpt, "data": data, "eval_data": str(tmp_path / "no")})
+    assert sorted(hashed) == sorted([ckpt, data])
+    assert prints == {"model": fingerprint(ckpt), "tokenizer": fingerprint(ckpt), "data": fingerprint(data)}
+
 def test_resume_of_a_finished_run_changes_nothing(toy_paths, tmp_path, capsys):
     summary = sft.main(sft_args(toy_paths, tmp_path / "run"))
     before = {f: open(tmp_path / "run" / f).read() for f in ("summary.json", "metrics.jsonl", "run.json")}
