@@ -560,7 +560,7 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="grpo")
     start, stop_at = step, (min(total, step + args.stop_after_steps) if args.stop_after_steps else total)
     longest_micro = max(1, args.micro_seqs // args.n) * args.max_prompt_len + args.micro_seqs * args.max_new_tokens
-    while step < stop_at and not run.out_of_time:
+    while step < stop_at and not run.stopping:
         for group in optimizer.param_groups:
             group["lr"] = args.lr if args.lr_schedule == "constant" else lr_at(step, total, args.lr, 0, 0.0)
         rec = grpo_step(job, step)
@@ -572,9 +572,8 @@ def main(argv=None):
         run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
         run.save(policy, optimizer, step, total, stop_at, extra=history)
     bar.close()
-    if step < total:  # stopped early on purpose: the state is saved, --resume continues
-        end_distributed()
-        return {"steps": step, **history}
+    if step < total:  # stopped early (on purpose, or on a signal): the state is saved, --resume continues
+        return run.stopped_early({"steps": step, **history})
     return finish(args, run, policy, step, history, judge_heldout if heldout else None, rank)
 
 

@@ -6,7 +6,7 @@ rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; e
                   and inputs' contents (fingerprint), checks before any work that every rank reads the same inputs
                   and sees the directory (check_same_inputs, check_shared) and that its disk holds the run's saves
                   (check_disk), keeps the metrics, saves after each step what is due (save), and stops a run in time
-                  (--stop-after-minutes)
+                  (--stop-after-minutes) or, saved, on a stop signal (SIGTERM, SIGUSR1: training.cli notes it)
   save/load_state each rank's shards of weights and AdamW moments; any number of ranks resumes them
   save_checkpoint the output model and tokenizer, in the Hugging Face layout
   replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import time
 
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 import checkpoint
 import model as M
-from training import all_reduce_max, all_reduce_sum, barrier, end_distributed, local_tensor
+from training import all_reduce_max, all_reduce_sum, barrier, catch_stop_signals, end_distributed, local_tensor, stop_request
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "stop_after_minutes", "save_every", "compile", "grad_ckpt",
@@ -70,11 +71,12 @@ class RunDir:
     ones). A new run refuses a directory that holds another run's files unless --overwrite; --resume needs the saved
     state and the same settings (RESUME_MAY_CHANGE aside), truncates metrics to the resumed step, and finishes a state
     swap a crash interrupted; --resume auto resumes what there is, else starts. The trainers call, in order: start,
-    check_disk, open_metrics, then log and save each step."""
+    check_disk, open_metrics, then log and save each step, and stopped_early if the run stops before its last."""
 
     def __init__(self, out, args, rank, script, device):
         self.out, self.rank, self.script, self.device = out, rank, script, device
-        self.started, self.minutes, self.out_of_time, self.longest_save = clock(), args.stop_after_minutes, False, 0.0
+        self.started, self.minutes, self.stopping, self.longest_save = clock(), args.stop_after_minutes, False, 0.0
+        self.stop_signal = 0  # the signal a run stops on (log)
         self.model_path, self.save_dtype, self.tokenizer = args.model, args.save_dtype, args.tokenizer
         self.state_every, self.model_every = args.save_every, args.save_model_every
         self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
@@ -178,8 +180,10 @@ class RunDir:
                              f"{self.out} used the old ones. Resume with them, or start a new --out")
 
     def open_metrics(self, step, total):
-        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start."""
+        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start,
+        and a stop signal now stops the run after the step in progress, saved (training.catch_stop_signals), until the last."""
         self.total, self.step_started, self.longest_step = total, clock(), 0.0
+        catch_stop_signals(step < total)
         if self.rank == 0:
             rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
                 if step and os.path.exists(self.metrics_path) else []
@@ -187,21 +191,27 @@ class RunDir:
             self.metrics = open(self.metrics_path, "a")
 
     def log(self, rec, bar, **postfix):
-        """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar (rank 0)."""
+        """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar (rank 0). Then whether the
+        run stops here, saving (self.stopping): after a stop signal (cli), or when --stop-after-minutes says so."""
         if self.rank == 0:
             self.metrics.write(json.dumps(rec) + "\n")
             self.metrics.flush()
             bar.set_postfix(**postfix)
             bar.update(1)
+        ends = 0.0
         if self.minutes:  # --stop-after-minutes: would another step and a save (the longest of each so far) end past?
             now = clock()
             self.longest_step, self.step_started = max(self.longest_step, now - self.step_started), now
-            ends = all_reduce_max([now - self.started + self.longest_step + self.longest_save], self.device)[0]
-            late = ends > 60 * self.minutes
-            self.out_of_time = late and rec["step"] < self.total
-            if self.out_of_time and self.rank == 0:  # the trainer saves and stops; every rank agrees (the latest clock)
-                bar.write(f"{self.script}: stopping after step {rec['step']} ({(now - self.started) / 60:.1f} minutes, "
-                          f"--stop-after-minutes {self.minutes:g}); --resume continues")
+            ends = now - self.started + self.longest_step + self.longest_save
+        # the latest clock and any rank's signal, so every rank stops at the same step (a signal may reach one rank first)
+        ends, signum = all_reduce_max([ends, float(stop_request["signal"])], self.device)
+        late = bool(self.minutes) and ends > 60 * self.minutes
+        self.stopping = (late or signum > 0) and rec["step"] < self.total
+        self.stop_signal = int(signum) if self.stopping else 0
+        if self.stopping and self.rank == 0:  # the trainer saves and stops
+            why = (f"{signal.Signals(self.stop_signal).name} received" if self.stop_signal else  # (late: now was read)
+                   f"{(now - self.started) / 60:.1f} minutes, --stop-after-minutes {self.minutes:g}")
+            bar.write(f"{self.script}: stopping after step {rec['step']} ({why}); --resume continues")
 
     def save(self, model, optimizer, step, total, stop_at, extra=None):
         """After each step (every rank): the model in Hugging Face layout if --save-model-every keeps this step's, then
@@ -209,7 +219,7 @@ class RunDir:
         order: a crash between the two runs the step again and writes its model again. Timed: --stop-after-minutes keeps
         room for the longest save so far (the run's first has no measure yet), and a step's time leaves its saves out."""
         keep = step in self.kept_models(total)
-        state_due = step % self.state_every == 0 or step == stop_at or self.out_of_time
+        state_due = step % self.state_every == 0 or step == stop_at or self.stopping
         if not (keep or state_due):
             return
         began = clock()
@@ -219,6 +229,17 @@ class RunDir:
             save_state(self.state, model, optimizer, step, self.rank, extra)
         self.step_started = clock()
         self.longest_save = max(self.longest_save, self.step_started - began)
+        if step == stop_at or self.stopping:  # the steps end: a stop signal from here on ends the process at once
+            catch_stop_signals(False)
+
+    def stopped_early(self, summary):
+        """The end of a run stopped before its last step (--stop-after-steps, --stop-after-minutes, a stop signal), its
+        state saved: every rank leaves the group -> summary. A stop signal's run exits as the signal would have (status
+        128 + its number), so a job script sees that it did not finish."""
+        end_distributed()
+        if self.stop_signal:
+            raise SystemExit(128 + self.stop_signal)
+        return summary
 
 
 def check_shared(out, rank, device, script):

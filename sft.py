@@ -213,7 +213,7 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
     rec, start, longest_micro = {}, step, max(args.tokens_per_micro, args.max_len)  # a longer row is a micro-batch alone
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
-    while step < stop_at and not run.out_of_time:
+    while step < stop_at and not run.stopping:
         lr = lr_at(step, total, args.lr, warmup, args.min_lr_ratio)
         rec = train_step(args, model, optimizer, rows, step, lr, tokenizer.pad_id or 0, rank, world, device, run.state)
         step += 1
@@ -230,9 +230,8 @@ def main(argv=None):
                 **({"mfu": f"{rec['mfu']:.1%}"} if rec["mfu"] is not None else {}))
         run.save(model, optimizer, step, total, stop_at, extra={"target_met": step == total and total < planned})
     bar.close()
-    if step < total:  # stopped early on purpose: the state is saved, --resume continues
-        end_distributed()
-        return {"steps": step}
+    if step < total:  # stopped early (on purpose, or on a signal): the state is saved, --resume continues
+        return run.stopped_early({"steps": step})
     summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
     return finish(args, model, summary, (lambda: judge("heldout")) if "heldout" in judges else None, rank)
 

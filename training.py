@@ -14,7 +14,8 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
   train_flops, gpu_peaks  a forward+backward's model FLOPs, and the GPU's peaks: MFU
-  stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab, cli
+  stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab
+  cli                 a script's main: one-line errors; catch_stop_signals: SIGTERM / SIGUSR1 noted while a trainer's steps run
 What a run writes (its directory, saved state, output model) is rundir.py's.
 
 The precision policy is the same for every world size. bf16 (CUDA's default): fp32 master weights and AdamW
@@ -37,6 +38,7 @@ import functools
 import itertools
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -358,11 +360,32 @@ def check_flags(ap, args, positive=(), nonnegative=(), fractions=()):
             ap.error(f"--{k.replace('_', '-')} is a fraction, at most 1, got {v}")
 
 
+# a scheduler's or launcher's "stop": SLURM's --signal and preemption, a cloud's spot reclaim, torchrun passing its own on
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+stop_request = {"script": False, "signal": 0}  # script: run by cli (not a test calling main); signal: the one noted
+
+
+def catch_stop_signals(catch):
+    """While a trainer's steps run (RunDir turns this on at open_metrics and off at the last step's save), a stop signal
+    to a script is noted instead of ending the process: the run saves after the step in progress and stops (RunDir.log:
+    every rank after the same step). It may come more than once (SLURM signals every process of a job step, and
+    torchrun passes its own on too). At other times a stop signal does what it always does, at once."""
+    if stop_request["script"]:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, note_stop_signal if catch else signal.SIG_DFL)
+
+
+def note_stop_signal(signum, frame):
+    stop_request["signal"] = signum
+
+
 def cli(main):
     """Run a script's main: bad input (data, checkpoint, tokenizer files) ends in one line naming the file,
     not a traceback. Only errors raised by this project's own checks: one raised inside a library is a bug to
     debug, and keeps its traceback. The system's errors (disk full, a read-only or missing path, a directory where
-    a file belongs) are one line wherever they come from: the OS names the path."""
+    a file belongs) are one line wherever they come from: the OS names the path. A trainer run this way saves and
+    stops on a stop signal (catch_stop_signals)."""
+    stop_request["script"] = True
     try:
         main()
     except OSError as e:

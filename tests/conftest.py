@@ -50,12 +50,17 @@ def toy_paths(tmp_path_factory):
     return toy.prepare(str(tmp_path_factory.mktemp("toy")), seed=0, n_train=96, n_rl=96, n_heldout=16)
 
 
+def torchrun_command(script, args, nproc=2):
+    """`torchrun --nproc_per_node nproc script args` on CPU (gloo) -> its command and environment."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, script)] + args
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+
+
 def run_torchrun(script, args, nproc=2, timeout=600):
     """Run `torchrun --nproc_per_node nproc script args` on CPU (gloo); fail with its output."""
     import subprocess
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(ROOT, script)] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd, env = torchrun_command(script, args, nproc)
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     return p

@@ -1,8 +1,13 @@
 """Bad inputs and faults: each case checks the exit and that the message names the file, field or flag, and
 each fault case that nothing was lost (the previous state intact, metrics without duplicates)."""
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +18,7 @@ import grpo
 import rundir
 import sft
 import training
-from conftest import ROOT, make_hf_checkpoint, read_metrics, run_torchrun
+from conftest import ROOT, make_hf_checkpoint, read_metrics, run_torchrun, torchrun_command
 from data import DataError, load_judge_examples, load_tokenizer, read_jsonl, read_sft_rows
 
 
@@ -245,6 +250,59 @@ def test_resume_after_a_crash_truncates_metrics_to_the_saved_step(toy_paths, tmp
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == [1, 2, 3]  # no duplicate step 3
     assert [r["loss"] for r in cut] == [r["loss"] for r in full]
+
+
+def run_and_signal(cmd, out, env=None, rank=None, timeout=120):
+    """Start cmd, wait for its second step in out/metrics.jsonl, then SIGTERM it (a scheduler's stop, a preemption), or
+    under torchrun only the worker of that rank -> (its exit status, what it printed). Past timeout seconds (ranks that
+    disagree on where to stop wait for each other for ever), every process it started is killed and the test fails."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, began, workers = os.path.join(out, "metrics.jsonl"), time.monotonic(), []
+    try:
+        while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+            assert p.poll() is None and time.monotonic() - began < timeout, "no second step"
+            time.sleep(0.01)
+        # torchrun's workers are its children; their environment names their rank
+        workers = list(map(int, open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()))
+        pid = p.pid if rank is None else next(w for w in workers if f"RANK={rank}" in open(f"/proc/{w}/environ").read().split("\0"))
+        os.kill(pid, signal.SIGTERM)
+        printed = p.communicate(timeout=timeout)[0]
+        return p.returncode, printed
+    except (AssertionError, subprocess.TimeoutExpired):
+        for pid in [p.pid] + workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{cmd[-1]}: {p.communicate()[0][-3000:]}")
+
+
+@pytest.mark.slow
+def test_a_stop_signal_saves_the_step_in_progress_and_resume_continues_exactly(toy_paths, tmp_path):
+    # SIGTERM in the middle of a run: the step in progress ends and is saved (--save-every would save only at the end),
+    # and the run exits with 143 (128 + 15), as the signal would have; --resume then gives the uninterrupted run
+    steps = ("--global-batch", "4", "--max-steps", "24", "--save-every", "100")
+    sft.main(sft_args(toy_paths, tmp_path / "full", *steps))
+    status, printed = run_and_signal([sys.executable, "sft.py", *sft_args(toy_paths, tmp_path / "cut", *steps)], tmp_path / "cut")
+    cut = read_metrics(tmp_path / "cut")
+    assert status == 128 + signal.SIGTERM, printed[-3000:]
+    assert 2 <= len(cut) < 24 and f"stopping after step {len(cut)} (SIGTERM received); --resume continues" in printed
+    assert torch.load(tmp_path / "cut" / "state" / "rank0.pt", weights_only=True)["step"] == len(cut)
+    sft.main(sft_args(toy_paths, tmp_path / "cut", *steps, "--resume"))
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == [r["loss"] for r in read_metrics(tmp_path / "full")]
+    a, b = (checkpoint.load_model(str(tmp_path / run / "model")).state_dict() for run in ("full", "cut"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_to_one_rank_stops_every_rank_after_the_same_step(toy_paths, tmp_path):
+    # SIGTERM to rank 1 of 2 only: rank 0 learns of it at the step's end (an all-reduce), so both save their shards of the
+    # same step and stop (torchrun then reports the ranks' exits as failures: the run did not finish)
+    out = tmp_path / "two"
+    cmd, env = torchrun_command("sft.py", sft_args(toy_paths, out, "--global-batch", "4", "--max-steps", "24",
+                                                   "--save-every", "100"))
+    status, printed = run_and_signal(cmd, out, env, rank=1)
+    steps = [torch.load(out / "state" / f"rank{r}.pt", weights_only=True)["step"] for r in (0, 1)]
+    assert 2 <= len(read_metrics(out)) < 24 and steps == [len(read_metrics(out))] * 2, printed[-3000:]
+    assert f"stopping after step {steps[0]} (SIGTERM received)" in printed
 
 
 @pytest.mark.parametrize("fail_at", range(4))
