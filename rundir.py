@@ -76,7 +76,7 @@ class RunDir:
     def __init__(self, out, args, rank, script, device):
         self.out, self.rank, self.script, self.device = out, rank, script, device
         self.started, self.minutes, self.stopping, self.longest_save = clock(), args.stop_after_minutes, False, 0.0
-        self.stop_signal = 0  # the signal a run stops on (log)
+        self.stop_signal, self.state_saved = 0, False  # the signal a run stops on (log); whether this run saved a state
         self.model_path, self.save_dtype, self.tokenizer = args.model, args.save_dtype, args.tokenizer
         self.state_every, self.model_every = args.save_every, args.save_model_every
         self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
@@ -217,9 +217,10 @@ class RunDir:
         """After each step (every rank): the model in Hugging Face layout if --save-model-every keeps this step's, then
         the resumable state (save_state into state/) every --save-every steps and when the run stops here. In that
         order: a crash between the two runs the step again and writes its model again. Timed: --stop-after-minutes keeps
-        room for the longest save so far (the run's first has no measure yet), and a step's time leaves its saves out."""
+        room for the longest save so far, and a step's time leaves its saves out; with it, the state is also saved after
+        the first step (of a run, or of a resume), so that there is a save to measure before the limit draws near."""
         keep = step in self.kept_models(total)
-        state_due = step % self.state_every == 0 or step == stop_at or self.stopping
+        state_due = step % self.state_every == 0 or step == stop_at or self.stopping or (self.minutes and not self.state_saved)
         if not (keep or state_due):
             return
         began = clock()
@@ -227,6 +228,7 @@ class RunDir:
             save_checkpoint(model, self.kept(step), self.rank, self.save_dtype, self.tokenizer)
         if state_due:
             save_state(self.state, model, optimizer, step, self.rank, extra)
+            self.state_saved = True
         self.step_started = clock()
         self.longest_save = max(self.longest_save, self.step_started - began)
         if step == stop_at or self.stopping:  # the steps end: a stop signal from here on ends the process at once

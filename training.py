@@ -72,7 +72,8 @@ def add_run_flags(ap, compiles):
                     "requeue)")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--stop-after-minutes", type=float, default=0, help="stop (resumably, saving) where another step and "
-                    "a save, each as long as the longest so far, would end past this many minutes of this run (a job's limit)")
+                    "a save, each as long as the longest so far, would end past this many minutes of this run (a job's limit); it saves "
+                    "after the first step too, to measure a save")
     ap.add_argument("--save-model-every", type=int, default=0, help="also keep the model in Hugging Face layout every N "
                     "steps, in OUT/models/step-N (0: only the final OUT/model)")
     ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],

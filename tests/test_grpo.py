@@ -150,13 +150,16 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, mon
     assert full["steps"] == 3 and "heldout_end" in full
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "1", policy=policy))
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
-    # --stop-after-minutes 1 on a clock that moves 20 s a reading (the run's start, the steps' start, each step's end):
-    # after step 1, 40 s in, another 20 s step ends at 60 s (not past); after step 2 it would end at 80 s: stop there
+    # --stop-after-minutes 2 on a clock that moves 20 s a reading (the run's start, the steps' start, each step's end, each
+    # save's start and end): after step 1, 40 s in, another 20 s step ends at 60 s, and no save is measured yet; step 1
+    # then saves (with --stop-after-minutes the first step does, whatever --save-every), 20 s; after step 2, 100 s in,
+    # another step and a save, 20 s each, would end at 140 s: stop there. Without step 1's save, the same rule would
+    # have run step 3, the last, ending at 100 s
     import rundir
     readings = iter(range(20, 10**4, 20))
     monkeypatch.setattr(rundir, "clock", lambda: next(readings))
-    assert grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--stop-after-minutes", "1", policy=policy))["steps"] == 2
-    assert "stopping after step 2 (1.0 minutes, --stop-after-minutes 1); --resume continues" in capsys.readouterr().out
+    assert grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--stop-after-minutes", "2", policy=policy))["steps"] == 2
+    assert "stopping after step 2 (1.7 minutes, --stop-after-minutes 2); --resume continues" in capsys.readouterr().out
     grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--resume", policy=policy))  # saved at step 2 (--save-every 20)
     a = checkpoint.load_model(str(tmp_path / "full" / "model"))
     for cut in ("cut", "timed"):
