@@ -39,6 +39,7 @@ def tensor_parallel_copy(cfg, device, dtype, group=None):
         layer.self_attn.o_proj = RowParallelLinear(layer.self_attn.o_proj, group)
         layer.mlp.down_proj = RowParallelLinear(layer.mlp.down_proj, group)
     model.tp = (T, dist.get_rank(group) if T > 1 else 0)
+    model.tp_group = group if T > 1 else None  # the sampler's ranks agree on when to give up a call
     return model
 
 

@@ -49,11 +49,11 @@ Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metr
 (train_mfu: the update's model FLOPs over its seconds and the GPUs' peak); held-out accuracy (greedy, eval.py's code
 path) runs every --eval-every steps. A non-finite loss, gradient norm or KL stops the run before the optimizer step,
 without saving. Checkpoints (rundir.py): Hugging Face layout model in the starting checkpoint's dtype + resumable state;
---resume continues exactly. --offload keeps the trainer's weights, gradients and AdamW's moments in host memory
-(training.py), for models whose training state does not fit beside the rollout copy and its KV cache.
+--resume continues exactly; a stop signal (SIGTERM) gives up a rollout in progress (nothing has changed yet) and saves
+the last step's state, or, during the update, ends the step and saves it. --offload keeps the trainer's weights,
+gradients and AdamW's moments in host memory (training.py), for models whose state does not fit beside the rollout copy.
 
-Reading order: the flags, the maths, then grpo_step and its stages in order (rollout, score, old_and_ref_logprobs,
-update -> policy_update_step, which holds the PPO loss), then setup_job and main.
+Reading order: flags, maths, grpo_step's stages (rollout, score, old_and_ref_logprobs, update -> policy_update_step), main.
 """
 import argparse
 import json
@@ -77,7 +77,7 @@ from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
                       check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
                       fit_recompute, gpu_peak_gib, gpu_peaks, load_for_training, lr_at, make_optimizer, precision_of,
-                      setup_distributed, stop_if_not_finite, train_flops)
+                      setup_distributed, stop_if_not_finite, stop_request, train_flops)
 
 
 def parse_args(argv=None):
@@ -284,36 +284,38 @@ class Rollout:  # the step's groups, every rank's, in rollout order: group g is 
 
 
 def grpo_step(job, step):
-    """Rollout -> rewards and advantages -> old/reference log-probs -> one update per mini-batch -> metrics."""
+    """Rollout -> rewards and advantages -> old/reference log-probs -> one update per mini-batch -> metrics, or None."""
     args = job.args
-    ro = rollout(job, step)
+    if (ro := rollout(job, step)) is None:  # given up on a stop signal
+        return None
     rewards, correct = score(job, ro)
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
     prompt_lens, lengths = list(map(len, ro.prompts)), list(map(len, ro.responses))
-    plans = micro_batch_plan(prompt_lens, lengths, args.n, args.minibatch_prompts, args.micro_seqs, job.world)
-    plan = plans[job.rank]
-    t0 = time.time()
-    old, refs, sampler_logp, mismatch = old_and_ref_logprobs(job, ro, plan)
+    plans, t0 = micro_batch_plan(prompt_lens, lengths, args.n, args.minibatch_prompts, args.micro_seqs, job.world), time.time()
+    old, refs, sampler_logp, mismatch = old_and_ref_logprobs(job, ro, plans[job.rank])
     t_logprobs, t0 = time.time() - t0, time.time()
     updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, sampler_logp[m])
-               for m, part in enumerate(plan)]
-    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch,
-                        train_balance(prompt_lens, lengths, args.n, plans),
+               for m, part in enumerate(plans[job.rank])]
+    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, train_balance(prompt_lens, lengths, args.n, plans),
                         {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
 
 
 def rollout(job, step):
     """1. Sample n traces for each of this rank's prompts from a fresh copy of the policy's weights, then gather every
-    rank's: each rank holds the step's whole rollout, so the update can share out its micro-batches (micro_batch_plan)."""
+    rank's: each rank holds the step's whole rollout, so the update can share out its micro-batches (micro_batch_plan).
+    None if a stop signal came first, to any rank: every rank gives up the step, which has changed nothing yet."""
     args, t0, n, world, tp = job.args, time.time(), job.args.n, job.world, job.engine.tp[0]
     batch = epoch_batch(len(job.examples), args.rollout_prompts, step, args.seed)
     mine = rank_positions(args.rollout_prompts, world, job.rank, tp)  # (with --rollout-tp, its group's too)
     job.engine.load_weights(job.policy)
     preempted = job.engine.preemptions
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
-    responses, logps = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature,
-                                           args.top_p, args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step,
-                                           vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, logprobs=True)
+    drawn = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature, args.top_p,
+                                args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step, logprobs=True,
+                                vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, stop_when=lambda: stop_request["signal"] > 0)
+    if all_reduce_max([drawn is None], job.device)[0]:  # the ranks agree (those with no signal finished their share)
+        return None
+    responses, logps = drawn
     own = [k * n + j for k, p in enumerate(mine) if p % world == job.rank for j in range(n)]  # its own positions
     responses, logps = [responses[i] for i in own], [logps[i] for i in own]
     # rank r sampled positions r, r + world, ...: its i-th group is position r + i * world
@@ -433,8 +435,7 @@ def update(job, step, ro, adv, micros, old, refs, sampler_logp):
     totals = {key: float(value) for key, value in totals.items()}  # the device's sums, read once after the backwards
     totals.update(zip(("loss", "kl"), all_reduce_sum([totals["loss"], totals["kl"]], job.device)))
     grad_norm = clip_grad_norm(job.policy, job.args.grad_clip)
-    stop_if_not_finite("grpo.py", step + 1, os.path.join(job.args.out, "state"), loss=totals["loss"], grad_norm=grad_norm,
-                       kl=totals["kl"])
+    stop_if_not_finite("grpo.py", step + 1, os.path.join(job.args.out, "state"), loss=totals["loss"], grad_norm=grad_norm, kl=totals["kl"])
     job.optimizer.step()
     job.optimizer.zero_grad(set_to_none=True)
     return {**totals, "grad_norm": grad_norm, "n_tok": n_tok}
@@ -504,8 +505,7 @@ def setup_job(args, run, rank, world, device):
     total = args.steps or len(examples) // args.rollout_prompts
     run.check_disk(total)
     compile = compile_wanted(args.compile, device)
-    load = lambda **kw: load_for_training(args.model, world, device, compile=compile, precision=args.precision,
-                                          offload=args.offload, **kw)
+    load = lambda **kw: load_for_training(args.model, world, device, compile=compile, precision=args.precision, offload=args.offload, **kw)
     if args.offload:
         check_host_memory(args.model, world, frozen_bytes=(2 if args.precision == "bf16" else 4) * (args.kl > 0))
     policy, ref = load(grad_ckpt=args.grad_ckpt), load(trainable=False) if args.kl > 0 else None
@@ -525,8 +525,7 @@ def setup_job(args, run, rank, world, device):
     if engine.slots < args.gen_prompts * args.n and rank == 0:
         print(f"grpo: decoding {engine.slots // args.n} prompts at a time (not {args.gen_prompts}): their KV cache fills "
               f"--kv-cache-frac {args.kv_cache_frac} of the GPU")
-    job = Job(args, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, rank, world, device)
-    return job, heldout, described, total
+    return Job(args, policy, ref, optimizer, engine, tokenizer, examples, prompt_ids, rank, world, device), heldout, described, total
 
 
 def main(argv=None):
@@ -563,7 +562,9 @@ def main(argv=None):
     while step < stop_at and not run.stopping:
         for group in optimizer.param_groups:
             group["lr"] = args.lr if args.lr_schedule == "constant" else lr_at(step, total, args.lr, 0, 0.0)
-        rec = grpo_step(job, step)
+        if (rec := grpo_step(job, step)) is None:  # its rollout given up on a stop signal: save the last step, and stop
+            run.cut_short(policy, optimizer, step, extra=history)
+            break
         step += 1
         if (fitted := fit_recompute(policy, args.grad_ckpt, step - start, longest_micro, device)) and rank == 0:
             tqdm.write(f"grpo: {fitted}")

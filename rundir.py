@@ -234,6 +234,17 @@ class RunDir:
         if step == stop_at or self.stopping:  # the steps end: a stop signal from here on ends the process at once
             catch_stop_signals(False)
 
+    def cut_short(self, model, optimizer, step, extra=None):
+        """A stop signal gave up the step after `step` before it changed anything (every rank agreeing: grpo.py's
+        rollout): save `step`'s state (none before the first step), as a step that stops on a signal does."""
+        self.stopping, self.stop_signal = True, int(all_reduce_max([float(stop_request["signal"])], self.device)[0])
+        if self.rank == 0:
+            print(f"{self.script}: {signal.Signals(self.stop_signal).name} received: step {step + 1} given up before it "
+                  f"changed anything, stopping after step {step}; --resume continues")
+        if step:
+            save_state(self.state, model, optimizer, step, self.rank, extra)
+        catch_stop_signals(False)
+
     def stopped_early(self, summary):
         """The end of a run stopped before its last step (--stop-after-steps, --stop-after-minutes, a stop signal), its
         state saved: every rank leaves the group -> summary. A stop signal's run exits as the signal would have (status

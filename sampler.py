@@ -49,6 +49,7 @@ import os
 from collections import deque
 
 import torch
+import torch.distributed as dist
 
 import model as M
 from decode_model import copy_weights, fuse_projections, tensor_parallel_copy
@@ -191,10 +192,12 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
-                 vocab_size=None, prompt_ids=None, continuous=True, logprobs=False):
+                 vocab_size=None, prompt_ids=None, continuous=True, logprobs=False, stop_when=None):
         """prompt_ids: a global index per prompt (default 0..len-1): sample j of prompt i is sequence
         prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
-        is free (static batching, for comparison). -> token lists (logprobs: and their log-prob lists)."""
+        is free (static batching, for comparison). stop_when: a function asked at every host check; once it says True
+        the call gives up its work (grpo.py: a stop signal) and returns None. -> token lists (logprobs: and their
+        log-prob lists)."""
         longest = max((len(p) for p in prompts), default=0)
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
@@ -231,12 +234,25 @@ class Sampler:
                 hi = min(hi + 1, self.max_len)
                 self.step(b, stop, *draw, self.kv_span(hi))
             hi = self.collect(owner, b, outputs, out_logps, pos)
+            if stop_when and self.all_agree(stop_when()):  # the running samples let go of their pages
+                for s in (s for s in range(self.slots) if owner[s] >= 0 and self.pages):
+                    self.pages.release(s)
+                outputs = None
+                break
             if self.pages:
                 self.reserve(owner, pos, waiting)
         if self.pages:
             self.pages.drop_prefix()
         self.model.train(was_training)
-        return (outputs, out_logps) if logprobs else outputs
+        return None if outputs is None else (outputs, out_logps) if logprobs else outputs
+
+    def all_agree(self, flag):
+        """The ranks of a tensor-parallel copy decode in lockstep (an all-reduce a layer): one that stops, all do."""
+        if self.tp[0] == 1:
+            return flag
+        flag = torch.tensor(float(flag), device=self.tok.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.model.tp_group)
+        return bool(flag.item())
 
     def ahead(self, length):
         """Paged: the positions a sequence of `length` needs pages for until the next host check."""

@@ -145,6 +145,40 @@ def assert_same_run(one, two, batched_alike=True):
             assert (p - q).norm() < 0.05 * (p - s).norm()
 
 
+def test_a_stop_signal_during_a_rollout_gives_up_the_step_and_resume_continues_exactly(toy_paths, tmp_path, policy,
+                                                                                      monkeypatch, capsys):
+    # a stop signal noted during step 2's rollout: the sampler gives up at its next host check, the step changes nothing,
+    # and the run saves step 1's state (--save-every 20 would not) and exits with 143; --resume gives the uninterrupted run
+    import signal
+    import training
+    from sampler import Sampler
+    grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
+    real, rollouts, checks = Sampler.generate, [], []
+
+    def generate(self, *args, stop_when=None, **kw):  # held-out judging passes no stop_when
+        rollouts.append(stop_when is not None)
+        if sum(rollouts) == 2 and stop_when is not None:
+            def stop_when(asked=stop_when):  # SIGTERM arrives as the first host check comes
+                checks.append(len(checks) + 1)
+                monkeypatch.setitem(training.stop_request, "signal", signal.SIGTERM)
+                return asked()
+        return real(self, *args, stop_when=stop_when, **kw)
+
+    monkeypatch.setattr(Sampler, "generate", generate)
+    with pytest.raises(SystemExit) as stopped:
+        grpo.main(grpo_args(toy_paths, tmp_path / "cut", policy=policy))
+    assert stopped.value.code == 128 + signal.SIGTERM and len(checks) == 1  # given up at the first host check
+    assert "SIGTERM received: step 2 given up before it changed anything, stopping after step 1" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1]
+    assert torch.load(tmp_path / "cut" / "state" / "rank0.pt", weights_only=True)["step"] == 1
+    monkeypatch.setitem(training.stop_request, "signal", 0)
+    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["reward_mean"] for r in cut] == [r["reward_mean"] for r in full] and len(full) == 3
+    a, b = (checkpoint.load_model(str(tmp_path / run / "model")).state_dict() for run in ("full", "cut"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, monkeypatch, capsys):
     full = grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
     assert full["steps"] == 3 and "heldout_end" in full

@@ -895,7 +895,8 @@ def test_a_tensor_parallel_copy_decodes_as_the_whole_model(tmp_path):
     # (decode_model.tensor_parallel_copy) and the o_proj / down_proj outputs are summed over the pair. Against the whole model:
     # logits to fp32 rounding; greedy and sampled tokens and their log-probs, through the dense and the paged cache,
     # with q/k/v and gate/up fused (the GPU's copy) and not, eager and compiled (Dynamo's eager backend: the all-reduce
-    # traced into the decode step, as many graphs as the whole model's compiled engine makes; and Inductor, sampled)
+    # traced into the decode step, as many graphs as the whole model's compiled engine makes; and Inductor, sampled); a
+    # call that one rank gives up (a stop signal) ends on both
     from conftest import ROOT, run_torchrun
     make_hf_checkpoint(str(tmp_path / "ck"))
     script = tmp_path / "tp.py"
@@ -930,6 +931,10 @@ for fused, compile, page in [(False, False, 0), (True, False, 16), (True, True, 
                     lp=max(abs(a - b) for x, y in zip(lp1, lp0) for a, b in zip(x, y)), tp=list(e.tp),
                     share=sum(p.numel() for n, p in e.model.named_parameters() if "layers" in n) /
                           sum(p.numel() for n, p in m.named_parameters() if "layers" in n)))
+checks, free = [], len(e.pages.free)  # a call given up (grpo.py: a stop signal) that rank 1 alone asks for, at its 2nd check
+given_up = e.generate(prompts, 12, temperature=1.0, n=3, seed=4, stop_when=lambda: checks.append(1) or rank == len(checks) - 1 == 1)
+out.append(dict(given_up=given_up, checks=len(checks), free=[free, len(e.pages.free)],
+                again=e.generate(prompts, 12, temperature=1.0, n=3, seed=4) == s1))
 decode_model.FUSED_PROJECTION_DEVICES = ("cuda", "cpu")  # and by Inductor, as on GPUs: the collective lowered into the step
 torch._dynamo.reset()
 e = Sampler.for_policy(m, cpu, 8, 128, compile=True, tp_group=group)  # 16 positions: one span of the cache, one graph
@@ -942,8 +947,10 @@ end_distributed()  # (the TP group outlives it: see there)
 """)
     run_torchrun(str(script), [])
     for rank in range(2):
-        *cases, inductor = json.load(open(tmp_path / f"rank{rank}.json"))
+        *cases, given_up, inductor = json.load(open(tmp_path / f"rank{rank}.json"))
         assert inductor["sampled"] and inductor["lp"] < 1e-5, inductor
+        # both ranks give the call up at rank 1's 2nd check, let go of every page, and the next call runs as before
+        assert given_up == dict(given_up=None, checks=2, free=[given_up["free"][0]] * 2, again=True), given_up
         for case in cases:
             assert case["tp"] == [2, rank] and case["diff"] < 1e-5 and case["lp"] < 1e-5, case
             assert case["greedy"] and case["sampled"], case
