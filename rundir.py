@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import checkpoint
 import model as M
@@ -239,8 +240,8 @@ class RunDir:
         rollout): save `step`'s state (none before the first step), as a step that stops on a signal does."""
         self.stopping, self.stop_signal = True, int(all_reduce_max([float(stop_request["signal"])], self.device)[0])
         if self.rank == 0:
-            print(f"{self.script}: {signal.Signals(self.stop_signal).name} received: step {step + 1} given up before it "
-                  f"changed anything, stopping after step {step}; --resume continues")
+            tqdm.write(f"{self.script}: {signal.Signals(self.stop_signal).name} received: step {step + 1} given up before "
+                       f"it changed anything, stopping after step {step}; --resume continues")  # (under the progress bar)
         if step:
             save_state(self.state, model, optimizer, step, self.rank, extra)
         catch_stop_signals(False)
