@@ -222,7 +222,7 @@ def main(argv=None):
         if "val" in judges and step % args.val_every == 0:
             rec["val_accuracy"] = judge("val")[0]
             if args.stop_at_accuracy and rec["val_accuracy"] >= args.stop_at_accuracy:
-                total = stop_at = step  # the target is met: this step is the last
+                total = stop_at = run.total = step  # the target is met: this step is the last (RunDir's too)
                 if rank == 0:
                     tqdm.write(f"sft: validation judge accuracy {rec['val_accuracy']:.1f}% >= {args.stop_at_accuracy:g}% "
                                f"at step {step}: stopping")

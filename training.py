@@ -15,7 +15,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
   train_flops, gpu_peaks  a forward+backward's model FLOPs, and the GPU's peaks: MFU
   stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab
-  cli                 a script's main: one-line errors; catch_stop_signals: SIGTERM / SIGUSR1 noted while a trainer's steps run
+  cli                 a script's main: one-line errors; catch_stop_signals: SIGTERM / SIGUSR1 noted while steps run
 What a run writes (its directory, saved state, output model) is rundir.py's.
 
 The precision policy is the same for every world size. bf16 (CUDA's default): fp32 master weights and AdamW
@@ -72,8 +72,8 @@ def add_run_flags(ap, compiles):
                     "requeue)")
     ap.add_argument("--stop-after-steps", type=int, default=0, help="stop (resumably) after this many steps in this run")
     ap.add_argument("--stop-after-minutes", type=float, default=0, help="stop (resumably, saving) where another step and "
-                    "a save, each as long as the longest so far, would end past this many minutes of this run (a job's limit); it saves "
-                    "after the first step too, to measure a save")
+                    "a save, each as long as the longest so far, would end past this many minutes of this run (a job's "
+                    "limit); it saves after the first step too, to measure a save")
     ap.add_argument("--save-model-every", type=int, default=0, help="also keep the model in Hugging Face layout every N "
                     "steps, in OUT/models/step-N (0: only the final OUT/model)")
     ap.add_argument("--save-dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -369,8 +369,8 @@ stop_request = {"script": False, "signal": 0}  # script: run by cli (not a test 
 def catch_stop_signals(catch):
     """While a trainer's steps run (RunDir turns this on at open_metrics and off at the last step's save), a stop signal
     to a script is noted instead of ending the process: the run saves after the step in progress and stops (RunDir.log:
-    every rank after the same step). It may come more than once (SLURM signals every process of a job step, and
-    torchrun passes its own on too). At other times a stop signal does what it always does, at once."""
+    every rank after the same step; grpo.py gives up a rollout in progress). It may come more than once (SLURM signals
+    every process of a job step, and torchrun passes its own on too). At other times it does what it always does, at once."""
     if stop_request["script"]:
         for signum in STOP_SIGNALS:
             signal.signal(signum, note_stop_signal if catch else signal.SIG_DFL)
