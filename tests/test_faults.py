@@ -252,6 +252,16 @@ def test_resume_after_a_crash_truncates_metrics_to_the_saved_step(toy_paths, tmp
     assert [r["loss"] for r in cut] == [r["loss"] for r in full]
 
 
+def children(pid):
+    """The processes whose parent is pid (from /proc/PID/stat: the parent is the field after the name's parentheses)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):  # (one that ended since the listing)
+            if int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
 def run_and_signal(cmd, out, env=None, rank=None, timeout=120):
     """Start cmd, wait for its second step in out/metrics.jsonl, then SIGTERM it (a scheduler's stop, a preemption), or
     under torchrun only the worker of that rank -> (its exit status, what it printed). Past timeout seconds (ranks that
@@ -262,8 +272,7 @@ def run_and_signal(cmd, out, env=None, rank=None, timeout=120):
         while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
             assert p.poll() is None and time.monotonic() - began < timeout, "no second step"
             time.sleep(0.01)
-        # torchrun's workers are its children; their environment names their rank
-        workers = list(map(int, open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()))
+        workers = children(p.pid)  # torchrun's workers; their environment names their rank
         pid = p.pid if rank is None else next(w for w in workers if f"RANK={rank}" in open(f"/proc/{w}/environ").read().split("\0"))
         os.kill(pid, signal.SIGTERM)
         printed = p.communicate(timeout=timeout)[0]
