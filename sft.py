@@ -197,7 +197,6 @@ def main(argv=None):
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
               f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
-    run.open_metrics(step, total)
     judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
@@ -210,6 +209,7 @@ def main(argv=None):
         return heldout_accuracy(engine, tokenizer, *judges[which], args.eval_max_new_tokens, rank, world, args.seed)
 
     warmup = max(1, int(args.warmup * total))
+    run.open_metrics(step, total)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
     rec, start, longest_micro = {}, step, max(args.tokens_per_micro, args.max_len)  # a longer row is a micro-batch alone
     stop_at = min(total, step + args.stop_after_steps) if args.stop_after_steps else total
