@@ -62,17 +62,20 @@ def baseline_verdict(judge, ex, rng):
 
 
 def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temperature=0.0, seed=0, progress=None,
-                   keys=None):
+                   keys=None, stop_when=None):
     """Generate one judgement per example with a sampler.Sampler (continuous batching); prompts go in by
     length, 4 x the engine's slots per call, and each call's result rows are yielded (so outputs are written
-    as they come). The random draws are keyed by keys[i] (default: the example's index here), whatever the batching."""
+    as they come). The random draws are keyed by keys[i] (default: the example's index here), whatever the batching.
+    stop_when: as Sampler.generate's; once it says True, no more rows come."""
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
     per_call = 4 * engine.slots
     for s in range(0, len(order), per_call):
         idx = order[s:s + per_call]
         outs = engine.generate([prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
                                stop_ids=tokenizer.stop_ids, seed=seed, vocab_size=tokenizer.vocab_size,
-                               prompt_ids=[keys[i] for i in idx] if keys else idx)
+                               prompt_ids=[keys[i] for i in idx] if keys else idx, stop_when=stop_when)
+        if outs is None:
+            return
         rows = []
         for i, out, text in zip(idx, outs, tokenizer.decode_batch(outs)):
             truncated = tokenizer.cut_off(out)
@@ -90,19 +93,21 @@ def load_heldout(path, fmt, tokenizer, limit, seed, family=None):
     return examples, ids
 
 
-def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, rank=0, world=1, seed=0):
+def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, rank=0, world=1, seed=0, stop_when=None):
     """Greedy judge accuracy (%) and unparsed count on held-out pairs (the trainers' progress check, through
     the evaluation code path); ranks judge every world-th pair and the counts are summed. The ranks of a tensor-parallel
-    engine's group (engine.tp: consecutive ranks) judge the same pairs together, and count them once."""
+    engine's group (engine.tp: consecutive ranks) judge the same pairs together, and count them once. (None, None) if
+    stop_when (grpo.py: a stop signal) ended any rank's share early."""
     tp = engine.tp[0]
     mine = range(rank // tp, len(examples), world // tp)
-    correct = unparsed = 0
+    correct = unparsed = judged = 0
     for rows in judge_examples(engine, tokenizer, [examples[i] for i in mine], [prompt_ids[i] for i in mine],
-                               max_new_tokens, 0.0, seed):
+                               max_new_tokens, 0.0, seed, stop_when=stop_when):
         correct += sum(r["correct"] for r in rows)
         unparsed += sum(r["verdict"] is None for r in rows)
-    correct, unparsed = (total / tp for total in all_reduce_sum([correct, unparsed], engine.tok.device))
-    return 100.0 * correct / max(len(examples), 1), int(unparsed)
+        judged += len(rows)
+    correct, unparsed, short = (total / tp for total in all_reduce_sum([correct, unparsed, judged < len(mine)], engine.tok.device))
+    return (None, None) if short else (100.0 * correct / max(len(examples), 1), int(unparsed))
 
 
 def result_row(ex, prompt_len, output, verdict, truncated=False):

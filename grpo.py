@@ -50,8 +50,8 @@ Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metr
 path) runs every --eval-every steps. A non-finite loss, gradient norm or KL stops the run before the optimizer step,
 without saving. Checkpoints (rundir.py): Hugging Face layout model in the starting checkpoint's dtype + resumable state;
 --resume continues exactly; a stop signal (SIGTERM) gives up a rollout in progress (nothing has changed yet) and saves
-the last step's state, or, during the update, ends the step and saves it. --offload keeps the trainer's weights,
-gradients and AdamW's moments in host memory (training.py), for models whose state does not fit beside the rollout copy.
+the last step's state, or ends an update in progress and saves its step (a held-out judging then: given up). --offload
+keeps the trainer's weights, gradients and AdamW's moments in host memory (training.py): room for the rollout copy.
 
 Reading order: flags, maths, grpo_step's stages (rollout, score, old_and_ref_logprobs, update -> policy_update_step), main.
 """
@@ -77,7 +77,7 @@ from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
                       check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
                       fit_recompute, gpu_peak_gib, gpu_peaks, load_for_training, lr_at, make_optimizer, precision_of,
-                      setup_distributed, stop_if_not_finite, stop_request, train_flops)
+                      setup_distributed, stop_if_not_finite, stop_requested, train_flops)
 
 
 def parse_args(argv=None):
@@ -312,7 +312,7 @@ def rollout(job, step):
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
     drawn = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature, args.top_p,
                                 args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step, logprobs=True,
-                                vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, stop_when=lambda: stop_request["signal"] > 0)
+                                vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, stop_when=stop_requested)
     if all_reduce_max([drawn is None], job.device)[0]:  # the ranks agree (those with no signal finished their share)
         return None
     responses, logps = drawn
@@ -543,9 +543,9 @@ def main(argv=None):
     job, heldout, described, total = setup_job(args, run, rank, world, device)
     policy, optimizer, engine, tokenizer = job.policy, job.optimizer, job.engine, job.tokenizer
 
-    def judge_heldout():  # greedy held-out accuracy of the current policy, with the run's token budget
+    def judge_heldout(stop_when=None):  # greedy held-out accuracy of the current policy, with the run's token budget
         engine.load_weights(policy)
-        return heldout_accuracy(engine, tokenizer, *heldout, args.max_new_tokens, rank, world, args.seed)[0]
+        return heldout_accuracy(engine, tokenizer, *heldout, args.max_new_tokens, rank, world, args.seed, stop_when)[0]
 
     step, history = load_state(run.state, policy, optimizer, rank) if run.resuming else (0, {})
     if rank == 0:
@@ -569,7 +569,7 @@ def main(argv=None):
         if (fitted := fit_recompute(policy, args.grad_ckpt, step - start, longest_micro, device)) and rank == 0:
             tqdm.write(f"grpo: {fitted}")
         if heldout and args.eval_every and step % args.eval_every == 0 and step < total:
-            rec["heldout_accuracy"] = judge_heldout()
+            rec["heldout_accuracy"] = judge_heldout(stop_requested)  # None: given up on a stop signal (the run stops)
         run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
         run.save(policy, optimizer, step, total, stop_at, extra=history)
     bar.close()

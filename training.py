@@ -380,6 +380,10 @@ def note_stop_signal(signum, frame):
     stop_request["signal"] = signum
 
 
+def stop_requested():  # grpo.py's rollout and held-out judging give up when this says so (the sampler asks)
+    return stop_request["signal"] > 0
+
+
 def cli(main):
     """Run a script's main: bad input (data, checkpoint, tokenizer files) ends in one line naming the file,
     not a traceback. Only errors raised by this project's own checks: one raised inside a library is a bug to

@@ -145,36 +145,44 @@ def assert_same_run(one, two, batched_alike=True):
             assert (p - q).norm() < 0.05 * (p - s).norm()
 
 
-def test_a_stop_signal_during_a_rollout_gives_up_the_step_and_resume_continues_exactly(toy_paths, tmp_path, policy,
-                                                                                      monkeypatch, capsys):
+@pytest.mark.parametrize("during", ["rollout", "judging"])
+def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactly(toy_paths, tmp_path, policy, monkeypatch,
+                                                                                  capsys, during):
     # a stop signal noted during step 2's rollout: the sampler gives up at its next host check, the step changes nothing,
-    # and the run saves step 1's state (--save-every 20 would not) and exits with 143; --resume gives the uninterrupted run
+    # and the run saves step 1's state (--save-every 20 would not) and exits with 143. During the held-out judging after
+    # step 1 (--eval-every 1): the judging is given up (its accuracy null), and step 1 is saved. --resume gives the
+    # uninterrupted run either way (judging changes no weight)
     import signal
     import training
     from sampler import Sampler
     grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
-    real, rollouts, checks = Sampler.generate, [], []
+    judged = ["--eval-every", "1"] if during == "judging" else []
+    real, asked, checks = Sampler.generate, [], []
 
-    def generate(self, *args, stop_when=None, **kw):  # held-out judging passes no stop_when
-        rollouts.append(stop_when is not None)
-        if sum(rollouts) == 2 and stop_when is not None:
-            def stop_when(asked=stop_when):  # SIGTERM arrives as the first host check comes
+    def generate(self, *args, stop_when=None, **kw):  # the 2nd call that may be given up: step 2's rollout, or the judging
+        asked.append(stop_when is not None)
+        if sum(asked) == 2 and stop_when is not None:
+            def stop_when(ask=stop_when):  # SIGTERM arrives as the first host check comes
                 checks.append(len(checks) + 1)
                 monkeypatch.setitem(training.stop_request, "signal", signal.SIGTERM)
-                return asked()
+                return ask()
         return real(self, *args, stop_when=stop_when, **kw)
 
     monkeypatch.setattr(Sampler, "generate", generate)
     with pytest.raises(SystemExit) as stopped:
-        grpo.main(grpo_args(toy_paths, tmp_path / "cut", policy=policy))
+        grpo.main(grpo_args(toy_paths, tmp_path / "cut", *judged, policy=policy))
     assert stopped.value.code == 128 + signal.SIGTERM and len(checks) == 1  # given up at the first host check
-    assert "SIGTERM received: step 2 given up before it changed anything, stopping after step 1" in capsys.readouterr().out
-    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1]
+    assert ("SIGTERM received: step 2 given up before it changed anything, stopping after step 1" if during == "rollout" else
+            "stopping after step 1 (SIGTERM received)") in capsys.readouterr().out
+    rows = read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in rows] == [1] and rows[0].get("heldout_accuracy", "none asked") is (
+        None if during == "judging" else "none asked")
     assert torch.load(tmp_path / "cut" / "state" / "rank0.pt", weights_only=True)["step"] == 1
     monkeypatch.setitem(training.stop_request, "signal", 0)
-    grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
+    grpo.main(grpo_args(toy_paths, tmp_path / "cut", *judged, "--resume", policy=policy))
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["reward_mean"] for r in cut] == [r["reward_mean"] for r in full] and len(full) == 3
+    assert during == "rollout" or cut[1]["heldout_accuracy"] is not None  # (the last step's is the summary's)
     a, b = (checkpoint.load_model(str(tmp_path / run / "model")).state_dict() for run in ("full", "cut"))
     assert all(torch.equal(a[n], b[n]) for n in a)
 
