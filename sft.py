@@ -22,7 +22,9 @@ AdamW (0.9, 0.95), linear warm-up then cosine decay to 0.1 x LR, grad-norm clip 
 
 With --val-data the greedy judge accuracy on those pairs is measured every --val-every steps (logged as
 val_accuracy), and --stop-at-accuracy ends training at the first check that reaches it (the toy uses this
-so GRPO starts from a comparable judge whatever the machine's float kernels).
+so GRPO starts from a comparable judge whatever the machine's float kernels). A stop signal (SIGTERM) ends the step in
+progress and saves it (rundir.py); a validation judging then is given up (val_accuracy null) unless it decides
+--stop-at-accuracy.
 
 Data: JSONL rows in the RM-R1 distillation format (context_messages = [system, user], winner = the
 trace) or a plain chat format (messages ending with the assistant turn to learn). Rows longer than
@@ -57,7 +59,7 @@ from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory, check_vocab, cli,
                       clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, gpu_peak_gib,
                       gpu_peaks, idle_backward, load_for_training, lr_at, make_optimizer, precision_of, setup_distributed,
-                      stop_if_not_finite, train_flops)
+                      stop_if_not_finite, stop_requested, train_flops)
 
 
 def parse_args(argv=None):
@@ -204,9 +206,9 @@ def main(argv=None):
     longest = max((len(p) for _, ids in judges.values() for p in ids), default=0)  # greedy judgements: a plain copy's sampler
     engine = Sampler.for_policy(model, device, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
 
-    def judge(which):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
+    def judge(which, stop_when=None):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
         engine.load_weights(model)
-        return heldout_accuracy(engine, tokenizer, *judges[which], args.eval_max_new_tokens, rank, world, args.seed)
+        return heldout_accuracy(engine, tokenizer, *judges[which], args.eval_max_new_tokens, rank, world, args.seed, stop_when)
 
     warmup = max(1, int(args.warmup * total))
     run.open_metrics(step, total)
@@ -220,7 +222,8 @@ def main(argv=None):
         if (fitted := fit_recompute(model, args.grad_ckpt, step - start, longest_micro, device)) and rank == 0:
             tqdm.write(f"sft: {fitted}")
         if "val" in judges and step % args.val_every == 0:
-            rec["val_accuracy"] = judge("val")[0]
+            # given up on a stop signal (None) only where it decides nothing, so a resume runs as the run would have
+            rec["val_accuracy"] = judge("val", None if args.stop_at_accuracy else stop_requested)[0]
             if args.stop_at_accuracy and rec["val_accuracy"] >= args.stop_at_accuracy:
                 total = stop_at = run.total = step  # the target is met: this step is the last (RunDir's too)
                 if rank == 0:

@@ -120,6 +120,41 @@ def test_mfu_is_the_step_s_model_flops_over_the_gpu_s_peak(toy_paths, tmp_path, 
     assert rec["mfu"] == pytest.approx(flops / seconds / 1e9, rel=1e-9)
 
 
+@pytest.mark.parametrize("target", [None, "100"])
+def test_a_stop_signal_during_validation_gives_it_up_unless_it_decides_the_stop(toy_paths, tmp_path, monkeypatch, capsys,
+                                                                                 target):
+    # --val-every 1, and a stop signal as the validation judging after step 1 begins. Without --stop-at-accuracy the
+    # judging is given up at its first host check (val_accuracy null); with it (100%: not met) the judging runs to its end,
+    # since it decides whether to stop. Either way step 1 is saved, the run exits with 143, and --resume gives the
+    # uninterrupted run's weights
+    import signal
+    import training
+    from sampler import Sampler
+    val = ["--val-data", toy_paths["heldout"], "--val-every", "1", "--save-every", "10"] + (["--stop-at-accuracy", target] if target else [])
+    sft.main(sft_args(toy_paths, tmp_path / "full", *val))
+    real, given = Sampler.generate, []  # given: the stop_when of the judging's calls
+
+    def generate(self, *args, stop_when=None, **kw):  # the run's first judging: step 1's validation
+        if not given:
+            monkeypatch.setitem(training.stop_request, "signal", signal.SIGTERM)
+            given.append(stop_when)
+        return real(self, *args, stop_when=stop_when, **kw)
+
+    monkeypatch.setattr(Sampler, "generate", generate)
+    with pytest.raises(SystemExit) as stopped:
+        sft.main(sft_args(toy_paths, tmp_path / "cut", *val))
+    rows = read_metrics(tmp_path / "cut")
+    assert stopped.value.code == 128 + signal.SIGTERM and [r["step"] for r in rows] == [1]
+    assert (rows[0]["val_accuracy"] is None) == (target is None) and (given[0] is None) == (target is not None)
+    assert "stopping after step 1 (SIGTERM received)" in capsys.readouterr().out
+    monkeypatch.setitem(training.stop_request, "signal", 0)
+    monkeypatch.setattr(Sampler, "generate", real)
+    sft.main(sft_args(toy_paths, tmp_path / "cut", *val, "--resume"))
+    assert [r["loss"] for r in read_metrics(tmp_path / "cut")] == [r["loss"] for r in read_metrics(tmp_path / "full")]
+    a, b = (checkpoint.load_model(str(tmp_path / run / "model")).state_dict() for run in ("full", "cut"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_resume_gives_the_same_weights_and_checkpoint_loads_in_transformers(toy_paths, tmp_path, monkeypatch):
     import rundir
     import transformers
