@@ -97,7 +97,7 @@ def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, ra
     """Greedy judge accuracy (%) and unparsed count on held-out pairs (the trainers' progress check, through
     the evaluation code path); ranks judge every world-th pair and the counts are summed. The ranks of a tensor-parallel
     engine's group (engine.tp: consecutive ranks) judge the same pairs together, and count them once. (None, None) if
-    stop_when (grpo.py: a stop signal) ended any rank's share early."""
+    stop_when (the trainers: a stop signal) ended any rank's share early."""
     tp = engine.tp[0]
     mine = range(rank // tp, len(examples), world // tp)
     correct = unparsed = judged = 0

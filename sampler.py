@@ -196,7 +196,7 @@ class Sampler:
         """prompt_ids: a global index per prompt (default 0..len-1): sample j of prompt i is sequence
         prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
         is free (static batching, for comparison). stop_when: a function asked at every host check; once it says True
-        the call gives up its work (grpo.py: a stop signal) and returns None. -> token lists (logprobs: and their
+        the call gives up its work (the trainers: a stop signal) and returns None. -> token lists (logprobs: and their
         log-prob lists)."""
         longest = max((len(p) for p in prompts), default=0)
         if not prompts or min(len(p) for p in prompts) == 0:
