@@ -183,7 +183,7 @@ class RunDir:
     def open_metrics(self, step, total):
         """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start,
         and a stop signal now stops the run after the step in progress, saved (training.catch_stop_signals), until the last."""
-        self.total, self.step_started, self.longest_step = total, clock(), 0.0
+        self.total, self.step_started, self.longest_step, self.state_step = total, clock(), 0.0, step  # (state/'s step)
         catch_stop_signals(step < total)
         if self.rank == 0:
             rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
@@ -229,7 +229,7 @@ class RunDir:
             save_checkpoint(model, self.kept(step), self.rank, self.save_dtype, self.tokenizer)
         if state_due:
             save_state(self.state, model, optimizer, step, self.rank, extra)
-            self.state_saved = True
+            self.state_saved, self.state_step = True, step
         self.step_started = clock()
         self.longest_save = max(self.longest_save, self.step_started - began)
         if step == stop_at or self.stopping:  # the steps end: a stop signal from here on ends the process at once
@@ -237,12 +237,12 @@ class RunDir:
 
     def cut_short(self, model, optimizer, step, extra=None):
         """A stop signal gave up the step after `step` before it changed anything (every rank agreeing: grpo.py's
-        rollout): save `step`'s state (none before the first step), as a step that stops on a signal does."""
+        rollout): save `step`'s state as a step that stops on a signal does, unless state/ holds it (or step is 0)."""
         self.stopping, self.stop_signal = True, int(all_reduce_max([float(stop_request["signal"])], self.device)[0])
         if self.rank == 0:
             tqdm.write(f"{self.script}: {signal.Signals(self.stop_signal).name} received: step {step + 1} given up before "
                        f"it changed anything, stopping after step {step}; --resume continues")  # (under the progress bar)
-        if step:
+        if step != self.state_step:  # (a save takes time the signal's sender may not give)
             save_state(self.state, model, optimizer, step, self.rank, extra)
         catch_stop_signals(False)
 

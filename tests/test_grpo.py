@@ -145,19 +145,24 @@ def assert_same_run(one, two, batched_alike=True):
             assert (p - q).norm() < 0.05 * (p - s).norm()
 
 
-@pytest.mark.parametrize("during", ["rollout", "judging"])
+@pytest.mark.parametrize("during,saves", [("rollout", 20), ("rollout", 1), ("judging", 20)])
 def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactly(toy_paths, tmp_path, policy, monkeypatch,
-                                                                                  capsys, during):
+                                                                                  capsys, during, saves):
     # a stop signal noted during step 2's rollout: the sampler gives up at its next host check, the step changes nothing,
-    # and the run saves step 1's state (--save-every 20 would not) and exits with 143. During the held-out judging after
-    # step 1 (--eval-every 1): the judging is given up (its accuracy null), and step 1 is saved. --resume gives the
-    # uninterrupted run either way (judging changes no weight)
+    # and the run saves step 1's state (--save-every 20 would not; with --save-every 1 it is saved already, and not
+    # again) and exits with 143. During the held-out judging after step 1 (--eval-every 1): the judging is given up (its
+    # accuracy null), and step 1 is saved. --resume gives the uninterrupted run either way (judging changes no weight)
     import signal
+    import rundir
     import training
     from sampler import Sampler
     grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
-    judged = ["--eval-every", "1"] if during == "judging" else []
-    real, asked, checks = Sampler.generate, [], []
+    judged = (["--eval-every", "1"] if during == "judging" else []) + ["--save-every", str(saves)]
+    real, asked, checks, saved, save_state = Sampler.generate, [], [], [], rundir.save_state
+
+    def counted_save(path, model, optimizer, step, *args):  # the steps whose state is written
+        saved.append(step)
+        save_state(path, model, optimizer, step, *args)
 
     def generate(self, *args, stop_when=None, **kw):  # the 2nd call that may be given up: step 2's rollout, or the judging
         asked.append(stop_when is not None)
@@ -169,6 +174,7 @@ def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactl
         return real(self, *args, stop_when=stop_when, **kw)
 
     monkeypatch.setattr(Sampler, "generate", generate)
+    monkeypatch.setattr(rundir, "save_state", counted_save)
     with pytest.raises(SystemExit) as stopped:
         grpo.main(grpo_args(toy_paths, tmp_path / "cut", *judged, policy=policy))
     assert stopped.value.code == 128 + signal.SIGTERM and len(checks) == 1  # given up at the first host check
@@ -177,7 +183,7 @@ def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactl
     rows = read_metrics(tmp_path / "cut")
     assert [r["step"] for r in rows] == [1] and rows[0].get("heldout_accuracy", "none asked") is (
         None if during == "judging" else "none asked")
-    assert torch.load(tmp_path / "cut" / "state" / "rank0.pt", weights_only=True)["step"] == 1
+    assert torch.load(tmp_path / "cut" / "state" / "rank0.pt", weights_only=True)["step"] == 1 and saved == [1]
     monkeypatch.setitem(training.stop_request, "signal", 0)
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", *judged, "--resume", policy=policy))
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
