@@ -61,28 +61,24 @@ def baseline_verdict(judge, ex, rng):
     return None if la == lb else "A" if (la > lb) == (judge == "longer") else "B"  # a tie is no verdict
 
 
-def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, temperature=0.0, seed=0, progress=None,
-                   keys=None, stop_when=None):
-    """Generate one judgement per example with a sampler.Sampler (continuous batching); prompts go in by
-    length, 4 x the engine's slots per call, and each call's result rows are yielded (so outputs are written
-    as they come). The random draws are keyed by keys[i] (default: the example's index here), whatever the batching.
-    stop_when: as Sampler.generate's; once it says True, no more rows come."""
+def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, on_rows, temperature=0.0, seed=0, keys=None,
+                   stop_when=None):
+    """Generate one judgement per example with a sampler.Sampler, in one call (continuous batching over every prompt,
+    shortest first), handing on_rows the result rows of the judgements that finished at each host check: outputs are
+    written as they come, so an interrupted run loses only the judgements still running. The random draws are keyed by
+    keys[i] (default: the example's index here), whatever the batching. stop_when: as Sampler.generate's; once it says
+    True, no more rows come. -> False if the call was given up."""
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
-    per_call = 4 * engine.slots
-    for s in range(0, len(order), per_call):
-        idx = order[s:s + per_call]
-        outs = engine.generate([prompt_ids[i] for i in idx], max_new_tokens, temperature=temperature,
-                               stop_ids=tokenizer.stop_ids, seed=seed, vocab_size=tokenizer.vocab_size,
-                               prompt_ids=[keys[i] for i in idx] if keys else idx, stop_when=stop_when)
-        if outs is None:
-            return
-        rows = []
-        for i, out, text in zip(idx, outs, tokenizer.decode_batch(outs)):
-            truncated = tokenizer.cut_off(out)
-            rows.append(result_row(examples[i], len(prompt_ids[i]), text, None if truncated else parse_verdict(text), truncated))
-        if progress:
-            progress.update(len(rows))
-        yield rows
+
+    def finished(indices, outs):  # indices into order
+        texts = tokenizer.decode_batch([outs[j] for j in indices])
+        on_rows([result_row(examples[order[j]], len(prompt_ids[order[j]]), text,
+                            None if tokenizer.cut_off(outs[j]) else parse_verdict(text), tokenizer.cut_off(outs[j]))
+                 for j, text in zip(indices, texts)])
+    return not order or engine.generate(
+        [prompt_ids[i] for i in order], max_new_tokens, temperature=temperature, stop_ids=tokenizer.stop_ids, seed=seed,
+        vocab_size=tokenizer.vocab_size, prompt_ids=[keys[i] for i in order] if keys else order, stop_when=stop_when,
+        on_finish=finished) is not None
 
 
 def load_heldout(path, fmt, tokenizer, limit, seed, family=None):
@@ -100,13 +96,15 @@ def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, ra
     stop_when (the trainers: a stop signal) ended any rank's share early."""
     tp = engine.tp[0]
     mine = range(rank // tp, len(examples), world // tp)
-    correct = unparsed = judged = 0
-    for rows in judge_examples(engine, tokenizer, [examples[i] for i in mine], [prompt_ids[i] for i in mine],
-                               max_new_tokens, 0.0, seed, stop_when=stop_when):
-        correct += sum(r["correct"] for r in rows)
-        unparsed += sum(r["verdict"] is None for r in rows)
-        judged += len(rows)
-    correct, unparsed, short = (total / tp for total in all_reduce_sum([correct, unparsed, judged < len(mine)], engine.tok.device))
+    counts = [0, 0, 0]  # correct, unparsed, judged
+
+    def tally(rows):
+        for i, n in enumerate((sum(r["correct"] for r in rows), sum(r["verdict"] is None for r in rows), len(rows))):
+            counts[i] += n
+    judge_examples(engine, tokenizer, [examples[i] for i in mine], [prompt_ids[i] for i in mine], max_new_tokens, tally,
+                   0.0, seed, stop_when=stop_when)
+    correct, unparsed, short = (total / tp for total in all_reduce_sum([counts[0], counts[1], counts[2] < len(mine)],
+                                                                        engine.tok.device))
     return (None, None) if short else (100.0 * correct / max(len(examples), 1), int(unparsed))
 
 
@@ -405,7 +403,7 @@ def main(argv=None):
 
 
 def judge_into(f, args, model, tokenizer, mine, rank, index):
-    """Judge this rank's prompts, appending one row per prompt to f as each batch finishes. A prompt's random draws
+    """Judge this rank's prompts, appending one row per prompt to f as each judgement finishes. A prompt's random draws
     (--temperature > 0) are keyed by index[its id], its place in the whole benchmark: they do not depend on the number
     of ranks, nor on what an earlier run judged."""
     progress = tqdm(total=len(mine), disable=rank != 0, desc="judging")
@@ -437,10 +435,12 @@ def judge_into(f, args, model, tokenizer, mine, rank, index):
             print(f"eval: {engine.slots} sequences decoded at once (their KV cache fits 70% of the free GPU memory)"
                   if not engine.pages else f"eval: up to {engine.slots} sequences at once in {len(engine.pages.free)} KV "
                   f"pages of {args.kv_page_size} positions (70% of the free GPU memory)")
-        for batch in judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, args.temperature, args.seed, progress,
-                                    keys=[index[ex.id] for ex in kept]):
-            f.writelines(json.dumps(r) + "\n" for r in batch)
+        def write(rows):  # as each judgement finishes
+            f.writelines(json.dumps(r) + "\n" for r in rows)
             f.flush()
+            progress.update(len(rows))
+        judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, write, args.temperature, args.seed,
+                       keys=[index[ex.id] for ex in kept])
     progress.close()
 
 

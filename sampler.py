@@ -192,12 +192,13 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
-                 vocab_size=None, prompt_ids=None, continuous=True, logprobs=False, stop_when=None):
+                 vocab_size=None, prompt_ids=None, continuous=True, logprobs=False, stop_when=None, on_finish=None):
         """prompt_ids: a global index per prompt (default 0..len-1): sample j of prompt i is sequence
         prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
         is free (static batching, for comparison). stop_when: a function asked at every host check; once it says True
-        the call gives up its work (the trainers: a stop signal) and returns None. -> token lists (logprobs: and their
-        log-prob lists)."""
+        the call gives up its work (the trainers: a stop signal) and returns None. on_finish(indices, outputs): called at
+        each host check with the output indices that finished there (eval.py writes their rows as they come, so a
+        killed run loses only the sequences still running). -> token lists (logprobs: and their log-prob lists)."""
         longest = max((len(p) for p in prompts), default=0)
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
@@ -233,7 +234,9 @@ class Sampler:
             for _ in range(self.sync_every):
                 hi = min(hi + 1, self.max_len)
                 self.step(b, stop, *draw, self.kv_span(hi))
-            hi = self.collect(owner, b, outputs, out_logps, pos)
+            hi, finished = self.collect(owner, b, outputs, out_logps, pos)
+            if on_finish and finished:
+                on_finish(finished, outputs)
             if stop_when and self.all_agree(stop_when()):  # the running samples let go of their pages
                 for s in (s for s in range(self.slots) if owner[s] >= 0 and self.pages):
                     self.pages.release(s)
@@ -373,9 +376,9 @@ class Sampler:
 
     def collect(self, owner, b, outputs, out_logps, pos):
         """Host check: copy out the outputs of finished slots and free them (and their pages); pos[s] <- each slot's
-        position -> the highest position still in use."""
+        position -> (the highest position still in use, the output indices that finished)."""
         done, pos[:b] = torch.stack([self.done[:b].long(), self.pos[:b]]).tolist()  # one device -> host copy
-        finished = [s for s in range(b) if owner[s] >= 0 and done[s]]
+        finished, indices = [s for s in range(b) if owner[s] >= 0 and done[s]], []
         if finished:
             rows = torch.tensor(finished, device=self.tok.device)
             counts = self.n_out.index_select(0, rows).tolist()
@@ -383,10 +386,11 @@ class Sampler:
             logps = self.out_logp.index_select(0, rows)[:, :max(counts)].tolist()
             for s, c, t, lp in zip(finished, counts, tokens, logps):
                 outputs[owner[s]], out_logps[owner[s]] = t[:c], lp[:c]
+                indices.append(owner[s])
                 owner[s] = -1
                 if self.pages:
                     self.pages.release(s)
-        return max((pos[s] for s in range(b) if owner[s] >= 0), default=0)
+        return max((pos[s] for s in range(b) if owner[s] >= 0), default=0), indices
 
     def reserve(self, owner, pos, waiting):
         """Paged: pages for every running slot's next sync_every positions, oldest admitted first. Where the pool runs

@@ -136,6 +136,35 @@ def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
     assert sorted(open(tmp_path / "paged" / "outputs.jsonl")) == sorted(lines)
 
 
+def test_an_interrupted_run_keeps_every_finished_judgement(tmp_path, monkeypatch):
+    # 4 prompts on 3 slots: the first 3 judgements finish at one host check, the 4th at a later one. A run killed just
+    # after the first of them has their 3 rows on disk (rows are written as judgements finish, not per sampler call),
+    # and the rerun judges only the 4th, ending with the uninterrupted run's rows
+    import sampler
+
+    class Killed(Exception):
+        pass
+    args = tiny_judge_args(tmp_path, "qwen2-tied")
+    full = E.main(args + ["--out", str(tmp_path / "full")])
+    lines = sorted(open(tmp_path / "full" / "outputs.jsonl"))
+    generate, judged = sampler.Sampler.generate, []
+
+    def killed_after_first_finish(self, *a, on_finish=None, **kw):
+        def finish(indices, outs):
+            on_finish(indices, outs)
+            judged.extend(indices)
+            raise Killed
+        return generate(self, *a, on_finish=finish, **kw)
+    monkeypatch.setattr(sampler.Sampler, "generate", killed_after_first_finish)
+    with pytest.raises(Killed):
+        E.main(args + ["--out", str(tmp_path / "cut")])
+    kept = open(tmp_path / "cut" / "outputs.jsonl").readlines()
+    assert len(judged) == len(kept) == 3 and set(kept) < set(lines)
+    monkeypatch.setattr(sampler.Sampler, "generate", generate)
+    assert E.main(args + ["--out", str(tmp_path / "cut")]) == full
+    assert sorted(open(tmp_path / "cut" / "outputs.jsonl")) == lines
+
+
 def test_sampled_judgements_do_not_depend_on_resumes_or_ranks(tmp_path):
     # --temperature 1: a prompt's draws are keyed by its place in the benchmark, so a run resumed after 2 prompts and a
     # run on 2 ranks sample what one uninterrupted process does, token for token
