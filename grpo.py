@@ -5,30 +5,27 @@ grpo.py: stage 2 of RM-R1, GRPO with the verdict reward. The project's main job.
     torchrun --nproc_per_node 8 grpo.py --model runs/sft-7b/model --data rl.jsonl --out runs/grpo-7b
 
 The algorithm, per step:
-1. Rollout. Take R = --rollout-prompts judge prompts q (a seeded permutation of the data, one epoch after
-   another); rank r samples rollout positions r, r + world, ... (rank_positions). The policy's weights are
-   copied into a plain (unsharded) rollout model, in bf16 on GPUs (with --rollout-tp T, split over T ranks that
-   decode their positions together: decode_model.py), and the sampler (sampler.py: static KV
-   cache, continuous batching, compiled decode step) draws a group of G = --n traces o_1..o_G per prompt
-   (temperature 1, top-p 1; the prefill is shared by the group). The draws are keyed by (step, prompt,
-   sample), so they do not depend on the number of ranks. The sampler also returns each token's log-prob
-   under its own forward, log mu(o_i,t) (other kernels, and bf16 on GPUs). The ranks then gather each
-   other's traces: every rank holds the whole rollout, and the update shares it out by length.
-2. Reward. r_i = +1 if o_i ends with the verdict matching the label, -1 otherwise (rewards.judge_reward;
-   a trace cut at --max-new-tokens gets -1). With --format-reward: format (0/1) + correct (0/1).
-3. Advantage, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-6) (unbiased std; --no-std-norm drops the
-   division), the same for every token of o_i. A group whose rewards are all equal has A = 0: it gives no
-   gradient, and is counted (zero_std_frac).
-4. Old log-probs log pi_old(o_i,t) are computed once with the training forward (not the sampler's) on
-   exactly the micro-batches the update will use (so the first mini-batch's ratio is exactly 1), and
-   reference log-probs log pi_ref with the frozen starting policy when --kl > 0. Every training forward runs
-   a group's prompt once for its G responses, packed back to back in one row (model.PackedRows: each response
-   attends to the prompt and to itself; no padding between responses), which gives the same log-probs as G
-   separate [prompt, o_i] rows at a fraction of the cost when prompts are long; with --micro-seqs < G, once per
-   slice of the group's responses (less memory per forward). micro_batch_plan deals each mini-batch's
-   micro-batches out to the ranks longest first, one each a round, so at each forward (where FSDP makes every
-   rank wait for the slowest) the ranks hold about as many tokens (logged: train_balance).
-   The sampler-trainer mismatch log pi_old - log mu is logged every step (mean and max |delta|, k3 KL(mu || pi_old)).
+1. Rollout. Take R = --rollout-prompts judge prompts q (a seeded permutation of the data, one epoch after another);
+   rank r samples rollout positions r, r + world, ... (rank_positions). The policy's weights are copied into a plain
+   (unsharded) rollout model, in bf16 on GPUs (with --rollout-tp T, split over T ranks that decode their positions
+   together: decode_model.py), and the sampler (sampler.py: static KV cache, continuous batching, compiled decode
+   step) draws a group of G = --n traces o_1..o_G per prompt (temperature 1, top-p 1; the prefill is shared by the
+   group). The draws are keyed by (step, prompt, sample), so they do not depend on the number of ranks. The sampler
+   also returns each token's log-prob under its own forward, log mu(o_i,t) (other kernels, and bf16 on GPUs). The
+   ranks then gather each other's traces: every rank holds the whole rollout, and the update shares it out by length.
+2. Reward. r_i = +1 if o_i ends with the verdict matching the label, -1 otherwise (rewards.judge_reward; a trace cut
+   at --max-new-tokens gets -1). With --format-reward: format (0/1) + correct (0/1).
+3. Advantage, per group: A_i = (r_i - mean(r)) / (std(r) + 1e-6) (unbiased std; --no-std-norm drops the division), the
+   same for every token of o_i. A group whose rewards are all equal has A = 0: no gradient (counted: zero_std_frac).
+4. Old log-probs log pi_old(o_i,t) are computed once with the training forward (not the sampler's) on exactly the
+   micro-batches the update will use (so the first mini-batch's ratio is exactly 1), and reference log-probs log
+   pi_ref with the frozen starting policy when --kl > 0. Every training forward runs a group's prompt once for its G
+   responses, packed back to back in one row (model.PackedRows: each response attends to the prompt and to itself; no
+   padding between responses), which gives the same log-probs as G separate [prompt, o_i] rows at a fraction of the
+   cost when prompts are long; with --micro-seqs < G, once per slice of the group's responses (less memory per
+   forward). micro_batch_plan deals each mini-batch's micro-batches out to the ranks longest first, one each a round,
+   so at each forward (where FSDP makes every rank wait for the slowest) the ranks hold about as many tokens (logged:
+   train_balance). Logged too: the sampler-trainer mismatch log pi_old - log mu (mean, max |delta|, k3 KL(mu || pi_old)).
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
        rho = exp(log pi - log pi_old)
@@ -45,13 +42,13 @@ The algorithm, per step:
        dr-grpo               sum L_tok / (number of sequences * max_new_tokens)
    then grad-norm clipping and an AdamW step (constant LR as the paper; --lr-schedule cosine decays it to 0).
 
-Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the progress bar
-(train_mfu: the update's model FLOPs over its seconds and the GPUs' peak); held-out accuracy (greedy, eval.py's code
-path) runs every --eval-every steps. A non-finite loss, gradient norm or KL stops the run before the optimizer step,
-without saving. Checkpoints (rundir.py): Hugging Face layout model in the starting checkpoint's dtype + resumable state;
---resume continues exactly; a stop signal (SIGTERM) gives up a rollout in progress (nothing has changed yet) and saves
-the last step's state, or ends an update in progress and saves its step (a held-out judging then: given up). --offload
-keeps the trainer's weights, gradients and AdamW's moments in host memory (training.py): room for the rollout copy.
+Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the progress bar (train_mfu:
+the update's model FLOPs over its seconds and the GPUs' peak); held-out accuracy (greedy, eval.py's code path) runs every
+--eval-every steps. A non-finite loss, gradient norm or KL stops the run before the optimizer step, without saving.
+Checkpoints (rundir.py): the model in the Hugging Face layout, in the starting checkpoint's dtype, and the resumable state;
+--resume continues exactly. A stop signal (SIGTERM) gives up a step before its update (its rollout or log-probs: nothing
+has changed yet) and saves the last one, or lets an update end and saves its step; a held-out judging is given up.
+--offload keeps the trainer's weights, gradients and AdamW's moments in host memory (training.py).
 
 Reading order: flags, maths, grpo_step's stages (rollout, score, old_and_ref_logprobs, update -> policy_update_step), main.
 """
@@ -138,13 +135,12 @@ def parse_args(argv=None):
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
                                     "max_prompt_len", "max_new_tokens", "save_every"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every", "eval_limit",
-                             "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size"), fractions=("kv_cache_frac",))
+                             "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size"),
+                fractions=("kv_cache_frac", "top_p"))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
         ap.error(f"--rollout-is-cap must be >= 1 (a weight below 1 everywhere only shrinks the step), got {args.rollout_is_cap}")
-    if not 0 < args.top_p <= 1:
-        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.rollout_prompts % args.minibatch_prompts:
         ap.error(f"--rollout-prompts {args.rollout_prompts} must be a multiple of --minibatch-prompts {args.minibatch_prompts}")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -292,7 +288,9 @@ def grpo_step(job, step):
     adv, zero_std = group_advantages(rewards, args.n, std_norm=not args.no_std_norm)
     prompt_lens, lengths = list(map(len, ro.prompts)), list(map(len, ro.responses))
     plans, t0 = micro_batch_plan(prompt_lens, lengths, args.n, args.minibatch_prompts, args.micro_seqs, job.world), time.time()
-    old, refs, sampler_logp, mismatch = old_and_ref_logprobs(job, ro, plans[job.rank])
+    if (logprobs := old_and_ref_logprobs(job, ro, plans[job.rank])) is None:  # given up on a stop signal, as the rollout
+        return None
+    old, refs, sampler_logp, mismatch = logprobs
     t_logprobs, t0 = time.time() - t0, time.time()
     updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, sampler_logp[m])
                for m, part in enumerate(plans[job.rank])]
@@ -398,18 +396,20 @@ def micro_rows(ro, seqs, n):
 def old_and_ref_logprobs(job, ro, plan):
     """4. log pi_old and log pi_ref of every response, one tensor [groups * n, R] per micro-batch of the plan:
     the same packed rows (so the same kernels and rounding) as the update, so the first ratio is exactly 1. Also the
-    sampler's log-probs laid out the same way, and its mismatch with pi_old (rollout_mismatch, summed over them)."""
-    args, pad = job.args, job.tokenizer.pad_id or 0
-    run = lambda model: [[response_logprobs(model, *micro_rows(ro, seqs, args.n), pad, job.device, args.temperature)[0]
-                          for seqs in micros] for micros in plan]
-    old, sampler_logp, mismatch = run(job.policy), [], []
-    for micros, olds in zip(plan, old):
-        sampler_logp.append([])
-        for seqs, o in zip(micros, olds):
-            rollout_logp, mask = sampler_logprobs(ro, seqs, o.shape[1], job.device)
-            sampler_logp[-1].append(rollout_logp)
-            mismatch.append(rollout_mismatch(o, rollout_logp, mask))
-    return old, run(job.ref) if job.ref is not None else None, sampler_logp, mismatch
+    sampler's log-probs laid out the same way, and its mismatch with pi_old (rollout_mismatch, summed over them).
+    None if a stop signal came first, to any rank (the ranks agree before each forward): the step is given up, as in
+    rollout, for nothing has changed yet."""
+    args, pad, models = job.args, job.tokenizer.pad_id or 0, [m for m in (job.policy, job.ref) if m is not None]
+    logps = [[[] for _ in plan] for _ in models]  # [model][mini-batch][micro-batch] -> [S, R]
+    for out, model in zip(logps, models):
+        for m, seqs in ((m, seqs) for m, micros in enumerate(plan) for seqs in micros):
+            if all_reduce_max([stop_requested()], job.device)[0]:  # every rank asks before each forward
+                return None
+            out[m].append(response_logprobs(model, *micro_rows(ro, seqs, args.n), pad, job.device, args.temperature)[0])
+    sampler = [[sampler_logprobs(ro, seqs, o.shape[1], job.device) for seqs, o in zip(micros, olds)]
+               for micros, olds in zip(plan, logps[0])]  # (log-probs, mask) pairs
+    mismatch = [rollout_mismatch(o, lp, mask) for olds, lps in zip(logps[0], sampler) for o, (lp, mask) in zip(olds, lps)]
+    return logps[0], logps[1] if job.ref is not None else None, [[lp for lp, _ in lps] for lps in sampler], mismatch
 
 
 def sampler_logprobs(ro, seqs, width, device):

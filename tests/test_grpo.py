@@ -145,12 +145,13 @@ def assert_same_run(one, two, batched_alike=True):
             assert (p - q).norm() < 0.05 * (p - s).norm()
 
 
-@pytest.mark.parametrize("during,saves", [("rollout", 20), ("rollout", 1), ("judging", 20)])
+@pytest.mark.parametrize("during,saves", [("rollout", 20), ("rollout", 1), ("logprobs", 20), ("judging", 20)])
 def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactly(toy_paths, tmp_path, policy, monkeypatch,
                                                                                   capsys, during, saves):
     # a stop signal noted during step 2's rollout: the sampler gives up at its next host check, the step changes nothing,
     # and the run saves step 1's state (--save-every 20 would not; with --save-every 1 it is saved already, and not
-    # again) and exits with 143. During the held-out judging after step 1 (--eval-every 1): the judging is given up (its
+    # again) and exits with 143. During the 2nd of step 2's 4 old log-prob forwards: the step is given up before the 3rd,
+    # as it is in the rollout. During the held-out judging after step 1 (--eval-every 1): the judging is given up (its
     # accuracy null), and step 1 is saved. --resume gives the uninterrupted run either way (judging changes no weight)
     import signal
     import rundir
@@ -159,6 +160,7 @@ def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactl
     grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
     judged = (["--eval-every", "1"] if during == "judging" else []) + ["--save-every", str(saves)]
     real, asked, checks, saved, save_state = Sampler.generate, [], [], [], rundir.save_state
+    passes, forwards, logprobs, forward = [], [], grpo.old_and_ref_logprobs, grpo.response_logprobs
 
     def counted_save(path, model, optimizer, step, *args):  # the steps whose state is written
         saved.append(step)
@@ -166,19 +168,33 @@ def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactl
 
     def generate(self, *args, stop_when=None, **kw):  # the 2nd call that may be given up: step 2's rollout, or the judging
         asked.append(stop_when is not None)
-        if sum(asked) == 2 and stop_when is not None:
+        if sum(asked) == 2 and stop_when is not None and during != "logprobs":
             def stop_when(ask=stop_when):  # SIGTERM arrives as the first host check comes
                 checks.append(len(checks) + 1)
                 monkeypatch.setitem(training.stop_request, "signal", signal.SIGTERM)
                 return ask()
         return real(self, *args, stop_when=stop_when, **kw)
 
+    def old_and_ref_logprobs(*args):  # step 2's (the 2nd call) counts its forwards
+        passes.append(1)
+        return logprobs(*args)
+
+    def response_logprobs(*args):  # SIGTERM arrives during step 2's 2nd old log-prob forward
+        if len(passes) == 2 and during == "logprobs":
+            forwards.append(1)
+            if len(forwards) == 2:
+                monkeypatch.setitem(training.stop_request, "signal", signal.SIGTERM)
+        return forward(*args)
+
     monkeypatch.setattr(Sampler, "generate", generate)
+    monkeypatch.setattr(grpo, "old_and_ref_logprobs", old_and_ref_logprobs)
+    monkeypatch.setattr(grpo, "response_logprobs", response_logprobs)
     monkeypatch.setattr(rundir, "save_state", counted_save)
     with pytest.raises(SystemExit) as stopped:
         grpo.main(grpo_args(toy_paths, tmp_path / "cut", *judged, policy=policy))
-    assert stopped.value.code == 128 + signal.SIGTERM and len(checks) == 1  # given up at the first host check
-    assert ("SIGTERM received: step 2 given up before it changed anything, stopping after step 1" if during == "rollout" else
+    assert stopped.value.code == 128 + signal.SIGTERM  # given up at the first host check, or before the next forward
+    assert len(checks) == 1 if during != "logprobs" else len(forwards) == 2
+    assert ("SIGTERM received: step 2 given up before it changed anything, stopping after step 1" if during != "judging" else
             "stopping after step 1 (SIGTERM received)") in capsys.readouterr().out
     rows = read_metrics(tmp_path / "cut")
     assert [r["step"] for r in rows] == [1] and rows[0].get("heldout_accuracy", "none asked") is (
@@ -188,7 +204,7 @@ def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactl
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", *judged, "--resume", policy=policy))
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["reward_mean"] for r in cut] == [r["reward_mean"] for r in full] and len(full) == 3
-    assert during == "rollout" or cut[1]["heldout_accuracy"] is not None  # (the last step's is the summary's)
+    assert during != "judging" or cut[1]["heldout_accuracy"] is not None  # (the last step's is the summary's)
     a, b = (checkpoint.load_model(str(tmp_path / run / "model")).state_dict() for run in ("full", "cut"))
     assert all(torch.equal(a[n], b[n]) for n in a)
 
