@@ -6,7 +6,7 @@ eval.py: run a judge on a pairwise benchmark and score it the way the published 
 Each pair becomes an RM-R1 judge prompt (data.py; seeded A/B placement, or both placements with
 --both-orders), the judge generates (greedy by default, batched KV-cached sampler) and the verdict is read
 with rewards.parse_verdict, the rule GRPO trains with. An unparseable verdict counts as wrong and is also
-counted (`unparsed`). Baseline judges that need no model: `longer`, `shorter` (by the answers' character
+counted (`unparsed`; `truncated`: those cut off at --max-new-tokens, a budget too small if many). Baseline judges that need no model: `longer`, `shorter` (by the answers' character
 counts; a tie gives no verdict) and `random` (seeded).
 
 Scoring (percentages):
@@ -21,8 +21,9 @@ Scoring (percentages):
              sections (count-weighted, math-prm weighted equal to the HumanEvalPack subsets together)
              and their mean `rewardbench`
 Empty or whitespace-only answers are judged as given (and counted); a path with nothing to judge is an error.
-Outputs: DIR/outputs.jsonl (one row per judged prompt; a rerun resumes from it, on any number of ranks), DIR/scores.json,
-a table that shows the published RM-R1 7B scores beside the matching number.
+Outputs: DIR/outputs.jsonl (one row per judged prompt, written as its judgement finishes; a rerun resumes from it, on any
+number of ranks), DIR/scores.json, a table that shows the published RM-R1 7B scores beside the matching number, and the
+tokens generated per second.
 Under torchrun the prompts are split across ranks and rank 0 merges the results. With --tp T, groups of T consecutive
 ranks judge together over one tensor-parallel copy of the judge (decode_model.py), each rank holding 1/T of its blocks
 and KV cache: for a judge too large to leave one GPU room for its cache. A group judges one share of the prompts, and
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import time
 from collections import defaultdict
 
 import torch
@@ -73,7 +75,7 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, on_r
     def finished(indices, outs):  # indices into order
         texts = tokenizer.decode_batch([outs[j] for j in indices])
         on_rows([result_row(examples[order[j]], len(prompt_ids[order[j]]), text,
-                            None if tokenizer.cut_off(outs[j]) else parse_verdict(text), tokenizer.cut_off(outs[j]))
+                            None if tokenizer.cut_off(outs[j]) else parse_verdict(text), tokenizer.cut_off(outs[j]), len(outs[j]))
                  for j, text in zip(indices, texts)])
     return not order or engine.generate(
         [prompt_ids[i] for i in order], max_new_tokens, temperature=temperature, stop_ids=tokenizer.stop_ids, seed=seed,
@@ -108,10 +110,10 @@ def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, ra
     return (None, None) if short else (100.0 * correct / max(len(examples), 1), int(unparsed))
 
 
-def result_row(ex, prompt_len, output, verdict, truncated=False):
+def result_row(ex, prompt_len, output, verdict, truncated=False, output_tokens=0):
     return {"id": ex.id, "label": ex.label, "subset": ex.subset, "meta": {k: v for k, v in ex.meta.items() if not k.startswith("len_")},
-            "prompt_len": prompt_len, "output": output, "verdict": verdict, "correct": verdict == ex.label,
-            "truncated": truncated}
+            "prompt_len": prompt_len, "output": output, "output_tokens": output_tokens, "verdict": verdict,
+            "correct": verdict == ex.label, "truncated": truncated}
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -158,7 +160,9 @@ def score(bench, rows):
         for sub in sorted({sub for _, sub, _ in pairs.values() if sub}):
             s[sub] = pct(ok for ok, sb, _ in pairs.values() if sb == sub)
         s.update(rewardbench_sections(pairs))
-    s.update(unparsed=sum(r["verdict"] is None for r in rows), judged=len(rows))
+    # truncated: cut off at --max-new-tokens (so unparsed too): many of them say the token budget is too small
+    s.update(unparsed=sum(r["verdict"] is None for r in rows), truncated=sum(r.get("truncated", False) for r in rows),
+             judged=len(rows))
     if any("pair" in r["meta"] for r in rows):  # --both-orders: placement bias and consistency
         for label in "AB":
             s[f"accuracy_label_{label}"] = pct(r["correct"] for r in rows if r["label"] == label)
@@ -386,7 +390,7 @@ def main(argv=None):
     part, mine, parts = take_share(args, examples, rank, world)
     index = {ex.id: i for i, ex in enumerate(examples)}  # a prompt's draws are keyed by its place in the benchmark
     with open(part if rank % args.tp == 0 else os.devnull, "a") as f:  # a --tp group's first rank writes
-        judge_into(f, args, model, tokenizer, mine, rank, index)
+        judge_into(f, args, model, tokenizer, mine, rank, world, index)
     end_distributed()  # every rank's outputs are on disk; the ranks leave the group together
     if rank != 0:
         return None
@@ -402,7 +406,7 @@ def main(argv=None):
     return scores
 
 
-def judge_into(f, args, model, tokenizer, mine, rank, index):
+def judge_into(f, args, model, tokenizer, mine, rank, world, index):
     """Judge this rank's prompts, appending one row per prompt to f as each judgement finishes. A prompt's random draws
     (--temperature > 0) are keyed by index[its id], its place in the whole benchmark: they do not depend on the number
     of ranks, nor on what an earlier run judged."""
@@ -439,8 +443,15 @@ def judge_into(f, args, model, tokenizer, mine, rank, index):
             f.writelines(json.dumps(r) + "\n" for r in rows)
             f.flush()
             progress.update(len(rows))
+            generated[0] += sum(r["output_tokens"] for r in rows)
+        generated, t0 = [0], time.time()
         judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, write, args.temperature, args.seed,
                        keys=[index[ex.id] for ex in kept])
+        seconds = all_reduce_max([time.time() - t0], engine.tok.device)[0]  # the slowest rank's
+        tokens = all_reduce_sum([generated[0] / model.tp[0]], engine.tok.device)[0]  # a --tp group's ranks count the same
+        if rank == 0:
+            tqdm.write(f"eval: {int(tokens):,} tokens generated in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} "
+                       f"tokens/s over {world} rank(s))")
     progress.close()
 
 

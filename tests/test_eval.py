@@ -32,7 +32,8 @@ def test_rm_bench_scoring_by_hand():
 
 def test_judgebench_rmb_pairs_and_rewardbench_scoring():
     jb = [row("1", "A", "A", "knowledge"), row("2", "B", "A", "knowledge"), row("3", "A", "A", "coding")]
-    assert E.score("judgebench", jb) == {"knowledge": 50.0, "coding": 100.0, "overall": pytest.approx(200 / 3), "unparsed": 0, "judged": 3}
+    assert E.score("judgebench", jb) == {"knowledge": 50.0, "coding": 100.0, "overall": pytest.approx(200 / 3), "unparsed": 0,
+                                        "truncated": 0, "judged": 3}
     pw = dict(set="pairwise")
     rmb = [row("1", "A", "A", "helpfulness", **pw), row("2", "A", "B", "harmlessness", **pw), row("3", "B", "B", "harmlessness", **pw)]
     s = E.score("rmb", rmb)
@@ -117,12 +118,13 @@ def tiny_judge_args(tmp_path, kind):
             "--batch-size", "3", "--max-prompt-len", "100000"]
 
 
-def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path):
+def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path, capsys):
     args = tiny_judge_args(tmp_path, "qwen2-tied")
     full = E.main(args + ["--out", str(tmp_path / "full")])
     rows = [json.loads(l) for l in open(tmp_path / "full" / "outputs.jsonl")]
-    assert len(rows) == 4 and all(r["prompt_len"] > 500 and r["output"] for r in rows)
+    assert len(rows) == 4 and all(r["prompt_len"] > 500 and r["output"] and r["output_tokens"] == 6 for r in rows)
     assert full["judged"] == 4 and full["unparsed"] == 4  # a random model writes no verdict: counted, and wrong
+    assert full["truncated"] == 4 and "eval: 24 tokens generated in" in capsys.readouterr().out  # each cut off at 6
     # resume: keep 2 rows plus half a line (an interruption mid-write), rerun, same scores and outputs
     os.makedirs(tmp_path / "cut")
     shutil.copy(tmp_path / "full" / "run.json", tmp_path / "cut" / "run.json")  # claimed before the first output
