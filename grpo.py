@@ -23,9 +23,10 @@ The algorithm, per step:
    responses, packed back to back in one row (model.PackedRows: each response attends to the prompt and to itself; no
    padding between responses), which gives the same log-probs as G separate [prompt, o_i] rows at a fraction of the
    cost when prompts are long; with --micro-seqs < G, once per slice of the group's responses (less memory per
-   forward). micro_batch_plan deals each mini-batch's micro-batches out to the ranks longest first, one each a round,
-   so at each forward (where FSDP makes every rank wait for the slowest) the ranks hold about as many tokens (logged:
-   train_balance). Logged too: the sampler-trainer mismatch log pi_old - log mu (mean, max |delta|, k3 KL(mu || pi_old)).
+   forward). training.micro_batch_plan deals each mini-batch's micro-batches out to the ranks longest first, one each
+   a round, so at each forward (where FSDP makes every rank wait for the slowest) the ranks hold about as many tokens
+   (logged: train_balance). Logged too: the sampler-trainer mismatch log pi_old - log mu (mean, max |delta|, k3 KL(mu
+   || pi_old)).
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
        rho = exp(log pi - log pi_old)
@@ -73,8 +74,8 @@ from rundir import RunDir, done_already, load_state, save_checkpoint, write_swap
 from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
                       check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
-                      fit_recompute, gpu_peak_gib, gpu_peaks, load_for_training, lr_at, make_optimizer, precision_of,
-                      setup_distributed, stop_if_not_finite, stop_requested, train_flops)
+                      fit_recompute, gpu_peak_gib, gpu_peaks, load_for_training, lr_at, make_optimizer, micro_batch_plan,
+                      precision_of, setup_distributed, stop_if_not_finite, stop_requested, train_balance, train_flops)
 
 
 def parse_args(argv=None):
@@ -120,6 +121,8 @@ def parse_args(argv=None):
     ap.add_argument("--eval-format", default="pairs", choices=FORMATS, help="--eval-data's format (as --format)")
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--log-rollouts", type=int, default=1, help="groups a step whose prompt and traces (with rewards, "
+                    "advantages and verdicts) go to rollouts.jsonl in --out (0: none)")
     ap.add_argument("--save-every", type=int, default=None, help="save resumable state every N steps [5: a step is long; toy 20]")
     add_run_flags(ap, compiles="the training blocks and the sampler's decode step")
     args = ap.parse_args(argv)
@@ -135,12 +138,14 @@ def parse_args(argv=None):
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
                                     "max_prompt_len", "max_new_tokens", "save_every"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every", "eval_limit",
-                             "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size"),
+                             "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size", "log_rollouts"),
                 fractions=("kv_cache_frac", "top_p"))
     if args.n < 2:
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
         ap.error(f"--rollout-is-cap must be >= 1 (a weight below 1 everywhere only shrinks the step), got {args.rollout_is_cap}")
+    if args.log_rollouts > args.rollout_prompts:
+        ap.error(f"--log-rollouts {args.log_rollouts}: a step has only --rollout-prompts {args.rollout_prompts} groups")
     if args.rollout_prompts % args.minibatch_prompts:
         ap.error(f"--rollout-prompts {args.rollout_prompts} must be a multiple of --minibatch-prompts {args.minibatch_prompts}")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -280,7 +285,8 @@ class Rollout:  # the step's groups, every rank's, in rollout order: group g is 
 
 
 def grpo_step(job, step):
-    """Rollout -> rewards and advantages -> old/reference log-probs -> one update per mini-batch -> metrics, or None."""
+    """Rollout -> rewards and advantages -> old/reference log-probs -> one update per mini-batch -> (metrics, the groups
+    rollouts.jsonl keeps), or None."""
     args = job.args
     if (ro := rollout(job, step)) is None:  # given up on a stop signal
         return None
@@ -294,8 +300,9 @@ def grpo_step(job, step):
     t_logprobs, t0 = time.time() - t0, time.time()
     updates = [update(job, step, ro, adv, part, old[m], refs[m] if refs else None, sampler_logp[m])
                for m, part in enumerate(plans[job.rank])]
-    return step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, train_balance(prompt_lens, lengths, args.n, plans),
-                        {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
+    rec = step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, train_balance(prompt_lens, lengths, args.n, plans),
+                       {"rollout_s": ro.seconds, "logprobs_s": t_logprobs, "train_s": time.time() - t0})
+    return rec, logged_groups(job, step, ro, rewards, adv)
 
 
 def rollout(job, step):
@@ -334,56 +341,15 @@ def score(job, ro):
     return rewards, (verdict_rewards > 0).float()
 
 
-def micro_batch_plan(prompt_lens, lengths, n, minibatch_prompts, micro_seqs, world):
-    """The step's micro-batches -> plans[r][m]: rank r's micro-batches of mini-batch m in order, each a list of sequence
-    indices g * n + j (response j of group g; prompt_lens [G], lengths [G * n]). A micro-batch costs about its packed rows'
-    tokens, and at every forward each rank waits for the slowest (FSDP's collectives), so per mini-batch:
-    1. items: whole groups (micro_seqs >= n), or each group in k = ceil(n / micro_seqs) slices (group_slices);
-    2. the items, most tokens first, are cut in order into rounds of at most world x per items (per = micro_seqs // n
-       groups, or one slice), as few rounds as that allows: like lengths share a round, so its rows pad little;
-    3. a round is one micro-batch for each rank: its items go, in order, each to the one with the fewest tokens so far
-       that has room. Rank r's i-th micro-batch is from round i, so every rank runs as many, each about as long."""
-    k = -(-n // micro_seqs)
-    per = max(1, micro_seqs // n) if k == 1 else 1
-    tokens = lambda seqs: packed_tokens(prompt_lens, lengths, n, seqs)
-    plans = [[] for _ in range(world)]
-    for first in range(0, len(prompt_lens), minibatch_prompts):
-        items = sorted((s for g in range(first, first + minibatch_prompts) for s in group_slices(g, n, k, lengths)),
-                       key=lambda s: -tokens(s))
-        rounds = -(-len(items) // (world * per))
-        micros, held, load = [[] for _ in range(rounds * world)], [0] * (rounds * world), [0] * (rounds * world)
-        for i, s in enumerate(items):  # round i * rounds // len(items) is micro-batches b0 ... b0 + world - 1
-            b0 = i * rounds // len(items) * world
-            b = min((b for b in range(b0, b0 + world) if held[b] < per), key=lambda b: load[b])
-            micros[b], held[b], load[b] = micros[b] + s, held[b] + 1, load[b] + tokens(s)
-        for r in range(world):
-            plans[r].append([sorted(m) for m in micros[r::world]])
-    return plans
-
-
-def group_slices(g, n, k, lengths):
-    """Group g's responses g * n ... in k slices of at most ceil(n / k), near-equal in tokens (longest first, each to the
-    slice with the fewest tokens so far): a packed row costs its tokens, so the largest slice sets the peak memory."""
-    slices, tokens = [[] for _ in range(k)], [0] * k
-    for i in sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i]):
-        s = min((s for s in range(k) if len(slices[s]) < -(-n // k)), key=lambda s: tokens[s])
-        slices[s].append(i)
-        tokens[s] += lengths[i]
-    return [sorted(s) for s in slices]
-
-
-def packed_tokens(prompt_lens, lengths, n, seqs):
-    """The tokens of sequences seqs in packed rows (group_batch): each group's prompt once, less the last token, which
-    leads its first response, and the responses."""
-    return sum(prompt_lens[g] - 1 for g in {i // n for i in seqs}) + sum(lengths[i] for i in seqs)
-
-
-def train_balance(prompt_lens, lengths, n, plans):
-    """How evenly the ranks' micro-batches share the update: (all tokens / ranks) / sum over i of the largest i-th
-    micro-batch, in packed-row tokens. 1: no rank waits at any forward; 1 / world: one rank does all the work."""
-    tokens = lambda seqs: packed_tokens(prompt_lens, lengths, n, seqs)
-    steps = [max(map(tokens, micros)) for minibatches in zip(*plans) for micros in zip(*minibatches)]
-    return sum(tokens(m) for plan in plans for micros in plan for m in micros) / len(plans) / max(sum(steps), 1)
+def logged_groups(job, step, ro, rewards, adv):
+    """The step's first --log-rollouts groups, a row each for rollouts.jsonl: the prompt, and each trace with its reward,
+    advantage, verdict (None: unparsed or cut off) and tokens, to read what the judge writes as it trains."""
+    n, batch = job.args.n, epoch_batch(len(job.examples), job.args.rollout_prompts, step, job.args.seed)
+    trace = lambda i: {"text": ro.texts[i], "reward": rewards[i].item(), "advantage": adv[i].item(), "tokens": len(ro.responses[i]),
+                       "verdict": None if ro.truncated[i] else parse_verdict(ro.texts[i]), "truncated": ro.truncated[i]}
+    return [{"step": step + 1, "id": job.examples[batch[g]].id, "label": ro.labels[g * n],
+             "prompt": job.tokenizer.decode(ro.prompts[g]), "traces": [trace(i) for i in range(g * n, (g + 1) * n)]}
+            for g in range(job.args.log_rollouts)]
 
 
 def micro_rows(ro, seqs, n):
@@ -562,15 +528,16 @@ def main(argv=None):
     while step < stop_at and not run.stopping:
         for group in optimizer.param_groups:
             group["lr"] = args.lr if args.lr_schedule == "constant" else lr_at(step, total, args.lr, 0, 0.0)
-        if (rec := grpo_step(job, step)) is None:  # its rollout given up on a stop signal: save the last step, and stop
+        if (done := grpo_step(job, step)) is None:  # given up on a stop signal before its update: save the last step, stop
             run.cut_short(policy, optimizer, step, extra=history)
             break
+        rec, groups = done
         step += 1
         if (fitted := fit_recompute(policy, args.grad_ckpt, step - start, longest_micro, device)) and rank == 0:
             tqdm.write(f"grpo: {fitted}")
         if heldout and args.eval_every and step % args.eval_every == 0 and step < total:
             rec["heldout_accuracy"] = judge_heldout(stop_requested)  # None: given up on a stop signal (the run stops)
-        run.log(rec, bar, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
+        run.log(rec, bar, rollouts=groups, reward=f"{rec['reward_mean']:+.3f}", acc=f"{rec['accuracy']:.2f}", kl=f"{rec['kl']:.4f}")
         run.save(policy, optimizer, step, total, stop_at, extra=history)
     bar.close()
     if step < total:  # stopped early (on purpose, or on a signal): the state is saved, --resume continues

@@ -1,8 +1,8 @@
 """
 rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; eval.py uses its fingerprints).
 
-  RunDir          a run directory: run.json (the settings), metrics.jsonl, state/ (resumable), model/ (the output),
-                  models/step-N/ (--save-model-every). It refuses to clobber another run, checks a resume's settings
+  RunDir          a run directory: run.json (the settings), metrics.jsonl, rollouts.jsonl (grpo.py's logged groups),
+                  state/ (resumable), model/ (the output), models/step-N/ (--save-model-every). It refuses to clobber another run, checks a resume's settings
                   and inputs' contents (fingerprint), checks before any work that every rank reads the same inputs
                   and sees the directory (check_same_inputs, check_shared) and that its disk holds the run's saves
                   (check_disk), keeps the metrics, saves after each step what is due (save), and stops a run in time
@@ -11,7 +11,7 @@ rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; e
   save_checkpoint the output model and tokenizer, in the Hugging Face layout
   replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
                   crash interrupted, so a crash at any instant leaves one complete copy; write_swapped does the same
-                  for one small file (run.json, summary.json, metrics.jsonl cut back; eval.py's kept rows and scores)
+                  for one small file (run.json, summary.json, the JSONL logs cut back; eval.py's kept rows and scores)
 
 A saved state is 12 bytes a parameter over all ranks (fp32 weights and AdamW's two fp32 moments, whatever the compute
 precision), plus the step and RNG; the output model is in its save dtype (2 bytes a parameter in bf16). Each is written
@@ -38,7 +38,7 @@ from training import all_reduce_max, all_reduce_sum, barrier, catch_stop_signals
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "stop_after_minutes", "save_every", "compile", "grad_ckpt",
-                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp", "save_model_every"}
+                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp", "save_model_every", "log_rollouts"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
 # flags added after runs began to be saved, with the default that does what the code did before them: a run.json
 # without one ran that way, so --resume at that default continues it (add each new flag here)
@@ -92,7 +92,7 @@ class RunDir:
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise SystemExit(f"{self.script}: --out {self.out} is a file, not a directory")
         # a run.json alone is a run that stopped before its first step (bad data, say): not worth protecting
-        ours = [f for f in ("metrics.jsonl", "state", "state.new", "state.old", "model", "models", "summary.json")
+        ours = [f for f in ("metrics.jsonl", "rollouts.jsonl", "state", "state.new", "state.old", "model", "models", "summary.json")
                 if os.path.exists(os.path.join(self.out, f))]
         self.fingerprints = fingerprint_inputs(self.inputs)
         check_same_inputs({f"--{k.replace('_', '-')} {v}": self.fingerprints.get(k) for k, v in self.inputs.items()},
@@ -181,22 +181,28 @@ class RunDir:
                              f"{self.out} used the old ones. Resume with them, or start a new --out")
 
     def open_metrics(self, step, total):
-        """metrics.jsonl for appending, keeping only the steps <= step (a resume drops what came after). The steps start,
-        and a stop signal now stops the run after the step in progress, saved (training.catch_stop_signals), until the last."""
+        """metrics.jsonl and rollouts.jsonl (grpo.py) for appending, keeping only the steps <= step (a resume drops what came
+        after). The steps start, and a stop signal now stops the run after the step in progress, saved
+        (training.catch_stop_signals), until the last."""
         self.total, self.step_started, self.longest_step, self.state_step = total, clock(), 0.0, step  # (state/'s step)
         catch_stop_signals(step < total)
+        self.rollouts = None  # opened at the first rows logged (sft.py logs none)
         if self.rank == 0:
-            rows = [line for line in open(self.metrics_path) if line.strip() and json.loads(line)["step"] <= step] \
-                if step and os.path.exists(self.metrics_path) else []
-            write_swapped(self.metrics_path, "".join(rows))  # a crash here loses no row
+            keep_steps(self.metrics_path, step)
+            keep_steps(os.path.join(self.out, "rollouts.jsonl"), step)
             self.metrics = open(self.metrics_path, "a")
 
-    def log(self, rec, bar, **postfix):
-        """One step's record to metrics.jsonl (flushed: a crash keeps it) and the progress bar (rank 0). Then whether the
-        run stops here, saving (self.stopping): after a stop signal (cli), or when --stop-after-minutes says so."""
+    def log(self, rec, bar, rollouts=(), **postfix):
+        """One step's record to metrics.jsonl and its rollouts' rows (grpo.py) to rollouts.jsonl (flushed: a crash keeps
+        them), and the progress bar (rank 0). Then whether the run stops here, saving (self.stopping): after a stop signal
+        (cli), or when --stop-after-minutes says so."""
         if self.rank == 0:
-            self.metrics.write(json.dumps(rec) + "\n")
-            self.metrics.flush()
+            if rollouts and self.rollouts is None:
+                self.rollouts = open(os.path.join(self.out, "rollouts.jsonl"), "a")
+            for file, rows in ((self.metrics, [rec]), (self.rollouts, rollouts)):
+                if rows:
+                    file.writelines(json.dumps(row) + "\n" for row in rows)
+                    file.flush()
             bar.set_postfix(**postfix)
             bar.update(1)
         ends = 0.0
@@ -254,6 +260,13 @@ class RunDir:
         if self.stop_signal:
             raise SystemExit(128 + self.stop_signal)
         return summary
+
+
+def keep_steps(path, step):
+    """Cut a run's JSONL log (rows with a "step"), if there is one, back to the rows of steps <= step: a resume drops
+    what came after the saved step. Swapped in whole: a crash here loses no row."""
+    if os.path.exists(path):
+        write_swapped(path, "".join(line for line in open(path) if line.strip() and json.loads(line)["step"] <= step))
 
 
 def check_shared(out, rank, device, script):

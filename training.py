@@ -14,6 +14,8 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
   clip_grad_norm      grad-norm clipping, returning the global norm as a float
   train_flops, gpu_peaks  a forward+backward's model FLOPs, and the GPU's peaks: MFU
+  micro_batch_plan    GRPO's update shared out over the ranks by tokens, so none waits long at FSDP's collectives
+                      (group_slices, packed_tokens; train_balance: how evenly)
   stop_if_not_finite (divergence: nothing non-finite is saved), epoch_batch, lr_at, make_optimizer, check_vocab
   cli                 a script's main: one-line errors; catch_stop_signals: SIGTERM / SIGUSR1 noted while steps run
 What a run writes (its directory, saved state, output model) is rundir.py's.
@@ -238,6 +240,58 @@ def train_flops(model, segments):
     weights = M.num_params(model) - (0 if cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel())
     tokens, pairs = sum(n for _, n in segments), sum(n * c + n * n / 2 for c, n in segments)
     return 6 * weights * tokens + 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * pairs
+
+
+def micro_batch_plan(prompt_lens, lengths, n, minibatch_prompts, micro_seqs, world):
+    """The step's micro-batches -> plans[r][m]: rank r's micro-batches of mini-batch m in order, each a list of sequence
+    indices g * n + j (response j of group g; prompt_lens [G], lengths [G * n]). A micro-batch costs about its packed rows'
+    tokens, and at every forward each rank waits for the slowest (FSDP's collectives), so per mini-batch:
+    1. items: whole groups (micro_seqs >= n), or each group in k = ceil(n / micro_seqs) slices (group_slices);
+    2. the items, most tokens first, are cut in order into rounds of at most world x per items (per = micro_seqs // n
+       groups, or one slice), as few rounds as that allows: like lengths share a round, so its rows pad little;
+    3. a round is one micro-batch for each rank: its items go, in order, each to the one with the fewest tokens so far
+       that has room. Rank r's i-th micro-batch is from round i, so every rank runs as many, each about as long."""
+    k = -(-n // micro_seqs)
+    per = max(1, micro_seqs // n) if k == 1 else 1
+    tokens = lambda seqs: packed_tokens(prompt_lens, lengths, n, seqs)
+    plans = [[] for _ in range(world)]
+    for first in range(0, len(prompt_lens), minibatch_prompts):
+        items = sorted((s for g in range(first, first + minibatch_prompts) for s in group_slices(g, n, k, lengths)),
+                       key=lambda s: -tokens(s))
+        rounds = -(-len(items) // (world * per))
+        micros, held, load = [[] for _ in range(rounds * world)], [0] * (rounds * world), [0] * (rounds * world)
+        for i, s in enumerate(items):  # round i * rounds // len(items) is micro-batches b0 ... b0 + world - 1
+            b0 = i * rounds // len(items) * world
+            b = min((b for b in range(b0, b0 + world) if held[b] < per), key=lambda b: load[b])
+            micros[b], held[b], load[b] = micros[b] + s, held[b] + 1, load[b] + tokens(s)
+        for r in range(world):
+            plans[r].append([sorted(m) for m in micros[r::world]])
+    return plans
+
+
+def group_slices(g, n, k, lengths):
+    """Group g's responses g * n ... in k slices of at most ceil(n / k), near-equal in tokens (longest first, each to the
+    slice with the fewest tokens so far): a packed row costs its tokens, so the largest slice sets the peak memory."""
+    slices, tokens = [[] for _ in range(k)], [0] * k
+    for i in sorted(range(g * n, (g + 1) * n), key=lambda i: -lengths[i]):
+        s = min((s for s in range(k) if len(slices[s]) < -(-n // k)), key=lambda s: tokens[s])
+        slices[s].append(i)
+        tokens[s] += lengths[i]
+    return [sorted(s) for s in slices]
+
+
+def packed_tokens(prompt_lens, lengths, n, seqs):
+    """The tokens of sequences seqs in packed rows (grpo.group_batch): each group's prompt once, less the last token, which
+    leads its first response, and the responses."""
+    return sum(prompt_lens[g] - 1 for g in {i // n for i in seqs}) + sum(lengths[i] for i in seqs)
+
+
+def train_balance(prompt_lens, lengths, n, plans):
+    """How evenly the ranks' micro-batches share the update: (all tokens / ranks) / sum over i of the largest i-th
+    micro-batch, in packed-row tokens. 1: no rank waits at any forward; 1 / world: one rank does all the work."""
+    tokens = lambda seqs: packed_tokens(prompt_lens, lengths, n, seqs)
+    steps = [max(map(tokens, micros)) for minibatches in zip(*plans) for micros in zip(*minibatches)]
+    return sum(tokens(m) for plan in plans for micros in plan for m in micros) / len(plans) / max(sum(steps), 1)
 
 
 def barrier():  # every rank waits here; nothing to wait for without a process group

@@ -95,7 +95,7 @@ def test_save_model_every_keeps_the_models_of_those_steps(toy_paths, tmp_path):
     assert os.path.exists(tmp_path / "kept" / "models" / "step-2" / "tokenizer.json")
     grpo.main(grpo_args(toy_paths, tmp_path / "grpo", "--save-model-every", "1"))
     assert os.listdir(tmp_path / "grpo" / "models") == ["step-1"]
-    for f in ("state", "model", "metrics.jsonl", "summary.json"):  # all but the kept models, which a new run keeps off too
+    for f in ("state", "model", "metrics.jsonl", "rollouts.jsonl", "summary.json"):  # all but the kept models (kept off too)
         (shutil.rmtree if f in ("state", "model") else os.remove)(tmp_path / "grpo" / f)
     with pytest.raises(SystemExit, match=r"already holds a run \(models\)"):
         grpo.main(grpo_args(toy_paths, tmp_path / "grpo"))

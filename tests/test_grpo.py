@@ -1,6 +1,7 @@
 """grpo.py: the loss math against hand-computed values, distributed equivalence, resume, argument checks."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import grpo
 import checkpoint
 import model as M
 import toy
+import training
 from conftest import ROOT, read_metrics, run_torchrun
 
 
@@ -240,6 +242,42 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, mon
     assert all(r["clip_frac"] > 0 and r["kl"] > 0 for r in m1)  # mini-batch steps after the first move the policy
 
 
+def test_rollouts_jsonl_by_hand_and_after_a_crash(toy_paths, tmp_path, policy, monkeypatch):
+    # rollouts.jsonl keeps each step's first --log-rollouts groups: the step's first prompts (epoch_batch), rewards by the
+    # verdict rule, advantages as group_advantages gives them. A run killed after step 2 was logged, before its save,
+    # resumes from step 1: step 2's rows are dropped and written again, as the uninterrupted run wrote them
+    import rundir
+    from data import load_judge_examples
+    args = lambda out, *extra: grpo_args(toy_paths, tmp_path / out, "--log-rollouts", "2", "--save-every", "1", *extra,
+                                         policy=policy)
+    grpo.main(args("full"))
+    lines = open(tmp_path / "full" / "rollouts.jsonl").readlines()
+    rows, examples = [json.loads(line) for line in lines], load_judge_examples(toy_paths["rl"], "rm-r1")[0]
+    batches = [training.epoch_batch(len(examples), 8, step, 0) for step in range(3)]
+    assert [(r["step"], r["id"]) for r in rows] == [(s + 1, examples[batches[s][g]].id) for s in range(3) for g in range(2)]
+    traces = [t for r in rows for t in r["traces"]]
+    assert len({t["reward"] for t in traces}) == 2 and all(0 < t["tokens"] <= 12 and t["text"] for t in traces)
+    for r in rows:
+        rewards = [1.0 if t["verdict"] == r["label"] and not t["truncated"] else -1.0 for t in r["traces"]]
+        assert [t["reward"] for t in r["traces"]] == rewards and r["label"] in "AB" and "<|im_start|>" in r["prompt"]
+        assert [t["advantage"] for t in r["traces"]] == pytest.approx(grpo.group_advantages(torch.tensor(rewards), 3)[0].tolist())
+    save_state = rundir.save_state
+
+    def killed_at_step_2(path, model, optimizer, step, *rest):
+        if step == 2:
+            raise KeyboardInterrupt
+        save_state(path, model, optimizer, step, *rest)
+    monkeypatch.setattr(rundir, "save_state", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.main(args("cut"))
+    assert [json.loads(line)["step"] for line in open(tmp_path / "cut" / "rollouts.jsonl")] == [1, 1, 2, 2]
+    monkeypatch.setattr(rundir, "save_state", save_state)
+    grpo.main(args("cut", "--resume"))
+    assert open(tmp_path / "cut" / "rollouts.jsonl").readlines() == lines
+    grpo.main(args("none", "--log-rollouts", "0"))
+    assert not os.path.exists(tmp_path / "none" / "rollouts.jsonl")
+
+
 @pytest.mark.slow
 def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, policy, one_rank_fsdp):
     # one GPU runs FSDP2 over a one-rank process group (training.setup_distributed): the control flow of a single-GPU
@@ -453,7 +491,9 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
                         (("--eval-limit", "-1"), "--eval-limit must be >= 0"), (("--steps", "-2"), "--steps must be >= 0"),
                         (("--rollout-is-cap", "0.5"), "--rollout-is-cap must be >= 1"),
                         (("--rollout-is-cap", "nan"), "--rollout-is-cap must be >= 1"),
-                        (("--kv-page-size", "-8"), "--kv-page-size must be >= 0"),
+                        (("--kv-page-size", "-8"), "--kv-page-size must be >= 0"), (("--top-p", "1.5"), "--top-p is a fraction"),
+                        (("--log-rollouts", "9"), "--log-rollouts 9: a step has only --rollout-prompts 8 groups"),
+                        (("--log-rollouts", "-1"), "--log-rollouts must be >= 0"),
                         (("--stop-after-minutes", "nan"), "--stop-after-minutes must be >= 0"),
                         (("--offload",), "--offload keeps FSDP's shards in host memory, and one fp32 process"),
                         (("--rollout-tp", "2"), "--rollout-tp 2 must divide the 1 ranks")]:
@@ -502,7 +542,7 @@ def first_rollout(toy_paths, policy, *extra, dtype=None, compiled=False):
 
 
 def one_rank_plan(ro, args, micro_seqs):
-    return grpo.micro_batch_plan(list(map(len, ro.prompts)), list(map(len, ro.responses)), args.n, args.minibatch_prompts,
+    return training.micro_batch_plan(list(map(len, ro.prompts)), list(map(len, ro.responses)), args.n, args.minibatch_prompts,
                                  micro_seqs, 1)[0]
 
 
@@ -559,20 +599,20 @@ def test_micro_batch_plan_by_hand():
     # 4 groups of n = 3 (prompts of 3 tokens) in 2 mini-batches of 2 prompts; sequence g * 3 + j is response j of group g,
     # of length L[g * 3 + j]. A packed row costs 2 prompt tokens + its responses: groups 25, 8, 8 and 23 tokens
     P, L = [3] * 4, [5, 9, 9, 1, 2, 3, 3, 2, 1, 7, 7, 7]
-    plan = lambda minibatch, micro_seqs, world: grpo.micro_batch_plan(P, L, 3, minibatch, micro_seqs, world)
+    plan = lambda minibatch, micro_seqs, world: training.micro_batch_plan(P, L, 3, minibatch, micro_seqs, world)
     assert plan(2, 6, 1) == [[[[0, 1, 2, 3, 4, 5]], [[6, 7, 8, 9, 10, 11]]]]
     assert plan(2, 5, 1) == [[[[0, 1, 2], [3, 4, 5]], [[9, 10, 11], [6, 7, 8]]]]  # most tokens first
     # slices of a group, near-equal in tokens (longest first, each to the slice with fewer tokens; ties to the first):
     # group 0 (5, 9, 9) -> 14 + 9 tokens, not 5 + 18; group 3 (7, 7, 7) -> [9, 11] and [10]
-    assert grpo.group_slices(0, 3, 2, L) == [[0, 1], [2]] and grpo.group_slices(3, 3, 2, L) == [[9, 11], [10]]
+    assert training.group_slices(0, 3, 2, L) == [[0, 1], [2]] and training.group_slices(3, 3, 2, L) == [[9, 11], [10]]
     assert plan(2, 2, 1) == [[[[0, 1], [2], [5], [3, 4]], [[9, 11], [10], [6], [7, 8]]]]
     # two ranks: the same micro-batches, dealt in turn, so each rank's i-th is about as long as the other's
     assert plan(2, 2, 2) == [[[[0, 1], [5]], [[9, 11], [6]]], [[[2], [3, 4]], [[10], [7, 8]]]]
     # 3 groups a micro-batch, two ranks, one mini-batch: one round, each rank one micro-batch of 2 groups; the longest
     # first, each to the rank with fewer tokens: 25 -> rank 0, 23 -> rank 1, 8 -> rank 1 (31), 8 -> rank 0 (33)
     assert plan(4, 9, 2) == [[[[0, 1, 2, 6, 7, 8]]], [[[3, 4, 5, 9, 10, 11]]]]
-    assert [len(s) for s in grpo.group_slices(0, 7, 2, [1] * 7)] == [4, 3]  # at most ceil(7 / 2) a slice
-    assert grpo.group_slices(0, 7, 2, [9, 1, 1, 8, 1, 1, 1]) == [[0, 2, 5], [1, 3, 4, 6]]  # 11 + 11 tokens
+    assert [len(s) for s in training.group_slices(0, 7, 2, [1] * 7)] == [4, 3]  # at most ceil(7 / 2) a slice
+    assert training.group_slices(0, 7, 2, [9, 1, 1, 8, 1, 1, 1]) == [[0, 2, 5], [1, 3, 4, 6]]  # 11 + 11 tokens
 
 
 @pytest.mark.parametrize("world", [1, 2, 8, 32])
@@ -584,14 +624,14 @@ def test_every_rank_runs_as_many_micro_batches_and_together_every_sequence_once(
             continue
         P = (1300 * torch.empty(rollout).log_normal_(0, 0.35, generator=gen)).int().clamp(200, 4096).tolist()
         L = (900 * torch.empty(rollout * n).log_normal_(0, 0.8, generator=gen)).int().clamp(1, 8192).tolist()
-        plans = grpo.micro_batch_plan(P, L, n, minibatch, micro_seqs, world)
+        plans = training.micro_batch_plan(P, L, n, minibatch, micro_seqs, world)
         for m in range(rollout // minibatch):
             micros = [seqs for r in range(world) for seqs in plans[r][m]]
             assert sorted(i for seqs in micros for i in seqs) == list(range(m * minibatch * n, (m + 1) * minibatch * n))
             assert len({len(plans[r][m]) for r in range(world)}) == 1  # FSDP: every rank runs as many forwards
             k = -(-n // micro_seqs)  # slices of a group
             assert all(len(seqs) <= (n * (micro_seqs // n) if k == 1 else -(-n // k)) for seqs in micros)
-        balance = grpo.train_balance(P, L, n, plans)
+        balance = training.train_balance(P, L, n, plans)
         assert balance == 1 if world == 1 else 1 / world < balance < 1
         if rollout == 1024 and world > 1:  # the paper's settings: 0.98 on 8 ranks, 0.90 on 32; each rank training the
             assert balance > 0.85, balance  # groups it sampled, in order: 0.69 and 0.58 (docs/measurements.md)
