@@ -72,11 +72,10 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, on_r
     True, no more rows come. -> False if the call was given up."""
     order = sorted(range(len(examples)), key=lambda i: len(prompt_ids[i]))
 
-    def finished(indices, outs):  # indices into order
-        texts = tokenizer.decode_batch([outs[j] for j in indices])
-        on_rows([result_row(examples[order[j]], len(prompt_ids[order[j]]), text,
-                            None if tokenizer.cut_off(outs[j]) else parse_verdict(text), tokenizer.cut_off(outs[j]), len(outs[j]))
-                 for j, text in zip(indices, texts)])
+    def finished(indices, outs):  # indices into order: these judgements are final
+        texts, cut = tokenizer.decode_batch([outs[j] for j in indices]), [tokenizer.cut_off(outs[j]) for j in indices]
+        on_rows([result_row(examples[order[j]], len(prompt_ids[order[j]]), text, None if c else parse_verdict(text), c,
+                            len(outs[j])) for j, text, c in zip(indices, texts, cut)])  # cut off: no verdict
     return not order or engine.generate(
         [prompt_ids[i] for i in order], max_new_tokens, temperature=temperature, stop_ids=tokenizer.stop_ids, seed=seed,
         vocab_size=tokenizer.vocab_size, prompt_ids=[keys[i] for i in order] if keys else order, stop_when=stop_when,

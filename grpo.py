@@ -25,8 +25,8 @@ The algorithm, per step:
    cost when prompts are long; with --micro-seqs < G, once per slice of the group's responses (less memory per
    forward). training.micro_batch_plan deals each mini-batch's micro-batches out to the ranks longest first, one each
    a round, so at each forward (where FSDP makes every rank wait for the slowest) the ranks hold about as many tokens
-   (logged: train_balance). Logged too: the sampler-trainer mismatch log pi_old - log mu (mean, max |delta|, k3 KL(mu
-   || pi_old)).
+   (logged: train_balance). Logged too: the sampler-trainer mismatch log pi_old - log mu (mean, max |delta|, and k3
+   KL(mu || pi_old)).
 5. Update: the R prompts are split into mini-batches of --minibatch-prompts; one AdamW step each, so after
    the first step the policy differs from pi_old and the ratio and clip matter. Per response token:
        rho = exp(log pi - log pi_old)
@@ -372,10 +372,14 @@ def old_and_ref_logprobs(job, ro, plan):
             if all_reduce_max([stop_requested()], job.device)[0]:  # every rank asks before each forward
                 return None
             out[m].append(response_logprobs(model, *micro_rows(ro, seqs, args.n), pad, job.device, args.temperature)[0])
-    sampler = [[sampler_logprobs(ro, seqs, o.shape[1], job.device) for seqs, o in zip(micros, olds)]
-               for micros, olds in zip(plan, logps[0])]  # (log-probs, mask) pairs
-    mismatch = [rollout_mismatch(o, lp, mask) for olds, lps in zip(logps[0], sampler) for o, (lp, mask) in zip(olds, lps)]
-    return logps[0], logps[1] if job.ref is not None else None, [[lp for lp, _ in lps] for lps in sampler], mismatch
+    old, sampler_logp, mismatch = logps[0], [], []
+    for micros, olds in zip(plan, old):
+        sampler_logp.append([])
+        for seqs, o in zip(micros, olds):
+            rollout_logp, mask = sampler_logprobs(ro, seqs, o.shape[1], job.device)
+            sampler_logp[-1].append(rollout_logp)
+            mismatch.append(rollout_mismatch(o, rollout_logp, mask))
+    return old, logps[1] if job.ref is not None else None, sampler_logp, mismatch
 
 
 def sampler_logprobs(ro, seqs, width, device):

@@ -2,11 +2,12 @@
 rundir.py: what a training run writes, and how it resumes (sft.py and grpo.py; eval.py uses its fingerprints).
 
   RunDir          a run directory: run.json (the settings), metrics.jsonl, rollouts.jsonl (grpo.py's logged groups),
-                  state/ (resumable), model/ (the output), models/step-N/ (--save-model-every). It refuses to clobber another run, checks a resume's settings
-                  and inputs' contents (fingerprint), checks before any work that every rank reads the same inputs
-                  and sees the directory (check_same_inputs, check_shared) and that its disk holds the run's saves
-                  (check_disk), keeps the metrics, saves after each step what is due (save), and stops a run in time
-                  (--stop-after-minutes) or, saved, on a stop signal (SIGTERM, SIGUSR1: training.cli notes it)
+                  state/ (resumable), model/ (the output), models/step-N/ (--save-model-every). It refuses to clobber
+                  another run, checks a resume's settings and inputs' contents (fingerprint), checks before any work
+                  that every rank reads the same inputs and sees the directory (check_same_inputs, check_shared) and
+                  that its disk holds the run's saves (check_disk), keeps the logs, saves after each step what is due
+                  (save), and stops a run in time (--stop-after-minutes) or, saved, on a stop signal (SIGTERM,
+                  SIGUSR1: training.cli notes it)
   save/load_state each rank's shards of weights and AdamW moments; any number of ranks resumes them
   save_checkpoint the output model and tokenizer, in the Hugging Face layout
   replace_dir     every save is written beside the old copy and swapped in by renames; recover_dir finishes a swap a
