@@ -435,6 +435,9 @@ def test_torchrun_two_ranks_matches_one_process_and_resumes_a_one_rank_state(toy
     assert all(0.5 < r["train_balance"] < 1 for r in read_metrics(tmp_path / "two")[1:])
     s1, s2 = (json.load(open(tmp_path / d / "summary.json")) for d in ("one", "two"))
     assert s1["heldout_end"] == s2["heldout_end"]
+    # rollouts.jsonl: the same groups as one process's, each once (rank 0 writes them; every rank holds the rollout)
+    groups = [[(r["step"], r["id"]) for r in map(json.loads, open(tmp_path / d / "rollouts.jsonl"))] for d in ("one", "two")]
+    assert groups[0] == groups[1] and [step for step, _ in groups[0]] == [1, 2, 3]
 
 
 def test_a_grpo_steps_compiled_blocks_stay_within_the_recompile_limit():
