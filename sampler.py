@@ -198,7 +198,8 @@ class Sampler:
         is free (static batching, for comparison). stop_when: a function asked at every host check; once it says True
         the call gives up its work (the trainers: a stop signal) and returns None. on_finish(indices, outputs): called at
         each host check with the output indices that finished there (eval.py writes their rows as they come, so a
-        killed run loses only the sequences still running). -> token lists (logprobs: and their log-prob lists)."""
+        killed run loses only the sequences still running); an output handed over is not kept (a benchmark's need not
+        all stay in memory), and is None in what the call returns. -> token lists (logprobs: and their log-prob lists)."""
         longest = max((len(p) for p in prompts), default=0)
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
@@ -237,6 +238,8 @@ class Sampler:
             hi, finished = self.collect(owner, b, outputs, out_logps, pos)
             if on_finish and finished:
                 on_finish(finished, outputs)
+                for i in finished:
+                    outputs[i] = out_logps[i] = None
             if stop_when and self.all_agree(stop_when()):  # the running samples let go of their pages
                 for s in (s for s in range(self.slots) if owner[s] >= 0 and self.pages):
                     self.pages.release(s)

@@ -311,11 +311,13 @@ def test_continuous_batching_equals_one_by_one(tmp_path):
     alone = [generate(m, [p], max_new_tokens=14, temperature=0, stop_ids=stop)[0] for p in prompts]
     assert len({len(o) for o in alone}) > 2 and any(o[-1] in stop for o in alone)  # ragged outputs
     for continuous in (True, False):
-        engine, reported = Sampler(m, slots=5, max_len=26), []  # on_finish: each output once, final when reported
-        outs = engine.generate(prompts, 14, temperature=0, n=2, stop_ids=stop, continuous=continuous,
-                               on_finish=lambda idx, o: reported.append([(i, list(o[i])) for i in idx]))
+        engine = Sampler(m, slots=5, max_len=26)
+        outs = engine.generate(prompts, 14, temperature=0, n=2, stop_ids=stop, continuous=continuous)
         assert outs == [o for o in alone for _ in range(2)]
-        assert sorted(x for at in reported for x in at) == list(enumerate(outs)) and len(reported) > 2
+    reported = []  # on_finish: each output once, final when handed over, and then not kept
+    kept = engine.generate(prompts, 14, temperature=0, n=2, stop_ids=stop, on_finish=lambda idx, o: reported.append(
+        [(i, o[i]) for i in idx]))
+    assert sorted(x for at in reported for x in at) == list(enumerate(outs)) and len(reported) > 2 and kept == [None] * 14
     assert engine.generate(prompts[:2], 3, temperature=0) == [o[:3] for o in free[:2]]  # the engine is reused
 
 
