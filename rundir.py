@@ -82,6 +82,7 @@ class RunDir:
         self.model_path, self.save_dtype, self.tokenizer = args.model, args.save_dtype, args.tokenizer
         self.state_every, self.model_every = args.save_every, args.save_model_every
         self.state, self.metrics_path = os.path.join(out, "state"), os.path.join(out, "metrics.jsonl")
+        self.rollouts_path = os.path.join(out, "rollouts.jsonl")  # grpo.py's logged groups
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_MAY_CHANGE}
         self.inputs = {k: v for k, v in self.settings.items() if k in INPUTS and v}
 
@@ -190,7 +191,7 @@ class RunDir:
         self.rollouts = None  # opened at the first rows logged (sft.py logs none)
         if self.rank == 0:
             keep_steps(self.metrics_path, step)
-            keep_steps(os.path.join(self.out, "rollouts.jsonl"), step)
+            keep_steps(self.rollouts_path, step)
             self.metrics = open(self.metrics_path, "a")
 
     def log(self, rec, bar, rollouts=(), **postfix):
@@ -199,7 +200,7 @@ class RunDir:
         (cli), or when --stop-after-minutes says so."""
         if self.rank == 0:
             if rollouts and self.rollouts is None:
-                self.rollouts = open(os.path.join(self.out, "rollouts.jsonl"), "a")
+                self.rollouts = open(self.rollouts_path, "a")
             for file, rows in ((self.metrics, [rec]), (self.rollouts, rollouts)):
                 if rows:
                     file.writelines(json.dumps(row) + "\n" for row in rows)
