@@ -6,8 +6,9 @@ eval.py: run a judge on a pairwise benchmark and score it the way the published 
 Each pair becomes an RM-R1 judge prompt (data.py; seeded A/B placement, or both placements with
 --both-orders), the judge generates (greedy by default, batched KV-cached sampler) and the verdict is read
 with rewards.parse_verdict, the rule GRPO trains with. An unparseable verdict counts as wrong and is also
-counted (`unparsed`; `truncated`: those cut off at --max-new-tokens, a budget too small if many). Baseline judges that need no model: `longer`, `shorter` (by the answers' character
-counts; a tie gives no verdict) and `random` (seeded).
+counted (`unparsed`; `truncated`: those cut off at --max-new-tokens, a budget too small if many). Baseline judges
+that need no model: `longer`, `shorter` (by the answers' character counts; a tie gives no verdict) and `random`
+(seeded).
 
 Scoring (percentages):
   rm-bench   per domain a 3x3 matrix acc[i][j] over (chosen style i, rejected style j); domain = mean of the
@@ -97,15 +98,11 @@ def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, ra
     stop_when (the trainers: a stop signal) ended any rank's share early."""
     tp = engine.tp[0]
     mine = range(rank // tp, len(examples), world // tp)
-    counts = [0, 0, 0]  # correct, unparsed, judged
-
-    def tally(rows):
-        for i, n in enumerate((sum(r["correct"] for r in rows), sum(r["verdict"] is None for r in rows), len(rows))):
-            counts[i] += n
-    judge_examples(engine, tokenizer, [examples[i] for i in mine], [prompt_ids[i] for i in mine], max_new_tokens, tally,
-                   0.0, seed, stop_when=stop_when)
-    correct, unparsed, short = (total / tp for total in all_reduce_sum([counts[0], counts[1], counts[2] < len(mine)],
-                                                                        engine.tok.device))
+    rows = []  # this share's judgements
+    judge_examples(engine, tokenizer, [examples[i] for i in mine], [prompt_ids[i] for i in mine], max_new_tokens,
+                   rows.extend, 0.0, seed, stop_when=stop_when)
+    counts = [sum(r["correct"] for r in rows), sum(r["verdict"] is None for r in rows), len(rows) < len(mine)]
+    correct, unparsed, short = (total / tp for total in all_reduce_sum(counts, engine.tok.device))
     return (None, None) if short else (100.0 * correct / max(len(examples), 1), int(unparsed))
 
 
@@ -438,16 +435,18 @@ def judge_into(f, args, model, tokenizer, mine, rank, world, index):
             print(f"eval: {engine.slots} sequences decoded at once (their KV cache fits 70% of the free GPU memory)"
                   if not engine.pages else f"eval: up to {engine.slots} sequences at once in {len(engine.pages.free)} KV "
                   f"pages of {args.kv_page_size} positions (70% of the free GPU memory)")
+        generated, t0 = 0, time.time()
+
         def write(rows):  # as each judgement finishes
+            nonlocal generated
             f.writelines(json.dumps(r) + "\n" for r in rows)
             f.flush()
             progress.update(len(rows))
-            generated[0] += sum(r["output_tokens"] for r in rows)
-        generated, t0 = [0], time.time()
+            generated += sum(r["output_tokens"] for r in rows)
         judge_examples(engine, tokenizer, kept, ids, args.max_new_tokens, write, args.temperature, args.seed,
                        keys=[index[ex.id] for ex in kept])
         seconds = all_reduce_max([time.time() - t0], engine.tok.device)[0]  # the slowest rank's
-        tokens = all_reduce_sum([generated[0] / model.tp[0]], engine.tok.device)[0]  # a --tp group's ranks count the same
+        tokens = all_reduce_sum([generated / model.tp[0]], engine.tok.device)[0]  # a --tp group's ranks count the same
         if rank == 0:
             tqdm.write(f"eval: {int(tokens):,} tokens generated in {seconds:.1f} s ({tokens / max(seconds, 1e-9):,.0f} "
                        f"tokens/s over {world} rank(s))")
