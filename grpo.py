@@ -280,6 +280,7 @@ class Rollout:  # the step's groups, every rank's, in rollout order: group g is 
     labels: list
     truncated: list
     seconds: float
+    examples: list  # the data's row of each group (rollouts.jsonl names it)
     preempted: int = 0  # samples this rank's paged KV cache sent back to the queue (re-prefilled later)
     kv_pool_peak: float = 0.0  # this rank's paged KV cache's most pages in use at once, a share of its pool
 
@@ -329,7 +330,8 @@ def rollout(job, step):
     responses, logps = [responses[r][i] for r, i in order], [logps[r][i] for r, i in order]
     labels = [job.examples[batch[p]].label for p in range(args.rollout_prompts) for _ in range(n)]
     return Rollout([job.prompt_ids[b] for b in batch], responses, logps, job.tokenizer.decode_batch(responses), labels,
-                   [job.tokenizer.cut_off(r) for r in responses], time.time() - t0, job.engine.preemptions - preempted,
+                   [job.tokenizer.cut_off(r) for r in responses], time.time() - t0, [job.examples[b] for b in batch],
+                   job.engine.preemptions - preempted,
                    job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0)
 
 
@@ -344,10 +346,10 @@ def score(job, ro):
 def logged_groups(job, step, ro, rewards, adv):
     """The step's first --log-rollouts groups, a row each for rollouts.jsonl: the prompt, and each trace with its reward,
     advantage, verdict (None: unparsed or cut off) and tokens, to read what the judge writes as it trains."""
-    n, batch = job.args.n, epoch_batch(len(job.examples), job.args.rollout_prompts, step, job.args.seed)
+    n = job.args.n
     trace = lambda i: {"text": ro.texts[i], "reward": rewards[i].item(), "advantage": adv[i].item(), "tokens": len(ro.responses[i]),
                        "verdict": None if ro.truncated[i] else parse_verdict(ro.texts[i]), "truncated": ro.truncated[i]}
-    return [{"step": step + 1, "id": job.examples[batch[g]].id, "label": ro.labels[g * n],
+    return [{"step": step + 1, "id": ro.examples[g].id, "label": ro.labels[g * n],
              "prompt": job.tokenizer.decode(ro.prompts[g]), "traces": [trace(i) for i in range(g * n, (g + 1) * n)]}
             for g in range(job.args.log_rollouts)]
 
