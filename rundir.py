@@ -245,7 +245,7 @@ class RunDir:
 
     def cut_short(self, model, optimizer, step, extra=None):
         """A stop signal gave up the step after `step` before it changed anything (every rank agreeing: grpo.py's
-        rollout): save `step`'s state as a step that stops on a signal does, unless state/ holds it (or step is 0)."""
+        rollout or log-prob passes): save `step`'s state as a step that stops on a signal does, unless state/ holds it (or step is 0)."""
         self.stopping, self.stop_signal = True, int(all_reduce_max([float(stop_request["signal"])], self.device)[0])
         if self.rank == 0:
             tqdm.write(f"{self.script}: {signal.Signals(self.stop_signal).name} received: step {step + 1} given up before "

@@ -423,9 +423,9 @@ stop_request = {"script": False, "signal": 0}  # script: run by cli (not a test 
 def catch_stop_signals(catch):
     """While a trainer's steps run (RunDir turns this on at open_metrics and off at the last step's save), a stop
     signal to a script is noted instead of ending the process: the run saves after the step in progress and stops
-    (RunDir.log: every rank after the same step; a rollout or judging in progress is given up). It may come more
-    than once (SLURM signals every process of a job step, and torchrun passes its own on too). At other times it
-    does what it always does, at once."""
+    (RunDir.log: every rank after the same step; a GRPO rollout, its log-prob passes or a judging is given up). It
+    may come more than once (SLURM signals every process of a job step, and torchrun passes its own on too). At other
+    times it does what it always does, at once."""
     if stop_request["script"]:
         for signum in STOP_SIGNALS:
             signal.signal(signum, note_stop_signal if catch else signal.SIG_DFL)
@@ -435,7 +435,7 @@ def note_stop_signal(signum, frame):
     stop_request["signal"] = signum
 
 
-def stop_requested():  # the sampler of a GRPO rollout or of a judging in the steps gives up its call when this says so
+def stop_requested():  # a GRPO rollout, its log-prob passes, or a judging in the steps gives up when this says so
     return stop_request["signal"] > 0
 
 
