@@ -278,6 +278,26 @@ def judge_messages(context, answer_a, answer_b, family="instruct"):
     return ([{"role": "system", "content": INSTRUCT_SYSTEM}] + msgs) if family == "instruct" else msgs
 
 
+def prompt_family(msgs):
+    """Which RM-R1 judge prompts rendered msgs: "instruct" (the chain-of-rubrics system message), "reasoning" (no system
+    message; the user turn opens with the Reasoning judge's head), or None (another prompt: not checked)."""
+    if msgs[0]["role"] == "system":
+        return "instruct" if msgs[0]["content"] == INSTRUCT_SYSTEM else None
+    return "reasoning" if msgs[0]["content"].startswith(_REASONING_HEAD) else None
+
+
+def check_prompt_family(msgs, family, where):
+    """Refuse RM-R1 rows rendered for the other judge family: RM-R1 trains Qwen2.5-Instruct judges on
+    RM-R1-Entire-RLVR-Train's instruct prompts and DeepSeek-R1-Distill ones on RM-R1-Reasoning-RLVR's, and a row's
+    prompt comes rendered, so the judge's own family would otherwise be ignored without a word."""
+    found = prompt_family(msgs)
+    if found is not None and found != family:
+        raise DataError(f"{where}: an RM-R1 {found} judge prompt, but this judge's prompts are {family} ones (from its "
+                        "chat template, or --family): RM-R1 trains DeepSeek-R1-Distill judges on gaotang/RM-R1-Reasoning-"
+                        "RLVR and Qwen2.5-Instruct ones on gaotang/RM-R1-Entire-RLVR-Train; pass --family "
+                        f"{found} to use these rows as they are")
+
+
 def placement(pair_id, seed) -> str:
     """Seeded A/B coin per pair id: independent of order, ranks and resumption (the reference's eval
     shuffle is unseeded)."""
@@ -524,8 +544,9 @@ def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, bo
     was seen: "empty" pairs with an empty or whitespace-only answer and "identical" pairs whose two answers
     are the same text (evaluation judges both as given, as benchmark data; training=True drops them: nothing to
     learn), and for RM-R1 files "sft" distillation rows (skipped: not RL data) and "typo_fixed". Placement is
-    seeded by pair id, so a repeated id is an error. both_orders: each pair twice, chosen at A then at B (ids
-    "{id}#A", "{id}#B", meta["pair"] = id)."""
+    seeded by pair id, so a repeated id is an error. family: the judge prompts pairs are rendered with; RM-R1 rows come
+    rendered, and one of the other family is an error (check_prompt_family). both_orders: each pair twice, chosen at A
+    then at B (ids "{id}#A", "{id}#B", meta["pair"] = id)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
     if fmt == "rm-r1":  # RM-R1 rows (rm_r1_row): RL rows become judge examples, distillation rows are counted
@@ -533,10 +554,11 @@ def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, bo
         for n, row in read_jsonl(path):
             kind, item = rm_r1_row(row, f"{path}:{n}", counts)
             if kind == "rl":
+                check_prompt_family(item.messages, family, f"{path}:{n}")
                 rl.append(item)
         if not rl:
-            raise DataError(f"{path}: no RL rows (winner model_a/model_b): {counts['sft']} distillation rows "
-                            "(judge traces) found instead; this is SFT data")
+            raise DataError(f"{path}: no RL rows (winner model_a/model_b)" + (f": {counts['sft']} distillation rows "
+                            "(judge traces) found instead; this is SFT data" if counts["sft"] else ""))
         refuse_duplicate_ids(path, [e.id for e in rl])
         return rl, {"sft": counts["sft"], "typo_fixed": counts["typo_fixed"]}
     if fmt not in READERS:

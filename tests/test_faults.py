@@ -19,7 +19,7 @@ import rundir
 import sft
 import training
 from conftest import ROOT, make_hf_checkpoint, read_metrics, run_torchrun, torchrun_command
-from data import DataError, load_judge_examples, load_tokenizer, read_jsonl, read_sft_rows
+from data import DataError, judge_messages, load_judge_examples, load_tokenizer, read_jsonl, read_sft_rows
 
 
 def sft_args(toy_paths, out, *extra):
@@ -417,6 +417,37 @@ def test_each_trainer_refuses_the_other_stages_data(toy_paths, tmp_path):
     assert len(examples) == 4 and counts["sft"] == 1  # the trace row is counted, not silently dropped
     rows, counts = read_sft_rows(str(mixed))
     assert len(rows) == 1 and counts["rl"] == 4
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")  # no rows at all: said so, without calling it the other stage's data
+    with pytest.raises(DataError, match=r"blank.jsonl: no RL rows \(winner model_a/model_b\)$"):
+        load_judge_examples(str(blank), "rm-r1")
+    with pytest.raises(DataError, match=r"blank.jsonl: no SFT rows$"):
+        read_sft_rows(str(blank))
+
+
+def test_rm_r1_rows_rendered_for_the_other_judge_family_are_refused(toy_paths, tmp_path):
+    # RM-R1's RL rows come with their judge prompt rendered: instruct (the chain-of-rubrics system message) for
+    # Qwen2.5-Instruct judges, reasoning (no system message) for DeepSeek-R1-Distill ones, whose template picks it
+    rl = [json.loads(line) for line in open(toy_paths["rl"])][:3]
+    with pytest.raises(DataError, match=r"rl.jsonl:1: an RM-R1 instruct judge prompt, but this judge's prompts are "
+                                        r"reasoning ones .* pass --family instruct"):
+        load_judge_examples(toy_paths["rl"], "rm-r1", "reasoning")
+    reasoning = tmp_path / "reasoning.jsonl"  # the same pairs as the Reasoning prompts render them, the third as given
+    ctx = [{"role": "user", "content": "What is 2 + 2?"}]
+    rl[:2] = [{**row, "context_messages": judge_messages(ctx, "4", "5", "reasoning")} for row in rl[:2]]
+    reasoning.write_text("".join(json.dumps(r) + "\n" for r in rl))
+    with pytest.raises(DataError, match=r"reasoning.jsonl:1: an RM-R1 reasoning judge prompt, .* instruct ones"):
+        load_judge_examples(str(reasoning), "rm-r1", "instruct")
+    with pytest.raises(DataError, match=r"reasoning.jsonl:3: an RM-R1 instruct judge prompt"):  # each row is checked
+        load_judge_examples(str(reasoning), "rm-r1", "reasoning")
+    own = [{**r, "context_messages": [{"role": "user", "content": "Which answer is better?"}]} for r in rl]
+    reasoning.write_text("".join(json.dumps(r) + "\n" for r in own))  # another prompt: not RM-R1's, not checked
+    assert [len(load_judge_examples(str(reasoning), "rm-r1", f)[0]) for f in ("instruct", "reasoning")] == [3, 3]
+    with pytest.raises(DataError, match="--family instruct"):  # grpo.py: --family (or the template) is checked
+        grpo.main(grpo_args(toy_paths, tmp_path / "run", "--family", "reasoning"))
+    with pytest.raises(DataError, match="--family instruct"):  # and so is its held-out set in RM-R1's format
+        grpo.main(grpo_args(toy_paths, tmp_path / "run", "--family", "reasoning", "--format", "pairs", "--data",
+                            toy_paths["heldout"], "--eval-data", toy_paths["rl"], "--eval-format", "rm-r1"))
 
 
 def test_too_few_prompts_left_says_how_many_were_dropped(toy_paths, tmp_path):
