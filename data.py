@@ -507,17 +507,20 @@ def rm_r1_row(row, where, counts):
     return "sft", msgs + [{"role": "assistant", "content": winner}]
 
 
-def read_sft_rows(path):
+def read_sft_rows(path, family=None):
     """SFT data: RM-R1 distillation rows (context_messages + winner = the trace) or chat rows (messages
     ending with the assistant turn to learn) -> (message lists ending with the assistant turn, counts).
     RM-R1 RL rows (winner model_a/model_b) have no trace: counted in counts["rl"] and skipped; a file of
-    nothing else is refused as the other stage's data. counts["typo_fixed"]: see rm_r1_row."""
+    nothing else is refused as the other stage's data. counts["typo_fixed"]: see rm_r1_row. With a judge family,
+    a distillation row rendered in the other family's prompt is an error (check_prompt_family)."""
     out, counts = [], Counter()
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
         if "context_messages" in row:
             kind, item = rm_r1_row(row, where, counts)
             if kind == "sft":
+                if family:
+                    check_prompt_family(item, family, where)
                 out.append(item)
         elif "messages" in row:
             msgs = check_messages(need(row, "messages", where, list), where)

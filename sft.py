@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 import model as M
 import toy
-from data import FORMATS, DataError, describe_counts, load_tokenizer, read_sft_rows
+from data import FORMATS, DataError, default_judge_family, describe_counts, load_tokenizer, read_sft_rows
 from eval import heldout_accuracy, load_heldout
 from rundir import RunDir, done_already, load_state, save_checkpoint, write_swapped
 from sampler import Sampler
@@ -78,6 +78,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = all epochs)")
     ap.add_argument("--save-every", type=int, default=50, help="save resumable state every N steps")
+    ap.add_argument("--family", default=None, choices=["instruct", "reasoning"], help="judge prompts: those of RM-R1 rows "
+                    "(checked) and of held-out pairs [the chat template's: reasoning for DeepSeek-R1-Distill, else instruct]")
     ap.add_argument("--eval-data", default=None, help="pairs for held-out judge accuracy at the end (toy: its held-out set)")
     ap.add_argument("--eval-format", default="pairs", choices=FORMATS, help="--eval-data's and --val-data's format: "
                     "rm-r1 (its RL rows), pairs, or a benchmark's")
@@ -140,11 +142,12 @@ def pack_batch(rows, pad_id, device, dtype):
 
 # ----------------------------------------------------------------------------- data
 
-def encode_sft_rows(path, tokenizer, max_len, truncate):
+def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
     """-> list of (ids, loss_mask), the number dropped for length, and the reader's counts. loss_mask is 1 on
-    the assistant span (the answer's tokens and the end-of-turn token), 0 on the prompt."""
+    the assistant span (the answer's tokens and the end-of-turn token), 0 on the prompt. With a family, RM-R1
+    rows must hold its judge prompts."""
     out, dropped = [], 0
-    rows, counts = read_sft_rows(path)
+    rows, counts = read_sft_rows(path, family)
     if tokenizer.end_of_turn_id is None:
         raise DataError("the tokenizer has no end-of-turn token (<|im_end|>, or an eos_token) to end each trace with")
     prompts = tokenizer.encode_batch([tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True) for msgs in rows])
@@ -177,7 +180,8 @@ def main(argv=None):
     random.seed(args.seed)
     tokenizer = load_tokenizer(args.tokenizer)
     check_vocab(tokenizer, args.model, args.tokenizer)
-    rows, dropped, counts = encode_sft_rows(args.data, tokenizer, args.max_len, args.truncate)
+    family = args.family or default_judge_family(tokenizer)  # the judge prompts it learns, and is judged in
+    rows, dropped, counts = encode_sft_rows(args.data, tokenizer, args.max_len, args.truncate, family)
     steps_per_epoch = len(rows) // args.global_batch
     if steps_per_epoch == 0:
         raise DataError(f"{args.data}: {len(rows)} usable rows, fewer than --global-batch {args.global_batch}")
@@ -199,7 +203,7 @@ def main(argv=None):
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
               f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
-    judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed) for k, path in
+    judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed, family) for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
         print("sft: --eval-limit 0: no validation or held-out judging")

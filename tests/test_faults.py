@@ -425,7 +425,7 @@ def test_each_trainer_refuses_the_other_stages_data(toy_paths, tmp_path):
         read_sft_rows(str(blank))
 
 
-def test_rm_r1_rows_rendered_for_the_other_judge_family_are_refused(toy_paths, tmp_path):
+def test_rm_r1_rows_rendered_for_the_other_judge_family_are_refused(toy_paths, tmp_path, monkeypatch):
     # RM-R1's RL rows come with their judge prompt rendered: instruct (the chain-of-rubrics system message) for
     # Qwen2.5-Instruct judges, reasoning (no system message) for DeepSeek-R1-Distill ones, whose template picks it
     rl = [json.loads(line) for line in open(toy_paths["rl"])][:3]
@@ -448,6 +448,16 @@ def test_rm_r1_rows_rendered_for_the_other_judge_family_are_refused(toy_paths, t
     with pytest.raises(DataError, match="--family instruct"):  # and so is its held-out set in RM-R1's format
         grpo.main(grpo_args(toy_paths, tmp_path / "run", "--family", "reasoning", "--format", "pairs", "--data",
                             toy_paths["heldout"], "--eval-data", toy_paths["rl"], "--eval-format", "rm-r1"))
+    with pytest.raises(DataError, match=r"sft.jsonl:1: an RM-R1 instruct judge prompt.* --family instruct"):
+        sft.main(sft_args(toy_paths, tmp_path / "sft", "--family", "reasoning"))  # sft.py: its distillation rows too
+    assert read_sft_rows(toy_paths["sft"], "instruct")[0] == read_sft_rows(toy_paths["sft"])[0]
+    chat = tmp_path / "chat.jsonl"  # chat rows are the user's own prompts, not checked; held-out pairs take --family
+    chat.write_text("".join(json.dumps({"messages": m}) + "\n" for m in read_sft_rows(toy_paths["sft"])[0][:16]))
+    families = []
+    monkeypatch.setattr(sft, "load_heldout", lambda *a: families.append(a[-1]) or E.load_heldout(*a))
+    sft.main(sft_args(toy_paths, tmp_path / "chat", "--family", "reasoning", "--data", str(chat), "--max-steps", "1",
+                      "--eval-limit", "2", "--eval-data", toy_paths["heldout"], "--eval-max-new-tokens", "4"))
+    assert families == ["reasoning"]
 
 
 def test_too_few_prompts_left_says_how_many_were_dropped(toy_paths, tmp_path):
