@@ -265,7 +265,7 @@ class Job:  # what every step uses: settings, models, data, and where this rank 
     engine: Sampler
     tokenizer: object
     examples: list
-    prompt_ids: list
+    prompt_ids: list  # every example's, each an array (tokenize_prompts' compact form; a list when used)
     rank: int
     world: int
     device: torch.device
@@ -316,7 +316,7 @@ def rollout(job, step):
     job.engine.load_weights(job.policy)
     preempted = job.engine.preemptions
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
-    drawn = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature, args.top_p,
+    drawn = job.engine.generate([list(job.prompt_ids[batch[p]]) for p in mine], args.max_new_tokens, args.temperature, args.top_p,
                                 args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step, logprobs=True,
                                 vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, stop_when=stop_requested)
     if all_reduce_max([drawn is None], job.device)[0]:  # the ranks agree (those with no signal finished their share)
@@ -329,7 +329,7 @@ def rollout(job, step):
     order = [(p % world, (p // world) * n + j) for p in range(args.rollout_prompts) for j in range(n)]
     responses, logps = [responses[r][i] for r, i in order], [logps[r][i] for r, i in order]
     labels = [job.examples[batch[p]].label for p in range(args.rollout_prompts) for _ in range(n)]
-    return Rollout([job.prompt_ids[b] for b in batch], responses, logps, job.tokenizer.decode_batch(responses), labels,
+    return Rollout([list(job.prompt_ids[b]) for b in batch], responses, logps, job.tokenizer.decode_batch(responses), labels,
                    [job.tokenizer.cut_off(r) for r in responses], time.time() - t0, [job.examples[b] for b in batch],
                    job.engine.preemptions - preempted,
                    job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0)
@@ -470,7 +470,7 @@ def setup_job(args, run, rank, world, device):
     check_vocab(tokenizer, args.model, args.tokenizer)
     family = args.family or default_judge_family(tokenizer)
     examples, counts = load_judge_examples(args.data, args.format, family, args.seed, training=True)
-    examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len)
+    examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len, compact=True)  # arrays
     described = f"{len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{describe_counts(counts)})"
     if len(examples) < args.rollout_prompts:
         raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")
