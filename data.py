@@ -279,24 +279,19 @@ def judge_messages(context, answer_a, answer_b, family="instruct"):
     return ([{"role": "system", "content": INSTRUCT_SYSTEM}] + msgs) if family == "instruct" else msgs
 
 
-def prompt_family(msgs):
-    """Which RM-R1 judge prompts rendered msgs: "instruct" (the chain-of-rubrics system message), "reasoning" (no system
-    message; the user turn opens with the Reasoning judge's head), or None (another prompt: not checked)."""
-    if msgs[0]["role"] == "system":
-        return "instruct" if msgs[0]["content"] == INSTRUCT_SYSTEM else None
-    return "reasoning" if msgs[0]["content"].startswith(_REASONING_HEAD) else None
-
-
 def check_prompt_family(msgs, family, where):
-    """Refuse RM-R1 rows rendered for the other judge family: RM-R1 trains Qwen2.5-Instruct judges on
-    RM-R1-Entire-RLVR-Train's instruct prompts and DeepSeek-R1-Distill ones on RM-R1-Reasoning-RLVR's, and a row's
-    prompt comes rendered, so the judge's own family would otherwise be ignored without a word."""
-    found = prompt_family(msgs)
-    if found is not None and found != family:
+    """Refuse an RM-R1 row rendered for the other judge family: RM-R1 trains DeepSeek-R1-Distill judges on
+    RM-R1-Reasoning-RLVR and Qwen2.5-Instruct ones on its instruct sets, and a row's prompt comes rendered (the judge's
+    own family would be ignored). instruct: the chain-of-rubrics system message; reasoning: no system message, a user
+    turn that opens with the Reasoning judge's head; another prompt is not checked."""
+    system, text = msgs[0]["role"] == "system", msgs[0]["content"]
+    found = ("instruct" if system and text == INSTRUCT_SYSTEM else
+             "reasoning" if not system and text.startswith(_REASONING_HEAD) else None)
+    if found not in (None, family):
         raise DataError(f"{where}: an RM-R1 {found} judge prompt, but this judge's prompts are {family} ones (from its "
-                        "chat template, or --family): RM-R1 trains DeepSeek-R1-Distill judges on gaotang/RM-R1-Reasoning-"
-                        "RLVR and Qwen2.5-Instruct ones on gaotang/RM-R1-Entire-RLVR-Train; pass --family "
-                        f"{found} to use these rows as they are")
+                        "chat template, or --family): RM-R1 trains DeepSeek-R1-Distill judges on gaotang/RM-R1-"
+                        f"Reasoning-RLVR and Qwen2.5-Instruct ones on its instruct sets; pass --family {found} to use "
+                        "these rows as they are")
 
 
 def placement(pair_id, seed) -> str:
@@ -314,9 +309,8 @@ def make_judge_example(pair: Pair, family="instruct", seed=0, label=None) -> Jud
 
 def tokenize_prompts(examples, tokenizer, max_prompt_len, compact=False):
     """Render + encode judge prompts; prompts longer than max_prompt_len are dropped and counted (as the
-    reference's filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count). compact: each
-    prompt's ids an array('i'), 4 bytes a token where a list of ints takes about 34 (measured on RM-Bench's judge
-    prompts), for grpo.py, which holds every prompt of its data on every rank (~64k of ~1.6k tokens: 3.5 GB as lists)."""
+    reference's filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count). compact: ids as
+    array('i'), 4 bytes a token where a list takes about 34, for grpo.py, which holds all its data's on every rank."""
     ids = []
     for s in range(0, len(examples), 1024):  # rendered and encoded a chunk at a time: the texts are as large as the lists
         texts = [tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True) for ex in examples[s:s + 1024]]
