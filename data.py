@@ -37,7 +37,7 @@ import os
 import random
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tokenizers import Tokenizer
 
@@ -250,7 +250,7 @@ class Pair:
 @dataclass
 class JudgeExample:
     id: str
-    messages: list          # judge messages, ready for the chat template
+    messages: list          # judge messages, ready for the chat template (None once tokenize_prompts encoded them)
     label: str              # "A" or "B": the side holding the chosen answer
     subset: str = ""
     meta: dict = field(default_factory=dict)
@@ -307,16 +307,17 @@ def make_judge_example(pair: Pair, family="instruct", seed=0, label=None) -> Jud
     return JudgeExample(pair.id, judge_messages(pair.context, a, b, family), label, pair.subset, meta)
 
 
-def tokenize_prompts(examples, tokenizer, max_prompt_len, compact=False):
+def tokenize_prompts(examples, tokenizer, max_prompt_len):
     """Render + encode judge prompts; prompts longer than max_prompt_len are dropped and counted (as the
-    reference's filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count). compact: ids as
-    array('i'), 4 bytes a token where a list takes about 34, for grpo.py, which holds all its data's on every rank."""
+    reference's filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count), held small, as
+    grpo.py holds all its data on every rank: ids as array('i'), 4 bytes a token where a list takes about 34, and the
+    examples without their messages (the ids are the prompt; as text, another 6 bytes a token)."""
     ids = []
-    for s in range(0, len(examples), 1024):  # rendered and encoded a chunk at a time: the texts take 6 bytes a token
+    for s in range(0, len(examples), 1024):  # rendered and encoded a chunk at a time
         texts = [tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True) for ex in examples[s:s + 1024]]
-        ids += [array("i", t) if compact else t for t in tokenizer.encode_batch(texts)]
+        ids += [array("i", t) for t in tokenizer.encode_batch(texts)]
     kept = [k for k, t in enumerate(ids) if len(t) <= max_prompt_len]
-    return [examples[k] for k in kept], [ids[k] for k in kept], len(examples) - len(kept)
+    return [replace(examples[k], messages=None) for k in kept], [ids[k] for k in kept], len(examples) - len(kept)
 
 
 # ----------------------------------------------------------------------------- readers

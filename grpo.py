@@ -265,7 +265,7 @@ class Job:  # what every step uses: settings, models, data, and where this rank 
     engine: Sampler
     tokenizer: object
     examples: list
-    prompt_ids: list  # every example's, each an array (tokenize_prompts' compact form; a list when used)
+    prompt_ids: list  # every example's, each an array('i') (tokenize_prompts; made a list where used)
     rank: int
     world: int
     device: torch.device
@@ -470,7 +470,7 @@ def setup_job(args, run, rank, world, device):
     check_vocab(tokenizer, args.model, args.tokenizer)
     family = args.family or default_judge_family(tokenizer)
     examples, counts = load_judge_examples(args.data, args.format, family, args.seed, training=True)
-    examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len, compact=True)  # arrays
+    examples, prompt_ids, dropped = tokenize_prompts(examples, tokenizer, args.max_prompt_len)
     described = f"{len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{describe_counts(counts)})"
     if len(examples) < args.rollout_prompts:
         raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")

@@ -45,7 +45,6 @@ logprobs=True also each sampled token's log-prob under the engine's own forward,
 forward computes): GRPO measures the sampler-trainer mismatch with it and corrects for it (grpo.rollout_is_weights).
 """
 import itertools
-import os
 from collections import deque
 
 import torch
@@ -193,8 +192,8 @@ class Sampler:
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
                  vocab_size=None, prompt_ids=None, continuous=True, logprobs=False, stop_when=None, on_finish=None):
-        """prompt_ids: a global index per prompt (default 0..len-1): sample j of prompt i is sequence
-        prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
+        """prompts: token ids (lists or arrays). prompt_ids: a global index per prompt (default 0..len-1): sample j of
+        prompt i is sequence prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
         is free (static batching, for comparison). stop_when: a function asked at every host check; once it says True
         the call gives up its work (the trainers: a stop signal) and returns None. on_finish(indices, outputs): called at
         each host check with the output indices that finished there (eval.py writes their rows as they come, so a
@@ -270,8 +269,11 @@ class Sampler:
         and prefills run only what follows them, attending to them in the cache (model.cached_prefix): the opening's
         pages and its prefill are paid once a call, not once a prompt."""
         self.pages.drop_prefix()  # (a call cut short leaves its own)
-        # whole pages, leaving every prompt a token of its own to prefill (commonprefix works on lists too)
-        k = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) // self.pages.size if len(prompts) > 1 else 0
+        # whole pages, leaving every prompt a token of its own to prefill; all prompts share what the least and the
+        # greatest share (os.path.commonprefix's way, for lists or arrays of ids)
+        first, last = min(prompts), max(prompts)
+        common = next((i for i, (a, b) in enumerate(zip(first, last)) if a != b), len(first))
+        k = min(common, min(map(len, prompts)) - 1) // self.pages.size if len(prompts) > 1 else 0
         if not k:
             return
         self.pages.hold_prefix(k)
@@ -315,7 +317,7 @@ class Sampler:
         if new:
             self.admit([prompts[i] for i, _ in new], [ids[i] for i, _ in new], [s for _, r in new for s in r], n, *draw, stop)
         for (o, tokens, logps), (s,) in resumed:
-            self.resume(s, prompts[o // n] + tokens[:-1], tokens, logps, ids[o // n] * n + o % n)
+            self.resume(s, list(prompts[o // n]) + tokens[:-1], tokens, logps, ids[o // n] * n + o % n)
         return longest
 
     def prefill(self, seqs, rows, n):

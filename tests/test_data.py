@@ -198,11 +198,10 @@ def test_overlong_prompts_are_dropped_and_counted():
     tok = D.load_tokenizer(TOKENIZER_DIR)
     exs = [D.make_judge_example(D.Pair(str(i), [{"role": "user", "content": "word " * (i * 300)}], "a", "b")) for i in range(4)]
     kept, ids, dropped = D.tokenize_prompts(exs, tok, max_prompt_len=1200)
-    assert dropped == 2 and [e.id for e in kept] == ["0", "1"]
-    assert ids == [tok.encode(tok.apply_chat_template(e.messages)) for e in kept] and all(len(t) <= 1200 for t in ids)
-    compact = D.tokenize_prompts(exs, tok, max_prompt_len=1200, compact=True)  # grpo.py's: it holds every prompt
-    assert compact[0] == kept and compact[2] == 2 and [t.typecode for t in compact[1]] == ["i", "i"]
-    assert [list(t) for t in compact[1]] == ids and max(max(t) for t in ids) > 150_000  # Qwen's ids fit
+    assert dropped == 2 and [e.id for e in kept] == ["0", "1"] and [e.label for e in kept] == [e.label for e in exs[:2]]
+    assert [list(t) for t in ids] == [tok.encode(tok.apply_chat_template(e.messages)) for e in exs[:2]]
+    assert all(len(t) <= 1200 for t in ids) and max(max(t) for t in ids) > 150_000  # Qwen's ids, in array('i')
+    assert [t.typecode for t in ids] == ["i", "i"] and [e.messages for e in kept] == [None, None]  # held small
 
 
 # ----------------------------------------------------------------------------- readers

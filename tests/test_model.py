@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import os
+from array import array
 
 import pytest
 import torch
@@ -697,6 +698,9 @@ def test_paged_cache_generates_what_the_dense_one_does(ckpt):
             # every page is back in the pool, and the device's tables say so
             assert sorted(engine.pages.free) == list(range(1, m.page_index.shape[0])) and not any(engine.pages.holders)
             assert (m.page_table == 0).all()
+        as_held = [array("i", p) for p in prompts]  # prompts as tokenize_prompts holds them: the same, preempted too
+        assert Sampler(m, slots=6, max_len=48, page_size=8, pages=12).generate(as_held, 24, temperature, n=2, stop_ids=stop,
+                                                                               seed=4) == dense
 
 
 def test_paged_decode_reads_only_each_rows_own_pages():
