@@ -44,8 +44,8 @@ from data import READERS, default_judge_family, describe_counts, load_judge_exam
 from decode_model import check_split, load_for_decoding, tensor_parallel_group
 from rewards import parse_verdict
 from rundir import check_same_inputs, check_shared, fingerprint_inputs, read_json_file, write_swapped
-from training import (all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli, compile_wanted,
-                      end_distributed, setup_distributed)
+from training import (add_dist_timeout_flag, all_reduce_max, all_reduce_sum, barrier, check_flags, check_vocab, cli,
+                      compile_wanted, end_distributed, setup_distributed)
 
 BASELINES = ("longer", "shorter", "random")
 REWARDBENCH_SECTIONS = {
@@ -361,17 +361,18 @@ def parse_args(argv=None):
                     "max-length row per sequence): sequences hold only the pages they fill, and a step reads only those")
     ap.add_argument("--tp", type=int, default=1, help="consecutive ranks that judge together over a tensor-parallel copy "
                     "of the judge, each holding 1/T of its blocks and KV cache")
+    add_dist_timeout_flag(ap)
     args = ap.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype) if args.dtype else None  # (None: the checkpoint's)
     check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge, args.torch_dtype)
-    check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
+    check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size", "dist_timeout"),
                 nonnegative=("limit", "temperature", "kv_page_size"))
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(timeout_minutes=args.dist_timeout)
     model = tokenizer = None
     if args.judge not in BASELINES:
         tokenizer = load_tokenizer(args.tokenizer or args.judge)

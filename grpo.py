@@ -136,7 +136,7 @@ def parse_args(argv=None):
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
-                                    "max_prompt_len", "max_new_tokens", "save_every"),
+                                    "max_prompt_len", "max_new_tokens", "save_every", "dist_timeout"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every", "eval_limit",
                              "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size", "log_rollouts"),
                 fractions=("kv_cache_frac", "top_p"))
@@ -502,7 +502,7 @@ def setup_job(args, run, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision, offload=args.offload)
+    rank, world, device = setup_distributed(args.toy, args.precision, args.offload, args.dist_timeout)
     args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
         toy.setup(args.seed)

@@ -39,11 +39,12 @@ from training import all_reduce_max, all_reduce_sum, barrier, catch_stop_signals
 
 # flags that only say when to stop, how often to save, or how fast to run: a resume may change them
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_after_steps", "stop_after_minutes", "save_every", "compile", "grad_ckpt",
-                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp", "save_model_every", "log_rollouts"}
+                     "eval_every", "val_every", "kv_page_size", "offload", "rollout_tp", "save_model_every", "log_rollouts",
+                     "dist_timeout"}
 INPUTS = ("model", "tokenizer", "data", "eval_data", "val_data")  # flags naming files a run reads: --resume checks contents
 # flags added after runs began to be saved, with the default that does what the code did before them: a run.json
 # without one ran that way, so --resume at that default continues it (add each new flag here)
-ADDED_FLAG_DEFAULTS = {"eval_format": "pairs"}
+ADDED_FLAG_DEFAULTS = {"eval_format": "pairs", "family": None}  # (family: sft.py's; grpo.py always had it)
 clock = time.monotonic  # RunDir's clock for --stop-after-minutes (tests replace it)
 
 

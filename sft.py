@@ -102,7 +102,7 @@ def parse_args(argv=None):
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     check_flags(ap, args, positive=("max_len", "epochs", "global_batch", "tokens_per_micro", "lr", "save_every",
-                                    "eval_max_new_tokens", "val_every"),
+                                    "eval_max_new_tokens", "val_every", "dist_timeout"),
                 nonnegative=("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps", "stop_after_steps",
                              "stop_after_minutes", "save_model_every", "eval_limit", "stop_at_accuracy"))
     if args.warmup >= 1 or args.min_lr_ratio > 1:
@@ -169,7 +169,7 @@ def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed(cpu=args.toy, precision=args.precision, offload=args.offload)
+    rank, world, device = setup_distributed(args.toy, args.precision, args.offload, args.dist_timeout)
     args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
         toy.setup(args.seed)

@@ -2,7 +2,8 @@
 training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no trainer imports another.
 
   add_run_flags       the flags both trainers take: where a run lives, precision, compile, recompute, offload
-  setup_distributed   rank, world size and device; a process group whenever FSDP runs (NCCL, or gloo on CPU)
+  setup_distributed   rank, world size and device; a process group whenever FSDP runs (NCCL, or gloo on CPU), whose
+                      collectives wait --dist-timeout minutes for the slowest rank
   precision_of        --precision: bf16 (the GPU policy below; default on CUDA) or fp32 (default elsewhere)
   load_for_training   the precision policy and sharding: FSDP2 over meta-device init, each rank loads its shard;
                       --offload keeps the shards, their gradients and AdamW's moments in host memory
@@ -44,6 +45,7 @@ import signal
 import sys
 import time
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -90,6 +92,12 @@ def add_run_flags(ap, compiles):
                     "backward: all, none, N, or auto: all, then after two steps as few as memory needs [auto; toy none]")
     ap.add_argument("--offload", action="store_true", help="keep the fp32 weights, gradients and AdamW moments in host "
                     "memory, AdamW stepping on the CPU (needs FSDP: a GPU, more than one rank, or --precision bf16)")
+    add_dist_timeout_flag(ap)
+
+
+def add_dist_timeout_flag(ap):  # the trainers' and eval.py's
+    ap.add_argument("--dist-timeout", type=float, default=60.0, help="minutes a collective waits for the slowest rank "
+                    "before the run is ended (setup_distributed: NCCL's default, 10, ends runs whose ranks' shares differ more)")
 
 
 def resume_flag(value):  # --resume alone is True; --resume auto
@@ -98,10 +106,13 @@ def resume_flag(value):  # --resume alone is True; --resume auto
     return value
 
 
-def setup_distributed(cpu=False, precision=None, offload=False):
+def setup_distributed(cpu=False, precision=None, offload=False, timeout_minutes=60.0):
     """-> (rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python` run is rank 0 of 1.
     cpu: stay on the CPU where CUDA is available too (the toy: tuned in fp32 on CPU kernels, see toy.py). offload: the
-    GPUs' process group also gets gloo, for collectives over shards in host memory."""
+    GPUs' process group also gets gloo, for collectives over shards in host memory. timeout_minutes (--dist-timeout):
+    how long a collective waits for the slowest rank before the process is ended. The ranks wait for each other after
+    work whose length differs by rank (a rollout's or a judging's share of long traces, rank 0's save of the model),
+    and NCCL's own default, 10 minutes, would end such a run; a real hang is then found after this long instead."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if torch.cuda.is_available() and not cpu:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -112,7 +123,7 @@ def setup_distributed(cpu=False, precision=None, offload=False):
     if uses_fsdp(world, device, precision) and not dist.is_initialized():  # one GPU: a one-rank group (over a HashStore)
         store = dict(store=dist.HashStore(), rank=0, world_size=1) if world == 1 else {}
         backend = "gloo" if device.type != "cuda" else "cpu:gloo,cuda:nccl" if offload else "nccl"
-        dist.init_process_group(backend, **store)
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes), **store)
     return rank, world, device
 
 

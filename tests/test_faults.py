@@ -204,8 +204,15 @@ def test_resume_needs_state_and_the_same_settings(toy_paths, tmp_path):
     with pytest.raises(SystemExit) as e:
         grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--eval-format", "rm-r1"))
     assert "--eval-format 'pairs' -> 'rm-r1'" in exit_message(e)
-    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--save-every", "5", "--grad-ckpt", "1"))  # these may change
+    grpo.main(grpo_args(toy_paths, tmp_path / "run", "--resume", "--save-every", "5", "--grad-ckpt", "1",  # these may change
+                        "--dist-timeout", "90"))
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    sft.main(sft_args(toy_paths, tmp_path / "sft", "--stop-after-steps", "1"))
+    saved = json.load(open(tmp_path / "sft" / "run.json"))
+    del saved["family"]  # as written before sft.py had --family: it judged in its template's family, the flag's default
+    json.dump(saved, open(tmp_path / "sft" / "run.json", "w"))
+    sft.main(sft_args(toy_paths, tmp_path / "sft", "--resume"))
+    assert [r["step"] for r in read_metrics(tmp_path / "sft")] == [1, 2, 3]
 
 
 def test_a_state_saved_by_any_number_of_ranks_resumes_on_any_other(tmp_path, monkeypatch):
@@ -515,6 +522,8 @@ def test_the_users_format_flag_wins_in_toy_mode(tmp_path):
     ("sft", ("--resume", "--overwrite"), "--resume continues the run in --out and --overwrite starts over there"),
     ("grpo", ("--resume", "auto", "--overwrite"), "give one of them"),
     ("grpo", ("--save-model-every", "-2"), "--save-model-every must be >= 0"),
+    ("sft", ("--dist-timeout", "0"), "--dist-timeout must be > 0"),
+    ("grpo", ("--dist-timeout", "inf"), "--dist-timeout must be > 0 and finite"),
     ("grpo", ("--resume", "later"), "--resume takes no value, or auto")])
 def test_bad_flags_are_refused_before_any_work(toy_paths, tmp_path, capsys, script, extra, flag):
     main, args = (sft.main, sft_args) if script == "sft" else (grpo.main, grpo_args)

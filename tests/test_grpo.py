@@ -718,7 +718,7 @@ def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     class Stop(Exception):
         pass
 
-    def record(cpu=False, precision=None, offload=False):
+    def record(cpu=False, precision=None, offload=False, timeout_minutes=60.0):
         seen.append(cpu)
         raise Stop  # main stops here: nothing else runs
 
@@ -728,6 +728,38 @@ def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
             with pytest.raises(Stop):
                 script.main(argv)
     assert seen == [True, False, True, False]
+
+
+def test_the_ranks_wait_for_each_other_as_long_as_dist_timeout_says(monkeypatch):
+    # the ranks wait for the slowest after work whose length differs by rank (a rollout's or a judging's share of long
+    # traces, rank 0's save), which can pass NCCL's own default of 10 minutes at the paper's lengths: the process group
+    # gets --dist-timeout (60 minutes unless given) from sft.py, grpo.py and eval.py
+    import torch.distributed as dist
+    import eval as E
+    import sft
+    import training
+    from datetime import timedelta
+    timeouts = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout=None, **kw: timeouts.append(timeout))
+    training.setup_distributed(precision="bf16")  # one process under bf16: FSDP2 over a one-rank group
+    training.setup_distributed(precision="bf16", timeout_minutes=90)
+    assert timeouts == [timedelta(minutes=60), timedelta(minutes=90)]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(cpu=False, precision=None, offload=False, timeout_minutes=60.0):
+        seen.append(timeout_minutes)
+        raise Stop  # main stops here: nothing else runs
+    real = ["--model", "m", "--data", "d", "--out", "o"]
+    for script, argv in ((sft, real), (grpo, real), (E, ["--judge", "longer", "--bench", "pairs", "--data", "d", "--out", "o"])):
+        monkeypatch.setattr(script, "setup_distributed", record)
+        for extra in ([], ["--dist-timeout", "90"]):
+            with pytest.raises(Stop):
+                script.main(argv + extra)
+    assert seen == [60.0, 90.0] * 3
 
 
 def test_real_runs_default_to_the_papers_settings():
