@@ -193,11 +193,11 @@ class Sampler:
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
                  vocab_size=None, prompt_ids=None, continuous=True, logprobs=False, stop_when=None, on_finish=None):
         """prompts: token ids (lists or arrays). prompt_ids: a global index per prompt (default 0..len-1): sample j of
-        prompt i is sequence prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when every slot
-        is free (static batching, for comparison). stop_when: a function asked at every host check; once it says True
-        the call gives up its work (the trainers: a stop signal) and returns None. on_finish(indices, outputs): called at
-        each host check with the output indices that finished there (eval.py writes their rows as they come, so a
-        killed run loses only the sequences still running); an output handed over is not kept (a benchmark's need not
+        prompt i is sequence prompt_ids[i] * n + j for the random draws. continuous=False admits new prompts only when
+        every slot is free (static batching, for comparison). stop_when: a function asked at every host check; once it
+        says True the call gives up its work (the trainers: a stop signal) and returns None. on_finish(indices, outputs):
+        called at each host check with the output indices that finished there (eval.py writes their rows as they come, so
+        a killed run loses only the sequences still running); an output handed over is not kept (a benchmark's need not
         all stay in memory), and is None in what the call returns. -> token lists (logprobs: and their log-prob lists)."""
         longest = max((len(p) for p in prompts), default=0)
         if not prompts or min(len(p) for p in prompts) == 0:
