@@ -46,6 +46,7 @@ import json
 import os
 import random
 import time
+from array import array
 
 import torch
 from tqdm import tqdm
@@ -145,7 +146,8 @@ def pack_batch(rows, pad_id, device, dtype):
 def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
     """-> list of (ids, loss_mask), the number dropped for length, and the reader's counts. loss_mask is 1 on
     the assistant span (the answer's tokens and the end-of-turn token), 0 on the prompt. With a family, RM-R1
-    rows must hold its judge prompts."""
+    rows must hold its judge prompts. Both are arrays (array('i'), array('b')), as every rank holds every row for the
+    run: 5 bytes a token, where lists took 42 (measured: the toy's traces in the Qwen2.5 tokenizer)."""
     out, dropped = [], 0
     rows, counts = read_sft_rows(path, family)
     if tokenizer.end_of_turn_id is None:
@@ -159,7 +161,7 @@ def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
                 dropped += 1
                 continue
             ids, mask = ids[:max_len - 1] + [tokenizer.end_of_turn_id], mask[:max_len]
-        out.append((ids, mask))
+        out.append((array("i", ids), array("b", mask)))
     if not out:
         raise DataError(f"{path}: no usable rows ({dropped} longer than --max-len {max_len})")
     return out, dropped, counts

@@ -20,7 +20,7 @@ def test_loss_mask_covers_only_the_assistant_span(toy_paths):
     row = json.loads(open(toy_paths["sft"]).readline())
     prompt_text = tok.apply_chat_template(row["context_messages"], add_generation_prompt=True)
     n_prompt = len(tok.encode(prompt_text))
-    assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    assert list(mask) == [0] * n_prompt + [1] * (len(ids) - n_prompt) and (ids.typecode, mask.typecode) == ("i", "b")
     # token by token: the supervised tokens decode to exactly the trace followed by <|im_end|>
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == row["winner"] + "<|im_end|>"
     assert tok.decode([t for t, m in zip(ids, mask) if not m]) == prompt_text
