@@ -704,6 +704,24 @@ def test_update_reads_the_device_once_a_minibatch_not_once_a_micro_batch(toy_pat
     assert len(reads) == 2 and len(set(reads.values())) == 1, reads  # {micro-batches: host reads}
 
 
+class StopAtSetup(Exception):
+    pass
+
+
+def setup_calls(monkeypatch, runs):
+    """Run each (script, argv) up to its call of setup_distributed -> the (cpu, timeout_minutes) of each call."""
+    seen = []
+
+    def record(cpu=False, precision=None, offload=False, timeout_minutes=60.0):
+        seen.append((cpu, timeout_minutes))
+        raise StopAtSetup  # main stops here: nothing else runs
+    for script, argv in runs:
+        monkeypatch.setattr(script, "setup_distributed", record)
+        with pytest.raises(StopAtSetup):
+            script.main(argv)
+    return seen
+
+
 def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     # the toy's numbers are tuned in fp32 on CPU kernels (--precision bf16 simulates the GPU's policy there, toy.py's
     # grid); real runs (--model) take the GPU
@@ -713,21 +731,8 @@ def test_the_toy_stays_on_the_cpu_where_cuda_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(decode_model, "gpu_memory", lambda: 0)  # (a GPU that is not there has no memory to check)
     assert training.setup_distributed(cpu=True)[2] == torch.device("cpu")
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def record(cpu=False, precision=None, offload=False, timeout_minutes=60.0):
-        seen.append(cpu)
-        raise Stop  # main stops here: nothing else runs
-
-    for script in (sft, grpo):
-        monkeypatch.setattr(script, "setup_distributed", record)
-        for argv in ([], ["--model", "m", "--data", "d", "--out", "o"]):
-            with pytest.raises(Stop):
-                script.main(argv)
-    assert seen == [True, False, True, False]
+    runs = [(script, argv) for script in (sft, grpo) for argv in ([], ["--model", "m", "--data", "d", "--out", "o"])]
+    assert [cpu for cpu, _ in setup_calls(monkeypatch, runs)] == [True, False, True, False]
 
 
 def test_the_ranks_wait_for_each_other_as_long_as_dist_timeout_says(monkeypatch):
@@ -745,21 +750,10 @@ def test_the_ranks_wait_for_each_other_as_long_as_dist_timeout_says(monkeypatch)
     training.setup_distributed(precision="bf16")  # one process under bf16: FSDP2 over a one-rank group
     training.setup_distributed(precision="bf16", timeout_minutes=90)
     assert timeouts == [timedelta(minutes=60), timedelta(minutes=90)]
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def record(cpu=False, precision=None, offload=False, timeout_minutes=60.0):
-        seen.append(timeout_minutes)
-        raise Stop  # main stops here: nothing else runs
-    real = ["--model", "m", "--data", "d", "--out", "o"]
-    for script, argv in ((sft, real), (grpo, real), (E, ["--judge", "longer", "--bench", "pairs", "--data", "d", "--out", "o"])):
-        monkeypatch.setattr(script, "setup_distributed", record)
-        for extra in ([], ["--dist-timeout", "90"]):
-            with pytest.raises(Stop):
-                script.main(argv + extra)
-    assert seen == [60.0, 90.0] * 3
+    real, judge = ["--model", "m", "--data", "d", "--out", "o"], ["--judge", "longer", "--bench", "pairs", "--data", "d", "--out", "o"]
+    runs = [(script, argv + extra) for script, argv in ((sft, real), (grpo, real), (E, judge))
+            for extra in ([], ["--dist-timeout", "90"])]
+    assert [minutes for _, minutes in setup_calls(monkeypatch, runs)] == [60.0, 90.0] * 3
 
 
 def test_real_runs_default_to_the_papers_settings():
