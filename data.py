@@ -250,7 +250,7 @@ class Pair:
 @dataclass
 class JudgeExample:
     id: str
-    messages: list          # judge messages, ready for the chat template (None once tokenize_prompts encoded them)
+    messages: list          # judge messages, ready for the chat template (None in the examples tokenize_prompts returns)
     label: str              # "A" or "B": the side holding the chosen answer
     subset: str = ""
     meta: dict = field(default_factory=dict)
