@@ -365,7 +365,7 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.torch_dtype = getattr(torch, args.dtype) if args.dtype else None  # (None: the checkpoint's)
     check_split(ap, "--tp", args.tp, None if args.judge in BASELINES else args.judge, args.torch_dtype)
-    check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size", "dist_timeout"),
+    check_flags(ap, args, positive=("max_new_tokens", "max_prompt_len", "batch_size"),
                 nonnegative=("limit", "temperature", "kv_page_size"))
     return args
 

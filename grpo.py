@@ -136,7 +136,7 @@ def parse_args(argv=None):
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     check_flags(ap, args, positive=("rollout_prompts", "minibatch_prompts", "gen_prompts", "micro_seqs", "lr", "temperature",
-                                    "max_prompt_len", "max_new_tokens", "save_every", "dist_timeout"),
+                                    "max_prompt_len", "max_new_tokens", "save_every"),
                 nonnegative=("steps", "weight_decay", "grad_clip", "clip", "clip_high", "kl", "top_k", "eval_every", "eval_limit",
                              "stop_after_steps", "stop_after_minutes", "save_model_every", "kv_page_size", "log_rollouts"),
                 fractions=("kv_cache_frac", "top_p"))
@@ -238,7 +238,7 @@ def group_batch(prompts, responses, n, pad_id, device, dtype):
         rows.append([(p[:-1], [pad_id] * P, [0] * P, 0, 0)])  # the prompt less its last token: doc 0, not scored
         for j in range(n):
             o = responses[i * n + j]
-            rows[-1].append((p[-1:] + o[:-1], o, [1] * len(o), P, j + 1))
+            rows[-1].append(([p[-1], *o[:-1]], o, [1] * len(o), P, j + 1))
             where[i * n + j, :len(o)] = torch.arange(i * T + c, i * T + c + len(o))
             c += len(o)
     where = where.to(device)
@@ -265,7 +265,7 @@ class Job:  # what every step uses: settings, models, data, and where this rank 
     engine: Sampler
     tokenizer: object
     examples: list
-    prompt_ids: list  # every example's, each an array('i') (tokenize_prompts; made a list where used)
+    prompt_ids: list  # every example's, each an array('i') (tokenize_prompts)
     rank: int
     world: int
     device: torch.device
@@ -316,7 +316,7 @@ def rollout(job, step):
     job.engine.load_weights(job.policy)
     preempted = job.engine.preemptions
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
-    drawn = job.engine.generate([list(job.prompt_ids[batch[p]]) for p in mine], args.max_new_tokens, args.temperature, args.top_p,
+    drawn = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature, args.top_p,
                                 args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step, logprobs=True,
                                 vocab_size=job.tokenizer.vocab_size, prompt_ids=mine, stop_when=stop_requested)
     if all_reduce_max([drawn is None], job.device)[0]:  # the ranks agree (those with no signal finished their share)
@@ -329,7 +329,7 @@ def rollout(job, step):
     order = [(p % world, (p // world) * n + j) for p in range(args.rollout_prompts) for j in range(n)]
     responses, logps = [responses[r][i] for r, i in order], [logps[r][i] for r, i in order]
     labels = [job.examples[batch[p]].label for p in range(args.rollout_prompts) for _ in range(n)]
-    return Rollout([list(job.prompt_ids[b]) for b in batch], responses, logps, job.tokenizer.decode_batch(responses), labels,
+    return Rollout([job.prompt_ids[b] for b in batch], responses, logps, job.tokenizer.decode_batch(responses), labels,
                    [job.tokenizer.cut_off(r) for r in responses], time.time() - t0, [job.examples[b] for b in batch],
                    job.engine.preemptions - preempted,
                    job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0)

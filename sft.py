@@ -103,7 +103,7 @@ def parse_args(argv=None):
     if args.data is None or args.out is None:
         ap.error("--data and --out are required with --model")
     check_flags(ap, args, positive=("max_len", "epochs", "global_batch", "tokens_per_micro", "lr", "save_every",
-                                    "eval_max_new_tokens", "val_every", "dist_timeout"),
+                                    "eval_max_new_tokens", "val_every"),
                 nonnegative=("warmup", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps", "stop_after_steps",
                              "stop_after_minutes", "save_model_every", "eval_limit", "stop_at_accuracy"))
     if args.warmup >= 1 or args.min_lr_ratio > 1:

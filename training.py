@@ -410,14 +410,16 @@ def check_vocab(tokenizer, model_path, tokenizer_path):
 
 
 def check_flags(ap, args, positive=(), nonnegative=(), fractions=()):
-    """argparse-style errors for counts and sizes that must be finite and > 0 (or >= 0, or in (0, 1]), and for
-    --offload where nothing is sharded and --resume with --overwrite (add_run_flags), before any work."""
+    """argparse-style errors for counts and sizes that must be finite and > 0 (or >= 0, or in (0, 1]; --dist-timeout
+    wherever it is a flag), and for --offload where nothing is sharded and --resume with --overwrite (add_run_flags),
+    before any work."""
     world, cuda = int(os.environ.get("WORLD_SIZE", 1)), torch.cuda.is_available() and not getattr(args, "toy", False)
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         ap.error("--resume continues the run in --out and --overwrite starts over there: give one of them")
     if getattr(args, "offload", False) and not uses_fsdp(world, torch.device("cuda" if cuda else "cpu"), args.precision):
         ap.error("--offload keeps FSDP's shards in host memory, and one fp32 process on the CPU has no FSDP (and its "
                  "weights are in host memory already): add --precision bf16 or more ranks, or drop --offload")
+    positive += ("dist_timeout",) if hasattr(args, "dist_timeout") else ()  # add_dist_timeout_flag's: every script's
     for k, strict in [(k, True) for k in positive + fractions] + [(k, False) for k in nonnegative]:
         v = getattr(args, k)
         if v is not None and not (math.isfinite(v) and (v > 0 if strict else v >= 0)):  # `not` also catches NaN

@@ -533,6 +533,13 @@ def test_bad_flags_are_refused_before_any_work(toy_paths, tmp_path, capsys, scri
     assert not os.path.exists(tmp_path / "out")  # refused before anything was written
 
 
+def test_eval_flags_are_refused_before_any_work(toy_paths, tmp_path, capsys):
+    for extra, flag in ((("--dist-timeout", "0"), "--dist-timeout must be > 0"), (("--batch-size", "0"), "--batch-size must be > 0")):
+        with pytest.raises(SystemExit) as e:
+            E.main(["--judge", "longer", "--bench", "pairs", "--data", toy_paths["heldout"], "--out", str(tmp_path / "ev"), *extra])
+        assert e.value.code == 2 and flag in capsys.readouterr().err and not os.path.exists(tmp_path / "ev")
+
+
 # ----------------------------------------------------------------------------- errors name their file
 
 def test_broken_files_name_the_file(toy_paths, tmp_path):
