@@ -184,8 +184,8 @@ class ChatTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, seqs):
-        """decode for many sequences on all cores (a GRPO step's 7k traces: 1.2 s against 2.8 s one by one, 2 cores)."""
-        return self.tok.decode_batch([list(s) for s in seqs], skip_special_tokens=False)
+        """decode for many sequences of ids (lists, or arrays, read as they are) on all cores: 7k traces, 1.2 s (2.8 s one by one)."""
+        return self.tok.decode_batch(list(seqs), skip_special_tokens=False)
 
     def apply_chat_template(self, messages, add_generation_prompt=True, enable_thinking=None):
         """enable_thinking (Qwen3 only, as its template): None or True lets the judge think first; False

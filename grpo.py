@@ -72,7 +72,7 @@ from eval import heldout_accuracy, load_heldout
 from rewards import format_reward, judge_reward, parse_verdict
 from rundir import RunDir, done_already, load_state, save_checkpoint, write_swapped
 from sampler import Sampler
-from training import (accumulate_gradients, add_run_flags, all_gather_lists, all_reduce_max, all_reduce_sum, check_flags,
+from training import (accumulate_gradients, add_run_flags, all_gather_arrays, all_reduce_max, all_reduce_sum, check_flags,
                       check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
                       fit_recompute, gpu_peak_gib, gpu_peaks, load_for_training, lr_at, make_optimizer, micro_batch_plan,
                       precision_of, setup_distributed, stop_if_not_finite, stop_requested, train_balance, train_flops)
@@ -273,9 +273,9 @@ class Job:  # what every step uses: settings, models, data, and where this rank 
 
 @dataclass
 class Rollout:  # the step's groups, every rank's, in rollout order: group g is prompts[g] with responses[g*n : (g+1)*n]
-    prompts: list
+    prompts: list  # each an array('i') of token ids, as are the responses (a step's 7k traces: 4 bytes a token, not 36)
     responses: list
-    rollout_logps: list  # the sampler's log-prob of each response token
+    rollout_logps: list  # the sampler's log-prob of each response token, an array('f') per response
     texts: list
     labels: list
     truncated: list
@@ -325,7 +325,7 @@ def rollout(job, step):
     own = [k * n + j for k, p in enumerate(mine) if p % world == job.rank for j in range(n)]  # its own positions
     responses, logps = [responses[i] for i in own], [logps[i] for i in own]
     # rank r sampled positions r, r + world, ...: its i-th group is position r + i * world
-    responses, logps = (all_gather_lists(x, job.device, dtype) for x, dtype in ((responses, torch.long), (logps, torch.float64)))
+    responses, logps = all_gather_arrays(responses, job.device, "i"), all_gather_arrays(logps, job.device, "f")
     order = [(p % world, (p // world) * n + j) for p in range(args.rollout_prompts) for j in range(n)]
     responses, logps = [responses[r][i] for r, i in order], [logps[r][i] for r, i in order]
     labels = [job.examples[batch[p]].label for p in range(args.rollout_prompts) for _ in range(n)]
@@ -388,8 +388,8 @@ def sampler_logprobs(ro, seqs, width, device):
     """The sampler's log-probs of responses seqs -> [S, width] fp32 (zero-padded on the right) and their mask."""
     logp, mask = torch.zeros(len(seqs), width), torch.zeros(len(seqs), width)
     for row, i in enumerate(seqs):
-        logp[row, :len(ro.rollout_logps[i])] = torch.tensor(ro.rollout_logps[i])
-        mask[row, :len(ro.rollout_logps[i])] = 1
+        if k := len(ro.rollout_logps[i]):  # (frombuffer takes no empty buffer)
+            logp[row, :k], mask[row, :k] = torch.frombuffer(ro.rollout_logps[i], dtype=torch.float32), 1
     return logp.to(device), mask.to(device)
 
 

@@ -9,7 +9,7 @@ training.py: the plumbing the scripts share (sft.py, grpo.py, eval.py), so no tr
                       --offload keeps the shards, their gradients and AdamW's moments in host memory
   check_host_memory   --offload: refuse a host without the memory for its ranks' shards, before loading
   all_reduce_sum/max  lists of floats summed / maxed over ranks (barrier: every rank waits); gpu_peak_gib
-  all_gather_lists    every rank's lists of numbers, on every rank (GRPO's rollout, so ranks can share its training)
+  all_gather_arrays   every rank's token ids or log-probs, on every rank (GRPO's rollout, so ranks can share its training)
   grad_ckpt_flag, fit_recompute  which blocks recompute their activations in backward (auto: as memory needs)
   accumulate_gradients  one GPU: weights stay gathered between micro-batches, one fp32 gradient reduction per step
   idle_backward       what a rank with fewer SFT micro-batches runs to keep FSDP's collectives matched
@@ -45,6 +45,7 @@ import signal
 import sys
 import time
 import traceback
+from array import array
 from datetime import timedelta
 
 import torch
@@ -320,22 +321,27 @@ all_reduce_sum = functools.partial(_all_reduce, op=dist.ReduceOp.SUM)  # (values
 all_reduce_max = functools.partial(_all_reduce, op=dist.ReduceOp.MAX)
 
 
-def all_gather_lists(lists, device, dtype):
-    """This rank's lists of numbers (any count, any lengths) -> every rank's, [rank 0's lists, rank 1's, ...], on every
-    rank ([lists] without a process group). Each rank sends one flat tensor, [lengths | values], padded to the longest
-    rank's; dtype must hold the values exactly (float64 holds fp32 log-probs, int64 token ids)."""
+def all_gather_arrays(seqs, device, typecode):
+    """This rank's sequences of 32-bit numbers (any count, any lengths; typecode "i": token ids, "f": fp32 log-probs) ->
+    every rank's, [rank 0's, rank 1's, ...], each sequence an array(typecode) (4 bytes a number, where a Python list
+    takes 32-36), on every rank ([this rank's] without a process group). Each rank sends one flat int32 tensor, [lengths |
+    the values' bits], padded to the longest rank's, so the values come back bit for bit."""
+    seqs = [array(typecode, s) for s in seqs]
     if not dist.is_initialized():
-        return [lists]
-    flat = torch.tensor([len(x) for x in lists] + [v for x in lists for v in x], dtype=dtype, device=device)
+        return [seqs]
+    values = array(typecode, itertools.chain.from_iterable(seqs))
+    bits = torch.frombuffer(values, dtype=torch.int32) if values else torch.zeros(0, dtype=torch.int32)
+    flat = torch.cat([torch.tensor([len(s) for s in seqs], dtype=torch.int32), bits]).to(device)
     sizes = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(lists), len(flat)], device=device))
+    dist.all_gather(sizes, torch.tensor([len(seqs), len(flat)], device=device))
     longest = max(int(s[1]) for s in sizes)
     gathered = [flat.new_zeros(longest) for _ in sizes]
     dist.all_gather(gathered, torch.cat([flat, flat.new_zeros(longest - len(flat))]))
     out = []
-    for (count, _), t in zip(sizes, gathered):
-        values, count = t.tolist(), int(count)
-        ends = list(itertools.accumulate(map(int, values[:count]), initial=count))
+    for (count, size), t in zip((s.tolist() for s in sizes), gathered):
+        t = t.cpu()
+        values = array(typecode, t[count:size].numpy().tobytes())
+        ends = list(itertools.accumulate(t[:count].tolist(), initial=0))
         out.append([values[a:b] for a, b in zip(ends, ends[1:])])
     return out
 

@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import shutil
+from array import array
 
 import pytest
 
@@ -65,6 +66,7 @@ def test_tokenizer_encodes_real_texts_like_transformers():
     # and a trace cut mid-character as one by one
     traces = [ours.encode(special + t)[:n] for t, n in zip(texts, range(0, 400, 7))] + [[]]
     assert ours.decode_batch(traces) == [ours.decode(t) for t in traces] == [auto.decode(t) for t in traces]
+    assert ours.decode_batch([array("i", t) for t in traces]) == ours.decode_batch(traces)  # GRPO's rollout: arrays
     assert (ours.eos_id, ours.pad_id, ours.im_end_id, ours.end_of_turn_id) == (151645, 151643, 151645, 151645)
     assert ours.vocab_size == 151665
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import struct
 
 import pytest
 import torch
@@ -640,26 +641,31 @@ def test_every_rank_runs_as_many_micro_batches_and_together_every_sequence_once(
             assert balance > 0.85, balance  # groups it sampled, in order: 0.69 and 0.58 (docs/measurements.md)
 
 
-def test_all_gather_lists_on_two_ranks_with_uneven_and_empty_lists(tmp_path):
-    # how GRPO's ranks gather each other's traces (training.all_gather_lists): any number of lists of any lengths per
-    # rank, none included; token ids past 2^32 and fp32 log-probs come back exactly, in rank order
+def test_all_gather_arrays_on_two_ranks_with_uneven_and_empty_lists(tmp_path):
+    # how GRPO's ranks gather each other's traces (training.all_gather_arrays): any number of sequences of any lengths
+    # per rank, none included; int32 token ids (the largest too) and fp32 log-probs (-inf, a subnormal) come back bit
+    # for bit, as arrays, in rank order; one process gets its own back, as arrays too
     script = tmp_path / "gather.py"
-    script.write_text(f"""import json, sys
+    script.write_text(f"""import json, struct, sys
 sys.path.insert(0, {ROOT!r})
 import torch, torch.distributed as dist
-from training import all_gather_lists, end_distributed
+from training import all_gather_arrays, end_distributed
 dist.init_process_group("gloo")
 r, cpu = dist.get_rank(), torch.device("cpu")
-ids = [[1, 2, 3], [], [2 ** 40 + 1]] if r == 0 else []
-logps = torch.randn(2, 5, generator=torch.Generator().manual_seed(r)).tolist() if r else [[-1 / 3]]
-json.dump([ids, logps, all_gather_lists(ids, cpu, torch.long), all_gather_lists(logps, cpu, torch.float64)],
-          open(sys.argv[1] + f"/{{r}}.json", "w"))
+ids = [[1, 2, 3], [], [2 ** 31 - 1]] if r == 0 else []
+logps = torch.randn(2, 5, generator=torch.Generator().manual_seed(r)).tolist() if r else [[-1 / 3, float("-inf"), 1e-45]]
+seen = [all_gather_arrays(ids, cpu, "i"), all_gather_arrays(logps, cpu, "f")]
+assert all(a.typecode == code for got, code in zip(seen, "if") for rank in got for a in rank)
+bits = lambda x: [[[struct.pack("f", v).hex() for v in a] for a in rank] for rank in x]  # fp32 bits, as JSON can hold
+json.dump([ids, bits([logps]), [[a.tolist() for a in rank] for rank in seen[0]], bits(seen[1])], open(sys.argv[1] + f"/{{r}}.json", "w"))
 end_distributed()
 """)
     run_torchrun(str(script), [str(tmp_path)])
-    (ids0, logps0, *seen0), (ids1, logps1, *seen1) = (json.load(open(tmp_path / f"{r}.json")) for r in (0, 1))
+    (ids0, (logps0,), *seen0), (ids1, (logps1,), *seen1) = (json.load(open(tmp_path / f"{r}.json")) for r in (0, 1))
     assert seen0 == seen1 == [[ids0, ids1], [logps0, logps1]] and ids1 == [] and len(logps1) == 2
-    assert all(isinstance(t, int) for x in ids0 for t in x) and ids0[2] == [2 ** 40 + 1]
+    assert ids0[2] == [2 ** 31 - 1] and logps0[0][1:] == [struct.pack("f", float("-inf")).hex(), "01000000"]
+    (alone,) = training.all_gather_arrays([[5, 6], []], torch.device("cpu"), "i")  # no process group
+    assert [a.typecode for a in alone] == ["i", "i"] and [a.tolist() for a in alone] == [[5, 6], []]
 
 
 def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
