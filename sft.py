@@ -169,6 +169,35 @@ def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
 
 # ----------------------------------------------------------------------------- training
 
+def count_steps(args, n_rows):
+    """-> the run's optimizer steps: --epochs over n_rows in steps of --global-batch sequences, at most --max-steps."""
+    steps_per_epoch = n_rows // args.global_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{args.data}: {n_rows} usable rows, fewer than --global-batch {args.global_batch}")
+    total = min(int(steps_per_epoch * args.epochs), args.max_steps or float("inf"))
+    if total == 0:
+        raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
+    return total
+
+
+def judge_sets(args, model, tokenizer, family, compile, rank, world, device):
+    """The validation and held-out pairs (--val-data, --eval-data: the first --eval-limit of each) -> the names of those
+    given ("val", "heldout"), and judge(name, stop_when=None) -> (accuracy %, unparsed) of the model's current weights
+    on them, greedy, through a plain copy's sampler (eval.py's code path)."""
+    judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed, family) for k, path in
+              (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
+    if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
+        print("sft: --eval-limit 0: no validation or held-out judging")
+    longest = max((len(p) for _, ids in judges.values() for p in ids), default=0)
+    engine = Sampler.for_policy(model, device, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
+
+    def judge(which, stop_when=None):
+        engine.load_weights(model)
+        return heldout_accuracy(engine, tokenizer, *judges[which], args.eval_max_new_tokens, rank, world, args.seed, stop_when)
+
+    return set(judges), judge
+
+
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.toy, args.precision, args.offload, args.dist_timeout)
@@ -184,12 +213,7 @@ def main(argv=None):
     check_vocab(tokenizer, args.model, args.tokenizer)
     family = args.family or default_judge_family(tokenizer)  # the judge prompts it learns, and is judged in
     rows, dropped, counts = encode_sft_rows(args.data, tokenizer, args.max_len, args.truncate, family)
-    steps_per_epoch = len(rows) // args.global_batch
-    if steps_per_epoch == 0:
-        raise DataError(f"{args.data}: {len(rows)} usable rows, fewer than --global-batch {args.global_batch}")
-    total = planned = min(int(steps_per_epoch * args.epochs), args.max_steps or float("inf"))
-    if total == 0:
-        raise SystemExit(f"sft.py: --epochs {args.epochs} of {steps_per_epoch} steps is less than one step")
+    total = planned = count_steps(args, len(rows))
     run.check_disk(total)
     compile = compile_wanted(args.compile, device)
     if args.offload:
@@ -205,17 +229,7 @@ def main(argv=None):
         print(f"sft: {len(rows)} rows ({dropped} dropped as longer than {args.max_len}{describe_counts(counts)}), "
               f"{M.num_params(model) / 1e6:.2f}M params, {world} rank(s) on {device.type} in {args.precision}, {total} steps of "
               f"{args.global_batch} sequences, start at step {step}")
-    judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed, family) for k, path in
-              (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
-    if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
-        print("sft: --eval-limit 0: no validation or held-out judging")
-    longest = max((len(p) for _, ids in judges.values() for p in ids), default=0)  # greedy judgements: a plain copy's sampler
-    engine = Sampler.for_policy(model, device, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
-
-    def judge(which, stop_when=None):  # -> (accuracy %, unparsed) of the current weights on the validation or held-out pairs
-        engine.load_weights(model)
-        return heldout_accuracy(engine, tokenizer, *judges[which], args.eval_max_new_tokens, rank, world, args.seed, stop_when)
-
+    judges, judge = judge_sets(args, model, tokenizer, family, compile, rank, world, device)
     warmup = max(1, int(args.warmup * total))
     run.open_metrics(step, total)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="sft")
