@@ -199,15 +199,7 @@ class Sampler:
         called at each host check with the output indices that finished there (eval.py writes their rows as they come, so
         a killed run loses only the sequences still running); an output handed over is not kept (a benchmark's need not
         all stay in memory), and is None in what the call returns. -> token lists (logprobs: and their log-prob lists)."""
-        longest = max((len(p) for p in prompts), default=0)
-        if not prompts or min(len(p) for p in prompts) == 0:
-            raise ValueError("generate: every prompt needs at least one token")
-        if longest + max_new_tokens > self.max_len or n > self.slots:
-            raise ValueError(f"generate: prompts up to {longest} tokens + {max_new_tokens} new and n={n} do not fit "
-                             f"{self.slots} slots of {self.max_len} positions")
-        if self.pages and not self.pages.can_progress(n, longest, self.sync_every, self.ahead(longest + max_new_tokens)):
-            raise ValueError(f"generate: a pool of {self.pages.pool} KV pages of {self.pages.size} positions is too small for "
-                             f"{n} samples of a {longest}-token prompt, or for one sequence of {longest + max_new_tokens}")
+        self.check_fits(prompts, max_new_tokens, n)
         was_training = self.model.training
         self.model.eval()
         device = self.tok.device
@@ -250,6 +242,19 @@ class Sampler:
             self.pages.drop_prefix()
         self.model.train(was_training)
         return None if outputs is None else (outputs, out_logps) if logprobs else outputs
+
+    def check_fits(self, prompts, max_new_tokens, n):
+        """Refuse a call the cache cannot finish: an empty prompt, a sequence past max_len, more samples than slots, or
+        a page pool too small for n samples of the longest prompt or for its one sequence."""
+        longest = max((len(p) for p in prompts), default=0)
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token")
+        if longest + max_new_tokens > self.max_len or n > self.slots:
+            raise ValueError(f"generate: prompts up to {longest} tokens + {max_new_tokens} new and n={n} do not fit "
+                             f"{self.slots} slots of {self.max_len} positions")
+        if self.pages and not self.pages.can_progress(n, longest, self.sync_every, self.ahead(longest + max_new_tokens)):
+            raise ValueError(f"generate: a pool of {self.pages.pool} KV pages of {self.pages.size} positions is too small for "
+                             f"{n} samples of a {longest}-token prompt, or for one sequence of {longest + max_new_tokens}")
 
     def all_agree(self, flag):
         """The ranks of a tensor-parallel copy decode in lockstep (an all-reduce a layer): one that stops, all do."""

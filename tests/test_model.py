@@ -757,6 +757,17 @@ def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
     assert small.preemptions > 0
 
 
+def test_the_sampler_refuses_a_call_it_cannot_finish(ckpt):
+    # an empty prompt, a sequence past the cache's positions, more samples than slots: refused before any work,
+    # and the largest call that fits runs
+    engine = Sampler(checkpoint.load_model(ckpt[0]), slots=4, max_len=56)
+    for prompts, new, n, msg in (([[1, 2], []], 4, 1, "at least one token"), ([[1] * 50], 7, 1, r"up to 50 tokens \+ 7 new"),
+                                 ([[1]], 4, 5, "n=5 do not fit 4 slots of 56")):
+        with pytest.raises(ValueError, match=msg):
+            engine.generate(prompts, new, n=n)
+    assert [len(o) for o in engine.generate([[1] * 50], 6, n=4, seed=1)] == [6] * 4  # no stop ids: the whole budget
+
+
 def test_the_opening_all_prompts_share_is_written_once_and_held_once(ckpt, monkeypatch):
     # 3 prompts of 45-49 tokens opening with the same 35 (a judge template), pages of 8: the opening's 4 whole pages are
     # written by one forward of the opening alone and held once for every sample of every prompt, and the prompts'
