@@ -23,8 +23,8 @@ Scoring (percentages):
              and their mean `rewardbench`
 Empty or whitespace-only answers are judged as given (and counted); a path with nothing to judge is an error.
 Outputs: DIR/outputs.jsonl (one row per judged prompt, written as its judgement finishes; a rerun resumes from it, on any
-number of ranks), DIR/scores.json, a table that shows the published RM-R1 7B scores beside the matching number, and the
-tokens generated per second.
+number of ranks), DIR/scores.json, a table that shows RM-R1's published scores of the judge's size (7B, 14B or 32B,
+the nearest; 7B for a baseline) beside the matching number, and the tokens generated per second.
 Under torchrun the prompts are split across ranks and rank 0 merges the results. With --tp T, groups of T consecutive
 ranks judge together over one tensor-parallel copy of the judge (decode_model.py), each rank holding 1/T of its blocks
 and KV cache: for a judge too large to leave one GPU room for its cache. A group judges one share of the prompts, and
@@ -32,6 +32,7 @@ its first rank writes them, to DIR/outputs.rank{share}.jsonl when there are seve
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -40,6 +41,8 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import model as M
 from data import READERS, default_judge_family, describe_counts, load_judge_examples, load_tokenizer, tokenize_prompts
 from decode_model import check_split, load_for_decoding, tensor_parallel_group
 from rewards import parse_verdict
@@ -213,17 +216,27 @@ def rewardbench_sections(pairs):
 
 
 # the published RM-R1 scores (SPEC section 6) beside the score key that computes the same figure
-PUBLISHED = {"RM-R1-Qwen2.5-Instruct-7B": {"rewardbench": 85.2, "total": 70.2, "rmb": 66.4},
-             "RM-R1-DeepSeek-Distilled-Qwen-7B": {"rewardbench": 80.1, "total": 72.4, "rmb": 55.1}}
-PUBLISHED_KEYS = {"pairs": "rewardbench", "rm-bench": "total", "rmb": "rmb"}
+PUBLISHED = {  # RM-R1's published accuracy (%), by size in billions of parameters: RewardBench, RM-Bench total, RMB
+    7: {"RM-R1-Qwen2.5-Instruct-7B": (85.2, 70.2, 66.4), "RM-R1-DeepSeek-Distilled-Qwen-7B": (80.1, 72.4, 55.1)},
+    14: {"RM-R1-Qwen2.5-Instruct-14B": (88.2, 76.1, 69.2), "RM-R1-DeepSeek-Distilled-Qwen-14B": (88.9, 81.5, 68.5)},
+    32: {"RM-R1-Qwen2.5-Instruct-32B": (91.4, 79.1, 73.0), "RM-R1-DeepSeek-Distilled-Qwen-32B": (90.9, 83.9, 69.8)}}
+PUBLISHED_KEYS = {"pairs": "rewardbench", "rm-bench": "total", "rmb": "rmb"}  # the score each published figure is
 
 
-def print_table(scores, title, bench):
-    papers = list(PUBLISHED) if bench in PUBLISHED_KEYS else []
+def published_size(params):
+    """The published size (7, 14 or 32) nearest a judge of params parameters (Qwen2.5-7B has 7.6B); 7 for a smaller
+    judge or a baseline (params 0)."""
+    return min(PUBLISHED, key=lambda b: abs(math.log(max(params, 1e9) / 1e9 / b)))
+
+
+def print_table(scores, title, bench, size=7):
+    """The scores, with RM-R1's published figures of the size beside the score they are."""
+    papers = PUBLISHED[size] if bench in PUBLISHED_KEYS else {}
     print(f"\n{title}")
     print(f"  {'':<24} {'this judge':>10}" + "".join(f"  {p:>34}" for p in papers))
+    column = list(PUBLISHED_KEYS).index(bench) if papers else None  # (PUBLISHED's figures in PUBLISHED_KEYS' order)
     for k, v in scores.items():
-        paper = "".join(f"  {PUBLISHED[p][k]:>34.1f}" for p in papers) if k == PUBLISHED_KEYS.get(bench) else ""
+        paper = "".join(f"  {row[column]:>34.1f}" for row in papers.values()) if k == PUBLISHED_KEYS.get(bench) else ""
         print((f"  {k:<24} {v:>10.2f}" if isinstance(v, float) else f"  {k:<24} {v:>10}") + paper)
 
 
@@ -399,7 +412,8 @@ def main(argv=None):
                          f"{args.out}: nothing is scored; the same command judges them")
     scores = score(args.bench, rows)
     write_swapped(os.path.join(args.out, "scores.json"), json.dumps(scores, indent=2))
-    print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)", args.bench)
+    size = published_size(M.num_params(checkpoint.load_config(args.judge)) if model is not None else 0)
+    print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)", args.bench, size)
     return scores
 
 

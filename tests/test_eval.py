@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 import eval as E
+import model as M
 from conftest import DATA, TOKENIZER_DIR, make_hf_checkpoint, need_shared
 
 
@@ -28,6 +29,23 @@ def test_rm_bench_scoring_by_hand():
     assert s["normal"] == pytest.approx(100) and s["easy"] == pytest.approx(100)
     assert s["total"] == pytest.approx((600 / 9 + 800 / 9) / 2)
     assert s["unparsed"] == 2
+
+
+def test_the_table_shows_the_published_scores_of_the_judges_size(capsys):
+    # the published size nearest each real config's parameter count (as eval.py counts the judge's), and the
+    # table's published figures (SPEC section 6) beside the score they are, in the right column
+    configs = os.path.join(need_shared(), "configs")
+    config = lambda name: M.ModelConfig.from_hf(json.load(open(os.path.join(configs, f"{name}.config.json"))))
+    names = ("Qwen2.5-0.5B-Instruct", "Qwen2.5-3B", "Qwen2.5-7B", "DeepSeek-R1-Distill-Qwen-7B", "Qwen2.5-14B", "Qwen2.5-32B")
+    assert [E.published_size(M.num_params(config(name))) for name in names] == [7, 7, 7, 7, 14, 32]
+    assert E.published_size(0) == 7  # a baseline
+    E.print_table({"chat": 80.0, "total": 75.0}, "rm-bench", "rm-bench", 14)
+    header, chat, total = capsys.readouterr().out.strip().splitlines()[1:]
+    assert header.split() == ["this", "judge", "RM-R1-Qwen2.5-Instruct-14B", "RM-R1-DeepSeek-Distilled-Qwen-14B"]
+    assert chat.split() == ["chat", "80.00"] and total.split() == ["total", "75.00", "76.1", "81.5"]
+    E.print_table({"overall": 50.0}, "judgebench", "judgebench", 32)  # RM-R1 published no JudgeBench score
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [line.split() for line in lines] == [["this", "judge"], ["overall", "50.00"]]
 
 
 def test_judgebench_rmb_pairs_and_rewardbench_scoring():
