@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import model as M
 import toy
+from training import check_flags
 
 _QWEN25 = dict(model_type="qwen2", vocab_size=151936, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
                max_position_embeddings=32768, torch_dtype="bfloat16")
@@ -292,6 +293,12 @@ def main():
     ap.add_argument("--rollout-batch", type=int, default=16)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bf16 on CUDA, fp32 on CPU")
     args = ap.parse_args()
+    check_flags(ap, args, positive=("layers", "batch", "seq", "reps", "loss_tokens", "group", "grpo_prompt", "grpo_response",
+                                    "prompt_len", "new_tokens", "rollout_batch"))
+    if not 0 <= args.prompt_frac < 1:  # (NaN too) some tokens must carry loss
+        ap.error(f"--prompt-frac must be in [0, 1), got {args.prompt_frac}")
+    if args.rollout_batch < 4:
+        ap.error(f"--rollout-batch {args.rollout_batch}: the sampled rollout decodes --rollout-batch / 4 prompts x 8, so at least 4")
     if args.what == "_loss":
         return _loss(args.way, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

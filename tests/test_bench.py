@@ -2,6 +2,7 @@
 they run on CPU with a tiny model (--smoke), every group but the ragged rollouts (the paged one scores its whole page
 pool unfused on CPU: minutes). A check that raises prints `failed: ...` instead of its figure, and that fails this."""
 import os
+import re
 import subprocess
 import sys
 
@@ -34,3 +35,17 @@ def test_bench_gpu_smoke_runs_every_check(tmp_path):
     assert "0 (Dynamo's recompile limit reached: never)" in lines[-1], lines[-1]
     assert "recompile-limit warnings 0" in next(line for line in lines if line.startswith("grpo.py, 2 steps (1.5B"))
     assert os.path.getsize(tmp_path / "bench_gpu.log") > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["decode", "--rollout-batch", "2"], "--rollout-batch 2: the sampled rollout decodes"),
+    (["decode", "--layers", "0"], "--layers must be > 0"), (["train", "--reps", "-1"], "--reps must be > 0"),
+    (["train", "--prompt-frac", "1"], r"--prompt-frac must be in \[0, 1\), got 1.0"),
+    (["train", "--prompt-frac", "nan"], r"--prompt-frac must be in \[0, 1\), got nan")])
+def test_bench_refuses_bad_flags_before_any_work(argv, message, monkeypatch, capsys):
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+    monkeypatch.setattr(bench, "load_cfg", lambda args: pytest.fail("the bench started"))  # (each bench's first work)
+    with pytest.raises(SystemExit) as exit:
+        bench.main()
+    assert exit.value.code == 2 and re.search(message, capsys.readouterr().err)
