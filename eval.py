@@ -215,12 +215,15 @@ def rewardbench_sections(pairs):
     return out
 
 
-# the published RM-R1 scores (SPEC section 6) beside the score key that computes the same figure
-PUBLISHED = {  # RM-R1's published accuracy (%), by size in billions of parameters: RewardBench, RM-Bench total, RMB
-    7: {"RM-R1-Qwen2.5-Instruct-7B": (85.2, 70.2, 66.4), "RM-R1-DeepSeek-Distilled-Qwen-7B": (80.1, 72.4, 55.1)},
-    14: {"RM-R1-Qwen2.5-Instruct-14B": (88.2, 76.1, 69.2), "RM-R1-DeepSeek-Distilled-Qwen-14B": (88.9, 81.5, 68.5)},
-    32: {"RM-R1-Qwen2.5-Instruct-32B": (91.4, 79.1, 73.0), "RM-R1-DeepSeek-Distilled-Qwen-32B": (90.9, 83.9, 69.8)}}
-PUBLISHED_KEYS = {"pairs": "rewardbench", "rm-bench": "total", "rmb": "rmb"}  # the score each published figure is
+# the published RM-R1 scores (SPEC section 6), by size in billions of parameters, under the score key that computes
+# the same figure
+PUBLISHED = {7: {"RM-R1-Qwen2.5-Instruct-7B": {"rewardbench": 85.2, "total": 70.2, "rmb": 66.4},
+                 "RM-R1-DeepSeek-Distilled-Qwen-7B": {"rewardbench": 80.1, "total": 72.4, "rmb": 55.1}},
+             14: {"RM-R1-Qwen2.5-Instruct-14B": {"rewardbench": 88.2, "total": 76.1, "rmb": 69.2},
+                  "RM-R1-DeepSeek-Distilled-Qwen-14B": {"rewardbench": 88.9, "total": 81.5, "rmb": 68.5}},
+             32: {"RM-R1-Qwen2.5-Instruct-32B": {"rewardbench": 91.4, "total": 79.1, "rmb": 73.0},
+                  "RM-R1-DeepSeek-Distilled-Qwen-32B": {"rewardbench": 90.9, "total": 83.9, "rmb": 69.8}}}
+PUBLISHED_KEYS = {"pairs": "rewardbench", "rm-bench": "total", "rmb": "rmb"}
 
 
 def published_size(params):
@@ -234,9 +237,8 @@ def print_table(scores, title, bench, size=7):
     papers = PUBLISHED[size] if bench in PUBLISHED_KEYS else {}
     print(f"\n{title}")
     print(f"  {'':<24} {'this judge':>10}" + "".join(f"  {p:>34}" for p in papers))
-    column = list(PUBLISHED_KEYS).index(bench) if papers else None  # (PUBLISHED's figures in PUBLISHED_KEYS' order)
     for k, v in scores.items():
-        paper = "".join(f"  {row[column]:>34.1f}" for row in papers.values()) if k == PUBLISHED_KEYS.get(bench) else ""
+        paper = "".join(f"  {figures[k]:>34.1f}" for figures in papers.values()) if k == PUBLISHED_KEYS.get(bench) else ""
         print((f"  {k:<24} {v:>10.2f}" if isinstance(v, float) else f"  {k:<24} {v:>10}") + paper)
 
 
