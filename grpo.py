@@ -283,6 +283,8 @@ class Rollout:  # the step's groups, every rank's, in rollout order: group g is 
     examples: list  # the data's row of each group (rollouts.jsonl names it)
     preempted: int = 0  # samples this rank's paged KV cache sent back to the queue (re-prefilled later)
     kv_pool_peak: float = 0.0  # this rank's paged KV cache's most pages in use at once, a share of its pool
+    decode_steps: int = 0  # this rank's sampler's decode steps (the rollout's length in steps)
+    slot_use: float = 0.0  # the tokens its decode steps made over decode steps x slots (1: every slot busy every step)
 
 
 def grpo_step(job, step):
@@ -314,7 +316,7 @@ def rollout(job, step):
     batch = epoch_batch(len(job.examples), args.rollout_prompts, step, args.seed)
     mine = rank_positions(args.rollout_prompts, world, job.rank, tp)  # (with --rollout-tp, its group's too)
     job.engine.load_weights(job.policy)
-    preempted = job.engine.preemptions
+    preempted, steps = job.engine.preemptions, job.engine.decode_steps
     # the draws are keyed by (step, position, sample), so they do not depend on the number of ranks
     drawn = job.engine.generate([job.prompt_ids[batch[p]] for p in mine], args.max_new_tokens, args.temperature, args.top_p,
                                 args.top_k, n, job.tokenizer.stop_ids, seed=args.seed * 100003 + step, logprobs=True,
@@ -322,6 +324,8 @@ def rollout(job, step):
     if all_reduce_max([drawn is None], job.device)[0]:  # the ranks agree (those with no signal finished their share)
         return None
     responses, logps = drawn
+    # the tokens its decode steps made (a trace's first comes from its prefill); with --rollout-tp, its group's
+    steps, decoded = job.engine.decode_steps - steps, sum(len(r) - 1 for r in responses)
     own = [k * n + j for k, p in enumerate(mine) if p % world == job.rank for j in range(n)]  # its own positions
     responses, logps = [responses[i] for i in own], [logps[i] for i in own]
     # rank r sampled positions r, r + world, ...: its i-th group is position r + i * world
@@ -332,7 +336,8 @@ def rollout(job, step):
     return Rollout([job.prompt_ids[b] for b in batch], responses, logps, job.tokenizer.decode_batch(responses), labels,
                    [job.tokenizer.cut_off(r) for r in responses], time.time() - t0, [job.examples[b] for b in batch],
                    job.engine.preemptions - preempted,
-                   job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0)
+                   job.engine.pages.peak / job.engine.pages.pool if job.engine.pages else 0.0,
+                   steps, decoded / max(steps * job.engine.slots, 1))
 
 
 def score(job, ro):
@@ -441,7 +446,7 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, b
     logp_diff, logp_diff_max, rollout_kl = torch.stack(mismatch).T.tolist() if mismatch else ([0.0], [0.0], [0.0])
     unparsed = [tr or parse_verdict(t) is None for t, tr in zip(ro.texts, ro.truncated)]
     local = {k: sum(u[k] for u in updates) for k in ("tokens", "flops", "clipped", "entropy", "is_capped")}
-    local.update(logp_diff=sum(logp_diff), rollout_kl=sum(rollout_kl), preempted=ro.preempted)
+    local.update(logp_diff=sum(logp_diff), rollout_kl=sum(rollout_kl), preempted=ro.preempted, slot_use=ro.slot_use)
     total = dict(zip(local, all_reduce_sum(list(local.values()), job.device)))
     n_mb, traces, length, peak = len(updates), len(lengths), sum(lengths), gpu_peaks(job.device)[0]
     return {"step": step + 1, "reward_mean": rewards.sum().item() / traces, "accuracy": correct.sum().item() / traces,
@@ -455,6 +460,9 @@ def step_metrics(job, step, ro, rewards, correct, zero_std, updates, mismatch, b
             "rollout_kl": total["rollout_kl"] / max(length, 1), "rollout_is_capped_frac": total["is_capped"] / n_mb,
             "rollout_preempted": int(total["preempted"]),
             "rollout_kv_pool_peak": all_reduce_max([ro.kv_pool_peak], job.device)[0],  # paged; 0 with the dense cache
+            # the slowest rank's decode steps (what the rollout waits for), and the ranks' mean share of slots in use
+            "rollout_decode_steps": int(all_reduce_max([ro.decode_steps], job.device)[0]),
+            "rollout_slot_use": total["slot_use"] / job.world,
             "gpu_peak_gib": gpu_peak_gib(job.device),  # the run's so far, the most of any rank's
             "rollout_tokens_per_s": length / max(seconds["rollout_s"], 1e-9), "train_balance": balance,
             "train_tokens_per_s": total["tokens"] / max(seconds["train_s"], 1e-9),

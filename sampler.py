@@ -134,6 +134,7 @@ class Sampler:
         self.pages = Pages(model, slots) if page_size else None
         self.admitted, self.admissions = [0] * slots, itertools.count(1)  # each slot's admission order (preemption)
         self.preemptions = 0  # samples sent back to the queue for want of pages, over the engine's life
+        self.decode_steps = 0  # decode steps run (each over every slot in use), over the engine's life
         # per-slot state, written in place by the decode step: static addresses, like the cache
         zeros = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)
         self.tok, self.pos, self.n_out, self.seq = zeros(torch.long), zeros(torch.long), zeros(torch.long), zeros(torch.long)
@@ -226,6 +227,7 @@ class Sampler:
             for _ in range(self.sync_every):
                 hi = min(hi + 1, self.max_len)
                 self.step(b, stop, *draw, self.kv_span(hi))
+            self.decode_steps += self.sync_every
             hi, finished = self.collect(owner, b, outputs, out_logps, pos)
             if on_finish and finished:
                 on_finish(finished, outputs)

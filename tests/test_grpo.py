@@ -237,7 +237,7 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, mon
     assert [r["reward_mean"] for r in m1] == [r["reward_mean"] for r in m2]
     keys = {"reward_mean", "accuracy", "unparsed_rate", "response_len_mean", "response_len_max", "truncated_frac",
             "zero_std_frac", "kl", "clip_frac", "entropy", "grad_norm", "rollout_tokens_per_s", "train_tokens_per_s",
-            "train_balance", "train_mfu"}
+            "train_balance", "train_mfu", "rollout_decode_steps", "rollout_slot_use"}
     assert keys <= set(m1[0]) and m1[0]["train_mfu"] is None  # on a CPU
     assert any(-1 < r["reward_mean"] < 1 and r["zero_std_frac"] < 1 for r in m1)  # mixed groups: real gradients
     assert all(r["clip_frac"] > 0 and r["kl"] > 0 for r in m1)  # mini-batch steps after the first move the policy
@@ -666,6 +666,18 @@ end_distributed()
     assert ids0[2] == [2 ** 31 - 1] and logps0[0][1:] == [struct.pack("f", float("-inf")).hex(), "01000000"]
     (alone,) = training.all_gather_arrays([[5, 6], []], torch.device("cpu"), "i")  # no process group
     assert [a.typecode for a in alone] == ["i", "i"] and [a.tolist() for a in alone] == [[5, 6], []]
+
+
+def test_the_rollout_counts_its_decode_steps_and_the_slots_they_kept_busy(toy_paths, policy, monkeypatch):
+    # rollout_decode_steps and rollout_slot_use: the decode steps the sampler ran (counted here at the call) and the
+    # tokens they made (a trace's first comes from its prefill) over steps x slots
+    from sampler import Sampler
+    calls, step = [], Sampler.decode_step
+    monkeypatch.setattr(Sampler, "decode_step", lambda self, *a: calls.append(1) or step(self, *a))
+    job, ro = first_rollout(toy_paths, policy)
+    made = sum(len(r) - 1 for r in ro.responses)
+    assert ro.decode_steps == len(calls) >= max(map(len, ro.responses)) - 1
+    assert ro.slot_use == made / (len(calls) * job.engine.slots) and 0.5 < ro.slot_use <= 1  # 6 slots, 8 prompts x 3 traces
 
 
 def test_slices_of_a_group_give_the_update_of_whole_groups(toy_paths, policy):
