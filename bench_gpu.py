@@ -312,7 +312,8 @@ def _grpo_two_steps(model_dir, smoke, timeout_s, *flags):
     metrics = os.path.join(tmp, "out", "metrics.jsonl")
     recs = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
     limit = sum("recompile_limit" in line for line in stderr.splitlines())  # Dynamo's warning: code runs eager from then
-    parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s), old/ref "
+    parts = "; ".join(f"step {r['step']}: rollout {r['rollout_s']:.1f} s ({r['rollout_tokens_per_s']:.0f} tok/s, "
+                      f"{r['rollout_decode_steps']} decode steps, slots {r['rollout_slot_use']:.0%} busy), old/ref "
                       f"log-probs {r['logprobs_s']:.1f} s, train {r['train_s']:.1f} s, sampler-trainer |d log p| mean "
                       f"{r['rollout_logp_diff_mean']:.1e} max {r['rollout_logp_diff_max']:.2f}, GPU peak "
                       f"{r['gpu_peak_gib']:.1f} GiB" for r in recs)
