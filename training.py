@@ -326,9 +326,8 @@ def all_gather_arrays(seqs, device, typecode):
     every rank's, [rank 0's, rank 1's, ...], each sequence an array(typecode) (4 bytes a number, where a Python list
     takes 32-36), on every rank ([this rank's] without a process group). Each rank sends one flat int32 tensor, [lengths |
     the values' bits], padded to the longest rank's, so the values come back bit for bit."""
-    seqs = [array(typecode, s) for s in seqs]
     if not dist.is_initialized():
-        return [seqs]
+        return [[array(typecode, s) for s in seqs]]
     values = array(typecode, itertools.chain.from_iterable(seqs))
     bits = torch.frombuffer(values, dtype=torch.int32) if values else torch.zeros(0, dtype=torch.int32)
     flat = torch.cat([torch.tensor([len(s) for s in seqs], dtype=torch.int32), bits]).to(device)
