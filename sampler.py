@@ -188,7 +188,9 @@ class Sampler:
         self.n_out[:b] += live
         self.done[:b] |= (tok[:, None] == stop).any(-1) | (self.n_out[:b] >= self.budget)
         self.tok[:b] = tok
-        self.pos[:b] = (self.pos[:b] + 1).clamp(max=self.max_len - 1)  # finished slots idle at the end
+        # a finished slot stays where it is (a paged slot released at the host check then sits at position 0: its mask
+        # lists one page, the sink, not pos / page_size of it)
+        self.pos[:b] = (self.pos[:b] + live).clamp(max=self.max_len - 1)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1, stop_ids=(), seed=0,
@@ -208,6 +210,7 @@ class Sampler:
         self.seed.fill_(seed)
         self.budget.fill_(max_new_tokens)
         self.done.fill_(True)
+        self.pos.zero_()
         stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
         ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
         # waiting: a prompt's index (n samples to start), or a preempted sample (output index, tokens, log-probs)
@@ -382,7 +385,7 @@ class Sampler:
             self.model.move_cache_rows(src, dst)
         for t in (self.tok, self.pos, self.n_out, self.seq, self.done, self.out, self.out_logp):
             t.index_copy_(0, dst, t.index_select(0, src))
-        self.done[len(running):] = True
+        self.done[len(running):], self.pos[len(running):] = True, 0
         owner[:] = [owner[s] for s in running] + [-1] * (self.slots - len(running))
         self.admitted[:] = [self.admitted[s] for s in running] + [0] * (self.slots - len(running))
 
@@ -394,6 +397,7 @@ class Sampler:
         if finished:
             rows = torch.tensor(finished, device=self.tok.device)
             counts = self.n_out.index_select(0, rows).tolist()
+            self.pos.index_fill_(0, rows, 0)  # idle from now on (see decode_step)
             tokens = self.out.index_select(0, rows)[:, :max(counts)].tolist()
             logps = self.out_logp.index_select(0, rows)[:, :max(counts)].tolist()
             for s, c, t, lp in zip(finished, counts, tokens, logps):
@@ -415,7 +419,7 @@ class Sampler:
                 k = int(self.n_out[victim])
                 waiting.appendleft((owner[victim], self.out[victim, :k].tolist(), self.out_logp[victim, :k].tolist()))
                 owner[victim], self.preemptions = -1, self.preemptions + 1
-                self.done[victim] = True
+                self.done[victim], self.pos[victim] = True, 0
                 self.pages.release(victim)
         self.pages.flush()
 

@@ -729,6 +729,32 @@ def test_paged_decode_reads_only_each_rows_own_pages():
         assert torch.equal(dense.flatten(), expected)
 
 
+def test_a_paged_step_lists_no_more_pages_than_each_row_holds():
+    # a row's mask lists pages 0..pos / P: a running row holds them, and a row without a sequence (finished, preempted,
+    # packed away or never used) must list one (the sink page), not pos / P of the sink over and over (at 7B a freed row
+    # left at position 12k listed 96 of them every step, work that grew with the rows it displaced). Checked at every
+    # decode step of a call with ragged traces, preemption and packing; the tokens are the dense cache's
+    cfg = M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2)
+    m = toy.init_weights(M.Transformer(cfg), seed=0)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 97, (int(L),), generator=g).tolist() for L in torch.randint(2, 30, (10,), generator=g)]
+    dense = Sampler(copy.deepcopy(m), slots=8, max_len=96).generate(prompts, 60, 1.0, n=2, stop_ids=[5, 7, 11], seed=1)
+    engine = Sampler(m, slots=8, max_len=96, page_size=4, pages=40)
+    listed, addressing = [], m.decode_addressing
+
+    def record(pos, kv_len=None):
+        where, mask = addressing(pos, kv_len)
+        listed.append((mask.kv_num_blocks.flatten().tolist(), [max(len(h), 1) for h in engine.pages.held[:len(pos)]]))
+        return where, mask
+    m.decode_addressing = record
+    out = engine.generate(prompts, 60, 1.0, n=2, stop_ids=[5, 7, 11], seed=1)
+    assert out == dense
+    assert engine.preemptions > 0 and len({len(o) for o in out}) > 5 and any(len(n) < 8 for n, _ in listed)  # packed
+    assert all(n <= h for blocks, held in listed for n, h in zip(blocks, held)), next(
+        (blocks, held) for blocks, held in listed if any(n > h for n, h in zip(blocks, held)))
+
+
 def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
     # 4 samples of a 40-token prompt in pages of 8: its 5 full pages once, and 2 pages each for the 16 new tokens: 13
     # pages, where 4 unshared sequences take 28. A pool of 13 runs them all at once, and they draw the dense cache's
