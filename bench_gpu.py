@@ -3,9 +3,10 @@ bench_gpu.py: the GPU checks, in one command that prints each figure the moment 
 $OUT/bench_gpu.log), each under a time cap, all within 5 minutes on one H100, compile included.
 
     python bench_gpu.py                    # #30's targets: the 1.5B SFT step's MFU, the 8 x 8 rollout, 7B batch-1 decode
-    python bench_gpu.py --only grpo1.5b    # a second call: grpo.py's 2 steps at 1.5B (#30's rollout target)
+    python bench_gpu.py --only slots7b,paged # paging: a 7B step's tokens/s dense vs a full page pool, batch-1, prefills
+    python bench_gpu.py --only grpo1.5b    # grpo.py's 2 steps at 1.5B (#30's rollout target)
     python bench_gpu.py --only grpo,decode # grpo.py at 0.5B (the shape of the earlier figures), 0.5B decode vs transformers
-    python bench_gpu.py --only ragged,paged
+    python bench_gpu.py --only ragged      # ragged rollouts, continuous vs static batching, dense and paged
     python bench_gpu.py --only offload     # grpo.py's 2 steps at 0.5B with --offload (compare with the grpo group's)
     python bench_gpu.py --smoke            # the same code on CPU with a tiny model, to check the script itself
 
@@ -65,11 +66,11 @@ def check(log, name, cap_s, fn, deadline=None):
     log.flush()
 
 
-GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "decode7b", "grpo", "grpo1.5b", "offload")  # groups, in order
+GPU_CHECKS = ("training", "rollout", "ragged", "decode", "paged", "decode7b", "slots7b", "grpo", "grpo1.5b", "offload")  # groups, in order
 # #30's targets first, in what fits the 5 minutes (on an H100 the training rows took about 2 minutes, the 8 x 8 rollout
-# 40 s; the 7B decode is not yet timed); the 2-step grpo.py run at 1.5B (not yet timed: at 0.5B it took 139 s, most of
-# it compiling) is a second call's, the 0.5B grpo.py run and decode against transformers a third's, the ragged rollouts
-# (8 decode graphs at 13-17 s each) a fourth's, grpo.py with --offload a fifth's
+# 40 s; the 7B decode is not yet timed); then, a call each, in the docstring's order: paging at 7B (a simulation says it
+# is the rollout's largest lever there), the 2-step grpo.py run at 1.5B (at 0.5B it took 139 s, most of it compiling),
+# the 0.5B grpo.py run and decode against transformers, the ragged rollouts (8 decode graphs at 13-17 s each), --offload
 DEFAULT_GPU_CHECKS = "training,rollout,decode7b"
 
 
@@ -130,6 +131,7 @@ def bench_gpu(args, device):
     run("decode batch 1, paged KV cache", 90, lambda: _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page), "paged")
     run("judge prompts: a common opening", 60, lambda: _common_opening(ours, device, smoke, page), "paged")
     run("decode batch 1, 7B shape: dense | paged", 150, lambda: _decode_7b(device, bw_peak, smoke, backend, page), "decode7b")
+    run("decode step 7B: dense vs a page pool", 150, lambda: _slots_7b(device, bw_peak, smoke, backend, page), "slots7b")
     if want & {"grpo", "offload"}:
         small_dir = os.path.join(tempfile.mkdtemp(), "model")
         checkpoint.save_model(ours, small_dir)
@@ -186,21 +188,71 @@ def _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page_size=0):
             f"compile {compile_s:.0f} s ({graphs} graphs, {shapes} shapes); compiled = eager greedy for the first {agree} of {n_new} tokens")
 
 
-def _decode_7b(device, bw_peak, smoke, backend, page):
-    """The 7B shape's batch-1 decode, dense and paged KV cache (#30's target: half the HBM bandwidth), with q/k/v and
-    gate/up fused as eval.py and grpo.py's rollouts run it. Random bf16 weights made on the GPU (15 GB); transformers'
-    copy would double that, and its init on the host takes minutes."""
+def _random_7b(device, smoke):
+    """The 7B shape with random bf16 weights made on the GPU (15 GB; transformers' copy would double that), q/k/v and
+    gate/up fused as eval.py and grpo.py's rollouts decode on GPUs."""
     from decode_model import fuse_projections
-    m = fuse_projections(M.empty_model(M.ModelConfig(**SHAPES["smoke" if smoke else "7B"]), device,
-                                       torch.float32 if smoke else torch.bfloat16), devices=(device.type,))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02)
-    res = " | ".join(_decode_batch1(m.eval(), None, device, bw_peak, smoke, backend, size) for size in (0, page))
+    return fuse_projections(_random_model("smoke" if smoke else "7B", device, torch.float32 if smoke else None),
+                            devices=(device.type,)).eval()
+
+
+def _decode_7b(device, bw_peak, smoke, backend, page):
+    """The 7B shape's batch-1 decode, dense and paged KV cache (#30's target: half the HBM bandwidth)."""
+    m = _random_7b(device, smoke)
+    res = " | ".join(_decode_batch1(m, None, device, bw_peak, smoke, backend, size) for size in (0, page))
     del m
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def _slots_7b(device, bw_peak, smoke, backend, page):
+    """What paging buys a 7B rollout (docs/measurements.md's simulated schedule leaves it to a GPU): the sampled decode
+    step's tokens/s in grpo.py's default KV cache, a quarter of the GPU (dense: the slots of 12,288 positions that fit, in
+    groups of 7, each read up to the bucketed span of the longest), against a page pool of those bytes with as many of
+    the same sequences as it holds (each reads its own pages), and those 28 paged. Each slot is mid-trace at a position of
+    1,024-6,079 (a cache of zeros: a step's cost does not depend on the values); compiles are untimed."""
+    from sampler import Sampler, kv_bytes, slots_that_fit
+    m = _random_7b(device, smoke)
+    cfg, dtype, V = m.config, m.lm_head.weight.dtype, m.config.vocab_size
+    max_len, (lo, hi), steps = (512, (64, 240), 4) if smoke else (12288, (1024, 6080), 32)
+    budget = 7.5 * kv_bytes(cfg, max_len, dtype) if smoke else 0.25 * torch.cuda.get_device_properties(device).total_memory
+    pool = int(budget // kv_bytes(cfg, page, dtype))  # pages, as Sampler sizes them for grpo.py's --kv-cache-frac
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(lo, hi, (224,), generator=g).tolist()  # grpo.py's default slots: 32 prompts x 7
+    need = [-(-(L + 2 * steps + 1) // page) for L in lengths]  # pages each slot holds by the last timed step
+    fill = max(k for k in range(len(lengths) + 1) if sum(need[:k]) <= pool - 1)  # (page 0 is never handed out)
+    dense = slots_that_fit(budget, cfg, max_len, dtype, 7)
+    emb = m.model.embed_tokens.weight  # a step reads one row of an untied table (as in _decode_batch1)
+    weights = sum(p.numel() * p.element_size() for p in m.parameters() if p is not emb or cfg.tie_word_embeddings)
+    res, rates = [], []
+    for name, slots, size in (("paged", fill, page), ("paged", dense, page), ("dense", dense, 0)):  # pool reused
+        e = Sampler(m, slots, max_len, compile=True, backend=backend, page_size=size, pages=pool if size else None)
+        seconds, span = _steady_steps(e, lengths[:slots], steps, V)  # timed: positions L + steps .. L + 2 steps
+        read = weights + kv_bytes(cfg, 1, dtype) * (sum(lengths[:slots]) + slots * 1.5 * steps if size else slots * span)
+        share = f", {read / (seconds / steps) / bw_peak:.0%} of HBM" if bw_peak else ""
+        rates.append(slots * steps / seconds)
+        res.append(f"{name} {slots} slots{'' if size else f' (span {span})'}: {rates[-1]:.0f} tok/s, "
+                   f"{seconds / steps * 1e3:.1f} ms a step{share}")
+    del m, e  # (80 GB: 15 GB of weights beside both caches)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return " | ".join(res) + f": the full pool {rates[0] / rates[2]:.2f}x dense's tokens/s"
+
+
+def _steady_steps(e, lengths, steps, vocab):
+    """Slots 0.. of engine e mid-trace at positions `lengths` (paged: their pages taken), then `steps` sampled decode
+    steps untimed (compile, CUDA graph) and `steps` timed -> (seconds, the dense span read)."""
+    S, dev = len(lengths), e.tok.device
+    e.pos[:S] = torch.tensor(lengths, device=dev)
+    e.tok[:S], e.seq[:S], e.n_out[:S], e.done[:S] = 1000, torch.arange(S, device=dev), 1, False
+    e.budget.fill_(e.max_len)
+    if e.pages:
+        assert all(e.pages.grow([s], L + 2 * steps + 1) for s, L in enumerate(lengths))
+        e.pages.flush()
+    stop, span = torch.tensor([-1], device=dev), e.kv_span(max(lengths) + 2 * steps + 1)
+    with torch.no_grad():
+        return timeit(lambda: [e.step(S, stop, 1.0, 1.0, 0, vocab, span) for _ in range(steps)], 1, dev), span
 
 
 def _compile_graphs(e, lo, hi, stop_ids=(), temperature=1.0, buckets=None):
@@ -321,16 +373,20 @@ def _grpo_two_steps(model_dir, smoke, timeout_s, *flags):
     return f"{parts or 'no step finished'}; {ran}; recompile-limit warnings {limit}"
 
 
-def _random_checkpoint(shape, device):
-    """A random-weight checkpoint of one of bench.py's SHAPES, in the Hugging Face layout -> its directory. The weights
-    are drawn on `device` in bf16 (a host init of 1.5B parameters takes most of a check's cap)."""
-    path = os.path.join(tempfile.mkdtemp(), "model")
-    with torch.device(device):
-        m = M.Transformer(M.ModelConfig(**SHAPES[shape])).to(torch.bfloat16)
+def _random_model(shape, device, dtype=None):
+    """One of bench.py's SHAPES with random weights drawn on `device` (a host init of 1.5B parameters takes most of a
+    check's cap), in bf16 unless `dtype` says otherwise."""
+    m = M.empty_model(M.ModelConfig(**SHAPES[shape]), device, dtype or torch.bfloat16)
+    with torch.no_grad():
         for p in m.parameters():
-            p.data.normal_(0, 0.02)
-    checkpoint.save_model(m, path)
-    del m
+            p.normal_(0, 0.02)
+    return m
+
+
+def _random_checkpoint(shape, device):
+    """A random bf16 checkpoint of one of bench.py's SHAPES, in the Hugging Face layout -> its directory."""
+    path = os.path.join(tempfile.mkdtemp(), "model")
+    checkpoint.save_model(_random_model(shape, device), path)
     return path
 
 
@@ -529,7 +585,7 @@ def _fsdp_check():
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=DEFAULT_GPU_CHECKS, help=f"the checks to run, of {','.join(GPU_CHECKS)} (default "
-                    f"{DEFAULT_GPU_CHECKS}: 5 minutes; then --only grpo1.5b, --only grpo,decode and --only ragged,paged; bf16 parity and the "
+                    f"{DEFAULT_GPU_CHECKS}: 5 minutes; then --only slots7b,paged, grpo1.5b, grpo,decode, ragged, offload; bf16 parity and the "
                     "eager-fallback count always run)")
     ap.add_argument("--smoke", action="store_true", help="run the checks on CPU with a tiny model (tests the script)")
     args = ap.parse_args(argv)

@@ -10,12 +10,13 @@ import pytest
 
 from conftest import ROOT
 
-SMOKED = "training,rollout,decode,paged,decode7b,grpo,grpo1.5b,offload"
+SMOKED = "training,rollout,decode,paged,decode7b,slots7b,grpo,grpo1.5b,offload"
 CHECKS = ["bf16 logits vs transformers", "trainer model 1.5B", "SFT step 1.5B, 4k tokens", "where its time goes",
           "the same, inside a step (accumulating)", "the head's chunks eager", "4 x 4k tokens a micro-batch",
           "GRPO group 1.5B", "transformers, the same 7 rows padded", "SFT fwd+bwd 1.5B, plain bf16",
           "rollout 8 prompts x n=8", "decode batch 1 vs transformers", "decode batch 1, paged KV cache",
-          "judge prompts: a common opening", "decode batch 1, 7B shape", "grpo.py, 2 steps (0.5B shape)",
+          "judge prompts: a common opening", "decode batch 1, 7B shape",
+          "decode step 7B: dense vs a page pool", "grpo.py, 2 steps (0.5B shape)",
           "grpo.py --offload, 2 steps (0.5B shape)", "grpo.py, 2 steps (1.5B shape)", "eager fallbacks in these checks"]
 
 
