@@ -529,7 +529,9 @@ class Transformer(nn.Module):
         """pos [B]: the position each decoding row writes -> (where its K/V goes, the mask its query attends with).
         Dense: (pos, keep [B, 1, 1, kv_len]: positions <= pos). Paged: (pool positions [B], a BlockMask over the pool
         whose blocks are pages: row b reads only its pages 0..pos[b] / P, in their pool order, and within them the
-        positions <= pos[b], so what a step reads grows with each row's own length, not the longest's)."""
+        positions <= pos[b], so what a step reads grows with each row's own length, not the longest's). The pages
+        before a row's last are full blocks (every position visible: the kernel skips mask_mod there), and only the
+        last is a partial block, masked."""
         if not self.page_size:
             kv_len = kv_len or self.model.layers[0].self_attn.k_cache.shape[2]
             return pos, (torch.arange(kv_len, device=pos.device) <= pos[:, None])[:, None, None, :]
@@ -540,8 +542,10 @@ class Transformer(nn.Module):
             j = index[kv_idx // P]  # the page's logical index; row b holds the page iff its table says so there
             return (table[b, j] == kv_idx // P) & (j * P + kv_idx % P <= pos[b])
         pages = index.shape[0]  # the block mask's indices span the pool (a slot never holds more than pages - 1)
-        indices = F.pad(table, (0, pages - table.shape[1])) if pages > table.shape[1] else table[:, :pages]
-        mask = BlockMask.from_kv_blocks((pos // P + 1).int()[:, None, None], indices.int()[:, None, None], BLOCK_SIZE=(128, P),
+        full = F.pad(table, (0, pages - table.shape[1])) if pages > table.shape[1] else table[:, :pages]
+        last = F.pad(page[:, None], (0, pages - 1))  # [B, pages]: the page pos is in, then unused entries
+        mask = BlockMask.from_kv_blocks(torch.ones_like(pos).int()[:, None, None], last.int()[:, None, None],
+                                        (pos // P).int()[:, None, None], full.int()[:, None, None], BLOCK_SIZE=(128, P),
                                         mask_mod=visible, seq_lengths=(1, pages * P), **_NO_Q_BLOCKS)
         return page * P + pos % P, mask
 

@@ -719,14 +719,23 @@ def test_paged_decode_reads_only_each_rows_own_pages():
     pos = torch.tensor([9, 10, 15])
     where, mask = m.decode_addressing(pos)
     assert where.tolist() == [9 * 4 + 1, 1 * 4 + 2, 5 * 4 + 3]  # pool positions of logical 9, 10, 15
-    assert mask.kv_num_blocks.flatten().tolist() == [3, 3, 4]
+    # the pages before the last are full blocks (no mask_mod), the last one partial
+    assert mask.full_kv_num_blocks.flatten().tolist() == [2, 2, 3] and mask.kv_num_blocks.flatten().tolist() == [1, 1, 1]
     for b in range(3):
-        assert mask.kv_indices[b, 0, 0, :len(held[b])].tolist() == held[b]
+        assert mask.full_kv_indices[b, 0, 0, :len(held[b]) - 1].tolist() == held[b][:-1]
+        assert mask.kv_indices[b, 0, 0, 0].item() == held[b][-1]
         expected = torch.zeros(40, dtype=torch.bool)
         for p in range(int(pos[b]) + 1):
             expected[held[b][p // 4] * 4 + p % 4] = True
         dense = torch.tensor([[mask.mask_mod(torch.tensor(b), 0, 0, torch.tensor(kv)) for kv in range(40)]])
         assert torch.equal(dense.flatten(), expected)
+        # what the kernel sees: every position of a full block, and those of a partial block that mask_mod keeps
+        seen = torch.zeros(40, dtype=torch.bool)
+        for page in mask.full_kv_indices[b, 0, 0, :mask.full_kv_num_blocks[b, 0, 0]].tolist():
+            seen[page * 4:page * 4 + 4] = True
+        for page in mask.kv_indices[b, 0, 0, :mask.kv_num_blocks[b, 0, 0]].tolist():
+            seen[page * 4:page * 4 + 4] |= dense.flatten()[page * 4:page * 4 + 4]
+        assert torch.equal(seen, expected)
 
 
 def test_a_paged_step_lists_no_more_pages_than_each_row_holds():
@@ -745,7 +754,8 @@ def test_a_paged_step_lists_no_more_pages_than_each_row_holds():
 
     def record(pos, kv_len=None):
         where, mask = addressing(pos, kv_len)
-        listed.append((mask.kv_num_blocks.flatten().tolist(), [max(len(h), 1) for h in engine.pages.held[:len(pos)]]))
+        blocks = mask.kv_num_blocks.flatten() + mask.full_kv_num_blocks.flatten()
+        listed.append((blocks.tolist(), [max(len(h), 1) for h in engine.pages.held[:len(pos)]]))
         return where, mask
     m.decode_addressing = record
     out = engine.generate(prompts, 60, 1.0, n=2, stop_ids=[5, 7, 11], seed=1)
