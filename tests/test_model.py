@@ -740,9 +740,9 @@ def test_paged_decode_reads_only_each_rows_own_pages():
 
 def test_a_paged_step_lists_no_more_pages_than_each_row_holds():
     # a row's mask lists pages 0..pos / P: a running row holds them, and a row without a sequence (finished, preempted,
-    # packed away or never used) must list one (the sink page), not pos / P of the sink over and over (at 7B a freed row
-    # left at position 12k listed 96 of them every step, work that grew with the rows it displaced). Checked at every
-    # decode step of a call with ragged traces, preemption and packing; the tokens are the dense cache's
+    # packed away or never used) must list one (the sink page), not pos / P copies of it (at 7B, a row freed at
+    # position 12k listed 96 every step). Checked at every decode step of a call with ragged traces, preemption and
+    # steps on fewer rows; the tokens are the dense cache's
     cfg = M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                         num_key_value_heads=2)
     m = toy.init_weights(M.Transformer(cfg), seed=0)
@@ -760,7 +760,7 @@ def test_a_paged_step_lists_no_more_pages_than_each_row_holds():
     m.decode_addressing = record
     out = engine.generate(prompts, 60, 1.0, n=2, stop_ids=[5, 7, 11], seed=1)
     assert out == dense
-    assert engine.preemptions > 0 and len({len(o) for o in out}) > 5 and any(len(n) < 8 for n, _ in listed)  # packed
+    assert engine.preemptions > 0 and len({len(o) for o in out}) > 5 and any(len(n) < 8 for n, _ in listed)
     assert all(n <= h for blocks, held in listed for n, h in zip(blocks, held)), next(
         (blocks, held) for blocks, held in listed if any(n > h for n, h in zip(blocks, held)))
 
