@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import head
 import model as M
 import toy
 from training import check_flags
@@ -211,7 +212,7 @@ def _loss(way, args):
             f.write("5")
         base = _rss("VmRSS")
     if way == "chunked":
-        M._ChunkedWeightedLogProbSum.apply(hidden, weight, tgt, weights, 1024, 1.0).backward()
+        head.ChunkedWeightedLogProbSum.apply(hidden, weight, tgt, weights, 1024, 1.0).backward()
     else:
         F.cross_entropy((hidden @ weight.t()).float(), tgt).backward()
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss("VmHWM")

@@ -26,6 +26,7 @@ import time
 import torch
 
 import checkpoint
+import head
 import model as M
 import toy
 import training
@@ -83,9 +84,9 @@ def bench_gpu(args, device):
     flops_peak, bw_peak = training.gpu_peaks(device)
     out_dir = os.environ.get("OUT", ".")
     log = open(os.path.join(out_dir, "bench_gpu.log"), "a")
-    head = f"{name}, torch {torch.__version__}, transformers {hf_version()}, {time.strftime('%Y-%m-%d %H:%M')}"
-    print(head, flush=True)
-    log.write(head + "\n")
+    title = f"{name}, torch {torch.__version__}, transformers {hf_version()}, {time.strftime('%Y-%m-%d %H:%M')}"
+    print(title, flush=True)
+    log.write(title + "\n")
     dtype = torch.float32 if smoke else torch.bfloat16
     small = SHAPES["smoke" if smoke else "0.5B"]
     ours, hf = build_pair(small, device, dtype)
@@ -454,14 +455,14 @@ def _sft_mfu(model, optimizer, device, flops_peak, smoke, seqs=1, micros=8):
 
 
 def _sft_head_eager(model, device, flops_peak, smoke):
-    """The SFT step's forward+backward with the output head's per-chunk elementwise work eager (model.FUSED_HEAD_DEVICES
+    """The SFT step's forward+backward with the output head's per-chunk elementwise work eager (head.FUSED_HEAD_DEVICES
     emptied): about ten passes over a [1024, 152k] fp32 buffer per chunk instead of Inductor's fused kernels."""
     fwd_bwd, T = _sft_fwd_bwd(model, device, smoke)
-    fused, M.FUSED_HEAD_DEVICES = M.FUSED_HEAD_DEVICES, ()
+    fused, head.FUSED_HEAD_DEVICES = head.FUSED_HEAD_DEVICES, ()
     try:
         t = timeit(fwd_bwd, 3, device)
     finally:
-        M.FUSED_HEAD_DEVICES = fused
+        head.FUSED_HEAD_DEVICES = fused
     return f"{T / t:.0f} tok/s, {_mfu(model, T, t, flops_peak)} (compare the forward+backward above)"
 
 

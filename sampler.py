@@ -21,9 +21,9 @@ How it works (S slots, each holding one sequence in a static KV cache of L posit
    the step runs on that bucket: S, S/4, S/16, ... (>= 8) when compiled, so a run makes a few graphs, never
    one per batch size; the exact running count when eager (no graphs to keep).
 4. Paged cache (page_size > 0, as vLLM's): the cache is a pool of pages of page_size positions, and a slot holds only
-   the pages its sequence has filled (Pages, on the host; the model reads them through a page table), so a short trace
-   does not reserve max_len positions and a step reads each slot's own pages (FlexAttention, with the pages as the
-   blocks of its mask), not the longest slot's span. The n samples of a prompt hold the pages its prompt fills whole
+   the pages its sequence has filled (kv_pages.py's Pages, on the host; the model reads them through a page table), so
+   a short trace does not reserve max_len positions and a step reads each slot's own pages (FlexAttention, with the
+   pages as the blocks of its mask), not the longest slot's span. The n samples of a prompt hold the pages its prompt fills whole
    once (GRPO's 7 samples of a 2k-token prompt: 2k positions of prompt, not 14k), and the whole pages of the opening
    all prompts of a call share (a judge template's system prompt) are held once for all of them (write_common_prefix).
    At each host check every running slot gets the pages of its next sync_every positions; when the pool runs dry the
@@ -52,6 +52,8 @@ import torch.distributed as dist
 
 import model as M
 from decode_model import copy_weights, fuse_projections, tensor_parallel_copy
+from head import head_logits
+from kv_pages import Pages
 
 
 # splitmix64's constants as int64 (each is >= 2^63, so it wraps to a negative number)
@@ -349,7 +351,7 @@ class Sampler:
         """Prefill prompts into slots `rows` (n per prompt: one prefill for the n samples) and draw first tokens."""
         device = self.tok.device
         rows_t, lengths = torch.tensor(rows, device=device), torch.tensor([len(p) for p in prompts], device=device)
-        logits = M.head_logits(self.prefill(prompts, rows_t, n), self.model.lm_head.weight)  # [P, V] fp32, last tokens
+        logits = head_logits(self.prefill(prompts, rows_t, n), self.model.lm_head.weight)  # [P, V] fp32, last tokens
         drawable = logits.masked_fill(torch.arange(logits.shape[-1], device=device) >= vocab_size, float("-inf"))
         seq = (torch.tensor(prompt_ids, device=device)[:, None] * n + torch.arange(n, device=device)).flatten()
         first = sample_next(drawable.repeat_interleave(n, 0), uniforms(self.seed, seq, torch.zeros_like(seq)),
@@ -422,104 +424,6 @@ class Sampler:
                 self.done[victim], self.pos[victim] = True, 0
                 self.pages.release(victim)
         self.pages.flush()
-
-
-class Pages:
-    """The host's bookkeeping of a paged KV cache (model.setup_cache with page_size P): which pool pages are free and
-    which each slot holds, in order (slot s's position p lives in its page p // P at offset p % P). The n samples of a
-    prompt hold its full pages (positions < (prompt length // P) * P, the same K/V for all) as one set of pages, each
-    with n holders, and every sample holds the call's common prefix (the opening all its prompts share, whole pages);
-    the page the prompt ends in and those after it are each sample's own. A page returns to the pool when its last
-    holder lets go of it. Changes go to the model's page_table / page_index in flush(), once per host check. Page 0 is
-    never handed out: unassigned table entries point at it, so a finished slot that still steps writes there,
-    harmlessly."""
-
-    def __init__(self, model, slots):
-        self.model, self.size = model, model.page_size
-        self.pool = model.page_index.shape[0] - 1  # pages to hand out
-        self.free = list(range(self.pool, 0, -1))  # popped from the end: lowest first
-        self.held, self.holders = [[] for _ in range(slots)], [0] * (self.pool + 1)  # holders: slots holding each page
-        self.rows, self.placed = set(), {}  # to write: slots' table rows; page -> its logical index
-        self.prefix = []  # the pages of the opening all of a call's prompts share (Sampler.write_common_prefix)
-        self.peak = 0  # the most pages in use at once during the last generate call (grpo.py logs it, bench.py prints it)
-
-    def can_progress(self, n, prompt_len, ahead, longest):
-        """Whether the whole pool holds n samples of a prompt of up to prompt_len tokens with `ahead` positions each
-        past it (the pages a prompt of L = aP + r tokens takes, a + n * ceil((r + ahead) / P), are at most
-        prompt_len // P + n * ceil((P - 1 + ahead) / P)), and one sequence of longest positions: then an empty pool
-        always admits the next prompt or preempted sample, and one sequence can always run to its end."""
-        group = prompt_len // self.size + n * -(-(self.size - 1 + ahead) // self.size)
-        return self.pool >= max(group, -(-longest // self.size))
-
-    def grow(self, slots, length, shared=0):
-        """Give each slot the pages for its positions < length -> False, and nothing given, where too few are free. A
-        slot that holds nothing yet starts with the common prefix's pages; shared: the slots hold nothing yet (a prompt's
-        samples), and their first `shared` pages (the prefix's included) are one set for all."""
-        start = [len(self.held[s]) or len(self.prefix) for s in slots]
-        shared = max(0, shared - len(self.prefix))  # the prompt's own full pages, past the common prefix
-        needs = [max(0, -(-length // self.size) - h - shared) for h in start]
-        if shared + sum(needs) > len(self.free):
-            return False
-        for s in slots:
-            if not self.held[s]:
-                self.held[s] = list(self.prefix)
-                for page in self.prefix:
-                    self.holders[page] += 1
-        for j in range(len(self.prefix), len(self.prefix) + shared):
-            page = self.take(j, len(slots))
-            for s in slots:
-                self.held[s].append(page)
-        for s, k in zip(slots, needs):
-            for _ in range(k):
-                self.held[s].append(self.take(len(self.held[s]), 1))
-            self.rows.add(s)
-        return True
-
-    def take(self, index, holders):
-        """A free page (the lowest), at logical index `index` in each of its `holders` slots."""
-        page = self.free.pop()
-        self.placed[page], self.holders[page] = index, holders
-        self.peak = max(self.peak, self.pool - len(self.free))
-        return page
-
-    def hold_prefix(self, k):
-        """Take k pages for the common prefix (logical pages 0..k-1 of every sequence), held until drop_prefix."""
-        self.prefix = [self.take(j, 1) for j in range(k)]
-
-    def drop_prefix(self):
-        """Let go of the common prefix: the model no longer reads its positions as cached (model.cached_prefix)."""
-        self.let_go(self.prefix)
-        self.prefix = []
-        self.model.cached_prefix = 0
-
-    def release(self, slot):
-        self.let_go(self.held[slot])
-        self.held[slot] = []
-        self.rows.add(slot)
-
-    def let_go(self, pages):
-        """One holder fewer for each page; a page nobody holds returns to the pool."""
-        for page in reversed(pages):
-            self.holders[page] -= 1
-            if not self.holders[page]:
-                self.free.append(page)
-
-    def move(self, running):
-        """Slot running[i] -> slot i (the sampler packing), with its pages (a page's logical index stays)."""
-        self.held = [self.held[s] for s in running] + [[] for _ in range(len(self.held) - len(running))]
-        self.rows.update(range(max(running) + 1))
-
-    def flush(self):
-        """Write what changed to the device: the slots' table rows and new pages' logical indices (a copy each)."""
-        m = self.model
-        if self.rows:
-            slots, cols = sorted(self.rows), m.page_table.shape[1]
-            rows = torch.tensor([self.held[s] + [0] * (cols - len(self.held[s])) for s in slots])
-            m.page_table.index_copy_(0, torch.tensor(slots, device=m.page_table.device), rows.to(m.page_table.device))
-        if self.placed:
-            pages, index = torch.tensor(list(self.placed)), torch.tensor(list(self.placed.values()))
-            m.page_index.index_copy_(0, pages.to(m.page_index.device), index.to(m.page_index.device))
-        self.rows, self.placed = set(), {}
 
 
 # ----------------------------------------------------------------------------- the KV cache's size

@@ -23,7 +23,7 @@ What a run writes (its directory, saved state, output model) is rundir.py's.
 
 The precision policy is the same for every world size. bf16 (CUDA's default): fp32 master weights and AdamW
 moments, bf16 compute (FSDP2's MixedPrecisionPolicy casts the gathered weights), fp32 gradient reduction, a bf16
-rollout copy, and fp32 logits straight from the output head's matmul (model.head_logits); one GPU runs FSDP2 over a
+rollout copy, and fp32 logits straight from the output head's matmul (head.head_logits); one GPU runs FSDP2 over a
 one-rank process group (one unit where it fits), so single-GPU and multi-GPU runs take the same code path. fp32
 (the CPU's default): fp32 throughout (FSDP2 over gloo with more than one rank, the plain model with one).
 `--precision bf16` on CPU runs the GPU policy there (one-rank FSDP2 over gloo), so its numerics can be studied

@@ -9,6 +9,7 @@ import torch
 
 import grpo
 import checkpoint
+import head
 import model as M
 import toy
 import training
@@ -303,7 +304,7 @@ def test_the_single_gpu_code_path_runs_compiled_on_cpu(toy_paths, tmp_path, poli
     # checkpoint inside, the output head's chunks compiled, the rollout's decode step compiled (one block's code for
     # every layer)
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(M, "FUSED_HEAD_DEVICES", ("cpu",))
+    monkeypatch.setattr(head, "FUSED_HEAD_DEVICES", ("cpu",))
     torch._dynamo.reset()
     counters.clear()
     one_rank_fsdp()

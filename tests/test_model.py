@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import decode_model
+import head
 import model as M
 import sampler
 import toy
@@ -83,7 +84,7 @@ def test_head_logits_are_fp32_from_the_matmul_not_rounded_to_bf16():
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(64, 96, generator=g).bfloat16(), torch.randn(500, 96, generator=g).bfloat16()
     exact = h.double() @ w.double().t()
-    logits = M.head_logits(h, w)
+    logits = head.head_logits(h, w)
     assert logits.dtype == torch.float32
     err, rounded_err = (logits.double() - exact).abs().max(), ((h @ w.t()).double() - exact).abs().max()
     assert err < 1e-4 and rounded_err > 20 * err
@@ -94,7 +95,7 @@ def test_head_logits_are_fp32_from_the_matmul_not_rounded_to_bf16():
                                         num_attention_heads=4, num_key_value_heads=2)).bfloat16()
         ids = torch.randint(0, 500, (2, 5), generator=g)
         hidden = m(ids, head=False)
-        torch.testing.assert_close(m(ids), M.head_logits(hidden.flatten(0, 1), m.lm_head.weight).view(2, 5, 500))
+        torch.testing.assert_close(m(ids), head.head_logits(hidden.flatten(0, 1), m.lm_head.weight).view(2, 5, 500))
 
 
 def test_load_into_other_dtype(tmp_path):
@@ -551,7 +552,7 @@ def test_chunked_logprobs_equal_cross_entropy_values_and_grads():
     t = torch.randint(0, 50, (37,))
     g = torch.randn(37, dtype=torch.float64)
     for temp in (1.0, 0.7):
-        logp, ent = M._ChunkedTokenLogProb.apply(h, w, t, 8, temp)
+        logp, ent = head.ChunkedTokenLogProb.apply(h, w, t, 8, temp)
         ref = -F.cross_entropy((h @ w.t()) / temp, t, reduction="none")
         torch.testing.assert_close(logp.double(), ref.double(), atol=1e-5, rtol=0)
         full = torch.log_softmax((h @ w.t()) / temp, -1)
@@ -569,7 +570,7 @@ def test_weighted_logprob_sum_equals_cross_entropy_values_and_grads():
     t = torch.randint(0, 40, (29,))
     weights = torch.rand(29, dtype=torch.float64)
     for temp in (1.0, 0.7):
-        total = M._ChunkedWeightedLogProbSum.apply(h, w, t, weights, 8, temp)
+        total = head.ChunkedWeightedLogProbSum.apply(h, w, t, weights, 8, temp)
         ref = -(F.cross_entropy((h @ w.t()) / temp, t, reduction="none") * weights).sum()
         torch.testing.assert_close(total.double(), ref, atol=1e-5, rtol=0)
         gh, gw = torch.autograd.grad(3.0 * total, (h, w))
@@ -587,7 +588,7 @@ def test_bf16_head_gradients_summed_over_many_chunks_stay_close_to_fp64():
 
     def grads(dtype, chunk):
         hh, ww = h.to(dtype).requires_grad_(True), w.to(dtype).requires_grad_(True)
-        total = M._ChunkedWeightedLogProbSum.apply(hh, ww, t, weights, chunk, 1.0)
+        total = head.ChunkedWeightedLogProbSum.apply(hh, ww, t, weights, chunk, 1.0)
         return [x.double() for x in (total, *torch.autograd.grad(total, (hh, ww)))]
     for got, ref in zip(grads(torch.bfloat16, 16), grads(torch.float64, 512)):
         assert (got - ref).abs().max() < 0.02 * ref.abs().max()
@@ -609,9 +610,9 @@ def test_fused_head_compiled_equals_eager_with_one_graph_per_dtype(monkeypatch):
             t, weights, coef = torch.randint(0, 300, (N,), generator=g), torch.rand(N, generator=g), torch.randn(N, generator=g)
             results = []
             for devices in ((), ("cpu",)):  # eager, then compiled
-                monkeypatch.setattr(M, "FUSED_HEAD_DEVICES", devices)
-                total = M._ChunkedWeightedLogProbSum.apply(h, w, t, weights, 8, 0.7)
-                logp, entropy = M._ChunkedTokenLogProb.apply(h, w, t, 8, 0.7)
+                monkeypatch.setattr(head, "FUSED_HEAD_DEVICES", devices)
+                total = head.ChunkedWeightedLogProbSum.apply(h, w, t, weights, 8, 0.7)
+                logp, entropy = head.ChunkedTokenLogProb.apply(h, w, t, 8, 0.7)
                 results.append([total, logp, entropy, *torch.autograd.grad(total, (h, w)),
                                 *torch.autograd.grad((logp * coef).sum() + logp.sum(), (h, w))])
             for eager, compiled in zip(*results):
