@@ -17,11 +17,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import head
 import model as M
 import toy
@@ -71,6 +73,23 @@ def build_pair(hf_cfg, device, dtype):
     hf.load_state_dict(ours.state_dict(), strict=False)
     hf.tie_weights()
     return ours, hf.to(device=device, dtype=dtype)
+
+
+def random_model(shape, device, dtype=None):
+    """One of SHAPES with random weights drawn on `device` (a host init of 1.5B parameters takes most of a
+    GPU check's cap), in bf16 unless `dtype` says otherwise."""
+    m = M.empty_model(M.ModelConfig(**SHAPES[shape]), device, dtype or torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    return m
+
+
+def random_checkpoint(shape, device):
+    """A random bf16 checkpoint of one of SHAPES, in the Hugging Face layout -> its directory."""
+    path = os.path.join(tempfile.mkdtemp(), "model")
+    checkpoint.save_model(random_model(shape, device), path)
+    return path
 
 
 def timeit(fn, reps, device):

@@ -30,7 +30,8 @@ import head
 import model as M
 import toy
 import training
-from bench import SHAPES, build_pair, hf_qwen2, hf_version, padded_rows, ragged_lengths, timeit
+from bench import (SHAPES, build_pair, hf_qwen2, hf_version, padded_rows, ragged_lengths, random_checkpoint, random_model,
+                   timeit)
 
 
 class _Timeout(Exception):
@@ -144,7 +145,7 @@ def bench_gpu(args, device):
     ours = hf = None  # frees them (not `del`: the checks above close over these names)
     if "grpo1.5b" in want:  # #30's rollout target is at this size; a call of its own (at 0.5B this run took 139 s)
         run("grpo.py, 2 steps (1.5B shape)", 285, lambda: _grpo_two_steps(
-            _random_checkpoint("smoke" if smoke else "1.5B", device), smoke, deadline - time.time() - 5))
+            random_checkpoint("smoke" if smoke else "1.5B", device), smoke, deadline - time.time() - 5))
     if torch.cuda.device_count() > 1:
         check(log, "FSDP + NCCL, 2 ranks vs 1", 30, _fsdp_check)
     check(log, "eager fallbacks in these checks", 5, _eager_fallbacks)
@@ -193,7 +194,7 @@ def _random_7b(device, smoke):
     """The 7B shape with random bf16 weights made on the GPU (15 GB; transformers' copy would double that), q/k/v and
     gate/up fused as eval.py and grpo.py's rollouts decode on GPUs."""
     from decode_model import fuse_projections
-    return fuse_projections(_random_model("smoke" if smoke else "7B", device, torch.float32 if smoke else None),
+    return fuse_projections(random_model("smoke" if smoke else "7B", device, torch.float32 if smoke else None),
                             devices=(device.type,)).eval()
 
 
@@ -374,28 +375,11 @@ def _grpo_two_steps(model_dir, smoke, timeout_s, *flags):
     return f"{parts or 'no step finished'}; {ran}; recompile-limit warnings {limit}"
 
 
-def _random_model(shape, device, dtype=None):
-    """One of bench.py's SHAPES with random weights drawn on `device` (a host init of 1.5B parameters takes most of a
-    check's cap), in bf16 unless `dtype` says otherwise."""
-    m = M.empty_model(M.ModelConfig(**SHAPES[shape]), device, dtype or torch.bfloat16)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02)
-    return m
-
-
-def _random_checkpoint(shape, device):
-    """A random bf16 checkpoint of one of bench.py's SHAPES, in the Hugging Face layout -> its directory."""
-    path = os.path.join(tempfile.mkdtemp(), "model")
-    checkpoint.save_model(_random_model(shape, device), path)
-    return path
-
-
 def _trainer_model(smoke):
     """A random 1.5B-shape checkpoint loaded the way sft.py / grpo.py load one (training.load_for_training: FSDP2
     over a one-rank group on CUDA, bf16 compute, fp32 master weights, compiled blocks, activation checkpointing)."""
     _, world, device = training.setup_distributed()
-    path = _random_checkpoint("smoke" if smoke else "1.5B", device)
+    path = random_checkpoint("smoke" if smoke else "1.5B", device)
     model = training.load_for_training(path, world, device, compile=not smoke, grad_ckpt="all")
     return model, training.make_optimizer(model, 1e-5, (0.9, 0.95), 0.0), device
 
