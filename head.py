@@ -2,7 +2,7 @@
 head.py: the output head's log-probs, a chunk of tokens at a time, so the [tokens, vocab] fp32 logits never exist.
 
 For hidden states h [N, H], the head's weight W [V, H], targets y [N] and a temperature tau, per token:
-    z       = h W^T / tau                     fp32 logits (head_logits: never rounded to bf16)
+    z       = head_logits(h, W) / tau         head_logits = h W^T in fp32, never rounded to bf16
     log p   = z[y] - logsumexp(z)             entropy = -sum_v softmax(z)_v log softmax(z)_v
     g       = coef * (onehot(y) - softmax(z)) / tau      = d (coef * log p) / d (h W^T)
     d / d h = g W,   d / d W = g^T h          two GEMMs a chunk
