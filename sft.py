@@ -10,8 +10,8 @@ through the end-of-turn token), normalised over the whole optimizer step:
     L = - (1 / N_step) * sum_{sequences s in the global batch} sum_{t in assistant(s)} log p(x_t | x_<t)
 
 where N_step counts the supervised tokens of the global batch across all micro-batches and all ranks (a
-mean of per-micro-batch means would weight short sequences more). log p comes from model.py's chunked
-output head, so the [tokens, vocab] fp32 logits never exist. Each optimizer step takes --global-batch
+mean of per-micro-batch means would weight short sequences more). log p comes from the model's chunked
+output head (head.py), so the [tokens, vocab] fp32 logits never exist. Each optimizer step takes --global-batch
 sequences from a seeded per-epoch permutation and packs them back to back into rows as long as the longest
 (model.PackedRows: each sequence attends only to itself, from position 0), about --tokens-per-micro tokens of rows
 per micro-batch: no padding between sequences, and on CUDA attention costs each sequence's own length (FlexAttention
