@@ -21,16 +21,16 @@ How it works (S slots, each holding one sequence in a static KV cache of L posit
    the step runs on that bucket: S, S/4, S/16, ... (>= 8) when compiled, so a run makes a few graphs, never
    one per batch size; the exact running count when eager (no graphs to keep).
 4. Paged cache (page_size > 0, as vLLM's): the cache is a pool of pages of page_size positions, and a slot holds only
-   the pages its sequence has filled (kv_pages.py's Pages, on the host; the model reads them through a page table), so
-   a short trace does not reserve max_len positions and a step reads each slot's own pages (FlexAttention, with the
-   pages as the blocks of its mask), not the longest slot's span. The n samples of a prompt hold the pages its prompt fills whole
-   once (GRPO's 7 samples of a 2k-token prompt: 2k positions of prompt, not 14k), and the whole pages of the opening
-   all prompts of a call share (a judge template's system prompt) are held once for all of them (write_common_prefix).
-   At each host check every running slot gets the pages of its next sync_every positions; when the pool runs dry the
-   newest admitted sample is preempted: it lets go of its pages (those it shared go back when their last holder does)
-   and waits at the front of the queue with its tokens, which are prefilled again, into pages of its own (past the
-   common opening), when it returns. Its later draws are those it would have made (they are keyed by token index), so
-   preemption changes no output.
+   the pages its sequence has filled (kv_pages.py's Pages, on the host; the model reads them through a page table), so a
+   short trace does not reserve max_len positions and a step reads each slot's own pages (FlexAttention, with the pages
+   as the blocks of its mask), not the longest slot's span. The n samples of a prompt hold the pages its prompt fills
+   whole once (GRPO's 7 samples of a 2k-token prompt: 2k positions of prompt, not 14k), and the whole pages of the
+   opening all prompts of a call share (a judge template's system prompt) are held once for all of them
+   (write_common_prefix). At each host check every running slot gets the pages of its next sync_every positions; when
+   the pool runs dry the newest admitted sample is preempted: it lets go of its pages (those it shared go back when
+   their last holder does) and waits at the front of the queue with its tokens, which are prefilled again, into pages of
+   its own (past the common opening), when it returns. Its later draws are those it would have made (they are keyed by
+   token index), so preemption changes no output.
 
 Sampling: logits / temperature, optional top-k and top-p (nucleus), then the inverse CDF at one uniform
 number per token. The uniform is a counter-based hash of (seed, sequence index, token index), drawn inside
