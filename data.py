@@ -585,7 +585,8 @@ def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, bo
 
 
 COUNTED = {"empty": "with an empty or blank answer", "identical": "with identical answers", "typo_fixed": "prompts with 'Chabot B' fixed",
-           "rl": "RM-R1 RL rows skipped (no trace)", "sft": "RM-R1 distillation rows skipped (not RL)"}
+           "rl": "RM-R1 RL rows skipped (no trace)", "sft": "RM-R1 distillation rows skipped (not RL)",
+           "truncated": "cut to --max-len by --truncate (each loses the end of its trace and verdict)"}
 
 
 def describe_counts(counts):

@@ -28,7 +28,7 @@ progress and saves it (rundir.py); a validation judging then is given up (val_ac
 
 Data: JSONL rows in the RM-R1 distillation format (context_messages = [system, user], winner = the
 trace) or a plain chat format (messages ending with the assistant turn to learn). Rows longer than
---max-len are dropped and counted (or cut to --max-len with the end token kept, by --truncate).
+--max-len are dropped and counted (or, by --truncate, cut to --max-len with the end token kept, and counted).
 
 Each trace ends with the chat template's end-of-turn token (<|im_end|> for Qwen, whatever the tokenizer's
 eos), as the judge will write it. RM-R1 RL rows (winner model_a/model_b) carry no trace: counted and skipped.
@@ -144,11 +144,12 @@ def pack_batch(rows, pad_id, device, dtype):
 # ----------------------------------------------------------------------------- data
 
 def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
-    """-> list of (ids, loss_mask), the number dropped for length, and the reader's counts. loss_mask is 1 on
+    """-> list of (ids, loss_mask), the number dropped for length, and the reader's counts with "truncated" (the rows
+    cut to max_len, with truncate). loss_mask is 1 on
     the assistant span (the answer's tokens and the end-of-turn token), 0 on the prompt. With a family, RM-R1
     rows must hold its judge prompts. Both are arrays (array('i'), array('b')), as every rank holds every row for the
     run: 5 bytes a token, where lists took 42 (measured: the toy's traces in the Qwen2.5 tokenizer)."""
-    out, dropped = [], 0
+    out, dropped, truncated = [], 0, 0
     rows, counts = read_sft_rows(path, family)
     if tokenizer.end_of_turn_id is None:
         raise DataError("the tokenizer has no end-of-turn token (<|im_end|>, or an eos_token) to end each trace with")
@@ -161,10 +162,11 @@ def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
                 dropped += 1
                 continue
             ids, mask = ids[:max_len - 1] + [tokenizer.end_of_turn_id], mask[:max_len]
+            truncated += 1
         out.append((array("i", ids), array("b", mask)))
     if not out:
         raise DataError(f"{path}: no usable rows ({dropped} longer than --max-len {max_len})")
-    return out, dropped, counts
+    return out, dropped, {**counts, "truncated": truncated}
 
 
 # ----------------------------------------------------------------------------- training
@@ -256,6 +258,8 @@ def main(argv=None):
     if step < total:  # stopped early (on purpose, or on a signal): the state is saved, --resume continues
         return run.stopped_early({"steps": step})
     summary = {"steps": step, "final_loss": rec.get("loss"), "dropped": dropped}
+    if args.truncate:
+        summary["truncated"] = counts["truncated"]
     return finish(args, model, summary, (lambda: judge("heldout")) if "heldout" in judges else None, rank)
 
 

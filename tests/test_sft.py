@@ -9,7 +9,7 @@ import checkpoint
 import model as M
 import sft
 from conftest import make_hf_checkpoint, read_metrics, run_torchrun
-from data import DataError, load_tokenizer
+from data import DataError, describe_counts, load_tokenizer
 
 
 def test_loss_mask_covers_only_the_assistant_span(toy_paths):
@@ -31,10 +31,13 @@ def test_long_rows_dropped_or_truncated(toy_paths):
     tok = load_tokenizer(toy_paths["tokenizer"])
     full, _, _ = sft.encode_sft_rows(toy_paths["sft"], tok, 10**6, False)
     limit = sorted(len(i) for i, _ in full)[len(full) // 2]
-    kept, dropped, _ = sft.encode_sft_rows(toy_paths["sft"], tok, limit, False)
-    assert dropped == sum(len(i) > limit for i, _ in full) > 0 and len(kept) + dropped == len(full)
-    cut, dropped, _ = sft.encode_sft_rows(toy_paths["sft"], tok, limit, True)
+    kept, dropped, counts = sft.encode_sft_rows(toy_paths["sft"], tok, limit, False)
+    long = sum(len(i) > limit for i, _ in full)
+    assert dropped == long > 0 and len(kept) + dropped == len(full) and counts["truncated"] == 0
+    cut, dropped, counts = sft.encode_sft_rows(toy_paths["sft"], tok, limit, True)
     assert dropped == 0 and all(len(i) <= limit and i[-1] == tok.end_of_turn_id for i, _ in cut)
+    # what was cut is counted, and the run's first line says so
+    assert counts["truncated"] == long and f", {long} cut to --max-len by --truncate" in describe_counts(counts)
 
 
 def test_packing_by_hand():
