@@ -259,6 +259,9 @@ class RunDir:
         """The end of a run stopped before its last step (--stop-after-steps, --stop-after-minutes, a stop signal), its
         state saved: every rank leaves the group -> summary. A stop signal's run exits as the signal would have (status
         128 + its number), so a job script sees that it did not finish."""
+        if not self.stopping and self.rank == 0:  # (a signal or --stop-after-minutes said why as it stopped)
+            print(f"{self.script}: stopped after step {summary['steps']} of {self.total} (--stop-after-steps); "
+                  "--resume continues")
         end_distributed()
         if self.stop_signal:
             raise SystemExit(128 + self.stop_signal)

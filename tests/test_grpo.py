@@ -216,7 +216,9 @@ def test_a_stop_signal_gives_up_a_rollout_or_judging_and_resume_continues_exactl
 def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, monkeypatch, capsys):
     full = grpo.main(grpo_args(toy_paths, tmp_path / "full", policy=policy))
     assert full["steps"] == 3 and "heldout_end" in full
+    capsys.readouterr()
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--stop-after-steps", "1", policy=policy))
+    assert "grpo.py: stopped after step 1 of 3 (--stop-after-steps); --resume continues" in capsys.readouterr().out
     grpo.main(grpo_args(toy_paths, tmp_path / "cut", "--resume", policy=policy))
     # --stop-after-minutes 2 on a clock that moves 20 s a reading (the run's start, the steps' start, each step's end, each
     # save's start and end): after step 1, 40 s in, another 20 s step ends at 60 s, and no save is measured yet; step 1
@@ -227,7 +229,9 @@ def test_resume_reproduces_an_uninterrupted_run(toy_paths, tmp_path, policy, mon
     readings = iter(range(20, 10**4, 20))
     monkeypatch.setattr(rundir, "clock", lambda: next(readings))
     assert grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--stop-after-minutes", "2", policy=policy))["steps"] == 2
-    assert "stopping after step 2 (1.7 minutes, --stop-after-minutes 2); --resume continues" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the stop said once, why and where
+    assert "stopping after step 2 (1.7 minutes, --stop-after-minutes 2); --resume continues" in out
+    assert "(--stop-after-steps)" not in out
     grpo.main(grpo_args(toy_paths, tmp_path / "timed", "--resume", policy=policy))  # saved at step 2 (--save-every 20)
     a = checkpoint.load_model(str(tmp_path / "full" / "model"))
     for cut in ("cut", "timed"):
