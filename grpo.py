@@ -144,6 +144,8 @@ def parse_args(argv=None):
         ap.error(f"--n {args.n}: GRPO needs a group of at least 2 samples per prompt to compute advantages")
     if not args.rollout_is_cap >= 1:  # `not`: NaN too
         ap.error(f"--rollout-is-cap must be >= 1 (a weight below 1 everywhere only shrinks the step), got {args.rollout_is_cap}")
+    if args.eval_every and not args.eval_data:
+        ap.error(f"--eval-every {args.eval_every} judges --eval-data every {args.eval_every} steps: give --eval-data")
     if args.log_rollouts > args.rollout_prompts:
         ap.error(f"--log-rollouts {args.log_rollouts}: a step has only --rollout-prompts {args.rollout_prompts} groups")
     if args.rollout_prompts % args.minibatch_prompts:

@@ -519,6 +519,7 @@ def test_the_users_format_flag_wins_in_toy_mode(tmp_path):
     ("grpo", ("--lr", "nan"), "--lr must be > 0"),
     ("grpo", ("--kv-cache-frac", "5"), "--kv-cache-frac is a fraction, at most 1"),
     ("sft", ("--eval-limit", "0", "--val-data", "v.jsonl", "--stop-at-accuracy", "50"), "--eval-limit above 0"),
+    ("grpo", ("--eval-every", "2"), "--eval-every 2 judges --eval-data every 2 steps: give --eval-data"),
     ("sft", ("--resume", "--overwrite"), "--resume continues the run in --out and --overwrite starts over there"),
     ("grpo", ("--resume", "auto", "--overwrite"), "give one of them"),
     ("grpo", ("--save-model-every", "-2"), "--save-model-every must be >= 0"),
