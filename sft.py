@@ -145,10 +145,10 @@ def pack_batch(rows, pad_id, device, dtype):
 
 def encode_sft_rows(path, tokenizer, max_len, truncate, family=None):
     """-> list of (ids, loss_mask), the number dropped for length, and the reader's counts with "truncated" (the rows
-    cut to max_len, with truncate). loss_mask is 1 on
-    the assistant span (the answer's tokens and the end-of-turn token), 0 on the prompt. With a family, RM-R1
-    rows must hold its judge prompts. Both are arrays (array('i'), array('b')), as every rank holds every row for the
-    run: 5 bytes a token, where lists took 42 (measured: the toy's traces in the Qwen2.5 tokenizer)."""
+    cut to max_len, with truncate). loss_mask is 1 on the assistant span (the answer's tokens and the end-of-turn
+    token), 0 on the prompt. With a family, RM-R1 rows must hold its judge prompts. Both are arrays (array('i'),
+    array('b')), as every rank holds every row for the run: 5 bytes a token, where lists took 42 (measured: the toy's
+    traces in the Qwen2.5 tokenizer)."""
     out, dropped, truncated = [], 0, 0
     rows, counts = read_sft_rows(path, family)
     if tokenizer.end_of_turn_id is None:
