@@ -179,15 +179,18 @@ def _decode_batch1(ours, hf, device, bw_peak, smoke, backend, page_size=0):
     compiled = e.generate(prompt.tolist(), n_new, temperature=0)[0]
     eager = generate(ours, prompt.tolist(), n_new, temperature=0)[0]  # (a dense cache, of its own)
     agree = next((i for i, (x, y) in enumerate(zip(compiled, eager)) if x != y), len(eager))
-    # the bytes a step must read: every weight once, but of an untied embedding table only a row (the KV cache read,
-    # at most 384 positions here, is left out: 22 MB a step at 7B against 14 GB of weights)
-    emb = ours.model.embed_tokens.weight
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters() if p is not emb or ours.config.tie_word_embeddings)
-    frac = f", {weight_bytes * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
+    # the KV cache read (at most 384 positions here) is left out: 22 MB a step at 7B against 14 GB of weights
+    frac = f", {_step_weight_bytes(ours) * n_new / t_ours / bw_peak:.0%} of HBM bandwidth" if bw_peak else ""
     skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
     versus = " tok/s" if hf is None else f" vs {n_new / t_hf:.0f} tok/s: {t_hf / t_ours:.1f}x"
     return (f"{n_new / t_ours:.0f}{versus}{frac}; cudagraph skips {skips}; "
             f"compile {compile_s:.0f} s ({graphs} graphs, {shapes} shapes); compiled = eager greedy for the first {agree} of {n_new} tokens")
+
+
+def _step_weight_bytes(m):
+    """The weight bytes a decode step reads: every weight once, but of an untied embedding table only a row."""
+    emb = m.model.embed_tokens.weight
+    return sum(p.numel() * p.element_size() for p in m.parameters() if p is not emb or m.config.tie_word_embeddings)
 
 
 def _random_7b(device, smoke):
@@ -225,8 +228,7 @@ def _slots_7b(device, bw_peak, smoke, backend, page):
     need = [-(-(L + 2 * steps + 1) // page) for L in lengths]  # pages each slot holds by the last timed step
     fill = max(k for k in range(len(lengths) + 1) if sum(need[:k]) <= pool - 1)  # (page 0 is never handed out)
     dense = slots_that_fit(budget, cfg, max_len, dtype, 7)
-    emb = m.model.embed_tokens.weight  # a step reads one row of an untied table (as in _decode_batch1)
-    weights = sum(p.numel() * p.element_size() for p in m.parameters() if p is not emb or cfg.tie_word_embeddings)
+    weights = _step_weight_bytes(m)
     res, rates = [], []
     for name, slots, size in (("paged", fill, page), ("paged", dense, page), ("dense", dense, 0)):  # pool reused
         e = Sampler(m, slots, max_len, compile=True, backend=backend, page_size=size, pages=pool if size else None)
