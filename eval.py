@@ -13,7 +13,7 @@ that need no model: `longer`, `shorter` (by the answers' character counts; a tie
 Scoring (percentages):
   rm-bench   per domain a 3x3 matrix acc[i][j] over (chosen style i, rejected style j); domain = mean of the
              9 cells; hard = strict upper triangle (j > i), normal = diagonal, easy = strict lower triangle,
-             each averaged over domains; total = mean of domains
+             each averaged over domains; total = mean of the domains found (chat, math, code, safety)
   judgebench knowledge (mmlu-pro), reasoning, math, coding, overall
   rmb        pairwise_helpfulness / _harmlessness (pair accuracy), bon_helpfulness / _harmlessness (best-of-N:
              an item is right only if the judge prefers the best answer to every loser), pairwise_mean, bon_mean,
@@ -24,7 +24,8 @@ Scoring (percentages):
 Empty or whitespace-only answers are judged as given (and counted); a path with nothing to judge is an error.
 Outputs: DIR/outputs.jsonl (one row per judged prompt, written as its judgement finishes; a rerun resumes from it, on any
 number of ranks), DIR/scores.json, a table that shows RM-R1's published scores of the judge's size (7B, 14B or 32B,
-the nearest; 7B for a baseline) beside the matching number, and the tokens generated per second.
+the nearest; 7B for a baseline) beside the matching number where it covers the same (not after --limit, nor for an
+RM-Bench total without all four domains), and the tokens generated per second.
 Under torchrun the prompts are split across ranks and rank 0 merges the results. With --tp T, groups of T consecutive
 ranks judge together over one tensor-parallel copy of the judge (decode_model.py), each rank holding 1/T of its blocks
 and KV cache: for a judge too large to leave one GPU room for its cache. A group judges one share of the prompts, and
@@ -224,6 +225,7 @@ PUBLISHED = {7: {"RM-R1-Qwen2.5-Instruct-7B": {"rewardbench": 85.2, "total": 70.
              32: {"RM-R1-Qwen2.5-Instruct-32B": {"rewardbench": 91.4, "total": 79.1, "rmb": 73.0},
                   "RM-R1-DeepSeek-Distilled-Qwen-32B": {"rewardbench": 90.9, "total": 83.9, "rmb": 69.8}}}
 PUBLISHED_KEYS = {"pairs": "rewardbench", "rm-bench": "total", "rmb": "rmb"}
+RM_BENCH_DOMAINS = ("chat", "math", "code", "safety")  # RM-Bench's total, the published one, is the mean of these four
 
 
 def published_size(params):
@@ -232,23 +234,32 @@ def published_size(params):
     return min(PUBLISHED, key=lambda b: abs(math.log(max(params, 1e9) / 1e9 / b)))
 
 
-def print_table(scores, title, bench, size=7):
-    """The scores, with RM-R1's published figures of the size beside the score they are."""
-    papers = PUBLISHED[size] if bench in PUBLISHED_KEYS else {}
+def print_table(scores, title, bench, size=7, whole=True):
+    """The scores, with RM-R1's published figures of the size beside the score they are, where that score covers what
+    the published one does: the whole benchmark (whole: no --limit cut it), the published score's parts all found
+    (RMB's four, RewardBench's four sections) and, for RM-Bench, all four domains."""
+    key = PUBLISHED_KEYS.get(bench)
+    whole = whole and key in scores and (bench != "rm-bench" or all(d in scores for d in RM_BENCH_DOMAINS))
+    papers = PUBLISHED[size] if whole else {}
     print(f"\n{title}")
     print(f"  {'':<24} {'this judge':>10}" + "".join(f"  {p:>34}" for p in papers))
     for k, v in scores.items():
-        paper = "".join(f"  {figures[k]:>34.1f}" for figures in papers.values()) if k == PUBLISHED_KEYS.get(bench) else ""
+        paper = "".join(f"  {figures[k]:>34.1f}" for figures in papers.values()) if k == key else ""
         print((f"  {k:<24} {v:>10.2f}" if isinstance(v, float) else f"  {k:<24} {v:>10}") + paper)
+    if not whole and (key in scores or bench in ("rm-bench", "rmb")):  # (pairs: RewardBench's, if its subsets are named)
+        print("  (RM-R1's published scores are left out: these are over a part of the benchmark)")
 
 
 # ----------------------------------------------------------------------------- main
 
 def describe_data(bench, path, examples, counts):
-    """Say what was found: pairs with empty answers or two identical answers (judged as given) and, for RMB,
-    which sets are present."""
+    """Say what was found: pairs with empty answers or two identical answers (judged as given), RM-Bench's domains with
+    no prompts, and which of RMB's sets are present."""
     if counted := describe_counts(counts):  # pairs with an empty (or whitespace-only) answer, or two identical ones
         print(f"{path}: pairs{counted}: they are judged as given")
+    if bench == "rm-bench" and (missing := [d for d in RM_BENCH_DOMAINS if all(ex.subset != d for ex in examples)]):
+        print(f"RM-Bench {', '.join(missing)}: no prompts of {'this domain' if len(missing) == 1 else 'these domains'}; "
+              "`total` is the mean of the others, not the published total over all four")
     if bench == "rmb":
         for kind, name in (("pairwise", "Pairwise_set"), ("bon", "BoN_set")):
             n = sum(ex.meta.get("set") == kind for ex in examples)
@@ -395,6 +406,7 @@ def main(argv=None):
         model = load_for_decoding(args.judge, device, args.torch_dtype, tensor_parallel_group(args.tp, rank))  # fused on GPUs
     args.family = args.family or (default_judge_family(tokenizer) if tokenizer else "instruct")
     examples, counts = load_judge_examples(args.data, args.bench, args.family, args.seed, both_orders=args.both_orders)
+    whole = len(examples) <= (args.limit or len(examples))  # --limit cut nothing
     examples = examples[:args.limit] if args.limit else examples
     if rank == 0:
         describe_data(args.bench, args.data, examples, counts)
@@ -415,7 +427,7 @@ def main(argv=None):
     scores = score(args.bench, rows)
     write_swapped(os.path.join(args.out, "scores.json"), json.dumps(scores, indent=2))
     size = published_size(M.num_params(checkpoint.load_config(args.judge)) if model is not None else 0)
-    print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)", args.bench, size)
+    print_table(scores, f"{args.bench}: judge {args.judge} ({len(rows)} prompts)", args.bench, size, whole)
     return scores
 
 

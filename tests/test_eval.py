@@ -39,10 +39,20 @@ def test_the_table_shows_the_published_scores_of_the_judges_size(capsys):
     names = ("Qwen2.5-0.5B-Instruct", "Qwen2.5-3B", "Qwen2.5-7B", "DeepSeek-R1-Distill-Qwen-7B", "Qwen2.5-14B", "Qwen2.5-32B")
     assert [E.published_size(M.num_params(config(name))) for name in names] == [7, 7, 7, 7, 14, 32]
     assert E.published_size(0) == 7  # a baseline
-    E.print_table({"chat": 80.0, "total": 75.0}, "rm-bench", "rm-bench", 14)
-    header, chat, total = capsys.readouterr().out.strip().splitlines()[1:]
+    four = {"chat": 80.0, "math": 70.0, "code": 75.0, "safety": 75.0, "total": 75.0}
+    E.print_table(four, "rm-bench", "rm-bench", 14)
+    header, chat, *_, total = capsys.readouterr().out.strip().splitlines()[1:]
     assert header.split() == ["this", "judge", "RM-R1-Qwen2.5-Instruct-14B", "RM-R1-DeepSeek-Distilled-Qwen-14B"]
     assert chat.split() == ["chat", "80.00"] and total.split() == ["total", "75.00", "76.1", "81.5"]
+    # a total over fewer domains than the published four, or scores of a --limit's part: no published figures
+    for scores, whole in (({k: v for k, v in four.items() if k != "math"}, True), (four, False)):
+        E.print_table(scores, "rm-bench", "rm-bench", 14, whole)
+        header, *rows, note = capsys.readouterr().out.strip().splitlines()[1:]
+        assert header.split() == ["this", "judge"] and rows[-1].split() == ["total", "75.00"]
+        assert note.strip() == "(RM-R1's published scores are left out: these are over a part of the benchmark)"
+    E.print_table({"bon_helpfulness": 60.0}, "rmb", "rmb", 7)  # RMB without its pairwise set: no `rmb`
+    header, row, note = capsys.readouterr().out.strip().splitlines()[1:]
+    assert header.split() == ["this", "judge"] and "left out" in note
     E.print_table({"overall": 50.0}, "judgebench", "judgebench", 32)  # RM-R1 published no JudgeBench score
     lines = capsys.readouterr().out.strip().splitlines()[1:]
     assert [line.split() for line in lines] == [["this", "judge"], ["overall", "50.00"]]
@@ -100,9 +110,12 @@ def test_both_orders_judges_each_pair_in_both_placements(tmp_path):
     assert s["overall"] == 50.0  # p1 right in both placements, p2 wrong in both
 
 
-def test_longer_baseline_on_real_rm_bench_matches_independent_computation(tmp_path):
+def test_longer_baseline_on_real_rm_bench_matches_independent_computation(tmp_path, capsys):
     need_shared()
     scores = E.main(["--judge", "longer", "--bench", "rm-bench", "--data", os.path.join(DATA, "rm-bench"), "--out", str(tmp_path)])
+    out = capsys.readouterr().out  # ../shared has no math file: said, and the published total is not set beside this one
+    assert "RM-Bench math: no prompts of this domain; `total` is the mean of the others" in out
+    assert "70.2" not in out and "left out" in out
     # independent: straight from the JSON, "longer wins" per (i, j) cell, no judge prompts involved
     per_domain = {}
     for f in sorted(os.listdir(os.path.join(DATA, "rm-bench"))):
