@@ -87,12 +87,11 @@ def judge_examples(engine, tokenizer, examples, prompt_ids, max_new_tokens, on_r
         on_finish=finished) is not None
 
 
-def load_heldout(path, fmt, tokenizer, limit, seed, family=None):
+def load_heldout(path, fmt, tokenizer, limit, seed, family=None, max_prompt_len=10**9):
     """The first `limit` pairs of a file in a judge format (data.FORMATS) as judge prompts of `family` (default: the
-    tokenizer's template's) -> (examples, prompt ids)."""
+    tokenizer's template's) -> (examples, prompt ids, how many were dropped as longer than max_prompt_len)."""
     examples = load_judge_examples(path, fmt, family or default_judge_family(tokenizer), seed)[0][:limit]
-    examples, ids, _ = tokenize_prompts(examples, tokenizer, 10**9)
-    return examples, ids
+    return tokenize_prompts(examples, tokenizer, max_prompt_len)
 
 
 def heldout_accuracy(engine, tokenizer, examples, prompt_ids, max_new_tokens, rank=0, world=1, seed=0, stop_when=None):

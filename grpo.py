@@ -43,13 +43,14 @@ The algorithm, per step:
        dr-grpo               sum L_tok / (number of sequences * max_new_tokens)
    then grad-norm clipping and an AdamW step (constant LR as the paper; --lr-schedule cosine decays it to 0).
 
-Prompts longer than --max-prompt-len are dropped and counted. Metrics go to metrics.jsonl and the progress bar (train_mfu:
-the update's model FLOPs over its seconds and the GPUs' peak); held-out accuracy (greedy, eval.py's code path) runs every
---eval-every steps. A non-finite loss, gradient norm or KL stops the run before the optimizer step, without saving.
-Checkpoints (rundir.py): the model in the Hugging Face layout, in the starting checkpoint's dtype, and the resumable state;
---resume continues exactly. A stop signal (SIGTERM) gives up a step before its update (its rollout or log-probs: nothing
-has changed yet) and saves the last one, or lets an update end and saves its step; a held-out judging is given up.
---offload keeps the trainer's weights, gradients and AdamW's moments in host memory (training.py).
+Prompts longer than --max-prompt-len are dropped and counted (held-out ones too: they share the rollout's cache rows).
+Metrics go to metrics.jsonl and the progress bar (train_mfu: the update's model FLOPs over its seconds and the GPUs'
+peak); held-out accuracy (greedy, eval.py's code path) runs every --eval-every steps. A non-finite loss, gradient norm
+or KL stops the run before the optimizer step, without saving. Checkpoints (rundir.py): the model in the Hugging Face
+layout, in the starting checkpoint's dtype, and the resumable state; --resume continues exactly. A stop signal (SIGTERM)
+gives up a step before its update (its rollout or log-probs: nothing has changed yet) and saves the last one, or lets an
+update end and saves its step; a held-out judging is given up. --offload keeps the trainer's weights, gradients and
+AdamW's moments in host memory (training.py).
 
 Reading order: flags, maths, grpo_step's stages (rollout, score, old_and_ref_logprobs, update -> policy_update_step), main.
 """
@@ -484,6 +485,17 @@ def setup_job(args, run, rank, world, device):
     described = f"{len(examples)} prompts ({dropped} dropped as longer than {args.max_prompt_len}{describe_counts(counts)})"
     if len(examples) < args.rollout_prompts:
         raise SystemExit(f"grpo.py: {args.data}: {described}: fewer than --rollout-prompts {args.rollout_prompts}")
+    heldout = None
+    if args.eval_data and args.eval_limit:  # its prompts share the sampler's cache rows: as long as the rollout's at most
+        *heldout, too_long = load_heldout(args.eval_data, args.eval_format, tokenizer, args.eval_limit, args.seed, family,
+                                          max_prompt_len=args.max_prompt_len)
+        what = f"{len(heldout[0]) + too_long} held-out pairs (--eval-limit) in {args.eval_data}"
+        if not heldout[0]:
+            raise SystemExit(f"grpo.py: all {what} are longer than --max-prompt-len {args.max_prompt_len}")
+        if too_long and rank == 0:
+            print(f"grpo: {too_long} of the {what} dropped as longer than --max-prompt-len {args.max_prompt_len}")
+    elif args.eval_data and rank == 0:
+        print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     total = args.steps or len(examples) // args.rollout_prompts
     run.check_disk(total)
     compile = compile_wanted(args.compile, device)
@@ -492,10 +504,6 @@ def setup_job(args, run, rank, world, device):
         check_host_memory(args.model, world, frozen_bytes=(2 if args.precision == "bf16" else 4) * (args.kl > 0))
     policy, ref = load(grad_ckpt=args.grad_ckpt), load(trainable=False) if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
-    heldout = (load_heldout(args.eval_data, args.eval_format, tokenizer, args.eval_limit, args.seed, family)
-               if args.eval_data and args.eval_limit else None)
-    if args.eval_data and not args.eval_limit and rank == 0:
-        print(f"grpo: --eval-limit 0: {args.eval_data} is not judged")
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens
     engine = Sampler.for_policy(policy, device, args.gen_prompts * args.n, max_len, compile, memory_frac=args.kv_cache_frac, group=args.n,
                                 page_size=args.kv_page_size, tp_group=tensor_parallel_group(args.rollout_tp, rank))

@@ -186,7 +186,7 @@ def judge_sets(args, model, tokenizer, family, compile, rank, world, device):
     """The validation and held-out pairs (--val-data, --eval-data: the first --eval-limit of each) -> the names of those
     given ("val", "heldout"), and judge(name, stop_when=None) -> (accuracy %, unparsed) of the model's current weights
     on them, greedy, through a plain copy's sampler (eval.py's code path)."""
-    judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed, family) for k, path in
+    judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed, family)[:2] for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
         print("sft: --eval-limit 0: no validation or held-out judging")

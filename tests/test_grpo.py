@@ -401,7 +401,7 @@ def test_held_out_judging_reads_rm_r1_rows_and_benchmarks_too(toy_paths, tmp_pat
     from data import DataError, load_judge_examples, load_tokenizer, tokenize_prompts
     from eval import load_heldout
     tok = load_tokenizer(toy_paths["tokenizer"])
-    examples, ids = load_heldout(toy_paths["rl"], "rm-r1", tok, 5, 0)
+    examples, ids, _ = load_heldout(toy_paths["rl"], "rm-r1", tok, 5, 0)
     rows, row_ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 10**9)
     assert ids == row_ids[:5] and [e.label for e in examples] == [e.label for e in rows[:5]]
     with pytest.raises(DataError):
@@ -413,10 +413,31 @@ def test_held_out_judging_reads_rm_r1_rows_and_benchmarks_too(toy_paths, tmp_pat
     instruct, reasoning = (load_heldout(toy_paths["heldout"], "pairs", tok, 2, 0, family)[1] for family in ("instruct", "reasoning"))
     assert instruct == load_heldout(toy_paths["heldout"], "pairs", tok, 2, 0)[1] != reasoning  # the toy's template: instruct
     families = []
-    monkeypatch.setattr(grpo, "load_heldout", lambda *a: families.append(a[-1]) or load_heldout(*a))
+    monkeypatch.setattr(grpo, "load_heldout", lambda *a, **kw: families.append(a[-1]) or load_heldout(*a, **kw))
     grpo.main(grpo_args(toy_paths, tmp_path / "r", "--steps", "1", "--kl", "0", "--family", "reasoning", "--format", "pairs",
                         "--data", toy_paths["heldout"]))
     assert families == ["reasoning"]
+
+
+def test_held_out_prompts_past_max_prompt_len_are_dropped_and_said(toy_paths, tmp_path, monkeypatch, capsys):
+    # held-out judging shares the rollout's sampler, whose KV cache rows are as long as the longest prompt it holds: a
+    # held-out prompt longer than every training prompt would lengthen them all (fewer sequences in flight on a GPU)
+    from data import load_tokenizer
+    from eval import load_heldout
+    lengths = load_heldout(toy_paths["heldout"], "pairs", load_tokenizer(toy_paths["tokenizer"]), 8, 0)[1]
+    cap = sorted(map(len, lengths))[4]
+    rows = []
+    for_policy = grpo.Sampler.for_policy
+    monkeypatch.setattr(grpo.Sampler, "for_policy", lambda *a, **kw: rows.append(a[3]) or for_policy(*a, **kw))
+    grpo.main(grpo_args(toy_paths, tmp_path / "g", "--steps", "1", "--kl", "0", "--eval-limit", "8", "--max-prompt-len", str(cap)))
+    longer = sum(len(p) > cap for p in lengths)
+    assert 0 < longer < 8 and rows[0] <= cap + 12  # the sampler's rows: the longest kept prompt + --max-new-tokens
+    assert (f"grpo: {longer} of the 8 held-out pairs (--eval-limit) in {toy_paths['heldout']} dropped as longer than "
+            f"--max-prompt-len {cap}") in capsys.readouterr().out
+    long_pair = tmp_path / "long.jsonl"
+    long_pair.write_text(json.dumps({"id": "1", "prompt": "7 + 8 " * 500, "chosen": "15", "rejected": "16"}) + "\n")
+    with pytest.raises(SystemExit, match=r"all 1 held-out pairs \(--eval-limit\) in .*long.jsonl are longer than"):
+        grpo.main(grpo_args(toy_paths, tmp_path / "l", "--eval-data", str(long_pair), "--max-prompt-len", "600"))
 
 
 @pytest.mark.slow
