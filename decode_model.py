@@ -61,11 +61,12 @@ def load_for_decoding(path, device, dtype=None, group=None):
     return fuse_projections(model)
 
 
-def check_split(ap, flag, T, checkpoint_dir=None, dtype=None, cache_frac=0.0):
+def check_split(ap, flag, T, checkpoint_dir=None, dtype=None, cache_frac=0.0, beside=0.0, remedy=None):
     """grpo.py's --rollout-tp, eval.py's --tp, before any work: T divides the ranks and (given a checkpoint) its model's
     heads, KV heads and MLP columns, and on a GPU each rank's share of the decoding copy (in dtype; default the
-    checkpoint's) and a KV cache of cache_frac of the GPU fit in the GPU: where they do not, the run would fail with
-    the GPU out of memory after loading."""
+    checkpoint's), a KV cache of cache_frac of the GPU and `beside` bytes a parameter held beside them (sft.py's
+    judging: the training shards) fit in the GPU: where they do not, the run would fail with the GPU out of memory
+    after loading. remedy: what the refusal advises (default: a larger T)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if T < 1 or world % T:
         ap.error(f"{flag} {T} must divide the {world} ranks")
@@ -73,11 +74,12 @@ def check_split(ap, flag, T, checkpoint_dir=None, dtype=None, cache_frac=0.0):
     if not checkpoint_dir or (T == 1 and not gpu):  # nothing to check
         return
     cfg = checkpoint.load_config(checkpoint_dir)
-    share = copy_bytes(cfg, T, dtype or checkpoint.saved_dtype(cfg), flag)
-    if gpu and share + cache_frac * gpu > gpu:
+    share, held = copy_bytes(cfg, T, dtype or checkpoint.saved_dtype(cfg), flag), beside * M.num_params(cfg)
+    if gpu and share + cache_frac * gpu + held > gpu:
         ap.error(f"{checkpoint_dir}: its decoding copy takes {share / 1e9:.1f} GB a GPU split over {T} rank(s) ({flag})"
                  + (f" and its KV cache {cache_frac:g} of the GPU" if cache_frac else "")
-                 + f": more than the GPU's {gpu / 1e9:.1f} GB. Split it over more ranks with {flag}")
+                 + (f", beside {held / 1e9:.1f} GB of training state" if held else "")
+                 + f": more than the GPU's {gpu / 1e9:.1f} GB. {remedy or f'Split it over more ranks with {flag}'}")
 
 
 def copy_bytes(cfg, T, dtype, flag="--rollout-tp"):

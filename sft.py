@@ -54,6 +54,7 @@ from tqdm import tqdm
 import model as M
 import toy
 from data import FORMATS, DataError, default_judge_family, describe_counts, load_tokenizer, read_sft_rows
+from decode_model import check_split
 from eval import heldout_accuracy, load_heldout
 from rundir import RunDir, done_already, load_state, save_checkpoint, write_swapped
 from sampler import Sampler
@@ -61,6 +62,9 @@ from training import (accumulate_gradients, add_run_flags, all_reduce_sum, check
                       clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, gpu_peak_gib,
                       gpu_peaks, idle_backward, load_for_training, lr_at, make_optimizer, precision_of, setup_distributed,
                       stop_if_not_finite, stop_requested, train_flops)
+
+
+JUDGE_CACHE_FRAC = 0.25  # of each GPU's memory: the KV cache of the validation and held-out judging
 
 
 def parse_args(argv=None):
@@ -112,6 +116,12 @@ def parse_args(argv=None):
         ap.error("--stop-at-accuracy needs --val-data and an --eval-limit above 0 (the pairs judged)")
     if args.global_batch < int(os.environ.get("WORLD_SIZE", 1)):
         ap.error(f"--global-batch {args.global_batch} leaves ranks with no sequences ({os.environ['WORLD_SIZE']} ranks)")
+    if not args.toy and args.eval_limit and (args.val_data or args.eval_data):  # on a GPU: the judging's copy fits?
+        check_split(ap, "judging --val-data / --eval-data", 1, args.model,
+                    torch.float32 if args.precision == "fp32" else torch.bfloat16, JUDGE_CACHE_FRAC,
+                    beside=0 if args.offload else 16 / int(os.environ.get("WORLD_SIZE", 1)),
+                    remedy="Judge the saved model with eval.py instead (--tp splits it)"
+                    + ("" if args.offload else ", or add --offload"))
     args.tokenizer = args.tokenizer or args.model
     return args
 
@@ -185,13 +195,16 @@ def count_steps(args, n_rows):
 def judge_sets(args, model, tokenizer, family, compile, rank, world, device):
     """The validation and held-out pairs (--val-data, --eval-data: the first --eval-limit of each) -> the names of those
     given ("val", "heldout"), and judge(name, stop_when=None) -> (accuracy %, unparsed) of the model's current weights
-    on them, greedy, through a plain copy's sampler (eval.py's code path)."""
+    on them, greedy, through a plain copy's sampler (eval.py's code path). The copy (in the compute dtype) and its KV
+    cache (JUDGE_CACHE_FRAC of a GPU) stay on every rank for the whole run, beside its training shards (parse_args
+    checks they fit)."""
     judges = {k: load_heldout(path, args.eval_format, tokenizer, args.eval_limit, args.seed, family)[:2] for k, path in
               (("val", args.val_data), ("heldout", args.eval_data)) if path and args.eval_limit}
     if (args.val_data or args.eval_data) and not args.eval_limit and rank == 0:
         print("sft: --eval-limit 0: no validation or held-out judging")
     longest = max((len(p) for _, ids in judges.values() for p in ids), default=0)
-    engine = Sampler.for_policy(model, device, 128, longest + args.eval_max_new_tokens, compile, memory_frac=0.25) if judges else None
+    engine = (Sampler.for_policy(model, device, 128, longest + args.eval_max_new_tokens, compile, memory_frac=JUDGE_CACHE_FRAC)
+              if judges else None)
 
     def judge(which, stop_when=None):
         engine.load_weights(model)

@@ -943,6 +943,17 @@ def test_a_decoding_copy_the_gpu_cannot_hold_is_refused_before_any_work(tmp_path
     with pytest.raises(SystemExit):
         evaluation.main(judge + ["--dtype", "float32"])
     assert "takes 21.8 GB a GPU split over 8 rank(s) (--tp): more than the GPU's 10.9 GB" in capsys.readouterr().err
+    # sft.py's judging (--val-data, --eval-data) decodes through a whole copy, beside each rank's training shards
+    import sft
+    monkeypatch.setattr(decode_model, "gpu_memory", lambda: 80e9)
+    tune = ["--model", str(ck), "--data", "unused.jsonl", "--out", str(tmp_path / "sft"), "--eval-data", "unused.jsonl"]
+    assert sft.parse_args(tune + ["--eval-limit", "0"]).eval_limit == 0  # nothing judged: no copy
+    for offload, state in (([], "beside 65.5 GB of training state"), (["--offload"], "of the GPU: more")):
+        with pytest.raises(SystemExit):
+            sft.parse_args(tune + offload)
+        err = capsys.readouterr().err  # 16 bytes a parameter over the 8 ranks, none with --offload: 85.5 GB still
+        assert "its decoding copy takes 65.5 GB a GPU split over 1 rank(s) (judging --val-data / --eval-data)" in err
+        assert state in err and "Judge the saved model with eval.py instead (--tp splits it)" in err
 
 
 @pytest.mark.slow
