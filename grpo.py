@@ -152,8 +152,11 @@ def parse_args(argv=None):
     if args.rollout_prompts % args.minibatch_prompts:
         ap.error(f"--rollout-prompts {args.rollout_prompts} must be a multiple of --minibatch-prompts {args.minibatch_prompts}")
     world = int(os.environ.get("WORLD_SIZE", 1))
+    state = 0 if args.offload else (16 + (4 if args.precision == "fp32" else 2) * (args.kl > 0)) / world  # (+ reference)
     check_split(ap, "--rollout-tp", args.rollout_tp, None if args.toy else args.model,  # (the toy's is not written yet)
-                torch.float32 if args.precision == "fp32" else torch.bfloat16, args.kv_cache_frac)
+                torch.float32 if args.precision == "fp32" else torch.bfloat16, args.kv_cache_frac, beside=state,
+                remedy="Split it over more ranks with --rollout-tp, or lower --kv-cache-frac"
+                + ("" if args.offload else ", or add --offload (the training state to host memory)"))
     if args.minibatch_prompts % world:
         ap.error(f"--minibatch-prompts {args.minibatch_prompts} must be a multiple of the {world} ranks, so that every "
                  "rank samples as many prompts and runs as many micro-batches of every mini-batch")

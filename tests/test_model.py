@@ -931,7 +931,7 @@ def test_a_decoding_copy_the_gpu_cannot_hold_is_refused_before_any_work(tmp_path
     decode_model.check_split(ap, "--rollout-tp", 8, str(ck), torch.bfloat16, 0.25)  # fits
     # grpo.py checks the copy in its compute dtype (bf16; fp32 under --precision fp32), eval.py its --dtype
     monkeypatch.setattr(decode_model, "gpu_memory", lambda: share(8) / 0.75 + 1)  # holds the bf16 share and its cache
-    base = ["--model", str(ck), "--data", "unused.jsonl", "--out", str(tmp_path / "run"), "--rollout-tp", "8"]
+    base = ["--model", str(ck), "--data", "unused.jsonl", "--out", str(tmp_path / "run"), "--rollout-tp", "8", "--offload"]
     assert grpo.parse_args(base).rollout_tp == 8
     with pytest.raises(SystemExit):
         grpo.parse_args(base + ["--precision", "fp32"])
@@ -943,6 +943,20 @@ def test_a_decoding_copy_the_gpu_cannot_hold_is_refused_before_any_work(tmp_path
     with pytest.raises(SystemExit):
         evaluation.main(judge + ["--dtype", "float32"])
     assert "takes 21.8 GB a GPU split over 8 rank(s) (--tp): more than the GPU's 10.9 GB" in capsys.readouterr().err
+    # grpo.py counts the rank's training shards too, where they stay on the GPU (no --offload): 14B over 8 ranks,
+    # 16 bytes a parameter and 2 for the bf16 reference (--kl > 0), 33.2 GB beside the copy and cache
+    ck14 = tmp_path / "14b"
+    ck14.mkdir()
+    with open(os.path.join(DATA, "configs", "Qwen2.5-14B.config.json")) as f:
+        (ck14 / "config.json").write_text(f.read())
+    monkeypatch.setattr(decode_model, "gpu_memory", lambda: 80e9)
+    big = ["--model", str(ck14), "--data", "unused.jsonl", "--out", str(tmp_path / "run14")]
+    with pytest.raises(SystemExit):
+        grpo.parse_args(big)
+    err = capsys.readouterr().err
+    assert ("its decoding copy takes 29.5 GB a GPU split over 1 rank(s) (--rollout-tp) and its KV cache 0.25 of the GPU, "
+            "beside 33.2 GB of training state: more than the GPU's 80.0 GB") in err and "add --offload" in err
+    assert grpo.parse_args(big + ["--offload"]).offload and grpo.parse_args(big + ["--kv-cache-frac", "0.15"])
     # sft.py's judging (--val-data, --eval-data) decodes through a whole copy, beside each rank's training shards
     import sft
     monkeypatch.setattr(decode_model, "gpu_memory", lambda: 80e9)
