@@ -24,10 +24,9 @@ Readers (each reports bad rows as file:line: field: problem):
   rm-r1   RM-R1 RL/distillation rows: context_messages (the rendered judge messages) + winner
           (model_a / model_b for RL; the teacher trace for distillation)
   pairs   generic JSONL: id, prompt (string) or messages (list), chosen, rejected, optional subset
-  rm-bench  RM-Bench JSON (3 chosen x 3 rejected styles: all 9 pairings), domain from the file name
+  rm-bench  RM-Bench JSON (3 chosen x 3 rejected styles: all 9 pairings), domain from the row or the file name
   judgebench  JudgeBench JSONL (label A>B / B>A), category from the source
-  rmb     RMB pairwise and best-of-N JSON (optionally .gz; a file, a directory or the upstream layout),
-          helpfulness / harmlessness
+  rmb     RMB pairwise and best-of-N JSON (.gz too; a file, a directory or the upstream layout), helpfulness / harmlessness
 Answers are taken as given: an empty or whitespace-only answer is judged (a legitimate bad answer), counted;
 GRPO drops such pairs and counts them. Structurally broken rows are errors naming file, row and field.
 """
@@ -246,6 +245,9 @@ class Pair:
     subset: str = ""
     meta: dict = field(default_factory=dict)
 
+    def has_empty_answer(self) -> bool:  # empty or whitespace-only: judged as given (a bad answer), dropped by GRPO
+        return not self.chosen.strip() or not self.rejected.strip()
+
 
 @dataclass
 class JudgeExample:
@@ -372,10 +374,6 @@ def answer(row, key, where):
     return need(row, key, where, nonempty=False)
 
 
-def has_empty_answer(pair) -> bool:
-    return not pair.chosen.strip() or not pair.rejected.strip()
-
-
 def check_messages(msgs, where, key="messages"):
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
@@ -401,18 +399,20 @@ def read_pairs(path):
 
 
 def read_rm_bench(path):
-    """RM-Bench: every item gives 9 pairs (chosen style i, rejected style j), meta i/j for the 3x3 matrix."""
+    """RM-Bench: each item gives 9 pairs (chosen style i, rejected style j; meta i/j for the 3x3 matrix), of its field
+    'domain' or else its file's domain. A directory's total_dataset.json is left out beside the domain files it repeats."""
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json")) if os.path.isdir(path) else [path]
+    files = [f for f in files if len(files) == 1 or os.path.basename(f) != "total_dataset.json"]
     if not files:
         raise DataError(f"{path}: no RM-Bench files (*.json) in this directory")
     out = []
     for file in files:
-        name = os.path.basename(file).replace("_filtered.json", "").replace(".json", "")
-        domain = "safety" if name.startswith("safety") else name
-        if domain not in ("chat", "math", "code", "safety"):
-            raise DataError(f"{file}: cannot tell the RM-Bench domain from the file name (chat/math/code/safety-*)")
         for n, row in enumerate(read_json(file), 1):
             where = f"{file}: row {n}"
+            name = row.get("domain") or os.path.basename(file).replace("_filtered.json", "").replace(".json", "")
+            domain = "safety" if str(name).startswith("safety") else name
+            if domain not in ("chat", "math", "code", "safety"):
+                raise DataError(f"{where}: RM-Bench domain {name!r} (field 'domain', else the file's) is not chat/math/code/safety-*")
             chosen, rejected = need(row, "chosen", where, list), need(row, "rejected", where, list)
             if len(chosen) != 3 or len(rejected) != 3:
                 raise DataError(f"{where}: fields 'chosen'/'rejected' must hold 3 styled answers each")
@@ -571,9 +571,9 @@ def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, bo
     if not pairs:
         raise DataError(f"{path}: no {fmt} rows found")
     refuse_duplicate_ids(path, [p.id for p in pairs])
-    counts = {"empty": sum(map(has_empty_answer, pairs)), "identical": sum(p.chosen == p.rejected for p in pairs)}
+    counts = {"empty": sum(p.has_empty_answer() for p in pairs), "identical": sum(p.chosen == p.rejected for p in pairs)}
     if training:
-        pairs = [p for p in pairs if p.chosen != p.rejected and not has_empty_answer(p)]
+        pairs = [p for p in pairs if p.chosen != p.rejected and not p.has_empty_answer()]
     if not pairs:
         raise DataError(f"{path}: no pairs left to judge ({counts})")
     labels = "AB" if both_orders else [None]  # None: the seeded placement

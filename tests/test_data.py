@@ -222,6 +222,25 @@ def test_readers_on_real_files():
     assert any(len(p.context) > 1 for p in rmb)  # multi-turn conversations exist and are kept
 
 
+def test_rm_bench_upstream_layout_and_the_total_file(tmp_path):
+    # upstream's data/ holds the five domain files and total_dataset.json, the same items again with a field 'domain'
+    # (as RM-Bench's documented item format has): the domain files alone, or the total file alone, give the same pairs
+    item = lambda i: {"id": i, "prompt": f"q{i}", "chosen": [f"c{i}{k}" for k in range(3)], "rejected": [f"r{i}{k}" for k in range(3)]}
+    files = {"chat_filtered.json": [item(0), item(1)], "safety-refuse_filtered.json": [item(2)]}
+    total = [dict(item(0), domain="chat"), dict(item(1), domain="chat"), dict(item(2), domain="safety-refuse")]
+    (tmp_path / "data").mkdir()
+    for name, rows in files.items():
+        write(tmp_path / "data", name, json.dumps(rows))
+    by_domain = D.read_rm_bench(str(tmp_path / "data"))
+    write(tmp_path / "data", "total_dataset.json", json.dumps(total))
+    assert D.read_rm_bench(str(tmp_path / "data")) == by_domain  # beside the domain files it repeats: left out
+    alone = D.read_rm_bench(write(tmp_path, "rm-bench.json", json.dumps(total)))  # any name: the items say their domain
+    assert alone == by_domain and len(alone) == 27 and [p.subset for p in alone[::9]] == ["chat", "chat", "safety"]
+    assert {p.id for p in alone} >= {"0:chat:01", "2:safety-refuse:22"}  # ids, so placements, as the domain files'
+    with pytest.raises(D.DataError, match=r"bad.json: row 2: RM-Bench domain 'poetry' \(field 'domain', else the file's\)"):
+        D.read_rm_bench(write(tmp_path, "bad.json", json.dumps([total[0], dict(item(3), domain="poetry")])))
+
+
 def write(tmp_path, name, text):
     p = tmp_path / name
     p.write_text(text)
