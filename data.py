@@ -449,11 +449,11 @@ def read_judgebench(path):
 
 
 def read_rmb(path):
-    """RMB: a file, a directory of files, or the upstream layout (a directory holding RMB_dataset/Pairwise_set
-    and/or RMB_dataset/BoN_set), .json or .json.gz, searched recursively with links followed. A pairwise row
-    gives one pair (meta set=pairwise); a best-of-N row ({bon_uid, bon_best, loser_list}) gives one pair per
-    loser (meta set=bon, item=bon_uid): the item counts only if the judge prefers bon_best to every loser.
-    Blank answers are benchmark data (RMB S5 has two whitespace-only rejected answers): judged as given."""
+    """RMB: a file, a directory of files, or upstream's repository (its RMB_dataset/, holding Pairwise_set and/or BoN_set;
+    not its eval/result/), .json or .json.gz, searched recursively with links followed. A pairwise row gives one pair
+    (meta set=pairwise); a best-of-N row ({bon_uid, bon_best, loser_list}) one pair per loser (meta set=bon, item=bon_uid):
+    the item counts only if the judge prefers bon_best to every loser. Blank answers are judged as given (RMB S5 has two)."""
+    path = os.path.join(path, "RMB_dataset") if os.path.isdir(os.path.join(path, "RMB_dataset")) else path
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True) for f in fs if f.endswith((".json", ".json.gz")))
     if not files:

@@ -255,11 +255,16 @@ def test_eval_resumes_on_another_number_of_ranks(tmp_path):
 
 
 def rmb_layout(tmp_path):
-    """The upstream layout, RMB_dataset/{Pairwise_set,BoN_set}, with the two sets linked in from ../shared."""
+    """Upstream's repository: RMB_dataset/{Pairwise_set,BoN_set}, with the two sets linked in from ../shared, and
+    beside it eval/result/, a reward model's scores per pair (category_path, no conversation: not data to judge)."""
     need_shared(os.path.join(DATA, "rmb-bon"))
     os.makedirs(tmp_path / "RMB" / "RMB_dataset")
     for part, src in (("Pairwise_set", "rmb"), ("BoN_set", "rmb-bon")):
         os.symlink(os.path.join(DATA, src, "RMB_dataset", part), tmp_path / "RMB" / "RMB_dataset" / part)
+    os.makedirs(tmp_path / "RMB" / "eval" / "result")
+    (tmp_path / "RMB" / "eval" / "result" / "ArmoRM-Llama3-8B-v0.1_result.json").write_text(json.dumps([{
+        "pair_uid": "9218", "category_path": "Pairwise_set/Helpfulness/Brainstorming/Idea Development",
+        "chosen_reward": 0.18, "reject_reward": 0.17, "is_correct": 1}]))
     return str(tmp_path / "RMB")
 
 
@@ -274,7 +279,7 @@ def test_rmb_longer_baseline_reports_four_parts_equal_to_an_independent_computat
     assert f"{scores['rmb']:.2f}" in rmb_line and "66.4" in rmb_line and "55.1" in rmb_line  # the paper's RMB beside
     # independent: read the raw files, `longer` is right when the preferred answer has more characters
     right = defaultdict(list)
-    for d, _, files in os.walk(layout, followlinks=True):
+    for d, _, files in os.walk(os.path.join(layout, "RMB_dataset"), followlinks=True):
         for f in files:
             for item in json.load(gzip.open(os.path.join(d, f), "rt")):
                 part = "helpfulness" if "Helpfulness" in item["category_path"] else "harmlessness"
