@@ -959,7 +959,6 @@ def test_a_decoding_copy_the_gpu_cannot_hold_is_refused_before_any_work(tmp_path
     assert grpo.parse_args(big + ["--offload"]).offload and grpo.parse_args(big + ["--kv-cache-frac", "0.15"])
     # sft.py's judging (--val-data, --eval-data) decodes through a whole copy, beside each rank's training shards
     import sft
-    monkeypatch.setattr(decode_model, "gpu_memory", lambda: 80e9)
     tune = ["--model", str(ck), "--data", "unused.jsonl", "--out", str(tmp_path / "sft"), "--eval-data", "unused.jsonl"]
     assert sft.parse_args(tune + ["--eval-limit", "0"]).eval_limit == 0  # nothing judged: no copy
     for offload, state in (([], "beside 65.5 GB of training state"), (["--offload"], "of the GPU: more")):
