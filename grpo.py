@@ -76,7 +76,8 @@ from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_gather_arrays, all_reduce_max, all_reduce_sum, check_flags,
                       check_host_memory, check_vocab, cli, clip_grad_norm, compile_wanted, end_distributed, epoch_batch,
                       fit_recompute, gpu_peak_gib, gpu_peaks, load_for_training, lr_at, make_optimizer, micro_batch_plan,
-                      precision_of, setup_distributed, stop_if_not_finite, stop_requested, train_balance, train_flops)
+                      precision_of, setup_distributed, state_shard_bytes, stop_if_not_finite, stop_requested, train_balance,
+                      train_flops)
 
 
 def parse_args(argv=None):
@@ -152,7 +153,7 @@ def parse_args(argv=None):
     if args.rollout_prompts % args.minibatch_prompts:
         ap.error(f"--rollout-prompts {args.rollout_prompts} must be a multiple of --minibatch-prompts {args.minibatch_prompts}")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    state = 0 if args.offload else (16 + (4 if args.precision == "fp32" else 2) * (args.kl > 0)) / world  # (+ reference)
+    state = 0 if args.offload else state_shard_bytes(world, reference_bytes(args))  # on the GPU, beside the copy
     check_split(ap, "--rollout-tp", args.rollout_tp, None if args.toy else args.model,  # (the toy's is not written yet)
                 torch.float32 if args.precision == "fp32" else torch.bfloat16, args.kv_cache_frac, beside=state,
                 remedy="Split it over more ranks with --rollout-tp, or lower --kv-cache-frac"
@@ -163,6 +164,10 @@ def parse_args(argv=None):
     args.tokenizer = args.tokenizer or args.model
     args.clip_high = args.clip if args.clip_high is None else args.clip_high
     return args
+
+
+def reference_bytes(args):  # a parameter of the frozen reference (--kl > 0): in the compute dtype, bf16 on GPUs
+    return (4 if args.precision == "fp32" else 2) * (args.kl > 0)
 
 
 # ----------------------------------------------------------------------------- the math (tested by hand)
@@ -504,7 +509,7 @@ def setup_job(args, run, rank, world, device):
     compile = compile_wanted(args.compile, device)
     load = lambda **kw: load_for_training(args.model, world, device, compile=compile, precision=args.precision, offload=args.offload, **kw)
     if args.offload:
-        check_host_memory(args.model, world, frozen_bytes=(2 if args.precision == "bf16" else 4) * (args.kl > 0))
+        check_host_memory(args.model, world, frozen_bytes=reference_bytes(args))
     policy, ref = load(grad_ckpt=args.grad_ckpt), load(trainable=False) if args.kl > 0 else None
     optimizer = make_optimizer(policy, args.lr, (0.9, 0.999), args.weight_decay)
     max_len = max(map(len, prompt_ids + (heldout[1] if heldout else []))) + args.max_new_tokens

@@ -61,7 +61,7 @@ from sampler import Sampler
 from training import (accumulate_gradients, add_run_flags, all_reduce_sum, check_flags, check_host_memory, check_vocab, cli,
                       clip_grad_norm, compile_wanted, end_distributed, epoch_batch, fit_recompute, gpu_peak_gib,
                       gpu_peaks, idle_backward, load_for_training, lr_at, make_optimizer, precision_of, setup_distributed,
-                      stop_if_not_finite, stop_requested, train_flops)
+                      state_shard_bytes, stop_if_not_finite, stop_requested, train_flops)
 
 
 JUDGE_CACHE_FRAC = 0.25  # of each GPU's memory: the KV cache of the validation and held-out judging
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     if not args.toy and args.eval_limit and (args.val_data or args.eval_data):  # on a GPU: the judging's copy fits?
         check_split(ap, "judging --val-data / --eval-data", 1, args.model,
                     torch.float32 if args.precision == "fp32" else torch.bfloat16, JUDGE_CACHE_FRAC,
-                    beside=0 if args.offload else 16 / int(os.environ.get("WORLD_SIZE", 1)),
+                    beside=0 if args.offload else state_shard_bytes(int(os.environ.get("WORLD_SIZE", 1))),
                     remedy="Judge the saved model with eval.py instead (--tp splits it)"
                     + ("" if args.offload else ", or add --offload"))
     args.tokenizer = args.tokenizer or args.model

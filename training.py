@@ -182,6 +182,13 @@ def host_memory_available():  # bytes the kernel can hand out without swapping (
         return None
 
 
+def state_shard_bytes(world, frozen_bytes=0):
+    """Bytes a parameter of one rank's training state: its shard of the fp32 weights, gradients and AdamW's two moments
+    (16 bytes) and of a frozen reference (frozen_bytes: 2 in bf16) over the world's ranks. Held on the GPU, or in host
+    memory with --offload (check_host_memory)."""
+    return (16 + frozen_bytes) / world
+
+
 def check_host_memory(path, world, frozen_bytes=0):
     """--offload, before loading: this host's ranks keep their shards of the fp32 weights, gradients and AdamW's two
     moments in its memory (16 bytes a parameter over all ranks), and of a frozen reference (frozen_bytes a parameter:
@@ -189,7 +196,7 @@ def check_host_memory(path, world, frozen_bytes=0):
     killer ending a rank without a message): it is refused now. The processes' own memory is not counted."""
     params = M.num_params(checkpoint.load_config(path))
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    need, available = (16 + frozen_bytes) * params / world * ranks_here, host_memory_available()
+    need, available = state_shard_bytes(world, frozen_bytes) * params * ranks_here, host_memory_available()
     if available is not None and need > available:
         raise SystemExit(f"--offload: the {ranks_here} rank(s) on this host need {need / 1e9:.1f} GB of host memory for "
                          f"their shards of {params / 1e9:.2f}B parameters ({16 + frozen_bytes} bytes each over {world} "
