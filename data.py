@@ -187,8 +187,7 @@ class ChatTokenizer:
         return self.tok.decode_batch(list(seqs), skip_special_tokens=False)
 
     def apply_chat_template(self, messages, add_generation_prompt=True, enable_thinking=None):
-        """enable_thinking (Qwen3 only, as its template): None or True lets the judge think first; False
-        closes an empty <think></think> block in the generation prompt."""
+        """enable_thinking (Qwen3's switch): None or True lets the judge think; False closes an empty <think></think>."""
         check_messages(messages, "apply_chat_template")
         if self.family == "qwen3":
             return qwen3_chat(messages, add_generation_prompt, enable_thinking)
@@ -297,8 +296,7 @@ def check_prompt_family(msgs, family, where):
 
 
 def placement(pair_id, seed) -> str:
-    """Seeded A/B coin per pair id: independent of order, ranks and resumption (the reference's eval
-    shuffle is unseeded)."""
+    """Seeded A/B coin per pair id: independent of order, ranks and resumption (the reference's eval shuffle is unseeded)."""
     return "A" if random.Random(f"{seed}:{pair_id}").random() < 0.5 else "B"
 
 
@@ -310,10 +308,10 @@ def make_judge_example(pair: Pair, family="instruct", seed=0, label=None) -> Jud
 
 
 def tokenize_prompts(examples, tokenizer, max_prompt_len):
-    """Render + encode judge prompts; prompts longer than max_prompt_len are dropped and counted (as the
-    reference's filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count), held small, as
-    grpo.py holds all its data on every rank: ids as array('i'), 4 bytes a token where a list takes about 34, and the
-    examples without their messages (the ids are the prompt; as text, another 6 bytes a token)."""
+    """Render + encode judge prompts; prompts longer than max_prompt_len are dropped and counted (as the reference's
+    filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count), held small, as grpo.py holds
+    all its data on every rank: ids as array('i'), 4 bytes a token where a list takes about 34, and the examples without
+    their messages (the ids are the prompt; as text, another 6 bytes a token)."""
     ids = []
     for s in range(0, len(examples), 1024):  # rendered and encoded a chunk at a time
         texts = [tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True) for ex in examples[s:s + 1024]]
@@ -326,6 +324,9 @@ def tokenize_prompts(examples, tokenizer, max_prompt_len):
 
 def read_jsonl(path):
     """Yield (line number, row dict); malformed lines are a DataError naming file and line."""
+    if os.path.isdir(path):  # e.g. JudgeBench's data/: one file per response model, which are not one benchmark
+        files = sorted(f for f in os.listdir(path) if f.endswith((".jsonl", ".jsonl.gz")))
+        raise DataError(f"{path}: a directory; give one of its JSONL files ({', '.join(files[:4]) or 'it has none'})")
     with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -509,11 +510,10 @@ def rm_r1_row(row, where, counts):
 
 
 def read_sft_rows(path, family=None):
-    """SFT data: RM-R1 distillation rows (context_messages + winner = the trace) or chat rows (messages
-    ending with the assistant turn to learn) -> (message lists ending with the assistant turn, counts).
-    RM-R1 RL rows (winner model_a/model_b) have no trace: counted in counts["rl"] and skipped; a file of
-    nothing else is refused as the other stage's data. counts["typo_fixed"]: see rm_r1_row. With a judge family,
-    a distillation row rendered in the other family's prompt is an error (check_prompt_family)."""
+    """SFT data: RM-R1 distillation rows (context_messages + winner = the trace) or chat rows (messages ending with the
+    assistant turn to learn) -> (message lists ending with that turn, counts). RM-R1 RL rows (winner model_a/model_b)
+    have no trace: counted in counts["rl"], skipped; a file of nothing else is refused as the other stage's data.
+    counts["typo_fixed"]: see rm_r1_row. With a judge family, a row in the other's prompt is an error (check_prompt_family)."""
     out, counts = [], Counter()
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"

@@ -265,6 +265,9 @@ def test_judgebench_and_rm_r1_readers_errors(tmp_path):
     row = {"pair_id": "p", "source": "livecodebench", "question": "q", "response_A": "a", "response_B": "b", "label": "A=B"}
     with pytest.raises(D.DataError, match=r"jb.jsonl:1: field 'label' must be 'A>B' or 'B>A'"):
         D.read_judgebench(write(tmp_path, "jb.jsonl", json.dumps(row) + "\n"))
+    write(tmp_path, "jb2.jsonl.gz", "")
+    with pytest.raises(D.DataError, match=r": a directory; give one of its JSONL files \(jb.jsonl, jb2.jsonl.gz\)"):
+        D.read_judgebench(str(tmp_path))  # upstream's data/ holds one file per response model: not one benchmark
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     path = write(tmp_path, "rl.jsonl", json.dumps({"context_messages": msgs, "winner": "model_b"}) + "\n"
                  + json.dumps({"context_messages": msgs, "winner": "<type>Chat</type> ... <answer>[[A]]</answer>"}) + "\n")

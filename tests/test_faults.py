@@ -684,7 +684,7 @@ def test_system_errors_are_one_line_naming_the_path(toy_paths, tmp_path, monkeyp
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit, match="--out .*afile is a file, not a directory"):
         sft.main(sft_args(toy_paths, tmp_path / "afile"))
-    with pytest.raises(SystemExit, match=r"error: \[Errno 21\] Is a directory: .*'"):  # a directory as --data
+    with pytest.raises(SystemExit, match=r"error: .*0: a directory; give one of its JSONL files \(it has none\)"):  # as --data
         training.cli(lambda: sft.main(sft_args(toy_paths, tmp_path / "out1", "--data", str(tmp_path))))
     read_only = lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(tmp_path / "ro")))
     with monkeypatch.context() as m:  # a read-only --out (root ignores file modes, so the OS's refusal is simulated)
