@@ -531,7 +531,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.toy, args.precision, args.offload, args.dist_timeout)
     args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
-        toy.setup(args.seed)
+        toy.setup(args.seed, rank)
         toy.run_sft_first(args.model, args.seed, rank, args.precision)
     run = RunDir(args.out, args, rank, "grpo.py", device)
     if (finished := run.start(args.resume, args.overwrite)) is not None:

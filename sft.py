@@ -218,7 +218,7 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.toy, args.precision, args.offload, args.dist_timeout)
     args.precision = precision_of(args.precision, device)  # run.json records what ran
     if args.toy:
-        toy.setup(args.seed)
+        toy.setup(args.seed, rank)
     run = RunDir(args.out, args, rank, "sft.py", device)
     if (finished := run.start(args.resume, args.overwrite)) is not None:
         return done_already(args.out, finished, rank)

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import checkpoint
 import model as M
 from data import QWEN_DEFAULT_SYSTEM, Pair, make_judge_example
-from training import barrier
+from training import all_reduce_max, barrier
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # The Qwen2.5 template without its tool branches, written into tokenizers this project trains (this toy)
@@ -99,9 +99,11 @@ def files(out_dir=TOY_DIR):
 
 
 def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
-    """Write (once) the toy data, tokenizer and a random-init checkpoint under out_dir; return paths."""
-    paths = files(out_dir)
-    if all(os.path.exists(p) for p in paths.values()):
+    """Write (once) the toy data, tokenizer and a random-init checkpoint under out_dir; return paths. toy.json, written
+    last, records the seed they were made with: a run of another seed is refused there, as it would train on them."""
+    paths, made = files(out_dir), os.path.join(out_dir, "toy.json")
+    check_seed(out_dir, seed)
+    if os.path.exists(made) and all(os.path.exists(p) for p in paths.values()):
         return paths
     os.makedirs(out_dir, exist_ok=True)
     from data import load_tokenizer
@@ -130,7 +132,18 @@ def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
     tok = load_tokenizer(paths["tokenizer"])
     model = init_weights(M.Transformer(toy_config(tok.vocab_size)), seed=seed)
     checkpoint.save_model(model, paths["init"])
+    with open(made, "w") as f:
+        json.dump({"seed": seed}, f)
     return paths
+
+
+def check_seed(out_dir, seed):
+    """The toy's files (and the SFT checkpoint trained on them) belong to one --seed: another is refused, not mixed in."""
+    made = os.path.join(out_dir, "toy.json")
+    was = json.load(open(made)).get("seed") if os.path.exists(made) else seed
+    if was != seed:
+        raise SystemExit(f"toy: {out_dir} holds the toy task of --seed {was} (its data, tokenizer, initial weights and the "
+                         f"SFT checkpoint trained on them): delete {out_dir} for --seed {seed}'s, or run in another directory")
 
 
 def fill_defaults(args, defaults):
@@ -143,24 +156,31 @@ def fill_defaults(args, defaults):
     return toy
 
 
-def setup(seed):
-    """Write the toy's files (once) and pin two CPU threads: how float reductions are split depends on the
+def setup(seed, rank=0):
+    """Write the toy's files (once, rank 0) and pin two CPU threads: how float reductions are split depends on the
     thread count, and training amplifies rounding differences, so a fixed count makes a machine print the
     same numbers whatever its core count. Other processors run other float kernels and print other digits
     (within the README's band)."""
     torch.set_num_threads(2)
-    return prepare(TOY_DIR, seed=seed)
+    check_seed(TOY_DIR, seed)  # every rank, before any writes: a refusal ends them all
+    if rank == 0:
+        prepare(TOY_DIR, seed=seed)
+    barrier()
 
 
 def run_sft_first(model_dir, seed, rank, precision):
     """grpo.py's toy starts from the SFT checkpoint in model_dir: without one, stage 1 runs first as its own script
-    (one process, in grpo.py's --precision), as a user would run it."""
+    (one process, in grpo.py's --precision), as a user would run it, with --resume auto: an SFT run that was interrupted
+    goes on from its last save (a start with other flags is refused by sft.py, saying why)."""
+    failed = 0
     if rank == 0 and not os.path.exists(os.path.join(model_dir, "model.safetensors")):
         print("toy: no SFT checkpoint yet, running `python sft.py` first", flush=True)
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
-                        "--seed", str(seed), "--precision", precision], env=env, check=True)
-    barrier()
+        failed = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
+                                 "--seed", str(seed), "--precision", precision, "--resume", "auto"], env=env).returncode
+    if all_reduce_max([float(failed != 0)], torch.device("cpu"))[0]:  # every rank ends, not only rank 0
+        raise SystemExit(f"toy: `python sft.py` ended with exit status {failed} (its error is above); it runs in "
+                         f"{os.path.dirname(model_dir)}: delete that to start the toy's SFT over" if rank == 0 else 1)
 
 
 def grid(seeds, conditions, out_dir="runs/grid"):

@@ -17,6 +17,7 @@ import checkpoint
 import grpo
 import rundir
 import sft
+import toy
 import training
 from conftest import ROOT, make_hf_checkpoint, read_metrics, run_torchrun, torchrun_command
 from data import DataError, judge_messages, load_judge_examples, load_tokenizer, read_jsonl, read_sft_rows
@@ -500,6 +501,19 @@ def test_pairs_duplicates_and_identical_answers(tmp_path):
 def test_the_users_format_flag_wins_in_toy_mode(tmp_path):
     assert grpo.parse_args(["--data", "pairs.jsonl", "--format", "pairs"]).format == "pairs"
     assert grpo.parse_args([]).format == "rm-r1"
+
+
+def test_the_toy_refuses_another_seeds_files_and_continues_an_interrupted_sft(toy_paths, tmp_path, monkeypatch):
+    # the toy's files belong to the seed that made them: another seed is refused, not trained on them
+    with pytest.raises(SystemExit, match=r"holds the toy task of --seed 0 .*: delete .* for --seed 1's"):
+        toy.prepare(os.path.dirname(toy_paths["init"]), seed=1)
+    # grpo.py's toy runs SFT first with --resume auto (an interrupted SFT goes on), and its failure ends grpo.py in a line
+    calls = []
+    monkeypatch.setattr(toy.subprocess, "run", lambda cmd, env: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(SystemExit, match=r"toy: `python sft.py` ended with exit status 1 \(its error is above\); it runs "
+                                         r"in .*sft: delete that to start the toy's SFT over"):
+        toy.run_sft_first(str(tmp_path / "sft" / "model"), 0, 0, "fp32")
+    assert calls[0][-2:] == ["--resume", "auto"]
 
 
 # ----------------------------------------------------------------------------- flags
