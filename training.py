@@ -468,11 +468,15 @@ def cli(main):
     """Run a script's main: bad input (data, checkpoint, tokenizer files) ends in one line naming the file,
     not a traceback. Only errors raised by this project's own checks: one raised inside a library is a bug to
     debug, and keeps its traceback. The system's errors (disk full, a read-only or missing path, a directory where
-    a file belongs) are one line wherever they come from: the OS names the path. A trainer run this way saves and
-    stops on a stop signal (catch_stop_signals)."""
+    a file belongs) are one line wherever they come from: the OS names the path, and so is Ctrl-C. A trainer run this
+    way saves and stops on a stop signal (catch_stop_signals)."""
     stop_request["script"] = True
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C ends it at once, without a save (a stop signal saves first): say so, not where
+        print(f"{os.path.basename(sys.argv[0])}: interrupted; what it saved before is kept (--resume continues a "
+              "trainer's run from its last save, and eval.py goes on from its outputs when run again)", file=sys.stderr)
+        sys.exit(130)
     except OSError as e:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
     except ValueError as e:
