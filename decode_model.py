@@ -69,7 +69,7 @@ def check_split(ap, flag, T, checkpoint_dir=None, dtype=None, cache_frac=0.0, be
     after loading. remedy: what the refusal advises (default: a larger T)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if T < 1 or world % T:
-        ap.error(f"{flag} {T} must divide the {world} ranks")
+        ap.error(f"{flag} must be > 0, got {T}" if T < 1 else f"{flag} {T} must divide the {world} ranks")
     gpu = gpu_memory()
     if not checkpoint_dir or (T == 1 and not gpu):  # nothing to check
         return

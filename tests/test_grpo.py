@@ -526,7 +526,8 @@ def test_flag_combinations_are_refused_up_front(toy_paths, tmp_path, monkeypatch
                         (("--log-rollouts", "-1"), "--log-rollouts must be >= 0"),
                         (("--stop-after-minutes", "nan"), "--stop-after-minutes must be >= 0"),
                         (("--offload",), "--offload keeps FSDP's shards in host memory, and one fp32 process"),
-                        (("--rollout-tp", "2"), "--rollout-tp 2 must divide the 1 ranks")]:
+                        (("--rollout-tp", "2"), "--rollout-tp 2 must divide the 1 ranks"),
+                        (("--rollout-tp", "0"), "--rollout-tp must be > 0, got 0")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(grpo_args(toy_paths, tmp_path / "x", *extra))
         assert flag in capsys.readouterr().err
