@@ -112,6 +112,8 @@ def parse_args(argv=None):
                              "stop_after_minutes", "save_model_every", "eval_limit", "stop_at_accuracy"))
     if args.warmup >= 1 or args.min_lr_ratio > 1:
         ap.error("--warmup is a fraction of the steps (< 1) and --min-lr-ratio at most 1")
+    if args.stop_at_accuracy and not 1 < args.stop_at_accuracy <= 100:  # 0.78 would stop at the first check
+        ap.error(f"--stop-at-accuracy is a percentage (78 means 78%), above 1 and at most 100, got {args.stop_at_accuracy:g}")
     if args.stop_at_accuracy and not (args.val_data and args.eval_limit):
         ap.error("--stop-at-accuracy needs --val-data and an --eval-limit above 0 (the pairs judged)")
     if args.global_batch < int(os.environ.get("WORLD_SIZE", 1)):

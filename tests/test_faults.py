@@ -522,6 +522,8 @@ def test_the_toy_refuses_another_seeds_files_and_continues_an_interrupted_sft(to
     ("sft", ("--global-batch", "0"), "--global-batch must be > 0"),
     ("sft", ("--epochs", "-1"), "--epochs must be > 0"),
     ("sft", ("--save-every", "0"), "--save-every must be > 0"),
+    ("sft", ("--stop-at-accuracy", "0.78"), "--stop-at-accuracy is a percentage (78 means 78%)"),
+    ("sft", ("--stop-at-accuracy", "150"), "above 1 and at most 100, got 150"),
     ("sft", ("--max-steps", "-3"), "--max-steps must be >= 0"),
     ("sft", ("--eval-limit", "-5"), "--eval-limit must be >= 0"),
     ("sft", ("--tokens-per-micro", "0"), "--tokens-per-micro must be > 0"),
