@@ -42,6 +42,8 @@ class Pages:
         needs = [max(0, -(-length // self.size) - h - shared) for h in start]
         if shared + sum(needs) > len(self.free):
             return False
+        if not shared and not any(needs) and all(self.held[s] for s in slots):
+            return True  # most host checks: the pages held already cover `length`, and no table row changes
         for s in slots:
             if not self.held[s]:
                 self.held[s] = list(self.prefix)

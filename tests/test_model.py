@@ -779,6 +779,9 @@ def test_a_prompts_samples_hold_its_full_pages_once(ckpt):
     pages = engine.pages  # on CPU the engine checks every step, so admission gives pages for 1 position past the prompt
     assert pages.grow([0, 1, 2, 3], 41, shared=5) and len(pages.free) == 13 - 9  # 5 shared + 1 each
     assert pages.held[0][:5] == pages.held[3][:5] and len({h[5] for h in pages.held}) == 4
+    pages.flush()  # a host check whose slots need no new page writes no table row to the device
+    assert pages.grow([0, 1, 2, 3], 48) and not pages.rows and len(pages.free) == 4
+    assert pages.grow([2], 49) and pages.rows == {2} and len(pages.free) == 3
     for s in range(3):
         pages.release(s)
     assert len(pages.free) == 13 - 6  # the last sample still holds the prompt's pages
