@@ -137,13 +137,14 @@ def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
     return paths
 
 
-def check_seed(out_dir, seed):
+def check_seed(out_dir, seed, rank=0):
     """The toy's files (and the SFT checkpoint trained on them) belong to one --seed: another is refused, not mixed in."""
     made = os.path.join(out_dir, "toy.json")
     was = json.load(open(made)).get("seed") if os.path.exists(made) else seed
     if was != seed:
         raise SystemExit(f"toy: {out_dir} holds the toy task of --seed {was} (its data, tokenizer, initial weights and the "
-                         f"SFT checkpoint trained on them): delete {out_dir} for --seed {seed}'s, or run in another directory")
+                         f"SFT checkpoint trained on them): delete {out_dir} for --seed {seed}'s, or run in another "
+                         "directory" if rank == 0 else 1)
 
 
 def fill_defaults(args, defaults):
@@ -162,7 +163,7 @@ def setup(seed, rank=0):
     same numbers whatever its core count. Other processors run other float kernels and print other digits
     (within the README's band)."""
     torch.set_num_threads(2)
-    check_seed(TOY_DIR, seed)  # every rank, before any writes: a refusal ends them all
+    check_seed(TOY_DIR, seed, rank)  # every rank, before any writes: a refusal ends them all (rank 0 says why)
     if rank == 0:
         prepare(TOY_DIR, seed=seed)
     barrier()
