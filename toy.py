@@ -179,6 +179,11 @@ def run_sft_first(model_dir, seed, rank, precision):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
         failed = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
                                  "--seed", str(seed), "--precision", precision, "--resume", "auto"], env=env).returncode
+    elif rank == 0 and os.path.exists(settings := os.path.join(os.path.dirname(model_dir), "run.json")):
+        trained = json.load(open(settings)).get("precision")  # GRPO in bf16 from an fp32 SFT is one of toy.py's grid
+        if trained != precision:
+            print(f"toy: GRPO in {precision} starts from the SFT checkpoint in {model_dir}, trained in {trained} (delete "
+                  f"{os.path.dirname(model_dir)} to run SFT in {precision} first)", flush=True)
     if all_reduce_max([float(failed != 0)], torch.device("cpu"))[0]:  # every rank ends, not only rank 0
         raise SystemExit(f"toy: `python sft.py` ended with exit status {failed} (its error is above); it runs in "
                          f"{os.path.dirname(model_dir)}: delete that to start the toy's SFT over" if rank == 0 else 1)

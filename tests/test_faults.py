@@ -503,7 +503,7 @@ def test_the_users_format_flag_wins_in_toy_mode(tmp_path):
     assert grpo.parse_args([]).format == "rm-r1"
 
 
-def test_the_toy_refuses_another_seeds_files_and_continues_an_interrupted_sft(toy_paths, tmp_path, monkeypatch):
+def test_the_toy_refuses_another_seeds_files_and_continues_an_interrupted_sft(toy_paths, tmp_path, monkeypatch, capsys):
     # the toy's files belong to the seed that made them: another seed is refused, not trained on them
     with pytest.raises(SystemExit, match=r"holds the toy task of --seed 0 .*: delete .* for --seed 1's"):
         toy.prepare(os.path.dirname(toy_paths["init"]), seed=1)
@@ -513,7 +513,15 @@ def test_the_toy_refuses_another_seeds_files_and_continues_an_interrupted_sft(to
     with pytest.raises(SystemExit, match=r"toy: `python sft.py` ended with exit status 1 \(its error is above\); it runs "
                                          r"in .*sft: delete that to start the toy's SFT over"):
         toy.run_sft_first(str(tmp_path / "sft" / "model"), 0, 0, "fp32")
-    assert calls[0][-2:] == ["--resume", "auto"]
+    assert calls[0][-2:] == ["--resume", "auto"] and "no SFT checkpoint yet" in capsys.readouterr().out
+    # an SFT checkpoint already there is used, and said to be of another precision where it is
+    os.makedirs(tmp_path / "sft" / "model")
+    (tmp_path / "sft" / "model" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "sft" / "run.json").write_text(json.dumps({"precision": "fp32"}))
+    toy.run_sft_first(str(tmp_path / "sft" / "model"), 0, 0, "fp32")
+    assert capsys.readouterr().out == "" and len(calls) == 1
+    toy.run_sft_first(str(tmp_path / "sft" / "model"), 0, 0, "bf16")
+    assert "toy: GRPO in bf16 starts from the SFT checkpoint in " in capsys.readouterr().out and len(calls) == 1
 
 
 # ----------------------------------------------------------------------------- flags
