@@ -164,6 +164,7 @@ def setup(seed, rank=0):
     (within the README's band)."""
     torch.set_num_threads(2)
     check_seed(TOY_DIR, seed, rank)  # every rank, before any writes: a refusal ends them all (rank 0 says why)
+    barrier()
     if rank == 0:
         prepare(TOY_DIR, seed=seed)
     barrier()
