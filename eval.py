@@ -6,9 +6,9 @@ eval.py: run a judge on a pairwise benchmark and score it the way the published 
 Each pair becomes an RM-R1 judge prompt (data.py; seeded A/B placement, or both placements with
 --both-orders), the judge generates (greedy by default, batched KV-cached sampler) and the verdict is read
 with rewards.parse_verdict, the rule GRPO trains with. An unparseable verdict counts as wrong and is also
-counted (`unparsed`; `truncated`: those cut off at --max-new-tokens, a budget too small if many). Baseline judges
-that need no model: `longer`, `shorter` (by the answers' character counts; a tie gives no verdict) and `random`
-(seeded).
+counted (`unparsed`; `truncated`: those cut off at --max-new-tokens, a budget too small if many; `too_long`: prompts
+over --max-prompt-len, not judged). Baseline judges that need no model: `longer`, `shorter` (by the answers' character
+counts; a tie gives no verdict) and `random` (seeded).
 
 Scoring (percentages):
   rm-bench   per domain a 3x3 matrix acc[i][j] over (chosen style i, rejected style j); domain = mean of the
@@ -159,9 +159,10 @@ def score(bench, rows):
         for sub in sorted({sub for _, sub, _ in pairs.values() if sub}):
             s[sub] = pct(ok for ok, sb, _ in pairs.values() if sb == sub)
         s.update(rewardbench_sections(pairs))
-    # truncated: cut off at --max-new-tokens (so unparsed too): many of them say the token budget is too small
+    # truncated: cut off at --max-new-tokens (so unparsed too): many of them say the token budget is too small;
+    # too_long: prompts over --max-prompt-len, not judged (unparsed too, so the benchmark keeps its size)
     s.update(unparsed=sum(r["verdict"] is None for r in rows), truncated=sum(r.get("truncated", False) for r in rows),
-             judged=len(rows))
+             too_long=sum(r.get("prompt_len", 0) < 0 for r in rows), judged=len(rows))
     if any("pair" in r["meta"] for r in rows):  # --both-orders: placement bias and consistency
         for label in "AB":
             s[f"accuracy_label_{label}"] = pct(r["correct"] for r in rows if r["label"] == label)

@@ -61,7 +61,7 @@ def test_the_table_shows_the_published_scores_of_the_judges_size(capsys):
 def test_judgebench_rmb_pairs_and_rewardbench_scoring():
     jb = [row("1", "A", "A", "knowledge"), row("2", "B", "A", "knowledge"), row("3", "A", "A", "coding")]
     assert E.score("judgebench", jb) == {"knowledge": 50.0, "coding": 100.0, "overall": pytest.approx(200 / 3), "unparsed": 0,
-                                        "truncated": 0, "judged": 3}
+                                        "truncated": 0, "too_long": 0, "judged": 3}
     pw = dict(set="pairwise")
     rmb = [row("1", "A", "A", "helpfulness", **pw), row("2", "A", "B", "harmlessness", **pw), row("3", "B", "B", "harmlessness", **pw)]
     s = E.score("rmb", rmb)
@@ -156,6 +156,12 @@ def test_end_to_end_with_tiny_checkpoint_and_resume(tmp_path, capsys):
     assert len(rows) == 4 and all(r["prompt_len"] > 500 and r["output"] and r["output_tokens"] == 6 for r in rows)
     assert full["judged"] == 4 and full["unparsed"] == 4  # a random model writes no verdict: counted, and wrong
     assert full["truncated"] == 4 and "eval: 24 tokens generated in" in capsys.readouterr().out  # each cut off at 6
+    # prompts over --max-prompt-len are not judged: unparsed (wrong) and counted in scores.json as too_long
+    cap = sorted(r["prompt_len"] for r in rows)[1]  # two prompts at most this long (ties aside), the others over it
+    short = E.main(args + ["--out", str(tmp_path / "short"), "--max-prompt-len", str(cap)])
+    over = sum(r["prompt_len"] > cap for r in rows)
+    assert full["too_long"] == 0 and short["too_long"] == over >= 1 and short["unparsed"] == short["judged"] == 4
+    assert f"{over} prompts longer than --max-prompt-len {cap} are not judged" in capsys.readouterr().out
     # resume: keep 2 rows plus half a line (an interruption mid-write), rerun, same scores and outputs
     os.makedirs(tmp_path / "cut")
     shutil.copy(tmp_path / "full" / "run.json", tmp_path / "cut" / "run.json")  # claimed before the first output
