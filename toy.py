@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import checkpoint
 import model as M
-from data import QWEN_DEFAULT_SYSTEM, Pair, make_judge_example
+from data import QWEN_DEFAULT_SYSTEM, Pair, make_judge_example, read_json
 from training import all_reduce_max, barrier
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -140,7 +140,7 @@ def prepare(out_dir, seed=0, n_train=4000, n_rl=4000, n_heldout=200):
 def check_seed(out_dir, seed, rank=0):
     """The toy's files (and the SFT checkpoint trained on them) belong to one --seed: another is refused, not mixed in."""
     made = os.path.join(out_dir, "toy.json")
-    was = json.load(open(made)).get("seed") if os.path.exists(made) else seed
+    was = read_json(made, dict).get("seed") if os.path.exists(made) else seed
     if was != seed:
         raise SystemExit(f"toy: {out_dir} holds the toy task of --seed {was} (its data, tokenizer, initial weights and the "
                          f"SFT checkpoint trained on them): delete {out_dir} for --seed {seed}'s, or run in another "
@@ -181,7 +181,7 @@ def run_sft_first(model_dir, seed, rank, precision):
         failed = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft.py"),
                                  "--seed", str(seed), "--precision", precision, "--resume", "auto"], env=env).returncode
     elif rank == 0 and os.path.exists(settings := os.path.join(os.path.dirname(model_dir), "run.json")):
-        trained = json.load(open(settings)).get("precision")  # GRPO in bf16 from an fp32 SFT is one of toy.py's grid
+        trained = read_json(settings, dict).get("precision")  # GRPO in bf16 from an fp32 SFT is one of toy.py's grid
         if trained != precision:
             print(f"toy: GRPO in {precision} starts from the SFT checkpoint in {model_dir}, trained in {trained} (delete "
                   f"{os.path.dirname(model_dir)} to run SFT in {precision} first)", flush=True)
