@@ -474,8 +474,9 @@ def cli(main):
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C ends it at once, without a save (a stop signal saves first): say so, not where
-        print(f"{os.path.basename(sys.argv[0])}: interrupted; what it saved before is kept (--resume continues a "
-              "trainer's run from its last save, and eval.py goes on from its outputs when run again)", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # a terminal's Ctrl-C reaches every rank: one line per node
+            print(f"{os.path.basename(sys.argv[0])}: interrupted; what it saved before is kept (--resume continues a "
+                  "trainer's run from its last save, and eval.py goes on from its outputs when run again)", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")

@@ -642,7 +642,7 @@ def test_a_corrupt_output_line_keeps_the_rows_around_it(tmp_path, capsys):
     assert scores["judged"] == 6 and scores["overall"] == 100
 
 
-def test_one_line_errors_only_for_our_own_checks(tmp_path, capsys):
+def test_one_line_errors_only_for_our_own_checks(tmp_path, capsys, monkeypatch):
     # bad input found by this project's checks: one line naming the file; a ValueError raised inside a library
     # (a bug, or an input nobody checked) keeps its traceback
     with pytest.raises(SystemExit, match=r"error: .*missing\.jsonl: no such file"):
@@ -652,6 +652,10 @@ def test_one_line_errors_only_for_our_own_checks(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # Ctrl-C: a line and the shell's status for it, not a traceback
         training.cli(lambda: (_ for _ in ()).throw(KeyboardInterrupt))
     assert e.value.code == 130 and ": interrupted; what it saved before is kept" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun every rank gets the terminal's Ctrl-C: the first one says it
+    with pytest.raises(SystemExit) as e:
+        training.cli(lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert e.value.code == 130 and capsys.readouterr().err == ""
 
 
 # ----------------------------------------------------------------------------- nothing lost, nothing reused
