@@ -68,10 +68,25 @@ class ModelConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self):
+        """Every field of the type it is used as (JSON allows "1e-6" or "false" where a number or a boolean belongs)."""
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                  "num_key_value_heads", "max_position_embeddings"):
+            if not is_int(getattr(self, k)) or getattr(self, k) <= 0:
                 raise ValueError(f"field {k!r} must be a positive integer, got {getattr(self, k)!r}")
+        for k in ("rms_norm_eps", "rope_theta"):
+            if not (is_int(getattr(self, k)) or isinstance(getattr(self, k), float)) or not getattr(self, k) > 0:
+                raise ValueError(f"field {k!r} must be a positive number, got {getattr(self, k)!r}")
+            setattr(self, k, float(getattr(self, k)))
+        for k in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"field {k!r} must be true or false, got {getattr(self, k)!r}")
+        if not is_int(self.head_dim) or self.head_dim < 0:
+            raise ValueError(f"field 'head_dim' must be a positive integer, got {self.head_dim!r}")
+        for k in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, k)
+            if v is not None and not is_int(v) and not (isinstance(v, list) and all(map(is_int, v))):
+                raise ValueError(f"field {k!r} must be a token id or a list of them, got {v!r}")
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
@@ -91,6 +106,8 @@ class ModelConfig:
         # RoPE base: `rope_theta` at top level, or inside `rope_parameters` (newer files); scaling refused.
         rope = d.get("rope_parameters") or {}
         for r in (rope, d.get("rope_scaling") or {}):
+            if not isinstance(r, dict):
+                raise ValueError(f"{source}: rope_parameters / rope_scaling must be an object, got {r!r}")
             rope_type = r.get("rope_type", r.get("type", "default"))
             if rope_type != "default":
                 raise ValueError(f"{source}: RoPE scaling type {rope_type!r} is not implemented (only 'default')")
@@ -99,9 +116,12 @@ class ModelConfig:
             raise ValueError(f"{source}: no RoPE base (rope_theta) found")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        kw.update(rope_theta=float(theta), attention_bias=d.get("attention_bias", mt == "qwen2"),
+        kw.update(rope_theta=theta, attention_bias=d.get("attention_bias", mt == "qwen2"),
                   head_dim=d.get("head_dim") or 0, torch_dtype=d.get("torch_dtype") or d.get("dtype") or "bfloat16")
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except ValueError as e:  # the file's name with the field's
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -183,10 +183,20 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
     cfg = json.load(open(tmp_path / "config.json"))
     for patch, msg in [({"model_type": "llama"}, "model_type 'llama' is not supported"),
                        ({"use_sliding_window": True}, "sliding-window"),
-                       ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented")]:
+                       ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented"),
+                       # a field of the wrong type, named with the file (before: loaded, or an error naming no file)
+                       ({"num_hidden_layers": 0}, "field 'num_hidden_layers' must be a positive integer, got 0"),
+                       ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+                       ({"rms_norm_eps": "1e-6"}, "field 'rms_norm_eps' must be a positive number, got '1e-6'"),
+                       ({"rope_parameters": {"rope_theta": "x"}}, "field 'rope_theta' must be a positive number"),
+                       ({"tie_word_embeddings": "false"}, "field 'tie_word_embeddings' must be true or false"),
+                       ({"max_position_embeddings": "32k"}, "field 'max_position_embeddings' must be a positive integer"),
+                       ({"eos_token_id": "<|im_end|>"}, "field 'eos_token_id' must be a token id or a list of them")]:
         json.dump({**cfg, **patch}, open(tmp_path / "config.json", "w"))
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises(ValueError, match=f"config.json: {msg}" if "field" in msg or "multiple" in msg else msg):
             checkpoint.load_model(str(tmp_path))
+    json.dump({**cfg, "rope_parameters": {"rope_theta": 10000}, "eos_token_id": [1, 2]}, open(tmp_path / "config.json", "w"))
+    assert checkpoint.load_config(str(tmp_path)).rope_theta == 10000.0  # an integer base is a number too
     os.remove(tmp_path / "model.safetensors")
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
