@@ -1,8 +1,8 @@
 """
 data.py: tokenizer and chat templates, RM-R1 judge prompts, and readers for preference data.
 
-Tokenizer: the `tokenizers` library reads tokenizer.json; tokenizer_config.json gives the special tokens
-and the chat template, from which we pick one of three hand-written template families (no jinja at run time):
+Tokenizer: the `tokenizers` library reads tokenizer.json; tokenizer_config.json gives the special tokens and the chat
+template (or chat_template.jinja), from which we pick one of three hand-written template families (no jinja at run time):
   qwen2.5   ChatML: <|im_start|>{role}\n{content}<|im_end|>\n per message, the default system message
             "You are Qwen, created by Alibaba Cloud. You are a helpful assistant." when none is given,
             generation prompt <|im_start|>assistant\n
@@ -132,12 +132,20 @@ class DataError(ValueError):
     """Bad input data; the message names file, line (or row) and field."""
 
 
-def chat_family(template: str, source="tokenizer_config.json") -> str:
-    if "<|im_start|>" in (template or "") and QWEN_DEFAULT_SYSTEM in template:
+def chat_family(path, cfg, cfg_file) -> str:
+    """The chat template's family. It is read where transformers reads it: chat_template.jinja (which transformers >= 4.50
+    saves) before tokenizer_config.json's chat_template (a string, or named templates: the "default")."""
+    template, source = cfg.get("chat_template"), cfg_file
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    if os.path.exists(jinja := os.path.join(path, "chat_template.jinja")):
+        template, source = open(jinja, encoding="utf-8").read(), jinja
+    template = template if isinstance(template, str) else ""
+    if "<|im_start|>" in template and QWEN_DEFAULT_SYSTEM in template:
         return "qwen2.5"
-    if "<|im_start|>" in (template or "") and "enable_thinking" in template and "<think>" in template:
+    if "<|im_start|>" in template and "enable_thinking" in template and "<think>" in template:
         return "qwen3"
-    if DS_ASSISTANT in (template or "") and DS_USER in template:
+    if DS_ASSISTANT in template and DS_USER in template:
         return "deepseek-r1"
     raise ValueError(f"{source}: unknown chat template (supported: Qwen2.5 ChatML with its default system "
                      "message, Qwen3 with its thinking switch, DeepSeek-R1-Distill); refusing to guess how to render prompts")
@@ -153,7 +161,7 @@ class ChatTokenizer:
                 raise FileNotFoundError(f"{f} not found (a tokenizer directory needs tokenizer.json and tokenizer_config.json)")
         self.tok = Tokenizer.from_file(tok_file)
         cfg = read_json(cfg_file, dict)
-        self.family = chat_family(cfg.get("chat_template"), cfg_file)
+        self.family = chat_family(path, cfg, cfg_file)
         token = lambda v: v.get("content") if isinstance(v, dict) else v
         self.eos_token, self.pad_token = token(cfg.get("eos_token")), token(cfg.get("pad_token"))
         self.eos_id = self.tok.token_to_id(self.eos_token) if self.eos_token else None

@@ -52,7 +52,7 @@ def fingerprint(path):
     """sha256 of a file's bytes, or of a directory's weight, JSON and data files (names and bytes): any edit, anywhere in
     a file, changes it. About 10 s for 15 GB of weights, once per run start."""
     files = [path] if os.path.isfile(path) else sorted(os.path.join(d, f) for d, _, fs in os.walk(path, followlinks=True)
-                                                       for f in fs if f.endswith((".json", ".jsonl", ".gz", ".safetensors")))
+                                                       for f in fs if f.endswith((".json", ".jsonl", ".gz", ".safetensors", ".jinja")))
     h = hashlib.sha256()
     for file in files:
         h.update(os.path.relpath(file, path).encode())
@@ -464,7 +464,7 @@ def recover_dir(path):
 
 def copy_tokenizer(src, dst):
     """Put the tokenizer files beside the weights, so the checkpoint is self-contained for eval/vLLM."""
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-              "added_tokens.json", "generation_config.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt",
+              "special_tokens_map.json", "added_tokens.json", "generation_config.json"):
         if os.path.exists(os.path.join(src, f)) and os.path.abspath(src) != os.path.abspath(dst):
             shutil.copy(os.path.join(src, f), os.path.join(dst, f))

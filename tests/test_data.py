@@ -81,6 +81,31 @@ def test_qwen_chat_template_matches_transformers():
             assert ours.apply_chat_template(conv, gen) == auto.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
 
 
+def test_a_tokenizer_saved_by_transformers_today_keeps_its_template_beside_the_config(tmp_path):
+    # transformers >= 4.50 saves the chat template as chat_template.jinja, not in tokenizer_config.json (refused before:
+    # "unknown chat template"); a run's model/ copies it, and a template given as named ones is read as well
+    import transformers
+    import rundir
+    need_shared(TOKENIZER_DIR)
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp_path / "saved")
+    assert os.path.exists(tmp_path / "saved/chat_template.jinja")
+    assert "chat_template" not in json.load(open(tmp_path / "saved/tokenizer_config.json"))
+    (tmp_path / "copy").mkdir()
+    rundir.copy_tokenizer(str(tmp_path / "saved"), str(tmp_path / "copy"))
+    auto = transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    for path in (tmp_path / "saved", tmp_path / "copy"):
+        ours = D.load_tokenizer(str(path))
+        assert (ours.family, ours.eos_id, ours.pad_id) == ("qwen2.5", 151645, 151643)
+        assert all(ours.apply_chat_template(conv) == auto.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+                   for conv in CONVERSATIONS)
+    cfg = json.load(open(os.path.join(TOKENIZER_DIR, "tokenizer_config.json")))
+    named = [{"name": "tool_use", "template": "{{ messages }}"}, {"name": "default", "template": cfg["chat_template"]}]
+    assert D.load_tokenizer(_tokenizer_dir(tmp_path, named)).family == "qwen2.5"
+    (tmp_path / "chat_template.jinja").write_text("{{ messages }}")  # the file comes first, as in transformers
+    with pytest.raises(ValueError, match="chat_template.jinja: unknown chat template"):
+        D.load_tokenizer(str(tmp_path))
+
+
 def _tokenizer_dir(tmp_path, template, **cfg):
     need_shared(TOKENIZER_DIR)
     shutil.copy(os.path.join(TOKENIZER_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
