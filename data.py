@@ -340,6 +340,8 @@ def read_jsonl(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
+                if n == 1 and raw.startswith(b"PAR1"):  # what the Hugging Face Hub serves datasets as
+                    raise DataError(f"{path}: a Parquet file, not JSON Lines: export it (README, step 1)") from None
                 raise DataError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
@@ -360,7 +362,10 @@ def read_json(path, kind=list):
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 (byte offset {e.start})") from None
+            with open(path, "rb") as raw:
+                parquet = raw.read(4) == b"PAR1"  # what the Hugging Face Hub serves datasets as
+            raise DataError(f"{path}: a Parquet file, not JSON: export it (README, step 1)" if parquet
+                            else f"{path}: not UTF-8 (byte offset {e.start})") from None
     if not isinstance(value, kind):
         raise DataError(f"{path}: expected a JSON {'list of rows' if kind is list else 'object'}, got {type(value).__name__}")
     return value

@@ -572,6 +572,13 @@ def test_broken_files_name_the_file(toy_paths, tmp_path):
     bad.write_bytes(b'{"prompt": "ok", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8"):
         list(read_jsonl(str(bad)))
+    parquet = tmp_path / "train-00000-of-00001.parquet"  # a dataset as the Hub serves it: said, not "not UTF-8"
+    parquet.write_bytes(b"PAR1\x15\x04\x15\x80\x01\x15\x80\x01L\x15\x02\x15\x00\x12\x00\x00")
+    with pytest.raises(DataError, match=r"parquet: a Parquet file, not JSON Lines: export it"):
+        list(read_jsonl(str(parquet)))
+    for fmt in ("rm-bench", "rmb"):  # JSON files
+        with pytest.raises(DataError, match=r"parquet: a Parquet file, not JSON: export it"):
+            load_judge_examples(str(parquet), fmt)
     ckpt = tmp_path / "ckpt"
     shutil.copytree(toy_paths["init"], ckpt)
     data = open(ckpt / "model.safetensors", "rb").read()
