@@ -316,10 +316,9 @@ def make_judge_example(pair: Pair, family="instruct", seed=0, label=None) -> Jud
 
 
 def tokenize_prompts(examples, tokenizer, max_prompt_len):
-    """Render + encode judge prompts; prompts longer than max_prompt_len are dropped and counted (as the reference's
-    filter_overlong_prompts does). Returns (kept examples, their token ids, dropped count), held small, as grpo.py holds
-    all its data on every rank: ids as array('i'), 4 bytes a token where a list takes about 34, and the examples without
-    their messages (the ids are the prompt; as text, another 6 bytes a token)."""
+    """Render + encode judge prompts, dropping and counting those over max_prompt_len (the reference's
+    filter_overlong_prompts) -> (kept examples, their ids, dropped count), small as grpo.py holds them on every rank: ids
+    as array('i'), 4 bytes a token (a list: 34), and the examples without their messages (the ids are the prompt)."""
     ids = []
     for s in range(0, len(examples), 1024):  # rendered and encoded a chunk at a time
         texts = [tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True) for ex in examples[s:s + 1024]]
@@ -524,9 +523,8 @@ def rm_r1_row(row, where, counts):
 
 def read_sft_rows(path, family=None):
     """SFT data: RM-R1 distillation rows (context_messages + winner = the trace) or chat rows (messages ending with the
-    assistant turn to learn) -> (message lists ending with that turn, counts). RM-R1 RL rows (winner model_a/model_b)
-    have no trace: counted in counts["rl"], skipped; a file of nothing else is refused as the other stage's data.
-    counts["typo_fixed"]: see rm_r1_row. With a judge family, a row in the other's prompt is an error (check_prompt_family)."""
+    turn to learn) -> (message lists ending with it, counts). RL rows (no trace) are counted in counts["rl"] and skipped (a
+    file of only those is refused). With a judge family, a row in the other's prompt is an error (check_prompt_family)."""
     out, counts = [], Counter()
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
@@ -557,13 +555,11 @@ FORMATS = ["rm-r1", *READERS]  # what load_judge_examples reads (the trainers' -
 
 
 def load_judge_examples(path, fmt, family="instruct", seed=0, training=False, both_orders=False):
-    """Any supported preference format -> (judge examples with seeded placement, counts). counts says what
-    was seen: "empty" pairs with an empty or whitespace-only answer and "identical" pairs whose two answers
-    are the same text (evaluation judges both as given, as benchmark data; training=True drops them: nothing to
-    learn), and for RM-R1 files "sft" distillation rows (skipped: not RL data) and "typo_fixed". Placement is
-    seeded by pair id, so a repeated id is an error. family: the judge prompts pairs are rendered with; RM-R1 rows come
-    rendered, and one of the other family is an error (check_prompt_family). both_orders: each pair twice, chosen at A
-    then at B (ids "{id}#A", "{id}#B", meta["pair"] = id)."""
+    """Any supported preference format -> (judge examples with seeded placement, counts): "empty" pairs (an empty or blank
+    answer) and "identical" ones (two equal answers), judged as given (benchmark data) or dropped with training=True, and
+    for RM-R1 files "sft" rows (skipped: not RL data) and "typo_fixed". Placement is seeded by pair id: a repeated id is an
+    error. family: the judge prompts pairs are rendered with; an RM-R1 row rendered for the other is an error
+    (check_prompt_family). both_orders: each pair twice, chosen at A then at B (ids "{id}#A", "{id}#B", meta["pair"])."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
     if fmt == "rm-r1":  # RM-R1 rows (rm_r1_row): RL rows become judge examples, distillation rows are counted
