@@ -24,7 +24,7 @@ Readers (each reports bad rows as file:line: field: problem):
   rm-r1   RM-R1 RL/distillation rows: context_messages (the rendered judge messages) + winner
           (model_a / model_b for RL; the teacher trace for distillation)
   pairs   generic JSONL: id, prompt (string) or messages (list), chosen, rejected, optional subset
-  rm-bench  RM-Bench JSON (3 chosen x 3 rejected styles: all 9 pairings), domain from the row or the file name
+  rm-bench  RM-Bench JSON or JSONL (3 chosen x 3 rejected styles: all 9 pairings), domain from the row or the file name
   judgebench  JudgeBench JSONL (label A>B / B>A), category from the source
   rmb     RMB pairwise and best-of-N JSON (.gz too; a file, a directory or the upstream layout), helpfulness / harmlessness
 Answers are taken as given: an empty or whitespace-only answer is judged (a legitimate bad answer), counted;
@@ -370,6 +370,18 @@ def read_json(path, kind=list):
     return value
 
 
+def read_rows(path):
+    """A benchmark file's rows -> (row number, where, row): a JSON list of objects, or JSON Lines (a .jsonl file, as datasets' to_json
+    writes a Hub dataset: THU-KEG/RM-Bench's rows are upstream's)."""
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        yield from ((n, f"{path}:{n}", row) for n, row in read_jsonl(path))
+        return
+    for n, row in enumerate(read_json(path), 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {n}: expected a JSON object, got {type(row).__name__}")
+        yield n, f"{path}: row {n}", row
+
+
 def need(row, key, where, kind=str, nonempty=True):
     """Fetch a required field, or raise a DataError naming file:line and the field."""
     if key not in row:
@@ -420,8 +432,7 @@ def read_rm_bench(path):
         raise DataError(f"{path}: no RM-Bench files (*.json) in this directory")
     out = []
     for file in files:
-        for n, row in enumerate(read_json(file), 1):
-            where = f"{file}: row {n}"
+        for n, where, row in read_rows(file):
             name = row.get("domain") or os.path.basename(file).replace("_filtered.json", "").replace(".json", "")
             domain = "safety" if str(name).startswith("safety") else name
             if domain not in ("chat", "math", "code", "safety"):
@@ -473,8 +484,7 @@ def read_rmb(path):
         raise DataError(f"{path}: no RMB files (*.json or *.json.gz, searched recursively, links followed)")
     out = []
     for file in files:
-        for n, row in enumerate(read_json(file), 1):
-            where = f"{file}: row {n}"
+        for n, where, row in read_rows(file):
             cat = need(row, "category_path", where)
             subset = "helpfulness" if "Helpfulness" in cat else "harmlessness" if "Harmlessness" in cat else None
             if subset is None:

@@ -135,6 +135,13 @@ def test_longer_baseline_on_real_rm_bench_matches_independent_computation(tmp_pa
     short = E.main(["--judge", "shorter", "--bench", "rm-bench", "--data", os.path.join(DATA, "rm-bench"), "--out", str(tmp_path / "s")])
     ties = scores["unparsed"]
     assert short["unparsed"] == ties and short["total"] + scores["total"] < 100  # ties count as wrong for both
+    # the Hub's THU-KEG/RM-Bench exported by datasets' to_json: one JSONL file, each row naming its domain
+    with open(tmp_path / "rm-bench.jsonl", "w") as f:
+        for name in sorted(os.listdir(os.path.join(DATA, "rm-bench"))):
+            for r in json.load(open(os.path.join(DATA, "rm-bench", name))):
+                f.write(json.dumps(dict(r, domain=name.replace("_filtered.json", ""))) + "\n")
+    hub = E.main(["--judge", "longer", "--bench", "rm-bench", "--data", str(tmp_path / "rm-bench.jsonl"), "--out", str(tmp_path / "h")])
+    assert hub == scores
 
 
 def tiny_judge_args(tmp_path, kind):

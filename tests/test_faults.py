@@ -579,6 +579,9 @@ def test_broken_files_name_the_file(toy_paths, tmp_path):
     for fmt in ("rm-bench", "rmb"):  # JSON files
         with pytest.raises(DataError, match=r"parquet: a Parquet file, not JSON: export it"):
             load_judge_examples(str(parquet), fmt)
+        (tmp_path / "rows.json").write_text('[["not", "an", "object"]]')  # RM-Bench's was an AttributeError
+        with pytest.raises(DataError, match=r"rows.json: row 1: expected a JSON object, got list"):
+            load_judge_examples(str(tmp_path / "rows.json"), fmt)
     ckpt = tmp_path / "ckpt"
     shutil.copytree(toy_paths["init"], ckpt)
     data = open(ckpt / "model.safetensors", "rb").read()
