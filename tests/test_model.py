@@ -197,6 +197,11 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
             checkpoint.load_model(str(tmp_path))
     json.dump({**cfg, "rope_parameters": {"rope_theta": 10000}, "eos_token_id": [1, 2]}, open(tmp_path / "config.json", "w"))
     assert checkpoint.load_config(str(tmp_path)).rope_theta == 10000.0  # an integer base is a number too
+    # fields a config may leave out read as transformers reads them: untied (this checkpoint's head is its own), and as
+    # many KV heads as query heads
+    json.dump({k: v for k, v in cfg.items() if k not in ("tie_word_embeddings", "num_key_value_heads")}, open(tmp_path / "config.json", "w"))
+    loaded = checkpoint.load_config(str(tmp_path))
+    assert (loaded.tie_word_embeddings, loaded.num_key_value_heads) == (False, cfg["num_attention_heads"])
     os.remove(tmp_path / "model.safetensors")
     json.dump(cfg, open(tmp_path / "config.json", "w"))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
