@@ -23,7 +23,8 @@ answer. "instruct" family: system = chain-of-rubrics instructions, user = the pa
 Readers (each reports bad rows as file:line: field: problem):
   rm-r1   RM-R1 RL/distillation rows: context_messages (the rendered judge messages) + winner
           (model_a / model_b for RL; the teacher trace for distillation)
-  pairs   generic JSONL: id, prompt (string) or messages (list), chosen, rejected, optional subset
+  pairs   generic JSONL: id, prompt (string) or messages (list), chosen, rejected (strings, or conversations ending
+          with the answer: TRL's conversational format), optional subset
   rm-bench  RM-Bench JSON or JSONL (3 chosen x 3 rejected styles: all 9 pairings), domain from the row or the file name
   judgebench  JudgeBench JSONL (label A>B / B>A), category from the source
   rmb     RMB pairwise and best-of-N JSON (.gz too; a file, a directory or the upstream layout), helpfulness / harmlessness
@@ -409,18 +410,36 @@ def check_messages(msgs, where, key="messages"):
 
 
 def read_pairs(path):
+    """Preference pairs: an answer is a string, or a conversation ending with it (TRL's conversational format, and
+    Skywork-Reward-Preference's, RM-R1's source): its turns before the answer, the same on both sides, are the context,
+    else `messages`, else `prompt` (a string, or messages)."""
     out = []
     for n, row in read_jsonl(path):
         where = f"{path}:{n}"
-        if "messages" in row:
-            context = check_messages(need(row, "messages", where, list), where)
+        (chosen, before), (rejected, other) = (conversation_answer(row, k, where) for k in ("chosen", "rejected"))
+        if before != other:
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last turn (the answers)")
+        if before:
+            context = before
+        elif "messages" in row or isinstance(row.get("prompt"), list):
+            key = "messages" if "messages" in row else "prompt"
+            context = check_messages(need(row, key, where, list), where, key)
         else:
             context = [{"role": "user", "content": need(row, "prompt", where)}]
         if context[-1]["role"] != "user":
-            raise DataError(f"{where}: field 'messages' must end with a user turn (the answers follow it)")
-        out.append(Pair(str(row.get("id", n)), context, answer(row, "chosen", where), answer(row, "rejected", where),
-                        str(row.get("subset", ""))))
+            raise DataError(f"{where}: the conversation must end with a user turn (the answers follow it)")
+        out.append(Pair(str(row.get("id", n)), context, chosen, rejected, str(row.get("subset", ""))))
     return out
+
+
+def conversation_answer(row, key, where):
+    """A pair's answer -> (its text, the turns before it): a string (no turns), or messages ending with the assistant's."""
+    if not isinstance(row.get(key), list):
+        return answer(row, key, where), []
+    msgs = check_messages(need(row, key, where, list), where, key)
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: field '{key}' must end with an assistant turn (the answer)")
+    return msgs[-1]["content"], msgs[:-1]
 
 
 def read_rm_bench(path):

@@ -286,6 +286,31 @@ def test_pairs_reader_and_errors(tmp_path):
             D.read_pairs(write(tmp_path, "bad.jsonl", text))
 
 
+def test_pairs_in_the_conversational_format(tmp_path):
+    # chosen / rejected as conversations ending with the answer (before: "field 'chosen' must be str, got list"):
+    # Skywork-Reward-Preference's (no prompt), HuggingFaceH4/ultrafeedback_binarized's (a prompt string too), TRL's
+    # explicit prompt (messages, answers alone) and a multi-turn one read as the same pairs as the string layout
+    user, u1, a1 = [{"role": "user", "content": "q"}], {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}
+    said = lambda text: [{"role": "assistant", "content": text}]
+    rows = [{"prompt": "q", "chosen": "c", "rejected": "r"},
+            {"chosen": user + said("c"), "rejected": user + said("r")},
+            {"prompt": "q", "chosen": user + said("c"), "rejected": user + said("r")},
+            {"prompt": user, "chosen": said("c"), "rejected": said("r")},
+            {"chosen": [u1, a1] + user + said("c"), "rejected": [u1, a1] + user + said("r")}]
+    pairs = D.read_pairs(write(tmp_path, "conv.jsonl", "".join(json.dumps(r) + "\n" for r in rows)))
+    assert all((p.context, p.chosen, p.rejected) == (user, "c", "r") for p in pairs[:4])
+    assert (pairs[4].context, pairs[4].chosen) == ([u1, a1] + user, "c")
+    examples = [D.make_judge_example(p, "instruct", 0, "A").messages for p in pairs[:4]]
+    assert all(m == examples[0] for m in examples)  # the same judge prompt whatever the layout
+    cases = [({"chosen": user + said("c"), "rejected": [u1] + said("r")}, "fields 'chosen' and 'rejected' differ before their last turn"),
+             ({"chosen": user, "rejected": user + said("r")}, r"field 'chosen' must end with an assistant turn"),
+             ({"prompt": [a1], "chosen": "c", "rejected": "r"}, "the conversation must end with a user turn"),
+             ({"chosen": said("c"), "rejected": said("r")}, "missing field 'prompt'")]
+    for row, msg in cases:
+        with pytest.raises(D.DataError, match=r"bad.jsonl:1: " + msg):
+            D.read_pairs(write(tmp_path, "bad.jsonl", json.dumps(row) + "\n"))
+
+
 def test_judgebench_and_rm_r1_readers_errors(tmp_path):
     row = {"pair_id": "p", "source": "livecodebench", "question": "q", "response_A": "a", "response_B": "b", "label": "A=B"}
     with pytest.raises(D.DataError, match=r"jb.jsonl:1: field 'label' must be 'A>B' or 'B>A'"):
