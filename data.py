@@ -140,7 +140,8 @@ def chat_family(path, cfg, cfg_file) -> str:
     if isinstance(template, list):
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     if os.path.exists(jinja := os.path.join(path, "chat_template.jinja")):
-        template, source = open(jinja, encoding="utf-8").read(), jinja
+        with open(jinja, encoding="utf-8") as f:
+            template, source = f.read(), jinja
     template = template if isinstance(template, str) else ""
     if "<|im_start|>" in template and QWEN_DEFAULT_SYSTEM in template:
         return "qwen2.5"
@@ -340,9 +341,7 @@ def read_jsonl(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                if n == 1 and raw.startswith(b"PAR1"):  # what the Hugging Face Hub serves datasets as
-                    raise DataError(f"{path}: a Parquet file, not JSON Lines: export it (README, step 1)") from None
-                raise DataError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                raise not_text(path, f"{path}:{n}", f"byte {raw[e.start]:#04x} at column {e.start + 1}") from None
             if not line.strip():
                 continue
             try:
@@ -362,18 +361,23 @@ def read_json(path, kind=list):
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
         except UnicodeDecodeError as e:
-            with open(path, "rb") as raw:
-                parquet = raw.read(4) == b"PAR1"  # what the Hugging Face Hub serves datasets as
-            raise DataError(f"{path}: a Parquet file, not JSON: export it (README, step 1)" if parquet
-                            else f"{path}: not UTF-8 (byte offset {e.start})") from None
+            raise not_text(path, path, f"byte offset {e.start}") from None
     if not isinstance(value, kind):
         raise DataError(f"{path}: expected a JSON {'list of rows' if kind is list else 'object'}, got {type(value).__name__}")
     return value
 
 
+def not_text(path, where, detail):
+    """The error for a file that is not UTF-8 text: a Parquet file (how the Hub stores datasets) is said to be one."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PAR1":
+            return DataError(f"{path}: a Parquet file, not JSON: export it to JSON Lines (README, step 1)")
+    return DataError(f"{where}: not UTF-8 ({detail})")
+
+
 def read_rows(path):
-    """A benchmark file's rows -> (row number, where, row): a JSON list of objects, or JSON Lines (a .jsonl file, as datasets' to_json
-    writes a Hub dataset: THU-KEG/RM-Bench's rows are upstream's)."""
+    """A benchmark file's rows -> (row number, where, row): a JSON list of objects, or JSON Lines (a .jsonl file, as
+    datasets' to_json writes a Hub dataset: THU-KEG/RM-Bench's rows are upstream's)."""
     if path.endswith((".jsonl", ".jsonl.gz")):
         yield from ((n, f"{path}:{n}", row) for n, row in read_jsonl(path))
         return

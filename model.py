@@ -117,7 +117,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         kw.setdefault("tie_word_embeddings", False)  # an absent field as transformers reads it (Qwen2Config's defaults)
-        kw["num_key_value_heads"] = kw.get("num_key_value_heads") or kw.get("num_attention_heads")
+        if kw.get("num_key_value_heads") is None:  # (a 0 stays, to be refused)
+            kw["num_key_value_heads"] = kw.get("num_attention_heads")
         kw.update(rope_theta=theta, attention_bias=d.get("attention_bias", mt == "qwen2"),
                   head_dim=d.get("head_dim") or 0, torch_dtype=d.get("torch_dtype") or d.get("dtype") or "bfloat16")
         try:

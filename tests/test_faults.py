@@ -574,10 +574,10 @@ def test_broken_files_name_the_file(toy_paths, tmp_path):
         list(read_jsonl(str(bad)))
     parquet = tmp_path / "train-00000-of-00001.parquet"  # a dataset as the Hub serves it: said, not "not UTF-8"
     parquet.write_bytes(b"PAR1\x15\x04\x15\x80\x01\x15\x80\x01L\x15\x02\x15\x00\x12\x00\x00")
-    with pytest.raises(DataError, match=r"parquet: a Parquet file, not JSON Lines: export it"):
+    with pytest.raises(DataError, match=r"parquet: a Parquet file, not JSON: export it to JSON Lines"):
         list(read_jsonl(str(parquet)))
     for fmt in ("rm-bench", "rmb"):  # JSON files
-        with pytest.raises(DataError, match=r"parquet: a Parquet file, not JSON: export it"):
+        with pytest.raises(DataError, match=r"parquet: a Parquet file, not JSON: export it to JSON Lines"):
             load_judge_examples(str(parquet), fmt)
         (tmp_path / "rows.json").write_text('[["not", "an", "object"]]')  # RM-Bench's was an AttributeError
         with pytest.raises(DataError, match=r"rows.json: row 1: expected a JSON object, got list"):
