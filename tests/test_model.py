@@ -186,6 +186,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
                        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not implemented"),
                        # a field of the wrong type, named with the file (before: loaded, or an error naming no file)
                        ({"num_hidden_layers": 0}, "field 'num_hidden_layers' must be a positive integer, got 0"),
+                       ({"num_key_value_heads": 0}, "field 'num_key_value_heads' must be a positive integer, got 0"),
                        ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
                        ({"rms_norm_eps": "1e-6"}, "field 'rms_norm_eps' must be a positive number, got '1e-6'"),
                        ({"rope_parameters": {"rope_theta": "x"}}, "field 'rope_theta' must be a positive number"),
