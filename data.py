@@ -375,7 +375,7 @@ def not_text(path, where, detail):
     return DataError(f"{where}: not UTF-8 ({detail})")
 
 
-def read_rows(path):
+def benchmark_rows(path):
     """A benchmark file's rows -> (row number, where, row): a JSON list of objects, or JSON Lines (a .jsonl file, as
     datasets' to_json writes a Hub dataset: THU-KEG/RM-Bench's rows are upstream's)."""
     if path.endswith((".jsonl", ".jsonl.gz")):
@@ -455,7 +455,7 @@ def read_rm_bench(path):
         raise DataError(f"{path}: no RM-Bench files (*.json) in this directory")
     out = []
     for file in files:
-        for n, where, row in read_rows(file):
+        for n, where, row in benchmark_rows(file):
             name = row.get("domain") or os.path.basename(file).replace("_filtered.json", "").replace(".json", "")
             domain = "safety" if str(name).startswith("safety") else name
             if domain not in ("chat", "math", "code", "safety"):
@@ -507,7 +507,7 @@ def read_rmb(path):
         raise DataError(f"{path}: no RMB files (*.json or *.json.gz, searched recursively, links followed)")
     out = []
     for file in files:
-        for n, where, row in read_rows(file):
+        for n, where, row in benchmark_rows(file):
             cat = need(row, "category_path", where)
             subset = "helpfulness" if "Helpfulness" in cat else "harmlessness" if "Harmlessness" in cat else None
             if subset is None:
