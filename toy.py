@@ -158,16 +158,24 @@ def fill_defaults(args, defaults):
 
 
 def setup(seed, rank=0):
-    """Write the toy's files (once, rank 0) and pin two CPU threads: how float reductions are split depends on the
-    thread count, and training amplifies rounding differences, so a fixed count makes a machine print the
-    same numbers whatever its core count. Other processors run other float kernels and print other digits
+    """Write the toy's files (once, rank 0) and pin the CPU threads (cpu_threads): how float reductions are split
+    depends on the thread count, and training amplifies rounding differences, so a fixed count makes a machine print
+    the same numbers whatever its core count. Other processors run other float kernels and print other digits
     (within the README's band)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(cpu_threads())
     check_seed(TOY_DIR, seed, rank)  # every rank, before any writes: a refusal ends them all (rank 0 says why)
     barrier()
     if rank == 0:
         prepare(TOY_DIR, seed=seed)
     barrier()
+
+
+def cpu_threads():
+    """Two, unless OMP_NUM_THREADS sets the count: processes that share the cores (torchrun's ranks, which it sets to
+    1, or two jobs at once) must not ask for more threads than there are cores. Two jobs of two threads each on two
+    cores run several times slower, not two (docs/measurements.md)."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else 2
 
 
 def run_sft_first(model_dir, seed, rank, precision):

@@ -61,3 +61,20 @@ def test_same_command_gives_the_same_numbers(tmp_path):
     for a, b in zip(*logs):
         assert strip(a) == strip(b)
     assert any("val_accuracy" in r for r in strip(logs[0][0]))
+
+
+@pytest.mark.parametrize("omp, threads", [(None, 2), ("1", 1), ("3", 3), ("0", 2), ("two", 2), ("", 2)])
+def test_the_toy_pins_two_threads_unless_omp_num_threads_says_how_many(omp, threads, monkeypatch):
+    import torch
+    import toy
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    for name in ("check_seed", "prepare", "barrier"):  # setup's file work: not this test's
+        monkeypatch.setattr(toy, name, lambda *args, **kw: None)
+    before = torch.get_num_threads()
+    try:
+        toy.setup(seed=0)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
