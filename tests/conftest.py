@@ -12,6 +12,23 @@ SHARED = os.environ.get("RMR1_SHARED", os.path.join(ROOT, "..", "shared"))
 DATA = os.path.join(SHARED, "data")
 TOKENIZER_DIR = os.path.join(DATA, "qwen2.5-tokenizer")
 
+# pytest.ini runs the tests in two worker processes (pytest-xdist): each takes its share of the cores, and so do the
+# scripts its tests start (they inherit OMP_NUM_THREADS; the toy reads it too). More threads than cores in all would
+# make every job several times slower, not share them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(items):
+    """The README's main command end to end (minutes, two threads: test_toy_e2e) goes last, when the other tests are
+    done and it has the cores to itself; the other slow tests go first, so that none is still running beside it
+    (pytest.ini hands the tests out one at a time)."""
+    order = lambda item: (2 if item.name == "test_default_pipeline_meets_its_targets" else
+                          0 if item.get_closest_marker("slow") else 1)
+    items.sort(key=order)
+
 
 def need_shared(path=DATA):
     if not os.path.exists(path):

@@ -22,7 +22,7 @@ CHECKS = ["bf16 logits vs transformers", "trainer model 1.5B", "SFT step 1.5B, 4
 
 @pytest.mark.slow
 def test_bench_gpu_smoke_runs_every_check(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), OMP_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     env.pop("WORLD_SIZE", None)
     p = subprocess.run([sys.executable, "bench_gpu.py", "--smoke", "--only", SMOKED], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
