@@ -81,6 +81,8 @@ class ModelConfig:
         for k in ("tie_word_embeddings", "attention_bias"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"field {k!r} must be true or false, got {getattr(self, k)!r}")
+        if str(self.torch_dtype).replace("torch.", "") not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"field 'torch_dtype' must be float32, bfloat16 or float16, got {self.torch_dtype!r}")
         if not is_int(self.head_dim) or self.head_dim < 0:
             raise ValueError(f"field 'head_dim' must be a positive integer, got {self.head_dim!r}")
         for k in ("bos_token_id", "eos_token_id"):

@@ -192,7 +192,9 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
                        ({"rope_parameters": {"rope_theta": "x"}}, "field 'rope_theta' must be a positive number"),
                        ({"tie_word_embeddings": "false"}, "field 'tie_word_embeddings' must be true or false"),
                        ({"max_position_embeddings": "32k"}, "field 'max_position_embeddings' must be a positive integer"),
-                       ({"eos_token_id": "<|im_end|>"}, "field 'eos_token_id' must be a token id or a list of them")]:
+                       ({"eos_token_id": "<|im_end|>"}, "field 'eos_token_id' must be a token id or a list of them"),
+                       ({"torch_dtype": "bfloat61"}, "field 'torch_dtype' must be float32, bfloat16 or float16, got 'bfloat61'"),
+                       ({"torch_dtype": None, "dtype": "int8"}, "field 'torch_dtype' must be float32, bfloat16 or float16")]:
         json.dump({**cfg, **patch}, open(tmp_path / "config.json", "w"))
         with pytest.raises(ValueError, match=f"config.json: {msg}" if "field" in msg or "multiple" in msg else msg):
             checkpoint.load_model(str(tmp_path))
