@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(items):
     items.sort(key=order)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch. Dynamo counts a function's graphs per process, so tests that compile the same
+    code (model.py's blocks, the decode step) in one worker would add up to its recompile limit, after which the
+    function runs eagerly: a compiled-against-eager comparison then fails, or passes without compiling."""
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
+
+
 def need_shared(path=DATA):
     if not os.path.exists(path):
         pytest.skip(f"real data not found at {path} (a fresh clone has no ../shared; CI provides it)")

@@ -113,7 +113,7 @@ def test_shared_prompt_forward_equals_separate_rows(prompt_lens):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # read only: one per worker (pytest.ini), whatever order its tests come in
 def policy(toy_paths, tmp_path_factory):
     """A briefly distilled toy judge: its rollouts get mixed rewards, so the policy gradient is exercised."""
     import sft
