@@ -123,6 +123,10 @@ class Sampler:
         tokens one prefill forward runs. page_size > 0: a paged cache (see Pages) of `pages` pages (default: as many
         positions as the dense cache would hold), read through FlexAttention."""
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        if page_size % 32 and compile and backend == "inductor" and device.type == "cpu":
+            # torch's C++ FlexAttention kernel gave wrong attention for KV blocks of 8, 24, 40 and 56 positions (AVX2,
+            # fp32; NaN at 8 in bf16), right for 16, 32, 48 and 64: refused, not sampled from wrong logits (GPUs: Triton)
+            raise ValueError(f"page size {page_size}: compiled on a CPU, pages must be a multiple of 32 positions")
         budget = memory_frac * torch.cuda.get_device_properties(device).total_memory if memory_frac and device.type == "cuda" else 0
         if page_size:
             pages = pages or (int(budget // kv_bytes(model.config, page_size, dtype)) if budget else

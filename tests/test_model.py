@@ -868,13 +868,27 @@ def test_paged_decode_compiled_by_inductor_gives_the_dense_tokens():
     cfg = M.ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=256)
     m = toy.init_weights(M.Transformer(cfg), seed=0)
-    opening = ragged_batch([19], vocab=97, seed=6)[0]  # shared by all three: its 2 whole pages are held once
-    prompts = [opening + p for p in ragged_batch([18, 2, 31], vocab=97, seed=5)]
-    dense = Sampler(copy.deepcopy(m), slots=8, max_len=80).generate(prompts, 24, 1.0, n=4, stop_ids=[3], seed=7)
+    # (pages of 32 positions: the CPU kernel miscomputes some other sizes, which Sampler refuses, tested below)
+    opening = ragged_batch([70], vocab=97, seed=6)[0]  # shared by all three: its 2 whole pages are held once
+    prompts = [opening + p for p in ragged_batch([40, 2, 70], vocab=97, seed=5)]  # 110, 72, 140 tokens
+    dense = Sampler(copy.deepcopy(m), slots=8, max_len=170).generate(prompts, 24, 1.0, n=4, stop_ids=[3], seed=7)
     torch._dynamo.reset()
-    engine = Sampler(m, slots=8, max_len=80, page_size=8, pages=24, compile=True)
+    engine = Sampler(m, slots=8, max_len=170, page_size=32, pages=11, compile=True)
     assert engine.generate(prompts, 24, 1.0, n=4, stop_ids=[3], seed=7) == dense
     assert engine.preemptions > 0 and engine.pages.peak == engine.pages.pool
+
+
+def test_inductor_on_a_cpu_gets_pages_of_a_multiple_of_32_positions():
+    # torch's C++ FlexAttention kernel (Inductor on a CPU) gave wrong attention with KV blocks of 8, 24, 40 and 56
+    # positions (fp32, AVX2; NaN at 8 in bf16), and right with 16, 32, 48 and 64: so compiled there, a page size that is
+    # not a multiple of 32 is refused, where it would sample from wrong logits without a word
+    m = M.Transformer(M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2))
+    for page in (8, 16, 24, 48):
+        with pytest.raises(ValueError, match=f"page size {page}: .* a multiple of 32"):
+            Sampler(m, slots=4, max_len=64, page_size=page, compile=True)
+    for page, compile, backend in ((32, True, "inductor"), (8, True, "eager"), (8, False, "inductor")):
+        assert Sampler(m, slots=4, max_len=64, page_size=page, compile=compile, backend=backend).pages.size == page
 
 
 def test_paged_decode_compiles_a_graph_per_bucket():
