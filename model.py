@@ -183,9 +183,9 @@ class PackedRows:
                                                 _compile=doc.is_cuda)
         else:
             t = torch.arange(T, device=doc.device)
-            keep = (t[:, None] >= t) & ((doc[:, None, :] == doc[:, :, None]) | (doc[:, None, :] == 0))  # [B, T, T]
-            # additive, built once for all layers (SDPA would convert a bool mask per call)
-            self.mask = torch.zeros(keep.shape, dtype=dtype, device=doc.device).masked_fill_(~keep, float("-inf"))[:, None]
+            keep = (doc[:, None, :] == doc[:, :, None]).logical_or_(doc[:, None, :] == 0).logical_and_(t[:, None] >= t)
+            # [B, T, T], in place; additive, built once for all layers (SDPA would convert a bool mask per call)
+            self.mask = torch.full(keep.shape, float("-inf"), dtype=dtype, device=doc.device).masked_fill_(keep, 0.0)[:, None]
             torch._dynamo.maybe_mark_dynamic(self.mask, [0, 2, 3])  # sizes that change per micro-batch (compile_blocks)
 
     def attend(self, q, k, v):
@@ -203,16 +203,17 @@ def pack_rows(rows, pad_id, device, dtype):
     then None (forward's causal SDPA: flash / cuDNN kernels on GPUs, faster than FlexAttention's and with no block mask
     to build; on CPU the dense mask's digits exactly, docs/measurements.md)."""
     T = max(sum(len(seg[0]) for seg in row) for row in rows)
-    ids, targets = torch.full((len(rows), T), pad_id, dtype=torch.long), torch.full((len(rows), T), pad_id, dtype=torch.long)
-    positions, doc, weights = torch.zeros_like(ids), torch.full_like(ids, -1), torch.zeros(len(rows), T)
-    for b, row in enumerate(rows):
-        c = 0
+    columns = [], [], [], [], []  # ids, targets, weights, positions, doc: lists of rows, one tensor each at the end (a
+    for row in rows:              # tensor a segment took 10 ms of a toy micro-batch's 16 groups; this, 3.5)
+        values = [], [], [], [], []
         for seg_ids, seg_targets, seg_weights, first, seg_doc in row:
             n = len(seg_ids)
-            ids[b, c:c + n], targets[b, c:c + n] = torch.tensor(seg_ids, dtype=torch.long), torch.tensor(seg_targets, dtype=torch.long)
-            weights[b, c:c + n], positions[b, c:c + n] = torch.tensor(seg_weights, dtype=torch.float), torch.arange(first, first + n)
-            doc[b, c:c + n] = seg_doc
-            c += n
+            for value, seg in zip(values, (seg_ids, seg_targets, seg_weights, range(first, first + n), [seg_doc] * n)):
+                value += seg
+        for column, value, pad in zip(columns, values, (pad_id, pad_id, 0, 0, -1)):
+            column.append(value + [pad] * (T - len(value)))
+    ids, targets, positions, doc = (torch.tensor(columns[k], dtype=torch.long) for k in (0, 1, 3, 4))
+    weights = torch.tensor(columns[2], dtype=torch.float)
     causal = all(sum(seg[4] != 0 for seg in row) <= 1 for row in rows)
     return (ids.to(device), positions.to(device), targets.to(device), weights.to(device),
             None if causal else PackedRows(doc.to(device), dtype))
