@@ -76,14 +76,15 @@ def test_judgebench_rmb_pairs_and_rewardbench_scoring():
     assert s["pairwise_mean"] == 75.0 and s["rmb"] == 75.0 and s["judged"] == 8
     rb = []
     for sub, n, right in [("alpacaeval-easy", 4, 4), ("mt-bench-easy", 4, 2), ("mt-bench-hard", 2, 1), ("llmbar-natural", 2, 2),
-                          ("refusals-dangerous", 2, 0), ("math-prm", 10, 5), ("hep-cpp", 2, 2), ("hep-go", 2, 0)]:
+                          ("refusals-dangerous", 2, 0), ("math-prm", 10, 5), ("hep-cpp", 2, 2), ("hep-go", 2, 1)]:
         rb += [row(f"{sub}{k}", "A", "A" if k < right else "B", sub) for k in range(n)]
     s = E.score("pairs", rb)
     assert s["rewardbench_chat"] == pytest.approx(75.0) and s["rewardbench_chat_hard"] == pytest.approx(75.0)
     assert s["rewardbench_safety"] == 0.0
-    assert s["rewardbench_reasoning"] == pytest.approx((50.0 + 50.0) / 2)  # math-prm weighted as all hep together
-    assert s["rewardbench"] == pytest.approx((75 + 75 + 0 + 50) / 4)
-    assert s["overall"] == pytest.approx(100 * 16 / 28)
+    assert s["rewardbench_reasoning"] == pytest.approx((50.0 + 75.0) / 2)  # math-prm weighted as all hep together
+    # (weighted by its own 10 pairs it would be 100 * 8 / 14)
+    assert s["rewardbench"] == pytest.approx((75 + 75 + 0 + 62.5) / 4)
+    assert s["overall"] == pytest.approx(100 * 17 / 28)
 
 
 def test_both_orders_scoring():

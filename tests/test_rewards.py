@@ -41,4 +41,5 @@ def test_format_reward():
     assert format_reward(TRACE + "<answer>[[A]]</answer>", "A") == 2.0
     assert format_reward(TRACE + "<answer>[[A]]</answer>", "B") == 1.0
     assert format_reward("<answer>[[A]]</answer>", "A") == 1.0   # right verdict, no <eval>
+    assert format_reward(TRACE.replace("</eval>", "") + "<answer>[[A]]</answer>", "A") == 1.0  # an <eval> never closed
     assert format_reward(TRACE, "A") == 0.0

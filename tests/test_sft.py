@@ -88,7 +88,8 @@ def test_packed_micro_batches_give_the_loss_and_gradient_of_each_sequence_alone(
 
 def test_lr_schedule():
     lrs = [sft.lr_at(s, 100, 1.0, 10, 0.1) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.55)  # halfway through the cosine (45 of its 90 steps): halfway from 1 to 0.1
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
