@@ -241,6 +241,9 @@ def test_readers_on_real_files():
     jb = D.read_judgebench(os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl"))
     assert len(jb) == 350
     assert {p.subset: sum(q.subset == p.subset for q in jb) for p in jb} == {"knowledge": 154, "reasoning": 98, "math": 56, "coding": 42}
+    raw = [json.loads(line) for line in open(os.path.join(DATA, "judgebench", "judgebench_gpt-4o-2024-05-13.jsonl"))]
+    assert {r["label"] for r in raw} == {"A>B", "B>A"}  # both labels: the chosen answer is the one the label names
+    assert all(p.chosen == r["response_" + r["label"][0]] and p.rejected == r["response_" + r["label"][2]] for p, r in zip(jb, raw))
     rmb = D.read_rmb(os.path.join(DATA, "rmb"))
     assert len(rmb) == 14543
     assert sum(p.subset == "harmlessness" for p in rmb) == 6087
