@@ -918,6 +918,13 @@ def test_a_pool_too_small_for_one_sequence_is_refused():
     with pytest.raises(ValueError, match="pool of 4 KV pages"):
         engine.generate([[1, 2, 3]], 40)
     assert len(engine.generate([[1, 2, 3]], 20)[0]) == 20
+    # by hand, pages of 8 and a host check every 8 steps: 2 samples of a 15-token prompt share its one full page, and
+    # each needs pages for 15 + 8 = 23 positions (3 pages), 2 of them its own: 5 pages in all
+    pages = engine.pages
+    for pool, fits in ((4, False), (5, True)):
+        pages.pool = pool
+        assert pages.can_progress(2, 15, 8, 23) == fits
+        assert not pages.can_progress(1, 1, 8, 8 * pool + 1)  # one sequence longer than the pool
 
 
 def test_packed_rows_mask_by_hand_and_both_kernels_agree():
