@@ -113,13 +113,17 @@ def test_shared_prompt_forward_equals_separate_rows(prompt_lens):
         torch.testing.assert_close(a, p.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.fixture(scope="session")  # read only: one per worker (pytest.ini), whatever order its tests come in
+@pytest.fixture(scope="session")  # read only: made once per run, by the first worker (pytest.ini) that needs it
 def policy(toy_paths, tmp_path_factory):
     """A briefly distilled toy judge: its rollouts get mixed rewards, so the policy gradient is exercised."""
     import sft
-    out = tmp_path_factory.mktemp("sft")
-    sft.main(["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
-              "--out", str(out), "--global-batch", "16", "--epochs", "10", "--lr", "3e-3", "--warmup", "0.1"])
+    from filelock import FileLock  # (torch's own dependency)
+    base = tmp_path_factory.getbasetemp()  # a worker's: the run's is its parent
+    out = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "distilled-policy"
+    with FileLock(str(out) + ".lock"):  # the other workers wait for it (17 s of CPU here), then read it
+        if not (out / "model" / "model.safetensors").exists():
+            sft.main(["--model", toy_paths["init"], "--tokenizer", toy_paths["tokenizer"], "--data", toy_paths["sft"],
+                      "--out", str(out), "--global-batch", "16", "--epochs", "10", "--lr", "3e-3", "--warmup", "0.1"])
     return str(out / "model")
 
 
@@ -304,20 +308,29 @@ def test_one_rank_fsdp_path_matches_the_plain_process(toy_paths, tmp_path, polic
 
 @pytest.mark.slow
 def test_the_single_gpu_code_path_runs_compiled_on_cpu(toy_paths, tmp_path, policy, one_rank_fsdp, monkeypatch):
-    # what one GPU runs, end to end on CPU: FSDP2 over a one-rank group, blocks compiled by Inductor with the
-    # checkpoint inside, the output head's chunks compiled, the rollout's decode step compiled (one block's code for
-    # every layer)
+    # what one GPU runs, end to end on CPU: FSDP2 over a one-rank group with the GPU's precision policy (bf16 compute
+    # over fp32 master weights), blocks compiled by Inductor with the checkpoint inside, the output head's chunks
+    # compiled, the rollout's decode step compiled (one block's code for every layer). Each step's first mini-batch
+    # has a ratio of exactly 1: its old log-probs ran Inductor's no-grad graph, its update the training graph, which
+    # recomputes in backward, and bf16 rounding would show if the two fused differently
     from torch._dynamo.utils import counters
     monkeypatch.setattr(head, "FUSED_HEAD_DEVICES", ("cpu",))
     torch._dynamo.reset()
     counters.clear()
     one_rank_fsdp()
+    log_ratios, update, loss_terms = [], grpo.update, grpo.policy_loss_terms  # [(mini-batch, max |log ratio|)]
+    monkeypatch.setattr(grpo, "update", lambda job, step, *a: log_ratios.append([]) or update(job, step, *a))
+    monkeypatch.setattr(grpo, "policy_loss_terms", lambda logp, old, *a: log_ratios[-1].append(
+        (logp - old).abs().max().item()) or loss_terms(logp, old, *a))
     grpo.main(grpo_args(toy_paths, tmp_path / "run", "--compile", "--grad-ckpt", "all", "--eval-limit", "0", "--steps", "2",
-                        policy=policy))
+                        "--precision", "bf16", policy=policy))
     assert not any("recompile limit" in k for k in counters["unimplemented"])  # nothing fell back to eager
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == 2 and any(-1 < r["reward_mean"] < 1 for r in metrics)
     assert all(r["kl"] > 0 and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in metrics)
+    assert len(log_ratios) == 4 and all(len(micros) == 2 for micros in log_ratios)  # 2 steps x 2 mini-batches, 2 micro each
+    assert log_ratios[0] == log_ratios[2] == [0.0, 0.0]  # each step's first mini-batch: ratio exactly 1
+    assert min(log_ratios[1] + log_ratios[3]) > 0  # after an optimizer step it is not
 
 
 def test_precision_bf16_runs_the_gpus_policy_on_the_cpu(toy_paths, tmp_path, policy):
@@ -555,18 +568,15 @@ def test_offload_refuses_a_host_without_memory_for_its_ranks_shards(toy_paths, t
         assert not (tmp_path / "g" / "state").exists() and not (tmp_path / "s" / "state").exists()
 
 
-def first_rollout(toy_paths, policy, *extra, dtype=None, compiled=False):
+def first_rollout(toy_paths, policy, *extra, dtype=None):
     """A one-process GRPO job on the distilled toy policy, with SGD at LR 0 (an update leaves the weights as they
-    are), and its first rollout. compiled: Inductor-compiled blocks with checkpointing, as on a GPU."""
+    are), and its first rollout."""
     from data import load_judge_examples, load_tokenizer, tokenize_prompts
     from sampler import Sampler
     args = grpo.parse_args(grpo_args(toy_paths, "unused", "--max-new-tokens", "24", *extra))
     tok = load_tokenizer(toy_paths["tokenizer"])
     examples, ids, _ = tokenize_prompts(load_judge_examples(toy_paths["rl"], "rm-r1")[0], tok, 512)
     model = checkpoint.load_model(policy, dtype=dtype)
-    if compiled:
-        M.compile_blocks(model)
-        model.recompute_blocks = len(model.model.layers)
     job = grpo.Job(args, model, None, torch.optim.SGD(model.parameters(), lr=0.0), Sampler(model, 6, 600), tok, examples,
                    ids, 0, 1, torch.device("cpu"))
     return job, grpo.rollout(job, 0)
@@ -577,15 +587,13 @@ def one_rank_plan(ro, args, micro_seqs):
                                  micro_seqs, 1)[0]
 
 
-@pytest.mark.parametrize("dtype,compiled,micro_seqs", [(torch.float32, False, 6), (torch.bfloat16, False, 6),
-                                                      (torch.bfloat16, True, 6), (torch.bfloat16, False, 2)])
-def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, compiled, micro_seqs):
+@pytest.mark.parametrize("dtype,micro_seqs", [(torch.float32, 6), (torch.bfloat16, 6), (torch.bfloat16, 2)])
+def test_first_minibatch_ratio_is_exactly_one(toy_paths, policy, dtype, micro_seqs):
     """Old log-probs come from the same micro-batches as the update, so before the first optimizer step the ratio
     is exactly 1 and nothing is clipped, in fp32 and in bf16 (where different padding would change the numbers),
-    with Inductor-compiled blocks and checkpointing (the GPU path: old log-probs run the no-grad graph, the
-    update the training graph, which recomputes in backward; bf16 rounding would show if they fused differently),
-    and with groups cut into slices of their responses (--micro-seqs 2 < n = 3)."""
-    job, ro = first_rollout(toy_paths, policy, "--micro-seqs", str(micro_seqs), dtype=dtype, compiled=compiled)
+    and with groups cut into slices of their responses (--micro-seqs 2 < n = 3). With Inductor-compiled blocks, the
+    GPU's path: test_the_single_gpu_code_path_runs_compiled_on_cpu."""
+    job, ro = first_rollout(toy_paths, policy, "--micro-seqs", str(micro_seqs), dtype=dtype)
     args, model = job.args, job.policy
     assert len({len(r) for r in ro.responses}) > 1  # ragged traces: micro-batches are padded differently
     plan = one_rank_plan(ro, args, args.micro_seqs)
