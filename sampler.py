@@ -137,6 +137,7 @@ class Sampler:
         self.tp = getattr(model, "tp", (1, 0))  # (ranks, this rank's index) of a tensor-parallel copy
         self.sync_every = sync_every or (8 if device.type == "cuda" else 1)
         model.setup_cache(slots, max_len, page_size=page_size, pages=pages or 0)
+        self.cache_layout = self.model_cache_layout()  # the model holds one engine's cache (see check_fits)
         self.pages = Pages(model, slots) if page_size else None
         self.admitted, self.admissions = [0] * slots, itertools.count(1)  # each slot's admission order (preemption)
         self.preemptions = 0  # samples sent back to the queue for want of pages, over the engine's life
@@ -254,10 +255,18 @@ class Sampler:
         self.model.train(was_training)
         return None if outputs is None else (outputs, out_logps) if logprobs else outputs
 
+    def model_cache_layout(self):  # the model's KV cache as this engine set it up: where it is, its shapes, its pages
+        k = self.model.model.layers[0].self_attn.k_cache
+        return k.data_ptr(), tuple(k.shape), self.model.page_size, tuple(getattr(self.model, "page_table", k).shape)
+
     def check_fits(self, prompts, max_new_tokens, n):
-        """Refuse a call the cache cannot finish: an empty prompt, a sequence past max_len, more samples than slots, or
-        a page pool too small for n samples of the longest prompt or for its one sequence."""
+        """Refuse a call the cache cannot finish: a cache another engine over the model has since replaced, an empty
+        prompt, a sequence past max_len, more samples than slots, or a page pool too small for n samples of the longest
+        prompt or for its one sequence."""
         longest = max((len(p) for p in prompts), default=0)
+        if self.model_cache_layout() != self.cache_layout:  # else a shape error deep in attention, or pages misread
+            raise RuntimeError("generate: another Sampler made over this model since gave it a KV cache of its own layout "
+                               "(a model holds one); make this Sampler again")
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token")
         if longest + max_new_tokens > self.max_len or n > self.slots:

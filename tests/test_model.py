@@ -908,6 +908,28 @@ def test_paged_decode_compiles_a_graph_per_bucket():
     assert counters["stats"]["unique_graphs"] <= 2 * len(engine.buckets())
 
 
+def test_an_engine_whose_model_another_engine_has_since_set_up_is_refused():
+    # the KV cache is the model's: a second Sampler over it with another layout takes it over, and the first then refuses
+    # to run until it is made again (without the check: a shape error deep in attention when compiled, and a dense
+    # engine after a paged one decoded from wrong log-probs, silently); one of the same layout shares the cache, and
+    # each call runs as it would alone
+    m = toy.init_weights(M.Transformer(M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                     num_attention_heads=4, num_key_value_heads=2)), seed=0)
+    prompts = [[1, 2, 3], [4, 5]]
+    for first, second in (({}, {}), ({}, dict(page_size=8)), (dict(page_size=8), dict(page_size=16)),
+                          (dict(page_size=8), dict(page_size=8, pages=20))):
+        a = Sampler(m, slots=4, max_len=32, **first)
+        expected = a.generate(prompts, 6, temperature=0)
+        b = Sampler(m, slots=4, max_len=32, **second)
+        assert b.generate(prompts, 6, temperature=0) == expected
+        if first == second:
+            assert a.generate(prompts, 6, temperature=0) == expected
+        else:
+            with pytest.raises(RuntimeError, match="another Sampler made over this model since gave it a KV cache"):
+                a.generate(prompts, 6, temperature=0)
+            assert Sampler(m, slots=4, max_len=32, **first).generate(prompts, 6, temperature=0) == expected
+
+
 def test_a_pool_too_small_for_one_sequence_is_refused():
     m = M.Transformer(M.ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                     num_attention_heads=4, num_key_value_heads=2))
