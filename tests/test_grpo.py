@@ -318,7 +318,7 @@ def test_the_single_gpu_code_path_runs_compiled_on_cpu(toy_paths, tmp_path, poli
     torch._dynamo.reset()
     counters.clear()
     one_rank_fsdp()
-    log_ratios, update, loss_terms = [], grpo.update, grpo.policy_loss_terms  # [(mini-batch, max |log ratio|)]
+    log_ratios, update, loss_terms = [], grpo.update, grpo.policy_loss_terms  # per update: max |log ratio| per micro
     monkeypatch.setattr(grpo, "update", lambda job, step, *a: log_ratios.append([]) or update(job, step, *a))
     monkeypatch.setattr(grpo, "policy_loss_terms", lambda logp, old, *a: log_ratios[-1].append(
         (logp - old).abs().max().item()) or loss_terms(logp, old, *a))
