@@ -294,11 +294,18 @@ def masked_attention(q, k, v, keep):
     """q [B, heads, T, hd], k, v [B, kv_heads, L, hd], keep [B or 1, 1, T, L] (query t sees key s) -> [B, heads, T, hd].
     The query heads that share a KV head are folded into the query-length dimension ([B, kv_heads, heads/kv_heads * T,
     hd]), so SDPA needs no enable_gqa: with a mask, enable_gqa would rule out the flash and memory-efficient kernels and
-    leave the math kernel. Decoding (T = 1, row b's positions <= its own) and prefills after a cached prefix use it."""
+    leave the math kernel. Decoding (T = 1, row b's positions <= its own) and prefills after a cached prefix use it.
+    Decoding on the CPU computes it as two fp32 matmuls instead: SDPA's CPU flash kernel sets up a tile per (row, KV
+    head) that outweighs one query's work, and took twice as long (docs/measurements.md)."""
     B, H, T, hd = q.shape
     g = H // k.shape[1]
-    keep = keep.repeat(1, 1, g, 1) if T > 1 else keep  # folded query j * T + t is query t of head j
-    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], g * T, hd), k, v, attn_mask=keep)
+    q = q.reshape(B, k.shape[1], g * T, hd)  # folded query j * T + t is query t of head j
+    if T == 1 and not q.is_cuda:
+        scores = q.float() @ k.float().transpose(-1, -2) * hd ** -0.5  # [B, kv_heads, g, L]
+        y = scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v.float()
+        return y.to(q.dtype).reshape(B, H, T, hd)
+    keep = keep.repeat(1, 1, g, 1) if T > 1 else keep
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     return y.reshape(B, H, T, hd)
 
 

@@ -1101,3 +1101,17 @@ end_distributed()  # (the TP group outlives it: see there)
             assert case["greedy"] == whole["greedy"] and case["sampled"] == whole["sampled"], (case, whole)
             assert 0.5 < case["share"] < 0.52, case  # half of each block, and its norms whole
             assert case["graphs"] == whole["graphs"], (case["graphs"], whole["graphs"])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_cpu_decode_attention_matches_sdpa(dtype, tol):
+    # a CPU decode step (T = 1) takes masked_attention's two-matmul path; against SDPA over the same mask (the path
+    # prefills and GPUs take), with grouped KV heads and rows of different lengths
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(dtype) for shape in ((5, 4, 1, 16), (5, 2, 9, 16), (5, 2, 9, 16)))
+    keep = (torch.arange(9) <= torch.tensor([0, 3, 8, 5, 1])[:, None])[:, None, None, :]
+    y = M.masked_attention(q, k, v, keep)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep, enable_gqa=True)
+    assert y.dtype == dtype and y.shape == q.shape
+    assert (y.float() - ref).abs().max().item() < tol
+    assert torch.equal(y[0].float(), v[0, :, :1].float().repeat_interleave(2, 0))  # a row that sees one key returns it
